@@ -1,0 +1,161 @@
+//! Node identity signatures on round messages (DESIGN.md §4.2).
+//!
+//! Each fragment node signs every round message it deals with the key of its cluster
+//! certificate (ECDSA P-256), so that recipients can tell a message altered by the relay
+//! (signature fails: [`crate::Error::Unauthentic`]) from a dealer that misbehaved (signed,
+//! but wrong: [`crate::Error::PeerMisbehaved`]). Binding the public key to a certificate
+//! chain is the service layer's job; here a [`Roster`] maps each party to its verified
+//! identity and hybrid KEM public keys.
+
+use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+
+use crate::error::{Error, Result};
+use crate::group::Point;
+use crate::hash::Transcript;
+use crate::params::{PartyIndex, PartySet};
+use crate::seal::KemPublicKey;
+use crate::secret::SecretScalar;
+
+/// Length of an identity signature (raw `r || s`).
+pub const SIGNATURE_LEN: usize = 64;
+
+/// A node's identity signing key (the private key of its certificate).
+pub struct IdentityKey(SigningKey);
+
+impl IdentityKey {
+    /// A fresh key.
+    pub fn generate(rng: &mut (impl rand_core::CryptoRng + ?Sized)) -> Result<Self> {
+        let s = SecretScalar::random(rng);
+        Self::from_secret_bytes(&s.secret_bytes()[..])
+    }
+
+    /// From a 32-byte private scalar.
+    pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self> {
+        SigningKey::from_slice(bytes)
+            .map(IdentityKey)
+            .map_err(|_| Error::input("identity key must be a 32-byte non-zero scalar below q"))
+    }
+
+    /// The public key.
+    pub fn public(&self) -> IdentityPublic {
+        IdentityPublic(*self.0.verifying_key())
+    }
+
+    /// Signs `msg` under the domain `purpose`.
+    pub fn sign(&self, purpose: &str, msg: &[u8]) -> [u8; SIGNATURE_LEN] {
+        let sig: Signature = self.0.sign(&signed_bytes(purpose, msg));
+        let mut out = [0u8; SIGNATURE_LEN];
+        out.copy_from_slice(&sig.to_bytes());
+        out
+    }
+}
+
+impl core::fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("IdentityKey(<redacted>)")
+    }
+}
+
+fn signed_bytes(purpose: &str, msg: &[u8]) -> Vec<u8> {
+    let mut t = Transcript::new("quorate/identity-signature/v1");
+    t.append("purpose", purpose.as_bytes()).append("msg", msg);
+    t.digest().to_vec()
+}
+
+/// A node's identity public key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityPublic(VerifyingKey);
+
+impl IdentityPublic {
+    /// From a compressed SEC1 point.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let p = Point::from_bytes(bytes)?;
+        VerifyingKey::from_sec1_bytes(&p.to_bytes())
+            .map(IdentityPublic)
+            .map_err(|_| Error::input("identity public key is not a valid P-256 key"))
+    }
+
+    /// Compressed SEC1 encoding.
+    pub fn to_bytes(&self) -> [u8; 33] {
+        let enc = self.0.to_sec1_point(true);
+        let mut out = [0u8; 33];
+        out.copy_from_slice(enc.as_bytes());
+        out
+    }
+
+    /// Whether `sig` is this key's signature on `msg` under `purpose`.
+    pub fn verify(&self, purpose: &str, msg: &[u8], sig: &[u8]) -> bool {
+        let Ok(sig) = Signature::from_slice(sig) else {
+            return false;
+        };
+        self.0.verify(&signed_bytes(purpose, msg), &sig).is_ok()
+    }
+}
+
+/// The public material of one node, as verified by the service layer.
+#[derive(Clone, Debug)]
+pub struct NodePublic {
+    /// Identity key (from its certificate).
+    pub identity: IdentityPublic,
+    /// Static hybrid KEM key for sealing shares to it.
+    pub kem: KemPublicKey,
+}
+
+/// The verified public material of every node of the cluster, indexed `1..=n`.
+#[derive(Clone, Debug)]
+pub struct Roster {
+    nodes: Vec<NodePublic>,
+}
+
+impl Roster {
+    /// A roster; entry `k` belongs to party `k + 1`.
+    pub fn new(nodes: Vec<NodePublic>) -> Result<Self> {
+        if nodes.is_empty() || nodes.len() > usize::from(crate::params::MAX_PARTIES) {
+            return Err(Error::input("roster must list between 1 and 255 nodes"));
+        }
+        Ok(Roster { nodes })
+    }
+
+    /// The node with index `i`.
+    pub fn get(&self, i: PartyIndex) -> Result<&NodePublic> {
+        self.nodes
+            .get(usize::from(i.get()) - 1)
+            .ok_or_else(|| Error::input(format!("party {i} is not in the roster")))
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the roster is empty (never: [`Roster::new`] rejects that).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Checks that every member of `set` is in the roster.
+    pub fn covers(&self, set: &PartySet) -> Result<()> {
+        set.members()
+            .iter()
+            .try_for_each(|&p| self.get(p).map(|_| ()))
+    }
+
+    /// Verifies `sig` by party `sender` on `msg` under `purpose`; a failure means the
+    /// relay altered the message.
+    pub fn verify_from(
+        &self,
+        sender: PartyIndex,
+        purpose: &str,
+        msg: &[u8],
+        sig: &[u8],
+    ) -> Result<()> {
+        if self.get(sender)?.identity.verify(purpose, msg, sig) {
+            Ok(())
+        } else {
+            Err(Error::Unauthentic {
+                claimed_sender: sender,
+            })
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Strict, versioned binary encodings of every protocol message and stored record.
+//!
+//! Each top-level encoding starts with a one-byte format version and a one-byte type
+//! tag; decoding rejects unknown versions, wrong tags, truncated input, trailing bytes,
+//! non-canonical scalars and invalid points. Lists carry a `u32` length that is checked
+//! against the remaining input before anything is allocated.
+
+use crate::error::{Error, Result};
+use crate::group::{self, POINT_LEN, Point, SCALAR_LEN, Scalar};
+use crate::params::{PartyIndex, PartySet};
+
+/// The current encoding version.
+pub const VERSION: u8 = 1;
+
+/// A type with a wire encoding.
+pub trait Wire: Sized {
+    /// One-byte tag identifying the type on the wire.
+    const TAG: u8;
+    /// Human-readable type name for errors.
+    const NAME: &'static str;
+
+    /// Encodes the body (without version and tag).
+    fn encode_body(&self, w: &mut Writer);
+    /// Decodes the body (without version and tag).
+    fn decode_body(r: &mut Reader<'_>) -> Result<Self>;
+
+    /// Versioned, tagged encoding.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION);
+        w.u8(Self::TAG);
+        self.encode_body(&mut w);
+        w.into_bytes()
+    }
+
+    /// Strict decoding of [`Wire::to_bytes`].
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, Self::NAME);
+        let v = r.u8()?;
+        if v != VERSION {
+            return Err(Error::input(format!(
+                "{}: unsupported encoding version {v} (this build reads version {VERSION})",
+                Self::NAME
+            )));
+        }
+        let tag = r.u8()?;
+        if tag != Self::TAG {
+            return Err(Error::input(format!(
+                "{}: wrong type tag {tag} (expected {})",
+                Self::NAME,
+                Self::TAG
+            )));
+        }
+        let out = Self::decode_body(&mut r)?;
+        r.finish()?;
+        Ok(out)
+    }
+}
+
+/// Appends encoded fields.
+#[derive(Default)]
+pub struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// The encoded bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+    /// A byte.
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    /// A big-endian u16.
+    pub fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    /// A big-endian u32.
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    /// A big-endian u64.
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    /// Fixed-size bytes.
+    pub fn fixed(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    /// Length-prefixed bytes.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
+    }
+    /// A point (33 bytes).
+    pub fn point(&mut self, p: &Point) {
+        self.fixed(&p.to_bytes());
+    }
+    /// A scalar (32 bytes).
+    pub fn scalar(&mut self, s: &Scalar) {
+        self.fixed(&group::scalar_to_bytes(s));
+    }
+    /// A party index.
+    pub fn party(&mut self, p: PartyIndex) {
+        self.u16(p.get());
+    }
+    /// A party set.
+    pub fn party_set(&mut self, s: &PartySet) {
+        self.u32(s.len() as u32);
+        for p in s.members() {
+            self.party(*p);
+        }
+    }
+    /// A list, each element by `f`.
+    pub fn list<T>(&mut self, items: &[T], mut f: impl FnMut(&mut Self, &T)) {
+        self.u32(items.len() as u32);
+        for it in items {
+            f(self, it);
+        }
+    }
+    /// A nested encoding (length-prefixed body of another type).
+    pub fn nested<T: Wire>(&mut self, v: &T) {
+        let mut inner = Writer::default();
+        v.encode_body(&mut inner);
+        self.bytes(&inner.buf);
+    }
+}
+
+/// Reads encoded fields strictly.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `buf`; `what` names the type in errors.
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Reader { buf, what }
+    }
+
+    fn short(&self) -> Error {
+        Error::input(format!("{}: truncated encoding", self.what))
+    }
+
+    /// Fixed-size bytes.
+    pub fn fixed(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(self.short());
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    /// A fixed-size array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let b = self.fixed(N)?;
+        b.try_into().map_err(|_| self.short())
+    }
+    /// A byte.
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+    /// A big-endian u16.
+    pub fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    /// A big-endian u32.
+    pub fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    /// A big-endian u64.
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    /// Length-prefixed bytes.
+    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.fixed(n)
+    }
+    /// A point.
+    pub fn point(&mut self) -> Result<Point> {
+        let what = self.what;
+        Point::from_bytes(self.fixed(POINT_LEN)?).map_err(|e| Error::input(format!("{what}: {e}")))
+    }
+    /// A scalar.
+    pub fn scalar(&mut self) -> Result<Scalar> {
+        let what = self.what;
+        group::scalar_from_bytes(self.fixed(SCALAR_LEN)?)
+            .map_err(|e| Error::input(format!("{what}: {e}")))
+    }
+    /// A party index.
+    pub fn party(&mut self) -> Result<PartyIndex> {
+        let v = self.u16()?;
+        PartyIndex::new(v)
+            .ok_or_else(|| Error::input(format!("{}: invalid party index {v}", self.what)))
+    }
+    /// A party set.
+    pub fn party_set(&mut self) -> Result<PartySet> {
+        let n = self.count(2)?;
+        let parties = (0..n).map(|_| self.party()).collect::<Result<Vec<_>>>()?;
+        PartySet::new(parties)
+    }
+    /// A list length, checked against the remaining input assuming each element takes
+    /// at least `min_elem` bytes.
+    pub fn count(&mut self, min_elem: usize) -> Result<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_elem.max(1)) > self.buf.len() {
+            return Err(self.short());
+        }
+        Ok(n)
+    }
+    /// A list, each element by `f`.
+    pub fn list<T>(
+        &mut self,
+        min_elem: usize,
+        mut f: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let n = self.count(min_elem)?;
+        (0..n).map(|_| f(self)).collect()
+    }
+    /// A nested encoding written by [`Writer::nested`].
+    pub fn nested<T: Wire>(&mut self) -> Result<T> {
+        let body = self.bytes()?;
+        let mut inner = Reader::new(body, T::NAME);
+        let v = T::decode_body(&mut inner)?;
+        inner.finish()?;
+        Ok(v)
+    }
+    /// Succeeds only if all input was consumed.
+    pub fn finish(&self) -> Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::input(format!(
+                "{}: {} trailing bytes after the encoding",
+                self.what,
+                self.buf.len()
+            )))
+        }
+    }
+}
