@@ -16,24 +16,26 @@ use crate::error::{Error, Fault, Result};
 use crate::group::{self, Scalar};
 use crate::params::PartyIndex;
 
-/// One claim `g·G + Σ s_k·P_k = O`.
+/// One claim `g·G + Σ s_k·P_k + Σ s_b·B_b = O`, where the `B_b` are shared bases.
 struct Claim {
     culprit: PartyIndex,
     fault: Fault,
     g: Scalar,
     terms: Vec<(ProjectivePoint, Scalar)>,
+    shared: Vec<(BaseId, Scalar)>,
 }
 
-impl Claim {
-    fn holds(&self) -> bool {
-        let lhs = group::mul_g(&self.g) + group::msm(&self.terms);
-        bool::from(lhs.is_identity())
-    }
-}
+/// A base registered with [`BatchVerifier::base`]: a point that many claims use (a
+/// key's commitments, a batch's aggregated commitments). Terms on a shared base are
+/// merged into one multi-scalar-multiplication term, which is what makes verifying a
+/// whole presignature batch cheap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseId(usize);
 
 /// Collects claims and verifies them together.
 #[derive(Default)]
 pub struct BatchVerifier {
+    bases: Vec<ProjectivePoint>,
     claims: Vec<Claim>,
 }
 
@@ -41,6 +43,12 @@ impl BatchVerifier {
     /// An empty batch.
     pub fn new() -> Self {
         BatchVerifier::default()
+    }
+
+    /// Registers a shared base.
+    pub fn base(&mut self, p: ProjectivePoint) -> BaseId {
+        self.bases.push(p);
+        BaseId(self.bases.len() - 1)
     }
 
     /// Adds the claim `g·G + Σ terms = O`, blaming `culprit` for `fault` if it is false.
@@ -51,12 +59,36 @@ impl BatchVerifier {
         g: Scalar,
         terms: Vec<(ProjectivePoint, Scalar)>,
     ) {
+        self.push_shared(culprit, fault, g, terms, Vec::new());
+    }
+
+    /// Adds the claim `g·G + Σ terms + Σ s·B = O` with terms on shared bases.
+    pub fn push_shared(
+        &mut self,
+        culprit: PartyIndex,
+        fault: Fault,
+        g: Scalar,
+        terms: Vec<(ProjectivePoint, Scalar)>,
+        shared: Vec<(BaseId, Scalar)>,
+    ) {
         self.claims.push(Claim {
             culprit,
             fault,
             g,
             terms,
+            shared,
         });
+    }
+
+    fn holds(&self, c: &Claim) -> bool {
+        let mut terms = c.terms.clone();
+        terms.extend(
+            c.shared
+                .iter()
+                .filter_map(|(b, s)| self.bases.get(b.0).map(|p| (*p, *s))),
+        );
+        let lhs = group::mul_g(&c.g) + group::msm(&terms);
+        bool::from(lhs.is_identity())
     }
 
     /// Number of claims collected.
@@ -76,13 +108,21 @@ impl BatchVerifier {
             return Ok(());
         }
         let total: usize = self.claims.iter().map(|c| c.terms.len()).sum();
-        let mut terms = Vec::with_capacity(total);
+        let mut terms = Vec::with_capacity(total + self.bases.len());
+        let mut shared = vec![Scalar::ZERO; self.bases.len()];
         let mut g = Scalar::ZERO;
         for c in &self.claims {
             let rho = group::random_nonzero(rng);
             g += rho * c.g;
             terms.extend(c.terms.iter().map(|(p, s)| (*p, rho * s)));
+            for (b, s) in &c.shared {
+                let acc = shared
+                    .get_mut(b.0)
+                    .ok_or(Error::Bug("unknown shared base"))?;
+                *acc += rho * s;
+            }
         }
+        terms.extend(self.bases.iter().copied().zip(shared));
         let lhs = group::mul_g(&g) + group::msm(&terms);
         if bool::from(lhs.is_identity()) {
             return Ok(());
@@ -95,7 +135,7 @@ impl BatchVerifier {
         let mut culprits = Vec::new();
         let mut first_fault = None;
         for c in &self.claims {
-            if !c.holds() {
+            if !self.holds(c) {
                 culprits.push(c.culprit);
                 first_fault.get_or_insert(c.fault);
             }
@@ -108,6 +148,73 @@ impl BatchVerifier {
                 "batch verification failed but every claim holds",
             )),
         }
+    }
+}
+
+/// A point written symbolically as `g·G + Σ s·P + Σ s·B` (B shared bases), so that a
+/// verifier can state an equation about a point it never computes — a public share
+/// `Σ_k i^k·C_k`, say — and let the batch merge the work.
+#[derive(Clone, Debug, Default)]
+pub struct Form {
+    g: Scalar,
+    terms: Vec<(ProjectivePoint, Scalar)>,
+    shared: Vec<(BaseId, Scalar)>,
+}
+
+impl Form {
+    /// The generator `G`.
+    pub fn generator() -> Form {
+        Form {
+            g: Scalar::ONE,
+            ..Form::default()
+        }
+    }
+
+    /// `s·G`.
+    pub fn g_times(s: Scalar) -> Form {
+        Form {
+            g: s,
+            ..Form::default()
+        }
+    }
+
+    /// A single point.
+    pub fn point(p: &crate::group::Point) -> Form {
+        Form {
+            terms: vec![(p.projective(), Scalar::ONE)],
+            ..Form::default()
+        }
+    }
+
+    /// `Σ_k coeffs_k·B_k` over shared bases.
+    pub fn shared(terms: Vec<(BaseId, Scalar)>) -> Form {
+        Form {
+            shared: terms,
+            ..Form::default()
+        }
+    }
+
+    /// `self += k·other`.
+    pub fn add_scaled(&mut self, other: &Form, k: Scalar) {
+        self.g += k * other.g;
+        self.terms
+            .extend(other.terms.iter().map(|(p, s)| (*p, k * s)));
+        self.shared
+            .extend(other.shared.iter().map(|(b, s)| (*b, k * s)));
+    }
+
+    /// `k·self`.
+    pub fn scaled(&self, k: Scalar) -> Form {
+        let mut f = Form::default();
+        f.add_scaled(self, k);
+        f
+    }
+}
+
+impl BatchVerifier {
+    /// Adds the claim `form = O`.
+    pub fn push_form(&mut self, culprit: PartyIndex, fault: Fault, form: Form) {
+        self.push_shared(culprit, fault, form.g, form.terms, form.shared);
     }
 }
 

@@ -18,7 +18,7 @@
 
 use rand_core::CryptoRng;
 
-use crate::batch::BatchVerifier;
+use crate::batch::{BatchVerifier, Form};
 use crate::error::{Error, Fault, Result};
 use crate::feldman::{Commitments, Polynomial};
 use crate::group::{Point, Scalar};
@@ -105,6 +105,13 @@ impl DkgConfig {
             }
         }
         t.digest().to_vec()
+    }
+
+    /// The proof-of-knowledge context binds the run, the dealer and `C_0`.
+    fn pok_context(&self, dealer: PartyIndex, c0: &Point) -> Vec<u8> {
+        let mut ctx = self.context("pok", dealer);
+        ctx.extend_from_slice(&c0.to_bytes());
+        ctx
     }
 
     fn commitment_hash(&self, dealer: PartyIndex, c: &[Point]) -> [u8; 32] {
@@ -236,7 +243,7 @@ pub fn round1(
         let poly = Polynomial::random(rng, &secret, t);
         let c = poly.commit().to_points(false)?;
         let x0 = c.first().copied().ok_or(Error::Bug("empty commitments"))?;
-        let pok = SchnorrProof::prove(rng, &cfg.context("pok", me), &secret, &x0)?;
+        let pok = SchnorrProof::prove(rng, &cfg.pok_context(me, &x0), &secret)?;
         (poly, c, Some(pok))
     };
     let mut msg = DkgCommit {
@@ -397,8 +404,8 @@ pub fn round3(
                     .first()
                     .ok_or(Error::Bug("empty commitments"))?;
                 pok.verify_into(
-                    &cfg.context("pok", d),
-                    x0,
+                    &cfg.pok_context(d, x0),
+                    &Form::point(x0),
                     &mut batch,
                     d,
                     Fault::BadProofOfKnowledge,

@@ -28,7 +28,7 @@
 
 pub mod batch;
 pub mod dkg;
-// pub mod ecies;
+pub mod ecies;
 pub mod error;
 pub mod feldman;
 pub mod group;
@@ -37,12 +37,12 @@ pub mod identity;
 pub mod keys;
 pub mod opcount;
 pub mod params;
-// pub mod presign;
+pub mod presign;
 pub mod proofs;
 pub mod seal;
 pub mod secret;
-// pub mod sign;
-// pub mod tdh;
+pub mod sign;
+pub mod tdh;
 pub mod wire;
 
 #[cfg(any(test, feature = "test-support"))]

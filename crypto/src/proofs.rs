@@ -1,19 +1,24 @@
 //! Zero-knowledge proofs (DESIGN.md §4.3–4.6), non-interactive by Fiat–Shamir.
 //!
 //! Proofs carry their commitment points (not the challenge), so verification is a set of
-//! linear claims that a [`BatchVerifier`] checks together with everything else. Every
-//! challenge hashes the caller's context (session id, party, round), the statement and
-//! the commitments through a [`Transcript`].
+//! linear claims that a [`BatchVerifier`] checks together with everything else. The
+//! verifier states the statement's points as [`Form`]s, so a public share or a batch's
+//! aggregated commitment never has to be computed point by point.
+//!
+//! **Binding.** The challenge hashes the caller's `ctx` and the proof's commitments.
+//! The caller's `ctx` must fix the statement: it binds the session, the party, and either
+//! the statement's points or public data that determines them (every commitment a
+//! dealer committed to, the μ values). Each protocol documents what its `ctx` binds.
 //!
 //! - [`SchnorrProof`]: knowledge of `x` with `X = x·G`.
-//! - [`DleqProof`]: one `w` with `A = w·B1` and `C = w·B2` (B1 is often `G`).
+//! - [`DleqProof`]: one `w` with `A = w·B1` and `C = w·B2`.
 //! - [`LinearProof`]: knowledge of `(x, y)` with `X = x·G`, `Y = y·G`, `C = x·P + y·A`
 //!   (the masked threshold-DH partial of §4.6).
 
 use p256::ProjectivePoint;
 use rand_core::CryptoRng;
 
-use crate::batch::BatchVerifier;
+use crate::batch::{BatchVerifier, Form};
 use crate::error::{Fault, Result};
 use crate::group::{self, Point, Scalar};
 use crate::hash::Transcript;
@@ -21,7 +26,16 @@ use crate::params::PartyIndex;
 use crate::secret::SecretScalar;
 use crate::wire::{Reader, Writer};
 
-/// Proof of knowledge of the discrete log of `X`.
+fn challenge(tag: &str, ctx: &[u8], commitments: &[&Point]) -> Scalar {
+    let mut t = Transcript::new(tag);
+    t.append("ctx", ctx);
+    for c in commitments {
+        t.point("T", c);
+    }
+    t.challenge(tag)
+}
+
+/// Proof of knowledge of the discrete log of `X`. `ctx` must bind `X`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SchnorrProof {
     r: Point,
@@ -29,22 +43,15 @@ pub struct SchnorrProof {
 }
 
 impl SchnorrProof {
-    fn challenge(ctx: &[u8], x: &Point, r: &Point) -> Scalar {
-        let mut t = Transcript::new("schnorr-pok");
-        t.append("ctx", ctx).point("X", x).point("R", r);
-        t.challenge("schnorr")
-    }
-
-    /// Proves knowledge of `secret` (with `public = secret·G`) bound to `ctx`.
+    /// Proves knowledge of `secret`.
     pub fn prove(
         rng: &mut (impl CryptoRng + ?Sized),
         ctx: &[u8],
         secret: &SecretScalar,
-        public: &Point,
     ) -> Result<Self> {
         let k = SecretScalar::random(rng);
         let r = Point::nonzero(k.public_image(), "schnorr nonce commitment is the identity")?;
-        let c = Self::challenge(ctx, public, &r);
+        let c = challenge("schnorr", ctx, &[&r]);
         let z = *k.expose() + c * secret.expose();
         Ok(SchnorrProof { r, z })
     }
@@ -53,21 +60,16 @@ impl SchnorrProof {
     pub fn verify_into(
         &self,
         ctx: &[u8],
-        public: &Point,
+        public: &Form,
         batch: &mut BatchVerifier,
         culprit: PartyIndex,
         fault: Fault,
     ) {
-        let c = Self::challenge(ctx, public, &self.r);
-        batch.push(
-            culprit,
-            fault,
-            self.z,
-            vec![
-                (self.r.projective(), -Scalar::ONE),
-                (public.projective(), -c),
-            ],
-        );
+        let c = challenge("schnorr", ctx, &[&self.r]);
+        let mut f = Form::g_times(self.z);
+        f.add_scaled(&Form::point(&self.r), -Scalar::ONE);
+        f.add_scaled(public, -c);
+        batch.push_form(culprit, fault, f);
     }
 
     /// Encodes the proof.
@@ -85,7 +87,7 @@ impl SchnorrProof {
     }
 }
 
-/// A base for a DLEQ statement: the generator or a point.
+/// A base known to the prover as a point: the generator or another point.
 #[derive(Clone, Copy, Debug)]
 pub enum Base {
     /// The generator `G`.
@@ -95,12 +97,6 @@ pub enum Base {
 }
 
 impl Base {
-    fn point(&self) -> Point {
-        match self {
-            Base::G => Point::GENERATOR,
-            Base::Point(p) => *p,
-        }
-    }
     fn mul(&self, k: &Scalar) -> ProjectivePoint {
         match self {
             Base::G => group::mul_g(k),
@@ -109,7 +105,7 @@ impl Base {
     }
 }
 
-/// Proof that `log_{B1} A = log_{B2} C`.
+/// Proof that `log_{B1} A = log_{B2} C`. `ctx` must bind `B1, A, B2, C`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DleqProof {
     t1: Point,
@@ -117,45 +113,31 @@ pub struct DleqProof {
     z: Scalar,
 }
 
-/// A DLEQ statement `A = w·B1`, `C = w·B2`.
-#[derive(Clone, Copy, Debug)]
-pub struct DleqStatement {
+/// The verifier's view of a DLEQ statement `A = w·B1`, `C = w·B2`.
+pub struct DleqForms<'a> {
     /// First base.
-    pub b1: Base,
+    pub b1: &'a Form,
     /// First image.
-    pub a: Point,
+    pub a: &'a Form,
     /// Second base.
-    pub b2: Base,
+    pub b2: &'a Form,
     /// Second image.
-    pub c: Point,
-}
-
-impl DleqStatement {
-    fn challenge(&self, ctx: &[u8], t1: &Point, t2: &Point) -> Scalar {
-        let mut t = Transcript::new("dleq");
-        t.append("ctx", ctx)
-            .point("B1", &self.b1.point())
-            .point("A", &self.a)
-            .point("B2", &self.b2.point())
-            .point("C", &self.c)
-            .point("T1", t1)
-            .point("T2", t2);
-        t.challenge("dleq")
-    }
+    pub c: &'a Form,
 }
 
 impl DleqProof {
-    /// Proves the statement with witness `w`.
+    /// Proves `A = w·B1`, `C = w·B2` with witness `w`.
     pub fn prove(
         rng: &mut (impl CryptoRng + ?Sized),
         ctx: &[u8],
-        stmt: &DleqStatement,
+        b1: Base,
+        b2: Base,
         w: &SecretScalar,
     ) -> Result<Self> {
         let k = SecretScalar::random(rng);
-        let t1 = Point::nonzero(stmt.b1.mul(k.expose()), "dleq commitment is the identity")?;
-        let t2 = Point::nonzero(stmt.b2.mul(k.expose()), "dleq commitment is the identity")?;
-        let c = stmt.challenge(ctx, &t1, &t2);
+        let t1 = Point::nonzero(b1.mul(k.expose()), "dleq commitment is the identity")?;
+        let t2 = Point::nonzero(b2.mul(k.expose()), "dleq commitment is the identity")?;
+        let c = challenge("dleq", ctx, &[&t1, &t2]);
         let z = *k.expose() + c * w.expose();
         Ok(DleqProof { t1, t2, z })
     }
@@ -164,22 +146,17 @@ impl DleqProof {
     pub fn verify_into(
         &self,
         ctx: &[u8],
-        stmt: &DleqStatement,
+        s: &DleqForms<'_>,
         batch: &mut BatchVerifier,
         culprit: PartyIndex,
         fault: Fault,
     ) {
-        let c = stmt.challenge(ctx, &self.t1, &self.t2);
-        for (base, t, img) in [(stmt.b1, self.t1, stmt.a), (stmt.b2, self.t2, stmt.c)] {
-            let mut terms = vec![(t.projective(), -Scalar::ONE), (img.projective(), -c)];
-            let g = match base {
-                Base::G => self.z,
-                Base::Point(p) => {
-                    terms.push((p.projective(), self.z));
-                    Scalar::ZERO
-                }
-            };
-            batch.push(culprit, fault, g, terms);
+        let c = challenge("dleq", ctx, &[&self.t1, &self.t2]);
+        for (base, t, img) in [(s.b1, &self.t1, s.a), (s.b2, &self.t2, s.c)] {
+            let mut f = base.scaled(self.z);
+            f.add_scaled(&Form::point(t), -Scalar::ONE);
+            f.add_scaled(img, -c);
+            batch.push_form(culprit, fault, f);
         }
     }
 
@@ -200,22 +177,8 @@ impl DleqProof {
     }
 }
 
-/// The statement of a [`LinearProof`]: `X = x·G`, `Y = y·G`, `C = x·P + y·A`.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearStatement {
-    /// `X = x·G` (the prover's public key share).
-    pub x: Point,
-    /// `Y = y·G` (the prover's fresh mask).
-    pub y: Point,
-    /// The input point `P`.
-    pub p: Point,
-    /// The requester's ephemeral `A`.
-    pub a: Point,
-    /// `C = x·P + y·A`.
-    pub c: Point,
-}
-
-/// Proof of knowledge of `(x, y)` for a [`LinearStatement`].
+/// Proof of knowledge of `(x, y)` with `X = x·G`, `Y = y·G`, `C = x·P + y·A`.
+/// `ctx` must bind `X, Y, P, A, C`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinearProof {
     t1: Point,
@@ -225,28 +188,27 @@ pub struct LinearProof {
     z2: Scalar,
 }
 
-impl LinearStatement {
-    fn challenge(&self, ctx: &[u8], t1: &Point, t2: &Point, t3: &Point) -> Scalar {
-        let mut t = Transcript::new("linear");
-        t.append("ctx", ctx)
-            .point("X", &self.x)
-            .point("Y", &self.y)
-            .point("P", &self.p)
-            .point("A", &self.a)
-            .point("C", &self.c)
-            .point("T1", t1)
-            .point("T2", t2)
-            .point("T3", t3);
-        t.challenge("linear")
-    }
+/// The verifier's view of a [`LinearProof`] statement.
+pub struct LinearForms<'a> {
+    /// `X`.
+    pub x: &'a Form,
+    /// `Y`.
+    pub y: &'a Form,
+    /// `P`.
+    pub p: &'a Form,
+    /// `A`.
+    pub a: &'a Form,
+    /// `C`.
+    pub c: &'a Form,
 }
 
 impl LinearProof {
-    /// Proves the statement with witnesses `x`, `y`.
+    /// Proves the statement for input point `p` and requester point `a`.
     pub fn prove(
         rng: &mut (impl CryptoRng + ?Sized),
         ctx: &[u8],
-        stmt: &LinearStatement,
+        p: &Point,
+        a: &Point,
         x: &SecretScalar,
         y: &SecretScalar,
     ) -> Result<Self> {
@@ -255,11 +217,10 @@ impl LinearProof {
         let t1 = Point::nonzero(k1.public_image(), "linear commitment is the identity")?;
         let t2 = Point::nonzero(k2.public_image(), "linear commitment is the identity")?;
         let t3 = Point::nonzero(
-            group::mul(&stmt.p.projective(), k1.expose())
-                + group::mul(&stmt.a.projective(), k2.expose()),
+            group::mul(&p.projective(), k1.expose()) + group::mul(&a.projective(), k2.expose()),
             "linear commitment is the identity",
         )?;
-        let c = stmt.challenge(ctx, &t1, &t2, &t3);
+        let c = challenge("linear", ctx, &[&t1, &t2, &t3]);
         Ok(LinearProof {
             t1,
             t2,
@@ -273,36 +234,26 @@ impl LinearProof {
     pub fn verify_into(
         &self,
         ctx: &[u8],
-        stmt: &LinearStatement,
+        s: &LinearForms<'_>,
         batch: &mut BatchVerifier,
         culprit: PartyIndex,
         fault: Fault,
     ) {
-        let c = stmt.challenge(ctx, &self.t1, &self.t2, &self.t3);
+        let c = challenge("linear", ctx, &[&self.t1, &self.t2, &self.t3]);
         let m1 = -Scalar::ONE;
-        batch.push(
-            culprit,
-            fault,
-            self.z1,
-            vec![(self.t1.projective(), m1), (stmt.x.projective(), -c)],
-        );
-        batch.push(
-            culprit,
-            fault,
-            self.z2,
-            vec![(self.t2.projective(), m1), (stmt.y.projective(), -c)],
-        );
-        batch.push(
-            culprit,
-            fault,
-            Scalar::ZERO,
-            vec![
-                (stmt.p.projective(), self.z1),
-                (stmt.a.projective(), self.z2),
-                (self.t3.projective(), m1),
-                (stmt.c.projective(), -c),
-            ],
-        );
+        let mut f1 = Form::g_times(self.z1);
+        f1.add_scaled(&Form::point(&self.t1), m1);
+        f1.add_scaled(s.x, -c);
+        batch.push_form(culprit, fault, f1);
+        let mut f2 = Form::g_times(self.z2);
+        f2.add_scaled(&Form::point(&self.t2), m1);
+        f2.add_scaled(s.y, -c);
+        batch.push_form(culprit, fault, f2);
+        let mut f3 = s.p.scaled(self.z1);
+        f3.add_scaled(s.a, self.z2);
+        f3.add_scaled(&Form::point(&self.t3), m1);
+        f3.add_scaled(s.c, -c);
+        batch.push_form(culprit, fault, f3);
     }
 
     /// Encodes the proof.
@@ -334,23 +285,43 @@ mod tests {
         PartyIndex::new(i).unwrap()
     }
 
+    fn rand_point(rng: &mut impl CryptoRng) -> Point {
+        Point::new(SecretScalar::random(rng).public_image()).unwrap()
+    }
+
     #[test]
     fn schnorr_accepts_and_rejects() {
         let mut rng = crate::sim::test_rng("schnorr");
         let x = SecretScalar::random(&mut rng);
         let xp = Point::new(x.public_image()).unwrap();
-        let proof = SchnorrProof::prove(&mut rng, b"ctx", &x, &xp).unwrap();
+        let proof = SchnorrProof::prove(&mut rng, b"ctx", &x).unwrap();
         let mut b = BatchVerifier::new();
-        proof.verify_into(b"ctx", &xp, &mut b, p(1), Fault::BadProofOfKnowledge);
+        proof.verify_into(
+            b"ctx",
+            &Form::point(&xp),
+            &mut b,
+            p(1),
+            Fault::BadProofOfKnowledge,
+        );
         assert!(b.verify(&mut rng).is_ok());
-        // wrong context
         let mut b = BatchVerifier::new();
-        proof.verify_into(b"other", &xp, &mut b, p(1), Fault::BadProofOfKnowledge);
+        proof.verify_into(
+            b"other",
+            &Form::point(&xp),
+            &mut b,
+            p(1),
+            Fault::BadProofOfKnowledge,
+        );
         assert_eq!(b.verify(&mut rng).unwrap_err().culprits(), &[p(1)]);
-        // wrong statement
-        let other = Point::new(SecretScalar::random(&mut rng).public_image()).unwrap();
+        let other = rand_point(&mut rng);
         let mut b = BatchVerifier::new();
-        proof.verify_into(b"ctx", &other, &mut b, p(2), Fault::BadProofOfKnowledge);
+        proof.verify_into(
+            b"ctx",
+            &Form::point(&other),
+            &mut b,
+            p(2),
+            Fault::BadProofOfKnowledge,
+        );
         assert_eq!(b.verify(&mut rng).unwrap_err().culprits(), &[p(2)]);
     }
 
@@ -358,21 +329,27 @@ mod tests {
     fn dleq_accepts_and_rejects() {
         let mut rng = crate::sim::test_rng("dleq");
         let w = SecretScalar::random(&mut rng);
-        let b2 = Point::new(SecretScalar::random(&mut rng).public_image()).unwrap();
-        let stmt = DleqStatement {
-            b1: Base::G,
-            a: Point::new(w.public_image()).unwrap(),
-            b2: Base::Point(b2),
-            c: Point::new(group::mul(&b2.projective(), w.expose())).unwrap(),
+        let b2 = rand_point(&mut rng);
+        let a = Point::new(w.public_image()).unwrap();
+        let c = Point::new(group::mul(&b2.projective(), w.expose())).unwrap();
+        let proof = DleqProof::prove(&mut rng, b"c", Base::G, Base::Point(b2), &w).unwrap();
+        let (fg, fa, fb2, fc) = (
+            Form::generator(),
+            Form::point(&a),
+            Form::point(&b2),
+            Form::point(&c),
+        );
+        let forms = DleqForms {
+            b1: &fg,
+            a: &fa,
+            b2: &fb2,
+            c: &fc,
         };
-        let proof = DleqProof::prove(&mut rng, b"c", &stmt, &w).unwrap();
         let mut b = BatchVerifier::new();
-        proof.verify_into(b"c", &stmt, &mut b, p(1), Fault::BadMuProof);
+        proof.verify_into(b"c", &forms, &mut b, p(1), Fault::BadMuProof);
         assert!(b.verify(&mut rng).is_ok());
-        let bad = DleqStatement {
-            c: Point::new(stmt.c.projective() + ProjectivePoint::GENERATOR).unwrap(),
-            ..stmt
-        };
+        let wrong = Form::point(&rand_point(&mut rng));
+        let bad = DleqForms { c: &wrong, ..forms };
         let mut b = BatchVerifier::new();
         proof.verify_into(b"c", &bad, &mut b, p(3), Fault::BadMuProof);
         assert_eq!(b.verify(&mut rng).unwrap_err().culprits(), &[p(3)]);
@@ -383,24 +360,26 @@ mod tests {
         let mut rng = crate::sim::test_rng("linear");
         let x = SecretScalar::random(&mut rng);
         let y = SecretScalar::random(&mut rng);
-        let pp = Point::new(SecretScalar::random(&mut rng).public_image()).unwrap();
-        let a = Point::new(SecretScalar::random(&mut rng).public_image()).unwrap();
+        let pp = rand_point(&mut rng);
+        let a = rand_point(&mut rng);
         let c = group::mul(&pp.projective(), x.expose()) + group::mul(&a.projective(), y.expose());
-        let stmt = LinearStatement {
-            x: Point::new(x.public_image()).unwrap(),
-            y: Point::new(y.public_image()).unwrap(),
-            p: pp,
-            a,
-            c: Point::new(c).unwrap(),
+        let proof = LinearProof::prove(&mut rng, b"c", &pp, &a, &x, &y).unwrap();
+        let fx = Form::point(&Point::new(x.public_image()).unwrap());
+        let fy = Form::point(&Point::new(y.public_image()).unwrap());
+        let (fp, fa) = (Form::point(&pp), Form::point(&a));
+        let fc = Form::point(&Point::new(c).unwrap());
+        let forms = LinearForms {
+            x: &fx,
+            y: &fy,
+            p: &fp,
+            a: &fa,
+            c: &fc,
         };
-        let proof = LinearProof::prove(&mut rng, b"c", &stmt, &x, &y).unwrap();
         let mut b = BatchVerifier::new();
-        proof.verify_into(b"c", &stmt, &mut b, p(1), Fault::BadDhPartial);
+        proof.verify_into(b"c", &forms, &mut b, p(1), Fault::BadDhPartial);
         assert!(b.verify(&mut rng).is_ok());
-        let bad = LinearStatement {
-            c: Point::new(c + ProjectivePoint::GENERATOR).unwrap(),
-            ..stmt
-        };
+        let wrong = Form::point(&Point::new(c + ProjectivePoint::GENERATOR).unwrap());
+        let bad = LinearForms { c: &wrong, ..forms };
         let mut b = BatchVerifier::new();
         proof.verify_into(b"c", &bad, &mut b, p(2), Fault::BadDhPartial);
         assert_eq!(b.verify(&mut rng).unwrap_err().culprits(), &[p(2)]);
