@@ -201,6 +201,36 @@ impl DkgReveal {
     pub fn resign(&mut self, id: &IdentityKey) {
         self.sig = sign_msg(id, Self::PURPOSE, &self.unsigned());
     }
+    /// Test support: replaces the seal for `recipient` with one holding a random share,
+    /// as a malicious dealer would (call [`DkgReveal::resign`] after).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn corrupt_seal_for(
+        &mut self,
+        rng: &mut (impl CryptoRng + ?Sized),
+        roster: &Roster,
+        recipient: PartyIndex,
+    ) -> Result<()> {
+        let ctx = SealContext {
+            session: self.session,
+            round: SEAL_ROUND,
+            dealer: self.dealer,
+            recipient,
+        };
+        let bogus = SecretScalar::random(rng);
+        let sealed = seal::seal(
+            rng,
+            &roster.get(recipient)?.kem,
+            &ctx,
+            &bogus.secret_bytes()[..],
+        )?;
+        for (r, s) in &mut self.seals {
+            if *r == recipient {
+                *s = sealed.clone();
+            }
+        }
+        Ok(())
+    }
+
     /// Test support: mutable access for adversarial tests.
     #[cfg(any(test, feature = "test-support"))]
     pub fn parts_mut(

@@ -81,6 +81,16 @@ impl Point {
         out
     }
 
+    /// The 65-byte uncompressed SEC1 encoding (`04 || x || y`), as verifiers and JWKs
+    /// expect.
+    pub fn to_uncompressed(&self) -> [u8; 65] {
+        use elliptic_curve::sec1::ToSec1Point;
+        let enc = self.0.to_affine().to_sec1_point(false);
+        let mut out = [0u8; 65];
+        out.copy_from_slice(enc.as_bytes());
+        out
+    }
+
     /// The affine x-coordinate as a 32-byte big-endian integer.
     pub fn x_bytes(&self) -> [u8; 32] {
         let enc = self.to_bytes();

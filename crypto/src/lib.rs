@@ -49,7 +49,7 @@ pub mod wire;
 pub mod sim;
 
 #[cfg(feature = "insecure-test-only-key-reconstruction")]
-// pub mod insecure_reconstruct;
+pub mod insecure_reconstruct;
 pub use error::{Error, Fault, Refusal};
 pub use group::{Point, Scalar};
 pub use params::{PartyIndex, PartySet, ThresholdParams};
