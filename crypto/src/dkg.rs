@@ -72,12 +72,12 @@ impl DkgConfig {
                 self.params.n()
             )));
         }
-        if let DkgMode::Refresh { prior } = &self.mode {
-            if prior.key_id != self.key_id || prior.params != self.params {
-                return Err(Error::input(
-                    "refresh: prior key data does not match the key id and parameters",
-                ));
-            }
+        if let DkgMode::Refresh { prior } = &self.mode
+            && (prior.key_id != self.key_id || prior.params != self.params)
+        {
+            return Err(Error::input(
+                "refresh: prior key data does not match the key id and parameters",
+            ));
         }
         Ok(())
     }

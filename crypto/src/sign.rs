@@ -193,10 +193,10 @@ impl Signature {
 
     /// ASN.1 DER `ECDSA-Sig-Value`.
     pub fn to_der(&self) -> Result<Vec<u8>> {
-        Ok(self.to_ecdsa()?.to_der().as_bytes().to_vec())
+        Ok(self.as_ecdsa()?.to_der().as_bytes().to_vec())
     }
 
-    fn to_ecdsa(&self) -> Result<p256::ecdsa::Signature> {
+    fn as_ecdsa(&self) -> Result<p256::ecdsa::Signature> {
         p256::ecdsa::Signature::from_scalars(self.r.to_bytes(), self.s.to_bytes())
             .map_err(|_| Error::Bug("signature scalars out of range"))
     }
@@ -206,7 +206,7 @@ impl Signature {
         let Ok(vk) = p256::ecdsa::VerifyingKey::from_affine(x.projective().to_affine()) else {
             return false;
         };
-        let Ok(sig) = self.to_ecdsa() else {
+        let Ok(sig) = self.as_ecdsa() else {
             return false;
         };
         vk.verify_prehash(digest, &sig).is_ok()

@@ -301,11 +301,11 @@ impl Cluster {
                 &commits,
                 &node_in(&self.nodes, i)?.identity,
             )?;
-            if let Attack::PresignCorruptShare { dealer, recipient } = attack {
-                if dealer == i.get() {
-                    m.corrupt_seal_for(&mut self.rng, &self.roster, idx(recipient)?)?;
-                    m.resign(&node_in(&self.nodes, i)?.identity);
-                }
+            if let Attack::PresignCorruptShare { dealer, recipient } = attack
+                && dealer == i.get()
+            {
+                m.corrupt_seal_for(&mut self.rng, &self.roster, idx(recipient)?)?;
+                m.resign(&node_in(&self.nodes, i)?.identity);
             }
             s2.push(s);
             dealings.push(wire(&m)?);
@@ -540,9 +540,13 @@ fn attack_reveal(
             let pa = seals.iter().position(|(r, _)| r.get() == a);
             let pb = seals.iter().position(|(r, _)| r.get() == b);
             if let (Some(pa), Some(pb)) = (pa, pb) {
-                let sa = seals[pa].1.clone();
-                seals[pa].1 = seals[pb].1.clone();
-                seals[pb].1 = sa;
+                seals.swap(pa, pb);
+                if let Some(x) = seals.get_mut(pa) {
+                    x.0 = idx(a)?;
+                }
+                if let Some(x) = seals.get_mut(pb) {
+                    x.0 = idx(b)?;
+                }
             }
             m.resign(&node_in(nodes, m.dealer)?.identity);
         }

@@ -2,6 +2,9 @@
 //! every signature checked by two independent verifiers (aws-lc-rs and p256), a JWS
 //! ES256 token checked by the jsonwebtoken crate, derivation and decryption.
 
+// Tests state expectations with unwrap/expect/panic/indexing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
