@@ -586,8 +586,9 @@ pub fn round3(
     let commit_refs: Vec<&PresignCommit> = commits.iter().collect();
     let agg = aggregate_ordered(&cfg, &commit_refs, &ordered)?;
     let b_len = cfg.b();
-    let mut k = vec![Scalar::ZERO; b_len];
-    let mut a = vec![Scalar::ZERO; b_len];
+    // Sums of secret shares: zeroized when dropped.
+    let mut k = zeroize::Zeroizing::new(vec![Scalar::ZERO; b_len]);
+    let mut a = zeroize::Zeroizing::new(vec![Scalar::ZERO; b_len]);
     let mut per_dealer = Vec::with_capacity(ordered.len());
     for d in &ordered {
         let shares = crate::dkg::open_share(
@@ -617,7 +618,7 @@ pub fn round3(
         .copied()
         .ok_or(Error::Bug("empty M"))?;
     for b in 0..b_len {
-        for (sum, coms) in [(&k, &agg.k), (&a, &agg.a)] {
+        for (sum, coms) in [(&*k, &agg.k), (&*a, &agg.a)] {
             let (Some(s), Some(c)) = (sum.get(b), coms.get(b)) else {
                 return Err(Error::Bug("batch index"));
             };
@@ -657,8 +658,8 @@ pub fn round3(
         ));
     }
     drop(per_dealer);
-    let k: Vec<SecretScalar> = k.into_iter().map(SecretScalar::new).collect();
-    let a: Vec<SecretScalar> = a.into_iter().map(SecretScalar::new).collect();
+    let k: Vec<SecretScalar> = k.iter().copied().map(SecretScalar::new).collect();
+    let a: Vec<SecretScalar> = a.iter().copied().map(SecretScalar::new).collect();
     let mut mus = Vec::with_capacity(b_len);
     let mut proofs = Vec::with_capacity(b_len);
     for (b, (kb, ab)) in k.iter().zip(&a).enumerate() {
@@ -944,7 +945,7 @@ pub fn round5(
     let ordered = one_from_each(reductions, &cfg.mset, |m| m.party)?;
     let mut batch = BatchVerifier::new();
     check_reductions(&cfg, &agg, &u, &ordered, &mut batch)?;
-    let mut v = vec![Scalar::ZERO; cfg.b()];
+    let mut v = zeroize::Zeroizing::new(vec![Scalar::ZERO; cfg.b()]);
     for m in &ordered {
         let shares = crate::dkg::open_share(
             kem,
@@ -976,7 +977,7 @@ pub fn round5(
     }
     batch.verify(rng)?;
     let mut out = Vec::with_capacity(cfg.b());
-    for (b, (wb, vb)) in w.into_iter().zip(v).enumerate() {
+    for (b, (wb, vb)) in w.into_iter().zip(v.iter().copied()).enumerate() {
         out.push(PresignatureShare {
             id: cfg.presig_id(b),
             key_id: cfg.key.key_id,

@@ -104,7 +104,8 @@ fn rerandomize(
             "re-randomiser is zero; use another presignature",
         ));
     }
-    let r_prime = Point::new(group::mul(&r_point.projective(), &delta))
+    // δ and R are public: variable time is safe here.
+    let r_prime = Point::new(group::mul_public(&r_point.projective(), &delta))
         .ok_or(Error::Bug("re-randomised R is the identity"))?;
     let r = group::reduce_digest(&r_prime.x_bytes());
     if bool::from(r.is_zero()) {

@@ -2,7 +2,12 @@
 //! right culprit, and that no key, presignature, signature or credential is released.
 
 // Tests state expectations with unwrap/expect/panic/indexing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use quorate_crypto::error::{Error, Fault, Refusal};
 use quorate_crypto::hash::sha256;

@@ -2,7 +2,12 @@
 //! independent Python implementation), RFC 5869 HKDF, and sealing.
 
 // Tests state expectations with unwrap/expect/panic/indexing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use quorate_crypto::hash::{h2s, hash_to_curve_with_dst};
 use quorate_crypto::params::{PartyIndex, SessionId};

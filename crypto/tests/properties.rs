@@ -3,7 +3,12 @@
 //! to compute reference values from a rebuilt key.
 
 // Tests state expectations with unwrap/expect/panic/indexing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use proptest::prelude::*;
 use quorate_crypto::error::Error;

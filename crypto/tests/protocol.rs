@@ -3,7 +3,12 @@
 //! ES256 token checked by the jsonwebtoken crate, derivation and decryption.
 
 // Tests state expectations with unwrap/expect/panic/indexing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use base64::Engine;
