@@ -215,14 +215,14 @@ fn pippenger(terms: &[(ProjectivePoint, Scalar)]) -> ProjectivePoint {
             .for_each(|b| *b = ProjectivePoint::IDENTITY);
         for (pt, ds) in affine.iter().zip(&digits) {
             let d = ds.get(w).copied().unwrap_or(0);
-            if d > 0 {
-                if let Some(b) = buckets.get_mut(d as usize - 1) {
-                    *b += pt;
-                }
-            } else if d < 0 {
-                if let Some(b) = buckets.get_mut((-d) as usize - 1) {
-                    *b -= pt;
-                }
+            if d > 0
+                && let Some(b) = buckets.get_mut(d as usize - 1)
+            {
+                *b += pt;
+            } else if d < 0
+                && let Some(b) = buckets.get_mut((-d) as usize - 1)
+            {
+                *b -= pt;
             }
         }
         // Σ_k k·bucket_k by running sums.
