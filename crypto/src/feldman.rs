@@ -126,11 +126,8 @@ impl Commitments {
     /// The coefficients as wire points, all of them (`skip_constant = false`) or without
     /// `C_0` (zero-sharings). Fails if a sent coefficient is the identity.
     pub fn to_points(&self, skip_constant: bool) -> Result<Vec<Point>> {
-        self.0
-            .iter()
-            .skip(usize::from(skip_constant))
-            .map(|p| Point::nonzero(*p, "commitment coefficient is the identity"))
-            .collect()
+        Point::batch(self.0.get(usize::from(skip_constant)..).unwrap_or(&[]))
+            .ok_or(Error::Bug("commitment coefficient is the identity"))
     }
 
     /// Number of coefficients (`t + 1`).

@@ -26,21 +26,34 @@ pub const POINT_LEN: usize = 33;
 /// Length of an encoded scalar.
 pub const SCALAR_LEN: usize = 32;
 
-/// A P-256 point that is not the identity.
+/// A P-256 point that is not the identity, kept in affine form so that encoding it
+/// (for the wire and for every transcript hash) needs no field inversion.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Point(ProjectivePoint);
+pub struct Point(p256::AffinePoint);
 
 impl Point {
     /// The generator `G`.
-    pub const GENERATOR: Point = Point(ProjectivePoint::GENERATOR);
+    pub const GENERATOR: Point = Point(p256::AffinePoint::GENERATOR);
 
     /// Wraps a projective point; `None` for the identity.
     pub fn new(p: ProjectivePoint) -> Option<Point> {
         if bool::from(p.is_identity()) {
             None
         } else {
-            Some(Point(p))
+            Some(Point(p.to_affine()))
         }
+    }
+
+    /// Wraps many points with one field inversion in all (batch normalisation); `None`
+    /// if any is the identity.
+    pub fn batch(points: &[ProjectivePoint]) -> Option<Vec<Point>> {
+        use elliptic_curve::group::Curve;
+        if points.iter().any(|p| bool::from(p.is_identity())) {
+            return None;
+        }
+        let mut affine = vec![p256::AffinePoint::IDENTITY; points.len()];
+        ProjectivePoint::batch_normalize(points, &mut affine);
+        Some(affine.into_iter().map(Point).collect())
     }
 
     /// Wraps a computed point, returning `fault`-free [`Error::Bug`] context if it is the
@@ -51,7 +64,7 @@ impl Point {
 
     /// The underlying projective point.
     pub fn projective(&self) -> ProjectivePoint {
-        self.0
+        ProjectivePoint::from(self.0)
     }
 
     /// Strict decoding: exactly 33 bytes, compressed SEC1, on the curve, not the identity.
@@ -70,12 +83,15 @@ impl Point {
         let repr = p256::CompressedPoint::from(arr);
         let affine: Option<p256::AffinePoint> = p256::AffinePoint::from_bytes(&repr).into();
         let affine = affine.ok_or_else(|| Error::input("point is not on the P-256 curve"))?;
-        Point::new(affine.into()).ok_or_else(|| Error::input("point is the identity"))
+        if bool::from(affine.is_identity()) {
+            return Err(Error::input("point is the identity"));
+        }
+        Ok(Point(affine))
     }
 
     /// The 33-byte compressed SEC1 encoding.
     pub fn to_bytes(&self) -> [u8; POINT_LEN] {
-        let repr = self.0.to_affine().to_bytes();
+        let repr = self.0.to_bytes();
         let mut out = [0u8; POINT_LEN];
         out.copy_from_slice(repr.as_slice());
         out
@@ -85,7 +101,7 @@ impl Point {
     /// expect.
     pub fn to_uncompressed(&self) -> [u8; 65] {
         use elliptic_curve::sec1::ToSec1Point;
-        let enc = self.0.to_affine().to_sec1_point(false);
+        let enc = self.0.to_sec1_point(false);
         let mut out = [0u8; 65];
         out.copy_from_slice(enc.as_bytes());
         out

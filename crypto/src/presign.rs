@@ -664,13 +664,12 @@ pub fn round3(
     let mut proofs = Vec::with_capacity(b_len);
     for (b, (kb, ab)) in k.iter().zip(&a).enumerate() {
         let mu = *kb.expose() * ab.expose();
-        let a_pub = Point::nonzero(ab.public_image(), "A_i is the identity")?;
         let ctx = mu_context(&cfg, &agg, me, b, &mu);
         proofs.push(DleqProof::prove(
             rng,
             &ctx,
             Base::G,
-            Base::Point(a_pub),
+            Base::KnownLog(ab),
             kb,
         )?);
         mus.push(mu);
@@ -789,7 +788,6 @@ pub fn round4(
     }
     let u = compute_u(&cfg, mus)?;
     let t = cfg.key.params.t();
-    let x_pub = Point::nonzero(share.public.public_share(me), "X_i is the identity")?;
     let mut w = Vec::with_capacity(cfg.b());
     let mut d_coms = Vec::with_capacity(cfg.b());
     let mut proofs = Vec::with_capacity(cfg.b());
@@ -806,7 +804,7 @@ pub fn round4(
             rng,
             &ctx,
             Base::G,
-            Base::Point(x_pub),
+            Base::KnownLog(&share.secret),
             &wb,
         )?);
         d_coms.push(coms);
@@ -859,6 +857,10 @@ fn check_reductions(
         .into_iter()
         .map(|(p, _)| batch.base(p))
         .collect();
+    let u_invs = u
+        .iter()
+        .map(|ub| group::invert(ub).ok_or(Error::Bug("u is zero")))
+        .collect::<Result<Vec<_>>>()?;
     for m in ordered {
         cfg.check_session(m.session)?;
         verify_sig(
@@ -882,12 +884,13 @@ fn check_reductions(
                     },
                 ));
             }
-            let (Some(abases), Some(ub), Some(d0)) = (ab.get(b), u.get(b), coms.first()) else {
+            let (Some(abases), Some(ub), Some(u_inv), Some(d0)) =
+                (ab.get(b), u.get(b), u_invs.get(b), coms.first())
+            else {
                 return Err(Error::Bug("batch index"));
             };
-            let u_inv = group::invert(ub).ok_or(Error::Bug("u is zero"))?;
             let g = Form::generator();
-            let w_i = eval_form(abases, m.party, u_inv);
+            let w_i = eval_form(abases, m.party, *u_inv);
             let d0f = Form::point(d0);
             let forms = DleqForms {
                 b1: &g,
@@ -1055,7 +1058,7 @@ pub fn public_output(
                 })
                 .collect();
             let v_pub = Point::new(group::msm(&terms));
-            let w_pub = Point::new(group::mul(&a.eval(j), &u_inv));
+            let w_pub = Point::new(group::msm(&a.eval_terms(j, u_inv)));
             match (w_pub, v_pub) {
                 (Some(w), Some(v)) => wv.push((w, v)),
                 _ => return Err(Error::blame(cfg.mset.members().to_vec(), Fault::Degenerate)),
