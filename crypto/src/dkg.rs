@@ -173,6 +173,18 @@ pub struct DkgRound2 {
     commits: Vec<DkgCommit>,
 }
 
+impl DkgRound2 {
+    /// The key being generated or refreshed.
+    pub fn key_id(&self) -> KeyId {
+        self.cfg.key_id
+    }
+
+    /// Whether this run refreshes an existing key (round 3 then needs the prior share).
+    pub fn is_refresh(&self) -> bool {
+        self.cfg.is_refresh()
+    }
+}
+
 fn sign_msg<T: Wire>(id: &IdentityKey, purpose: &str, unsigned: &T) -> [u8; SIGNATURE_LEN] {
     id.sign(purpose, &unsigned.to_bytes())
 }

@@ -305,6 +305,13 @@ pub struct PresignRound2 {
     commits: Vec<PresignCommit>,
 }
 
+impl PresignRound2 {
+    /// The signing key of this batch.
+    pub fn key_id(&self) -> KeyId {
+        self.cfg.key.key_id
+    }
+}
+
 /// Secret state after step 2: `a_i` per presignature (`k_i` is gone).
 pub struct PresignRound3 {
     cfg: PresignConfig,
