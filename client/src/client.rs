@@ -1,0 +1,484 @@
+//! The typed async client.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quorate_crypto::Point;
+use quorate_crypto::ecies::{self, EciesCiphertext};
+use quorate_crypto::keys::KeyPurpose;
+use quorate_crypto::tdh::{self, Credential, DhResponse, Requester};
+use quorate_crypto::wire::Wire as _;
+use quorate_proto::api;
+use quorate_proto::api::cluster_service_client::ClusterServiceClient;
+use quorate_proto::api::key_service_client::KeyServiceClient;
+use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
+use quorate_proto::transport;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::config::ClientConfig;
+use crate::error::{Error, Result};
+use crate::keyfmt;
+
+/// How long a request may take before the client gives up, unless changed with
+/// [`Client::with_timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Upper bound for connecting (TCP, TLS handshake, HTTP/2 set-up).
+const CONNECT_LIMIT: Duration = Duration::from_secs(30);
+
+/// Largest reply accepted from the coordinator.
+const MAX_REPLY: usize = 16 * 1024 * 1024;
+
+/// What to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignInput {
+    /// A message; the cluster hashes it with SHA-256.
+    Message(Vec<u8>),
+    /// A SHA-256 digest computed by the caller.
+    Digest([u8; 32]),
+}
+
+/// Signature encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `r || s`, 64 bytes (JWS ES256).
+    Raw,
+    /// ASN.1 DER `ECDSA-Sig-Value` (OpenSSL, X.509).
+    Der,
+}
+
+/// A key's public data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key's name.
+    pub name: String,
+    /// The key's identifier (also the JWK `kid`).
+    pub key_id: String,
+    /// What the key may be used for.
+    pub purpose: KeyPurpose,
+    /// Number of fragment nodes holding shares.
+    pub n: u32,
+    /// Corruption threshold: any `t` nodes learn nothing; `t + 1` sign.
+    pub t: u32,
+    /// Share epoch (increases with each refresh).
+    pub epoch: u32,
+    /// The public key.
+    pub public_key: Point,
+}
+
+/// A public key with its standard encodings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// The key.
+    pub info: KeyInfo,
+    /// SubjectPublicKeyInfo, PEM.
+    pub spki_pem: String,
+    /// RFC 7517 JWK, JSON.
+    pub jwk_json: String,
+}
+
+/// A signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    /// The signature in the requested [`Format`].
+    pub signature: Vec<u8>,
+    /// The identifier of the key that made it.
+    pub key_id: String,
+}
+
+/// A fragment node as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's index (1..=n).
+    pub index: u32,
+    /// Its address.
+    pub address: String,
+    /// Whether its last health check passed.
+    pub healthy: bool,
+    /// The last error, if unhealthy.
+    pub error: String,
+}
+
+/// A presignature pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// The key the pool signs for.
+    pub key_name: String,
+    /// The nodes that must all answer to use these presignatures.
+    pub signing_set: Vec<u32>,
+    /// How many presignatures are ready.
+    pub depth: u64,
+}
+
+/// The cluster's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Number of fragment nodes.
+    pub n: u32,
+    /// Corruption threshold.
+    pub t: u32,
+    /// Every node.
+    pub nodes: Vec<NodeStatus>,
+    /// Every presignature pool.
+    pub pools: Vec<PoolStatus>,
+}
+
+/// A connection to the coordinator's public API.
+///
+/// Cheap to clone; clones share the connection. Every call is bounded by the client's
+/// timeout ([`DEFAULT_TIMEOUT`] unless set with [`Client::with_timeout`]).
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    keys: KeyServiceClient<Channel>,
+    cluster: ClusterServiceClient<Channel>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to the coordinator over post-quantum mutual TLS.
+    ///
+    /// Loads the CA and the client certificate and key (a [`Error::Config`] names the
+    /// file at fault), checks that the certificate is a client's, and completes the TLS
+    /// handshake now: the coordinator must present `coordinator.<domain>`'s
+    /// certificate from the cluster CA. Failing to connect is [`Error::Unreachable`].
+    pub async fn connect(config: &ClientConfig) -> Result<Self> {
+        let config_error = |e: TlsError| Error::Config(e.to_string());
+        let identity = Identity::from_pem_files(&config.cert, &config.key).map_err(config_error)?;
+        match identity.role(&config.domain) {
+            Ok(Role::Client(_)) => {}
+            Ok(other) => {
+                return Err(Error::Config(format!(
+                    "{} is the certificate of {other}, but the coordinator's public API accepts \
+                     only client certificates: use client-admin.pem (and client-admin-key.pem) \
+                     from `quorate admin init`",
+                    config.cert.display()
+                )));
+            }
+            Err(e) => {
+                return Err(Error::Config(format!(
+                    "{}: {e} (if the cluster uses another trust domain, pass --domain or set QUORATE_DOMAIN)",
+                    config.cert.display()
+                )));
+            }
+        }
+        let trust = Trust::from_pem_file(&config.ca, &config.domain).map_err(config_error)?;
+        let tls = tls::client_config(&identity, &trust).map_err(config_error)?;
+        let connecting = transport::connect(config.addr, &Role::Coordinator, &config.domain, tls);
+        let channel = match tokio::time::timeout(CONNECT_LIMIT, connecting).await {
+            Err(_elapsed) => {
+                return Err(Error::connect(
+                    config.addr,
+                    format!("no connection within {} s", CONNECT_LIMIT.as_secs()),
+                ));
+            }
+            Ok(Err(TlsError::Connect { addr, reason, .. })) => {
+                return Err(Error::connect(addr, reason));
+            }
+            Ok(Err(other)) => return Err(config_error(other)),
+            Ok(Ok(channel)) => channel,
+        };
+        tracing::debug!(addr = %config.addr, "connected to the coordinator");
+        Ok(Client {
+            addr: config.addr,
+            keys: KeyServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
+            cluster: ClusterServiceClient::new(channel).max_decoding_message_size(MAX_REPLY),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Sets how long each call may take.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The coordinator's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Creates a key with a fresh distributed key generation across all nodes.
+    pub async fn create_key(&self, name: &str, purpose: KeyPurpose) -> Result<KeyInfo> {
+        let req = api::CreateKeyRequest {
+            name: name.to_owned(),
+            purpose: purpose_to_wire(purpose) as i32,
+        };
+        let mut keys = self.keys.clone();
+        let info = self
+            .call("create the key", keys.create_key(self.request(req)))
+            .await?;
+        key_info(info)
+    }
+
+    /// Lists every key.
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut keys = self.keys.clone();
+        let reply = self
+            .call(
+                "list keys",
+                keys.list_keys(self.request(api::ListKeysRequest {})),
+            )
+            .await?;
+        reply.keys.into_iter().map(key_info).collect()
+    }
+
+    /// A key's public key, as SPKI PEM and JWK.
+    ///
+    /// The encodings are the coordinator's; if it sends none, they are computed here
+    /// from the public point ([`keyfmt`]).
+    pub async fn public_key(&self, name: &str) -> Result<PublicKey> {
+        let req = api::GetPublicKeyRequest {
+            name: name.to_owned(),
+        };
+        let mut keys = self.keys.clone();
+        let reply = self
+            .call("get the public key", keys.get_public_key(self.request(req)))
+            .await?;
+        let info = key_info(
+            reply
+                .key
+                .ok_or_else(|| malformed("get the public key", "the reply names no key"))?,
+        )?;
+        let spki_pem = if reply.spki_pem.trim().is_empty() {
+            keyfmt::spki_pem(&info.public_key)
+        } else {
+            reply.spki_pem
+        };
+        let jwk_json = if reply.jwk_json.trim().is_empty() {
+            keyfmt::jwk(&info.public_key, &info.key_id, info.purpose).to_string()
+        } else {
+            reply.jwk_json
+        };
+        Ok(PublicKey {
+            info,
+            spki_pem,
+            jwk_json,
+        })
+    }
+
+    /// Signs a message or a SHA-256 digest with an ES256 key.
+    pub async fn sign(&self, name: &str, input: SignInput, format: Format) -> Result<Signature> {
+        let input = match input {
+            SignInput::Message(m) => api::sign_request::Input::Message(m),
+            SignInput::Digest(d) => api::sign_request::Input::Digest(d.to_vec()),
+        };
+        let req = api::SignRequest {
+            name: name.to_owned(),
+            input: Some(input),
+            format: match format {
+                Format::Raw => api::SignatureFormat::Raw,
+                Format::Der => api::SignatureFormat::Der,
+            } as i32,
+        };
+        let mut keys = self.keys.clone();
+        let reply = self.call("sign", keys.sign(self.request(req))).await?;
+        let well_formed = match format {
+            Format::Raw => reply.signature.len() == 64,
+            Format::Der => (8..=72).contains(&reply.signature.len()),
+        };
+        if !well_formed {
+            return Err(malformed(
+                "sign",
+                &format!("a {format:?} signature of {} bytes", reply.signature.len()),
+            ));
+        }
+        Ok(Signature {
+            signature: reply.signature,
+            key_id: reply.key_id,
+        })
+    }
+
+    /// Derives the credential for `context` from a derivation key.
+    ///
+    /// The reply is masked to a fresh requester key made here; only this client can
+    /// unmask it. The credential is `HKDF-SHA256(x·H2C(context), info = context)`.
+    pub async fn derive(&self, name: &str, context: &[u8]) -> Result<Credential> {
+        if context.is_empty() || context.len() > tdh::MAX_CONTEXT {
+            return Err(Error::Usage(format!(
+                "a derivation context has 1 to {} bytes, got {}",
+                tdh::MAX_CONTEXT,
+                context.len()
+            )));
+        }
+        let requester = Requester::new(&mut rng()?).map_err(bug)?;
+        let req = api::DeriveRequest {
+            name: name.to_owned(),
+            context: context.to_vec(),
+            requester_public: requester.public().to_bytes().to_vec(),
+        };
+        let mut keys = self.keys.clone();
+        let reply = self.call("derive", keys.derive(self.request(req))).await?;
+        let shared = unmask(&requester, &reply.masked, "derive")?;
+        tdh::derive_credential(&shared, context).map_err(bug)
+    }
+
+    /// Encrypts `plaintext` to a decryption key (ECIES; DESIGN.md §4.6) and returns the
+    /// ciphertext encoding that [`Client::decrypt`] takes. Only the public key is
+    /// fetched from the cluster: the plaintext never leaves this process.
+    pub async fn encrypt(&self, name: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        let key = self.public_key(name).await?.info;
+        if key.purpose != KeyPurpose::Decrypt {
+            return Err(Error::Usage(format!(
+                "key `{name}` is a {} key; encrypt to a key created with \
+                 `quorate key create NAME --purpose decrypt`",
+                key.purpose.name()
+            )));
+        }
+        let ct = ecies::encrypt(&mut rng()?, &key.public_key, plaintext, aad).map_err(bug)?;
+        Ok(ct.to_bytes())
+    }
+
+    /// Decrypts a ciphertext made by [`Client::encrypt`] with the same `aad`.
+    ///
+    /// The nodes compute the masked shared point; only this client can unmask it and
+    /// decrypt, so the plaintext never leaves this process.
+    pub async fn decrypt(
+        &self,
+        name: &str,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let ct = EciesCiphertext::from_bytes(ciphertext).map_err(|e| {
+            Error::Usage(format!(
+                "the input is not a Quorate ciphertext ({e}): decrypt the output of `quorate encrypt`"
+            ))
+        })?;
+        let key = self.public_key(name).await?.info;
+        let requester = Requester::new(&mut rng()?).map_err(bug)?;
+        let req = api::DecryptRequest {
+            name: name.to_owned(),
+            ciphertext: ciphertext.to_vec(),
+            requester_public: requester.public().to_bytes().to_vec(),
+        };
+        let mut keys = self.keys.clone();
+        let reply = self
+            .call("decrypt", keys.decrypt(self.request(req)))
+            .await?;
+        let shared = unmask(&requester, &reply.masked, "decrypt")?;
+        ecies::decrypt_with_shared(&shared, &key.public_key, &ct, aad).map_err(|_| {
+            Error::Other(format!(
+                "the ciphertext does not decrypt under key `{name}`: it was encrypted to \
+                 another key, altered, or with other associated data (check --aad)"
+            ))
+        })
+    }
+
+    /// The cluster's state: nodes' health and presignature pool depths.
+    pub async fn status(&self) -> Result<ClusterStatus> {
+        let mut cluster = self.cluster.clone();
+        let reply = self
+            .call(
+                "report status",
+                cluster.status(self.request(api::StatusRequest {})),
+            )
+            .await?;
+        Ok(ClusterStatus {
+            n: reply.n,
+            t: reply.t,
+            nodes: reply
+                .nodes
+                .into_iter()
+                .map(|n| NodeStatus {
+                    index: n.index,
+                    address: n.address,
+                    healthy: n.healthy,
+                    error: n.error,
+                })
+                .collect(),
+            pools: reply
+                .pools
+                .into_iter()
+                .map(|p| PoolStatus {
+                    key_name: p.key_name,
+                    signing_set: p.signing_set,
+                    depth: p.depth,
+                })
+                .collect(),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        req.set_timeout(self.timeout);
+        req
+    }
+
+    /// Awaits a call, bounded by the timeout (plus a little, so the server's own
+    /// deadline error arrives first when it can), and classifies its failure.
+    async fn call<R>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    ) -> Result<R> {
+        let limit = self.timeout.saturating_add(Duration::from_secs(1));
+        match tokio::time::timeout(limit, call).await {
+            Err(_elapsed) => Err(Error::timeout(op, self.addr, self.timeout)),
+            Ok(Err(status)) => Err(Error::from_status(op, self.addr, &status)),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+}
+
+fn purpose_to_wire(p: KeyPurpose) -> api::Purpose {
+    match p {
+        KeyPurpose::Sign => api::Purpose::Sign,
+        KeyPurpose::Derive => api::Purpose::Derive,
+        KeyPurpose::Decrypt => api::Purpose::Decrypt,
+    }
+}
+
+fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
+    let purpose = match api::Purpose::try_from(k.purpose) {
+        Ok(api::Purpose::Sign) => KeyPurpose::Sign,
+        Ok(api::Purpose::Derive) => KeyPurpose::Derive,
+        Ok(api::Purpose::Decrypt) => KeyPurpose::Decrypt,
+        Ok(api::Purpose::Unspecified) | Err(_) => {
+            return Err(malformed(
+                "describe the key",
+                &format!("key `{}` with unknown purpose {}", k.name, k.purpose),
+            ));
+        }
+    };
+    let public_key = Point::from_bytes(&k.public_key).map_err(|e| {
+        malformed(
+            "describe the key",
+            &format!("key `{}` with an invalid public key ({e})", k.name),
+        )
+    })?;
+    Ok(KeyInfo {
+        name: k.name,
+        key_id: k.key_id,
+        purpose,
+        n: k.n,
+        t: k.t,
+        epoch: k.epoch,
+        public_key,
+    })
+}
+
+fn unmask(requester: &Requester, masked: &[u8], op: &str) -> Result<tdh::SharedPoint> {
+    let resp = DhResponse::from_bytes(masked)
+        .map_err(|e| malformed(op, &format!("a masked response that does not decode ({e})")))?;
+    requester.unmask(&resp).map_err(bug)
+}
+
+fn malformed(op: &str, what: &str) -> Error {
+    Error::Other(format!(
+        "the coordinator answered `{op}` with {what}: check that the client and cluster versions match"
+    ))
+}
+
+fn bug(e: quorate_crypto::Error) -> Error {
+    Error::Other(format!("internal error in the client: {e}"))
+}
+
+/// A fresh CSPRNG seeded from the operating system.
+fn rng() -> Result<rand::rngs::StdRng> {
+    use rand::SeedableRng as _;
+    rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| Error::Other(format!("the system random number generator failed: {e}")))
+}

@@ -1,0 +1,210 @@
+//! Client errors and the CLI's exit codes.
+//!
+//! Every message says what is wrong and what to do about it. None carries secret
+//! material: errors about key files name the file, never its content, and decryption
+//! failures do not echo plaintext or keys.
+
+use std::net::SocketAddr;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, sorted by who can fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad arguments or input given to a command: a malformed digest, a missing input
+    /// file, a key of the wrong purpose for the operation. Exit code 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Bad or missing connection settings or certificate files. Exit code 2.
+    #[error("{0}")]
+    Config(String),
+    /// The cluster could not be reached, or did not answer in time. Exit code 3.
+    #[error("cannot reach the cluster at {addr}: {detail}\n{hint}")]
+    Unreachable {
+        /// The coordinator address tried.
+        addr: SocketAddr,
+        /// What failed (TCP, TLS handshake, timeout, ...).
+        detail: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The cluster answered with an error. Exit code 4.
+    #[error("the cluster refused to {op}: {message}{hint}")]
+    Refused {
+        /// The operation ("sign", "create the key", ...).
+        op: &'static str,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The cluster's message.
+        message: String,
+        /// What to do about it (empty, or starting with a newline).
+        hint: String,
+    },
+    /// Anything else: local I/O, a malformed reply, a failed decryption. Exit code 1.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for usage and configuration errors, 3
+    /// when the cluster is unreachable, 4 when it refused the request, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Config(_) => 2,
+            Error::Unreachable { .. } => 3,
+            Error::Refused { .. } => 4,
+            Error::Other(_) => 1,
+        }
+    }
+
+    /// The gRPC status code, if the cluster refused the request.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Classifies a gRPC status returned by an `op` call to the coordinator at `addr`.
+    ///
+    /// `Unavailable` and `DeadlineExceeded`, and statuses tonic synthesised from a
+    /// transport failure (they carry a source error; statuses sent by the server do
+    /// not), mean the cluster could not be reached; every other status is a refusal.
+    pub(crate) fn from_status(op: &'static str, addr: SocketAddr, status: &tonic::Status) -> Self {
+        use std::error::Error as _;
+        let transport = status.source().is_some()
+            && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal);
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Error::Unreachable {
+                addr,
+                detail: format!(
+                    "{op}: {}",
+                    non_empty(status.message(), "service unavailable")
+                ),
+                hint: unreachable_hint(status.message()),
+            },
+            _ if transport => Error::Unreachable {
+                addr,
+                detail: format!("{op}: {}", non_empty(status.message(), "connection lost")),
+                hint: unreachable_hint(status.message()),
+            },
+            code => Error::Refused {
+                op,
+                code,
+                message: non_empty(status.message(), &format!("{code:?}")).to_owned(),
+                hint: refused_hint(code),
+            },
+        }
+    }
+
+    /// A failed connection attempt (TCP, TLS handshake, HTTP/2 set-up).
+    pub(crate) fn connect(addr: SocketAddr, detail: String) -> Self {
+        let hint = unreachable_hint(&detail);
+        Error::Unreachable { addr, detail, hint }
+    }
+
+    /// No answer within `timeout`.
+    pub(crate) fn timeout(
+        op: &'static str,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Self {
+        Error::Unreachable {
+            addr,
+            detail: format!("{op}: no answer within {} s", timeout.as_secs()),
+            hint: "check that the coordinator and at least t+1 fragment nodes are running \
+                   (`quorate status`), or allow more time with --timeout"
+                .to_owned(),
+        }
+    }
+}
+
+fn non_empty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
+    if s.trim().is_empty() { fallback } else { s }
+}
+
+/// What to do when the cluster cannot be reached: a failed handshake is a certificate
+/// problem, anything else most likely a cluster that is not running or a wrong address.
+fn unreachable_hint(detail: &str) -> String {
+    if detail.contains("TLS handshake") || detail.contains("certificate") {
+        "the TLS handshake failed: check that --cacert (QUORATE_CACERT) is this cluster's CA, \
+         that --cert/--key (QUORATE_CERT/QUORATE_KEY) are a client certificate issued by it \
+         (`quorate admin init` writes client-admin.pem), and that --domain (QUORATE_DOMAIN) \
+         matches the cluster's trust domain"
+            .to_owned()
+    } else {
+        "is `quorate dev` (or the coordinator) running? For a dev cluster, `source DIR/env` \
+         (default DIR: ./quorate-dev) to set QUORATE_ADDR; otherwise pass --addr HOST:PORT"
+            .to_owned()
+    }
+}
+
+fn refused_hint(code: tonic::Code) -> String {
+    let hint = match code {
+        tonic::Code::NotFound => "list the cluster's keys with `quorate key list`",
+        tonic::Code::AlreadyExists => "choose another name, or use the existing key",
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            "use a client certificate this cluster accepts (--cert/--key, QUORATE_CERT/QUORATE_KEY)"
+        }
+        tonic::Code::ResourceExhausted => "retry shortly, or send less data (e.g. `--digest`)",
+        tonic::Code::FailedPrecondition => {
+            "check the key's purpose (`quorate key list`) and the cluster's health (`quorate status`)"
+        }
+        tonic::Code::Unimplemented => {
+            "the coordinator does not offer this operation: check that client and cluster versions match"
+        }
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss => {
+            "this is a cluster-side failure: check the coordinator's log"
+        }
+        _ => "",
+    };
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!("\n{hint}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:7100".parse().unwrap()
+    }
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        let e = Error::from_status("sign", addr(), &tonic::Status::unavailable("down"));
+        assert_eq!(e.exit_code(), 3);
+        assert!(e.to_string().contains("127.0.0.1:7100"), "{e}");
+        let e = Error::from_status("sign", addr(), &tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(e.exit_code(), 3);
+        let e = Error::from_status("sign", addr(), &tonic::Status::not_found("no key `x`"));
+        assert_eq!(e.exit_code(), 4);
+        assert_eq!(e.code(), Some(tonic::Code::NotFound));
+        let text = e.to_string();
+        assert!(
+            text.contains("no key `x`") && text.contains("quorate key list"),
+            "{text}"
+        );
+        let e = Error::from_status("sign", addr(), &tonic::Status::invalid_argument("bad"));
+        assert_eq!(e.exit_code(), 4);
+        assert_eq!(Error::Usage("x".into()).exit_code(), 2);
+        assert_eq!(Error::Config("x".into()).exit_code(), 2);
+        assert_eq!(Error::Other("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn handshake_failures_point_at_certificates() {
+        let e = Error::connect(
+            addr(),
+            "TLS handshake with coordinator failed: bad cert".into(),
+        );
+        assert!(e.to_string().contains("--cacert"), "{e}");
+        let e = Error::connect(addr(), "Connection refused".into());
+        assert!(e.to_string().contains("quorate dev"), "{e}");
+    }
+}

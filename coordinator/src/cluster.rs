@@ -1,0 +1,884 @@
+//! Orchestration of the fragment nodes: DKG, presignature batches, one-round signing
+//! with per-node request batching, and threshold DH.
+//!
+//! The coordinator only relays: every round message it forwards is sealed to its
+//! recipients and signed by its sender, and it runs the coordinator-side checks of
+//! `quorate-crypto` (`dkg::finalize`, `presign::aggregate`/`verify_mus`/`public_output`,
+//! `sign::combine`, `tdh::combine`) which never touch a secret.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quorate_crypto::Error as CryptoError;
+use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
+use quorate_crypto::keys::{KeyId, KeyPublic, KeyPurpose};
+use quorate_crypto::params::{PartyIndex, PartySet, SessionId, ThresholdParams};
+use quorate_crypto::presign::{self, PresignConfig, PresignaturePublic};
+use quorate_crypto::sign::{self, SignRequest, Signature, SignatureShare};
+use quorate_crypto::tdh::{self, DhRequest, DhResponse};
+use quorate_crypto::wire::Wire;
+use quorate_proto::convert;
+use quorate_proto::fragment::{self, fragment_node_client::FragmentNodeClient};
+use quorate_proto::tls::Trust;
+use rand::SeedableRng;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+use crate::store::{Store, StoreError};
+
+/// Round-trip limit for protocol rounds (a batch of presignatures takes a while).
+const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Round-trip limit for signing and DH.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node that failed is left out of new work.
+const DOWN_BACKOFF: Duration = Duration::from_secs(2);
+/// The most sign requests sent to one node in one RPC.
+const MAX_SIGN_BATCH: usize = 256;
+
+/// Errors of the coordinator, mapped to gRPC statuses by the service layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordError {
+    /// Bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such key.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not possible in the current state (wrong purpose, name taken).
+    #[error("{0}")]
+    Precondition(String),
+    /// Not enough healthy nodes.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A node misbehaved; it has been excluded from new work.
+    #[error("{0}")]
+    Misbehaved(String),
+    /// Internal failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for CoordError {
+    fn from(e: StoreError) -> Self {
+        CoordError::Internal(e.to_string())
+    }
+}
+
+impl From<CoordError> for tonic::Status {
+    fn from(e: CoordError) -> Self {
+        match e {
+            CoordError::Invalid(m) => tonic::Status::invalid_argument(m),
+            CoordError::NotFound(m) => tonic::Status::not_found(m),
+            CoordError::Precondition(m) => tonic::Status::failed_precondition(m),
+            CoordError::Unavailable(m) => tonic::Status::unavailable(m),
+            CoordError::Misbehaved(m) => tonic::Status::aborted(m),
+            CoordError::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+fn crypto(e: CryptoError) -> CoordError {
+    match &e {
+        CryptoError::InvalidInput(_) => CoordError::Invalid(e.to_string()),
+        CryptoError::Refused(_) => CoordError::Precondition(e.to_string()),
+        CryptoError::PeerMisbehaved { .. } | CryptoError::Unauthentic { .. } => {
+            CoordError::Misbehaved(e.to_string())
+        }
+        _ => CoordError::Internal(e.to_string()),
+    }
+}
+
+type Result<T, E = CoordError> = core::result::Result<T, E>;
+
+struct SignJob {
+    request: Vec<u8>,
+    reply: oneshot::Sender<Result<SignatureShare, String>>,
+}
+
+/// One fragment node as the coordinator sees it.
+struct NodeHandle {
+    index: PartyIndex,
+    addr: SocketAddr,
+    client: FragmentNodeClient<Channel>,
+    signer: mpsc::Sender<SignJob>,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<String, KeyPublic>,
+    names: HashMap<KeyId, String>,
+    pools: HashMap<(KeyId, PartySet), VecDeque<PresignaturePublic>>,
+    down: HashMap<PartyIndex, Instant>,
+    culprits: HashSet<PartyIndex>,
+}
+
+/// A node's health as last seen.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// Index.
+    pub index: u16,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Reachable and not excluded.
+    pub healthy: bool,
+    /// Why not.
+    pub error: String,
+}
+
+/// The coordinator's view of the cluster.
+pub struct Cluster {
+    params: ThresholdParams,
+    trust: Trust,
+    nodes: Vec<NodeHandle>,
+    store: Store,
+    state: Mutex<State>,
+    relay_log: Option<Mutex<std::fs::File>>,
+}
+
+fn rng() -> Result<rand::rngs::StdRng> {
+    rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| CoordError::Internal(format!("system RNG failed: {e}")))
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+impl Cluster {
+    /// A cluster over `nodes` (index → address), loading keys and pools from `store`.
+    pub fn new(
+        params: ThresholdParams,
+        trust: Trust,
+        channels: Vec<(PartyIndex, SocketAddr, Channel)>,
+        store: Store,
+        relay_log: Option<PathBuf>,
+    ) -> Result<Arc<Self>> {
+        if channels.len() != usize::from(params.n()) {
+            return Err(CoordError::Invalid(format!(
+                "{} node addresses given for n = {}",
+                channels.len(),
+                params.n()
+            )));
+        }
+        let relay_log = match relay_log {
+            None => None,
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|e| {
+                        CoordError::Internal(format!("cannot open relay log {}: {e}", p.display()))
+                    })?,
+            )),
+        };
+        let mut nodes = Vec::new();
+        let mut receivers = Vec::new();
+        for (index, addr, ch) in channels {
+            let client = FragmentNodeClient::new(ch)
+                .max_decoding_message_size(256 * 1024 * 1024)
+                .max_encoding_message_size(256 * 1024 * 1024);
+            let (tx, rx) = mpsc::channel(4096);
+            receivers.push((client.clone(), rx));
+            nodes.push(NodeHandle {
+                index,
+                addr,
+                client,
+                signer: tx,
+            });
+        }
+        let mut state = State::default();
+        for k in store.keys()? {
+            state.names.insert(k.public.key_id, k.name.clone());
+            state.keys.insert(k.name, k.public);
+        }
+        for p in store.presigs()? {
+            state
+                .pools
+                .entry((p.key_id, p.sset.clone()))
+                .or_default()
+                .push_back(p);
+        }
+        let cluster = Arc::new(Cluster {
+            params,
+            trust,
+            nodes,
+            store,
+            state: Mutex::new(state),
+            relay_log,
+        });
+        for (client, rx) in receivers {
+            tokio::spawn(sign_batcher(client, rx));
+        }
+        Ok(cluster)
+    }
+
+    /// Threshold parameters.
+    pub fn params(&self) -> ThresholdParams {
+        self.params
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| CoordError::Internal("coordinator state poisoned".into()))
+    }
+
+    fn node(&self, i: PartyIndex) -> Result<&NodeHandle> {
+        self.nodes
+            .get(usize::from(i.get()) - 1)
+            .ok_or_else(|| CoordError::Internal(format!("no node {i}")))
+    }
+
+    fn mark_down(&self, i: PartyIndex) {
+        if let Ok(mut s) = self.state() {
+            s.down.insert(i, Instant::now());
+        }
+    }
+
+    /// Whether `i` may be given new work now.
+    pub fn usable(&self, i: PartyIndex) -> bool {
+        self.state()
+            .map(|s| {
+                !s.culprits.contains(&i)
+                    && s.down.get(&i).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
+            })
+            .unwrap_or(false)
+    }
+
+    fn record_relay(&self, msgs: &[Vec<u8>]) {
+        if let Some(log) = &self.relay_log
+            && let Ok(mut f) = log.lock()
+        {
+            for m in msgs {
+                let _ = f.write_all(&(m.len() as u32).to_be_bytes());
+                let _ = f.write_all(m);
+            }
+            let _ = f.flush();
+        }
+    }
+
+    /// Runs one round on `members` in parallel: `call(client)` per node.
+    async fn round<F, Fut, T>(&self, members: &[PartyIndex], what: &str, call: F) -> Result<Vec<T>>
+    where
+        F: Fn(FragmentNodeClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let mut tasks = Vec::with_capacity(members.len());
+        for &i in members {
+            let fut = call(self.node(i)?.client.clone());
+            tasks.push((
+                i,
+                tokio::spawn(async move { tokio::time::timeout(ROUND_TIMEOUT, fut).await }),
+            ));
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        let mut failures = Vec::new();
+        for (i, t) in tasks {
+            match t.await {
+                Ok(Ok(Ok(r))) => out.push(r.into_inner()),
+                Ok(Ok(Err(s))) => {
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) {
+                        self.mark_down(i);
+                    }
+                    failures.push(format!("node {i}: {}", status_text(&s)));
+                }
+                Ok(Err(_)) => {
+                    self.mark_down(i);
+                    failures.push(format!("node {i}: timed out"));
+                }
+                Err(_) => failures.push(format!("node {i}: task failed")),
+            }
+        }
+        if failures.is_empty() {
+            Ok(out)
+        } else {
+            Err(CoordError::Unavailable(format!(
+                "{what} failed: {}",
+                failures.join("; ")
+            )))
+        }
+    }
+
+    async fn roster(&self) -> Result<(fragment::Roster, quorate_crypto::identity::Roster)> {
+        let all: Vec<PartyIndex> = self.params.all_parties().members().to_vec();
+        let infos = self
+            .round(&all, "fetching node info", |mut c| async move {
+                c.info(fragment::InfoRequest {}).await
+            })
+            .await?;
+        let roster = fragment::Roster { nodes: infos };
+        let verified = convert::verify_roster(Some(&roster), &self.trust, self.params.n())
+            .map_err(|e| CoordError::Internal(format!("node roster does not verify: {e}")))?;
+        Ok((roster, verified))
+    }
+
+    /// Runs a DKG for a new key (all `n` nodes must be up) and activates it.
+    pub async fn create_key(&self, name: &str, purpose: KeyPurpose) -> Result<KeyPublic> {
+        if self.state()?.keys.contains_key(name) {
+            return Err(CoordError::Precondition(format!(
+                "a key named {name} already exists"
+            )));
+        }
+        let mut r = rng()?;
+        let mut id = [0u8; 16];
+        rand::Rng::fill_bytes(&mut r, &mut id);
+        let public = self.run_dkg(KeyId(id), DkgMode::NewKey { purpose }).await?;
+        self.store.put_key(name, &public)?;
+        {
+            let mut s = self.state()?;
+            s.names.insert(public.key_id, name.to_string());
+            s.keys.insert(name.to_string(), public.clone());
+        }
+        tracing::info!(key = name, id = %public.key_id, "key created");
+        Ok(public)
+    }
+
+    async fn run_dkg(&self, key_id: KeyId, mode: DkgMode) -> Result<KeyPublic> {
+        let (roster, verified) = self.roster().await?;
+        let mut r = rng()?;
+        let session = SessionId::random(&mut r);
+        let (purpose, prior) = match &mode {
+            DkgMode::NewKey { purpose } => (*purpose, Vec::new()),
+            DkgMode::Refresh { prior } => (prior.purpose, prior.to_bytes()),
+        };
+        let cfg = DkgConfig {
+            session,
+            key_id,
+            params: self.params,
+            mode,
+            roster: verified,
+        };
+        let all: Vec<PartyIndex> = self.params.all_parties().members().to_vec();
+        let start = fragment::DkgStart {
+            session_id: session.0.to_vec(),
+            key_id: key_id.0.to_vec(),
+            n: u32::from(self.params.n()),
+            t: u32::from(self.params.t()),
+            purpose: convert::purpose_to_wire(purpose) as i32,
+            refresh_prior: prior,
+            roster: Some(roster),
+        };
+        let commits = self
+            .round(&all, "DKG commit", |mut c| {
+                let s = start.clone();
+                async move { c.dkg_commit(s).await }
+            })
+            .await?;
+        let reveals = self
+            .relay(
+                &all,
+                session,
+                commits,
+                "DKG reveal",
+                |mut c, i| async move { c.dkg_reveal(i).await },
+            )
+            .await?;
+        let confirms = self
+            .relay(
+                &all,
+                session,
+                reveals,
+                "DKG confirm",
+                |mut c, i| async move { c.dkg_confirm(i).await },
+            )
+            .await?;
+        let confirms: Vec<dkg::DkgConfirm> = confirms
+            .iter()
+            .map(|m| dkg::DkgConfirm::from_bytes(&m.message).map_err(crypto))
+            .collect::<Result<_>>()?;
+        let public = dkg::finalize(&cfg, &confirms).map_err(crypto)?;
+        let activate = fragment::DkgActivateRequest {
+            session_id: session.0.to_vec(),
+            key_public: public.to_bytes(),
+        };
+        self.round(&all, "DKG activate", |mut c| {
+            let a = activate.clone();
+            async move { c.dkg_activate(a).await }
+        })
+        .await?;
+        Ok(public)
+    }
+
+    /// Relays the previous round's messages to `members` and returns their replies.
+    async fn relay<F, Fut>(
+        &self,
+        members: &[PartyIndex],
+        session: SessionId,
+        msgs: Vec<fragment::RoundMessage>,
+        what: &str,
+        call: F,
+    ) -> Result<Vec<fragment::RoundMessage>>
+    where
+        F: Fn(FragmentNodeClient<Channel>, fragment::RoundInput) -> Fut,
+        Fut: std::future::Future<
+                Output = Result<tonic::Response<fragment::RoundMessage>, tonic::Status>,
+            > + Send
+            + 'static,
+    {
+        let messages: Vec<Vec<u8>> = msgs.into_iter().map(|m| m.message).collect();
+        self.record_relay(&messages);
+        let input = fragment::RoundInput {
+            session_id: session.0.to_vec(),
+            messages,
+        };
+        self.round(members, what, |c| call(c, input.clone())).await
+    }
+
+    /// The signing sets the pools serve: `S_k = {k, …, k+t}` (cyclically), each with the
+    /// multiplication set `M_k = {k, …, k+2t}`, so that any single node outage leaves
+    /// sets whose pools keep signing.
+    pub fn sets(&self) -> Vec<(PartySet, PartySet)> {
+        let n = self.params.n();
+        let t = self.params.t();
+        (0..n)
+            .filter_map(|k| {
+                let pick = |len: u16| {
+                    PartySet::from_indices(&(0..len).map(|j| (k + j) % n + 1).collect::<Vec<_>>())
+                        .ok()
+                };
+                Some((pick(2 * t + 1)?, pick(t + 1)?))
+            })
+            .collect()
+    }
+
+    /// Makes a batch of presignatures for `key` on `(mset, sset)` and pools them.
+    pub async fn presign(
+        &self,
+        key: &KeyPublic,
+        mset: &PartySet,
+        sset: &PartySet,
+        batch: u32,
+    ) -> Result<usize> {
+        let (roster, verified) = self.roster().await?;
+        let mut r = rng()?;
+        let session = SessionId::random(&mut r);
+        let cfg = PresignConfig {
+            session,
+            key: key.clone(),
+            mset: mset.clone(),
+            sset: sset.clone(),
+            batch,
+            roster: verified,
+        };
+        cfg.check().map_err(crypto)?;
+        let members = mset.members().to_vec();
+        let start = fragment::PresignStart {
+            session_id: session.0.to_vec(),
+            key_id: key.key_id.0.to_vec(),
+            multiplication_set: members.iter().map(|p| u32::from(p.get())).collect(),
+            signing_set: sset.members().iter().map(|p| u32::from(p.get())).collect(),
+            batch,
+            roster: Some(roster),
+        };
+        let commits = self
+            .round(&members, "presign commit", |mut c| {
+                let s = start.clone();
+                async move { c.presign_commit(s).await }
+            })
+            .await?;
+        let commit_msgs = decode_all::<presign::PresignCommit>(&commits)?;
+        let dealings = self
+            .relay(
+                &members,
+                session,
+                commits,
+                "presign deal",
+                |mut c, i| async move { c.presign_deal(i).await },
+            )
+            .await?;
+        let dealing_msgs = decode_all::<presign::PresignDealing>(&dealings)?;
+        let agg = presign::aggregate(&cfg, &commit_msgs, &dealing_msgs).map_err(crypto)?;
+        let mus = self
+            .relay(
+                &members,
+                session,
+                dealings,
+                "presign μ",
+                |mut c, i| async move { c.presign_mu(i).await },
+            )
+            .await?;
+        let mu_msgs = decode_all::<presign::PresignMu>(&mus)?;
+        presign::verify_mus(&mut r, &cfg, &agg, &mu_msgs).map_err(|e| self.blame(e))?;
+        let reductions = self
+            .relay(
+                &members,
+                session,
+                mus,
+                "presign reduce",
+                |mut c, i| async move { c.presign_reduce(i).await },
+            )
+            .await?;
+        let red_msgs = decode_all::<presign::PresignReduction>(&reductions)?;
+        let public = presign::public_output(&mut r, &cfg, &agg, &mu_msgs, &red_msgs)
+            .map_err(|e| self.blame(e))?;
+        let messages: Vec<Vec<u8>> = reductions.into_iter().map(|m| m.message).collect();
+        self.record_relay(&messages);
+        let input = fragment::RoundInput {
+            session_id: session.0.to_vec(),
+            messages,
+        };
+        let acks = self
+            .round(&members, "presign store", |mut c| {
+                let i = input.clone();
+                async move { c.presign_store(i).await }
+            })
+            .await?;
+        let stored: u32 = acks.iter().map(|a| a.stored).sum();
+        let expected = batch.saturating_mul(u32::try_from(sset.len()).unwrap_or(u32::MAX));
+        if stored != expected {
+            return Err(CoordError::Internal(format!(
+                "signing set stored {stored} presignature shares, expected {expected}"
+            )));
+        }
+        self.store.add_presigs(&public)?;
+        let n = public.len();
+        self.state()?
+            .pools
+            .entry((key.key_id, sset.clone()))
+            .or_default()
+            .extend(public);
+        Ok(n)
+    }
+
+    /// Excludes the culprits of `e` from new work and converts the error.
+    fn blame(&self, e: CryptoError) -> CoordError {
+        if !e.culprits().is_empty()
+            && let Ok(mut s) = self.state()
+        {
+            for c in e.culprits() {
+                tracing::warn!(node = c.get(), error = %e, "excluding misbehaving node");
+                s.culprits.insert(*c);
+            }
+        }
+        crypto(e)
+    }
+
+    /// A named key.
+    pub fn key(&self, name: &str) -> Result<KeyPublic> {
+        self.state()?.keys.get(name).cloned().ok_or_else(|| {
+            CoordError::NotFound(format!(
+                "no key named {name}: create it with `quorate key create {name}`"
+            ))
+        })
+    }
+
+    /// Every named key.
+    pub fn keys(&self) -> Result<Vec<(String, KeyPublic)>> {
+        let mut v: Vec<_> = self
+            .state()?
+            .keys
+            .iter()
+            .map(|(n, k)| (n.clone(), k.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
+    /// Pool depths: `(key name, signing set, depth)`.
+    pub fn pool_depths(&self) -> Result<Vec<(String, PartySet, usize)>> {
+        let s = self.state()?;
+        let mut out = Vec::new();
+        for (name, key) in &s.keys {
+            if key.purpose != KeyPurpose::Sign {
+                continue;
+            }
+            for (_, sset) in self.sets() {
+                let d = s
+                    .pools
+                    .get(&(key.key_id, sset.clone()))
+                    .map_or(0, VecDeque::len);
+                out.push((name.clone(), sset, d));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.members().cmp(b.1.members())));
+        Ok(out)
+    }
+
+    /// Takes a presignature of `key` whose signing set is entirely usable, preferring
+    /// the deepest pool, and removes it durably from the pool first.
+    fn take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
+        let presig = {
+            let mut s = self.state()?;
+            let usable = |p: PartyIndex, s: &State| {
+                !s.culprits.contains(&p)
+                    && s.down.get(&p).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
+            };
+            let best = s
+                .pools
+                .iter()
+                .filter(|((k, set), q)| {
+                    *k == key && !q.is_empty() && set.members().iter().all(|p| usable(*p, &s))
+                })
+                .max_by_key(|(_, q)| q.len())
+                .map(|(k, _)| k.clone());
+            let Some(pool) = best else {
+                return Err(CoordError::Unavailable(
+                    "no presignature available for a fully healthy signing set: pools are empty or nodes are down; retry shortly".into(),
+                ));
+            };
+            s.pools
+                .get_mut(&pool)
+                .and_then(VecDeque::pop_front)
+                .ok_or_else(|| CoordError::Internal("pool emptied concurrently".into()))?
+        };
+        self.store.take_presig(&presig.id)?;
+        Ok(presig)
+    }
+
+    /// Signs a SHA-256 digest with the named key: one round to the `t + 1` nodes of a
+    /// pooled presignature; verifies the result; on failure names the culprit, excludes
+    /// it and retries with another presignature.
+    pub async fn sign(&self, name: &str, digest: [u8; 32]) -> Result<Signature> {
+        let key = self.key(name)?;
+        key.purpose.require(KeyPurpose::Sign).map_err(crypto)?;
+        let mut last = None;
+        for _attempt in 0..3 {
+            let presig = self.take_presig(key.key_id)?;
+            match self.sign_with(&key, &presig, digest).await {
+                Ok(sig) => return Ok(sig),
+                Err(e) => {
+                    tracing::warn!(error = %e, "signing attempt failed; retrying with another presignature");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordError::Internal("signing failed".into())))
+    }
+
+    async fn sign_with(
+        &self,
+        key: &KeyPublic,
+        presig: &PresignaturePublic,
+        digest: [u8; 32],
+    ) -> Result<Signature> {
+        let req = SignRequest {
+            key_id: key.key_id,
+            presig_id: presig.id,
+            sset: presig.sset.clone(),
+            digest,
+        }
+        .to_bytes();
+        let mut waits = Vec::new();
+        for &j in presig.sset.members() {
+            let (tx, rx) = oneshot::channel();
+            self.node(j)?
+                .signer
+                .send(SignJob {
+                    request: req.clone(),
+                    reply: tx,
+                })
+                .await
+                .map_err(|_| CoordError::Internal("signing queue closed".into()))?;
+            waits.push((j, rx));
+        }
+        let mut shares = Vec::new();
+        let mut failures = Vec::new();
+        for (j, rx) in waits {
+            match tokio::time::timeout(ONLINE_TIMEOUT, rx).await {
+                Ok(Ok(Ok(share))) => shares.push(share),
+                Ok(Ok(Err(why))) => {
+                    if why.starts_with("unavailable") {
+                        self.mark_down(j);
+                    }
+                    failures.push(format!("node {j}: {why}"));
+                }
+                _ => {
+                    self.mark_down(j);
+                    failures.push(format!("node {j}: no answer"));
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(CoordError::Unavailable(format!(
+                "signing failed: {}",
+                failures.join("; ")
+            )));
+        }
+        let mut r = rng()?;
+        sign::combine(&mut r, key, presig, &digest, &shares).map_err(|e| self.blame(e))
+    }
+
+    /// Threshold DH for derivation or decryption over `t + 1` usable nodes, retrying
+    /// once with another quorum if a node fails or misbehaves.
+    pub async fn dh(
+        &self,
+        name: &str,
+        input: tdh::DhInput,
+        requester: quorate_crypto::Point,
+    ) -> Result<DhResponse> {
+        let key = self.key(name)?;
+        let req = DhRequest {
+            key_id: key.key_id,
+            input,
+            requester,
+        };
+        req.input.point().map_err(crypto)?;
+        let mut last = None;
+        for _ in 0..2 {
+            let quorum: Vec<PartyIndex> = self
+                .params
+                .all_parties()
+                .members()
+                .iter()
+                .copied()
+                .filter(|p| self.usable(*p))
+                .take(usize::from(self.params.t()) + 1)
+                .collect();
+            if quorum.len() <= usize::from(self.params.t()) {
+                return Err(CoordError::Unavailable(format!(
+                    "only {} healthy nodes; a quorum needs {}",
+                    quorum.len(),
+                    self.params.t() + 1
+                )));
+            }
+            let call = fragment::DhCall {
+                request: req.to_bytes(),
+            };
+            let res = self
+                .round(&quorum, "threshold DH", |mut c| {
+                    let call = call.clone();
+                    async move { c.threshold_dh(call).await }
+                })
+                .await;
+            let replies = match res {
+                Ok(r) => r,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let partials = replies
+                .iter()
+                .map(|r| tdh::DhPartial::from_bytes(&r.partial).map_err(crypto))
+                .collect::<Result<Vec<_>>>()?;
+            let set = PartySet::new(quorum).map_err(crypto)?;
+            let mut r = rng()?;
+            match tdh::combine(&mut r, &key, &req, &set, &partials) {
+                Ok(resp) => return Ok(resp),
+                Err(e) => last = Some(self.blame(e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordError::Internal("threshold DH failed".into())))
+    }
+
+    /// Node health for `Status`: a quick Inventory call to each node.
+    pub async fn node_views(&self) -> Vec<NodeView> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let mut c = n.client.clone();
+            let res = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.inventory(fragment::InventoryRequest {}),
+            )
+            .await;
+            let (healthy, error) = match res {
+                Ok(Ok(_)) => {
+                    let excluded = self
+                        .state()
+                        .map(|s| s.culprits.contains(&n.index))
+                        .unwrap_or(false);
+                    if excluded {
+                        (false, "excluded after misbehaving".to_string())
+                    } else {
+                        (true, String::new())
+                    }
+                }
+                Ok(Err(s)) => (false, status_text(&s)),
+                Err(_) => (false, "timed out".into()),
+            };
+            out.push(NodeView {
+                index: n.index.get(),
+                addr: n.addr,
+                healthy,
+                error,
+            });
+        }
+        out
+    }
+
+    /// Keys that need presignatures: `(key, mset, sset, depth)`.
+    pub(crate) fn pool_needs(&self) -> Result<Vec<(KeyPublic, PartySet, PartySet, usize)>> {
+        let s = self.state()?;
+        let mut out = Vec::new();
+        for key in s.keys.values().filter(|k| k.purpose == KeyPurpose::Sign) {
+            for (mset, sset) in self.sets() {
+                let d = s
+                    .pools
+                    .get(&(key.key_id, sset.clone()))
+                    .map_or(0, VecDeque::len);
+                out.push((key.clone(), mset, sset, d));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode_all<T: Wire>(msgs: &[fragment::RoundMessage]) -> Result<Vec<T>> {
+    msgs.iter()
+        .map(|m| T::from_bytes(&m.message).map_err(crypto))
+        .collect()
+}
+
+/// Drains a node's sign queue: whatever is waiting goes out in one `Sign` RPC (one
+/// durable commit on the node), and each caller gets its own result.
+async fn sign_batcher(mut client: FragmentNodeClient<Channel>, mut rx: mpsc::Receiver<SignJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_SIGN_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batch = fragment::SignBatch {
+            requests: jobs.iter().map(|j| j.request.clone()).collect(),
+        };
+        let res = tokio::time::timeout(ONLINE_TIMEOUT, client.sign(batch)).await;
+        match res {
+            Ok(Ok(reply)) => {
+                let results = reply.into_inner().results;
+                let mut results = results.into_iter();
+                for job in jobs {
+                    let r = match results.next().and_then(|r| r.result) {
+                        Some(fragment::sign_result::Result::Share(b)) => {
+                            SignatureShare::from_bytes(&b)
+                                .map_err(|e| format!("malformed share: {e}"))
+                        }
+                        Some(fragment::sign_result::Result::Refused(why)) => {
+                            Err(format!("refused: {why}"))
+                        }
+                        None => Err("missing result".into()),
+                    };
+                    let _ = job.reply.send(r);
+                }
+            }
+            Ok(Err(s)) => {
+                let why = if matches!(s.code(), tonic::Code::Unavailable) {
+                    format!("unavailable: {}", s.message())
+                } else {
+                    status_text(&s)
+                };
+                for job in jobs {
+                    let _ = job.reply.send(Err(why.clone()));
+                }
+            }
+            Err(_) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err("unavailable: timed out".into()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! # quorate-coordinator
+//!
+//! The coordinator composes threshold operations across fragment nodes without ever
+//! holding a share: it relays sealed, signed round messages between nodes, keeps the
+//! public data of keys and presignatures ([`store`]), keeps presignature pools filled in
+//! the background ([`pools`]), batches concurrent sign requests per node, verifies every
+//! combined signature and names culprits ([`cluster`]), and serves the public API
+//! ([`service`]).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cluster;
+pub mod config;
+pub mod pools;
+pub mod service;
+pub mod store;

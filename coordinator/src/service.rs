@@ -1,0 +1,277 @@
+//! The public API (STYLE.md §5): KeyService and ClusterService. Callers must hold a
+//! client certificate of the cluster CA (checked by the TLS config and again here).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use quorate_crypto::Point;
+use quorate_crypto::keys::{KeyPublic, KeyPurpose};
+use quorate_crypto::tdh::DhInput;
+use quorate_crypto::wire::Wire;
+use quorate_proto::api::{
+    self, cluster_service_server::ClusterService, key_service_server::KeyService,
+};
+use quorate_proto::tls::Role;
+use sha2::Digest;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::Cluster;
+
+/// The service state.
+#[derive(Clone)]
+pub struct Api {
+    cluster: Arc<Cluster>,
+    domain: String,
+}
+
+impl Api {
+    /// Wraps the cluster.
+    pub fn new(cluster: Arc<Cluster>, domain: String) -> Self {
+        Api { cluster, domain }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        match quorate_proto::transport::peer_role_of(req, &self.domain)? {
+            Role::Client(name) => Ok(name),
+            other => Err(Status::permission_denied(format!(
+                "the key API is for clients; caller is {other}"
+            ))),
+        }
+    }
+}
+
+fn purpose_from_api(p: i32) -> Result<KeyPurpose, Status> {
+    match api::Purpose::try_from(p) {
+        Ok(api::Purpose::Sign) | Ok(api::Purpose::Unspecified) => Ok(KeyPurpose::Sign),
+        Ok(api::Purpose::Derive) => Ok(KeyPurpose::Derive),
+        Ok(api::Purpose::Decrypt) => Ok(KeyPurpose::Decrypt),
+        Err(_) => Err(Status::invalid_argument(
+            "purpose must be sign, derive or decrypt",
+        )),
+    }
+}
+
+fn purpose_to_api(p: KeyPurpose) -> api::Purpose {
+    match p {
+        KeyPurpose::Sign => api::Purpose::Sign,
+        KeyPurpose::Derive => api::Purpose::Derive,
+        KeyPurpose::Decrypt => api::Purpose::Decrypt,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "key name must be 1-64 characters: letters, digits, '-', '_' or '.'",
+        ))
+    }
+}
+
+fn key_info(name: &str, k: &KeyPublic) -> api::KeyInfo {
+    api::KeyInfo {
+        name: name.to_string(),
+        key_id: k.key_id.to_string(),
+        purpose: purpose_to_api(k.purpose) as i32,
+        n: u32::from(k.params.n()),
+        t: u32::from(k.params.t()),
+        epoch: k.epoch,
+        public_key: k.public_key().to_bytes().to_vec(),
+    }
+}
+
+/// The SPKI PEM of a public key.
+pub fn spki_pem(x: &Point) -> Result<String, Status> {
+    use p256::pkcs8::EncodePublicKey;
+    let pk = p256::PublicKey::from_sec1_bytes(&x.to_bytes())
+        .map_err(|_| Status::internal("public key does not encode"))?;
+    pk.to_public_key_pem(p256::pkcs8::LineEnding::LF)
+        .map_err(|_| Status::internal("public key does not encode"))
+}
+
+/// The RFC 7517 JWK of a key.
+pub fn jwk(k: &KeyPublic) -> String {
+    let u = k.public_key().to_uncompressed();
+    let x = URL_SAFE_NO_PAD.encode(u.get(1..33).unwrap_or(&[]));
+    let y = URL_SAFE_NO_PAD.encode(u.get(33..).unwrap_or(&[]));
+    let usage = match k.purpose {
+        KeyPurpose::Sign => r#","use":"sig","alg":"ES256""#,
+        KeyPurpose::Decrypt => r#","use":"enc""#,
+        KeyPurpose::Derive => "",
+    };
+    format!(
+        r#"{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"{}"{usage}}}"#,
+        k.key_id
+    )
+}
+
+#[tonic::async_trait]
+impl KeyService for Api {
+    #[tracing::instrument(skip(self, request))]
+    async fn create_key(
+        &self,
+        request: Request<api::CreateKeyRequest>,
+    ) -> Result<Response<api::KeyInfo>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        check_name(&r.name)?;
+        let purpose = purpose_from_api(r.purpose)?;
+        let key = self.cluster.create_key(&r.name, purpose).await?;
+        tracing::info!(%caller, key = r.name, "CreateKey");
+        Ok(Response::new(key_info(&r.name, &key)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<api::ListKeysRequest>,
+    ) -> Result<Response<api::ListKeysReply>, Status> {
+        self.caller(&request)?;
+        let keys = self.cluster.keys()?;
+        Ok(Response::new(api::ListKeysReply {
+            keys: keys.iter().map(|(n, k)| key_info(n, k)).collect(),
+        }))
+    }
+
+    async fn get_public_key(
+        &self,
+        request: Request<api::GetPublicKeyRequest>,
+    ) -> Result<Response<api::PublicKeyReply>, Status> {
+        self.caller(&request)?;
+        let name = request.into_inner().name;
+        let k = self.cluster.key(&name)?;
+        Ok(Response::new(api::PublicKeyReply {
+            key: Some(key_info(&name, &k)),
+            spki_pem: spki_pem(&k.public_key())?,
+            jwk_json: jwk(&k),
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn sign(
+        &self,
+        request: Request<api::SignRequest>,
+    ) -> Result<Response<api::SignReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let digest: [u8; 32] = match r.input {
+            Some(api::sign_request::Input::Message(m)) => sha2::Sha256::digest(&m).into(),
+            Some(api::sign_request::Input::Digest(d)) => d.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "digest must be 32 bytes (SHA-256), got {}",
+                    d.len()
+                ))
+            })?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "give a message or a digest to sign",
+                ));
+            }
+        };
+        let sig = self.cluster.sign(&r.name, digest).await?;
+        let signature = match api::SignatureFormat::try_from(r.format) {
+            Ok(api::SignatureFormat::Der) => {
+                sig.to_der().map_err(|e| Status::internal(e.to_string()))?
+            }
+            Ok(_) => sig.to_raw().to_vec(),
+            Err(_) => return Err(Status::invalid_argument("format must be raw or der")),
+        };
+        let key = self.cluster.key(&r.name)?;
+        tracing::info!(%caller, key = r.name, "Sign");
+        Ok(Response::new(api::SignReply {
+            signature,
+            key_id: key.key_id.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn derive(
+        &self,
+        request: Request<api::DeriveRequest>,
+    ) -> Result<Response<api::DeriveReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let a = Point::from_bytes(&r.requester_public)
+            .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
+        let resp = self
+            .cluster
+            .dh(&r.name, DhInput::Derive { context: r.context }, a)
+            .await?;
+        tracing::info!(%caller, key = r.name, "Derive");
+        Ok(Response::new(api::DeriveReply {
+            masked: resp.to_bytes(),
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn decrypt(
+        &self,
+        request: Request<api::DecryptRequest>,
+    ) -> Result<Response<api::DecryptReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let a = Point::from_bytes(&r.requester_public)
+            .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
+        let ct = quorate_crypto::ecies::EciesCiphertext::from_bytes(&r.ciphertext)
+            .map_err(|e| Status::invalid_argument(format!("ciphertext: {e}")))?;
+        let resp = self
+            .cluster
+            .dh(
+                &r.name,
+                DhInput::Decrypt {
+                    point: ct.ephemeral,
+                },
+                a,
+            )
+            .await?;
+        tracing::info!(%caller, key = r.name, "Decrypt");
+        Ok(Response::new(api::DecryptReply {
+            masked: resp.to_bytes(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn status(
+        &self,
+        request: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusReply>, Status> {
+        self.caller(&request)?;
+        let params = self.cluster.params();
+        let nodes = self
+            .cluster
+            .node_views()
+            .await
+            .into_iter()
+            .map(|v| api::NodeStatus {
+                index: u32::from(v.index),
+                address: v.addr.to_string(),
+                healthy: v.healthy,
+                error: v.error,
+            })
+            .collect();
+        let pools = self
+            .cluster
+            .pool_depths()?
+            .into_iter()
+            .map(|(key_name, set, depth)| api::PoolStatus {
+                key_name,
+                signing_set: set.members().iter().map(|p| u32::from(p.get())).collect(),
+                depth: depth as u64,
+            })
+            .collect();
+        Ok(Response::new(api::StatusReply {
+            n: u32::from(params.n()),
+            t: u32::from(params.t()),
+            nodes,
+            pools,
+        }))
+    }
+}

@@ -1,0 +1,614 @@
+//! The fragment-node gRPC service (STYLE.md §5): each handler converts the request to
+//! domain types (`InvalidArgument` on failure), runs the protocol step from
+//! `quorate-crypto` on a blocking thread, persists what must be durable *before* it
+//! replies, and encodes the reply.
+//!
+//! Only the coordinator may call (enforced by the TLS server config and checked again
+//! here from the peer certificate). Round state lives in memory per session; a node that
+//! restarts mid-protocol simply fails that session, and the coordinator starts a new one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
+use quorate_crypto::identity::IdentityKey;
+use quorate_crypto::keys::{KeyPublic, KeyShare};
+use quorate_crypto::params::{PartyIndex, SessionId, ThresholdParams};
+use quorate_crypto::presign::{self, PresignConfig};
+use quorate_crypto::seal::KemSecretKey;
+use quorate_crypto::sign::{self, SignRequest};
+use quorate_crypto::tdh::{self, DhRequest};
+use quorate_crypto::wire::Wire;
+use quorate_proto::convert;
+use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
+use quorate_proto::tls::{Role, Trust};
+use rustls::pki_types::CertificateDer;
+use tonic::{Request, Response, Status};
+
+use crate::store::{Release, Store, StoreError, request_rng};
+
+/// How long an unfinished protocol session is kept.
+const SESSION_TTL: Duration = Duration::from_secs(300);
+
+enum Round {
+    Dkg1(dkg::DkgRound1),
+    Dkg2(dkg::DkgRound2),
+    Presign1(presign::PresignRound1),
+    Presign2(presign::PresignRound2),
+    Presign3(presign::PresignRound3, KeyShare),
+    Presign4(presign::PresignRound4),
+}
+
+struct Session {
+    round: Round,
+    since: Instant,
+}
+
+/// Crash-test hook: where to stop the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPoint {
+    /// Exit right after the sign batch's consumed records are durable, before replying.
+    SignAfterCommit,
+}
+
+/// The node's state, shared by all handlers.
+pub struct Node {
+    index: PartyIndex,
+    domain: String,
+    identity: IdentityKey,
+    kem: KemSecretKey,
+    cert_chain: Vec<CertificateDer<'static>>,
+    trust: Trust,
+    store: Store,
+    sessions: Mutex<HashMap<SessionId, Session>>,
+    failpoint: Option<FailPoint>,
+}
+
+fn store_err(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store failure");
+    Status::internal(e.to_string())
+}
+
+fn crypto_err(e: quorate_crypto::Error) -> Status {
+    use quorate_crypto::Error;
+    match &e {
+        Error::InvalidInput(_) => Status::invalid_argument(e.to_string()),
+        Error::Refused(_) => Status::failed_precondition(e.to_string()),
+        Error::PeerMisbehaved { .. } | Error::Unauthentic { .. } => Status::aborted(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// A node over its store, with its TLS identity as protocol identity.
+    pub fn new(
+        index: PartyIndex,
+        domain: String,
+        identity: IdentityKey,
+        cert_chain: Vec<CertificateDer<'static>>,
+        trust: Trust,
+        store: Store,
+        failpoint: Option<FailPoint>,
+    ) -> Result<Self, StoreError> {
+        let kem = store.kem_key()?;
+        Ok(Node {
+            index,
+            domain,
+            identity,
+            kem,
+            cert_chain,
+            trust,
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            failpoint,
+        })
+    }
+
+    /// This node's index.
+    pub fn index(&self) -> PartyIndex {
+        self.index
+    }
+
+    fn put(&self, sid: SessionId, round: Round) -> Result<(), Status> {
+        let mut s = self
+            .sessions
+            .lock()
+            .map_err(|_| Status::internal("session table poisoned"))?;
+        s.retain(|_, v| v.since.elapsed() < SESSION_TTL);
+        s.insert(
+            sid,
+            Session {
+                round,
+                since: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    fn take(&self, sid: &SessionId) -> Result<Round, Status> {
+        self.sessions
+            .lock()
+            .map_err(|_| Status::internal("session table poisoned"))?
+            .remove(sid)
+            .map(|s| s.round)
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "unknown or expired session (rounds must follow in order; start a new session)",
+                )
+            })
+    }
+
+    fn wrong_round() -> Status {
+        Status::failed_precondition("message is for a different round of this session")
+    }
+
+    fn decode_all<T: Wire>(msgs: &[Vec<u8>]) -> Result<Vec<T>, Status> {
+        msgs.iter()
+            .map(|m| T::from_bytes(m).map_err(crypto_err))
+            .collect()
+    }
+
+    fn info(&self) -> fragment::NodeInfo {
+        convert::node_info(
+            self.index,
+            &self.cert_chain,
+            &self.kem.public(),
+            &self.identity,
+        )
+    }
+
+    fn dkg_commit(&self, req: fragment::DkgStart) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let key_id = convert::key_id(&req.key_id)?;
+        let n = u16::try_from(req.n).map_err(|_| Status::invalid_argument("n out of range"))?;
+        let t = u16::try_from(req.t).map_err(|_| Status::invalid_argument("t out of range"))?;
+        let params = ThresholdParams::new(n, t).map_err(crypto_err)?;
+        let roster = convert::verify_roster(req.roster.as_ref(), &self.trust, n)?;
+        let mode = if req.refresh_prior.is_empty() {
+            DkgMode::NewKey {
+                purpose: convert::purpose(req.purpose)?,
+            }
+        } else {
+            let prior = KeyPublic::from_bytes(&req.refresh_prior).map_err(crypto_err)?;
+            let mine = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
+                Status::failed_precondition("this node holds no share of the key to refresh")
+            })?;
+            if mine.public != prior {
+                return Err(Status::failed_precondition(
+                    "refresh: this node's share is of another epoch than the coordinator's key data",
+                ));
+            }
+            DkgMode::Refresh { prior }
+        };
+        let cfg = DkgConfig {
+            session,
+            key_id,
+            params,
+            mode,
+            roster,
+        };
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) =
+            dkg::round1(&mut rng, cfg, self.index, &self.identity).map_err(crypto_err)?;
+        self.put(session, Round::Dkg1(state))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn dkg_reveal(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Dkg1(state) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let commits = Self::decode_all(&req.messages)?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) =
+            dkg::round2(&mut rng, state, &commits, &self.identity).map_err(crypto_err)?;
+        self.put(session, Round::Dkg2(state))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn dkg_confirm(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Dkg2(state) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let reveals: Vec<dkg::DkgReveal> = Self::decode_all(&req.messages)?;
+        // For a refresh, the prior share is the active one of the key being refreshed.
+        let key_id = state.key_id();
+        let prior = if state.is_refresh() {
+            self.store.key(&key_id).map_err(store_err)?
+        } else {
+            None
+        };
+        let mut rng = request_rng().map_err(store_err)?;
+        let (share, confirm) =
+            dkg::round3(&mut rng, state, &reveals, &self.kem, &self.identity, prior)
+                .map_err(crypto_err)?;
+        // Durable before the reply: the share is pending until the coordinator commits.
+        self.store
+            .put_pending(&session, &share)
+            .map_err(store_err)?;
+        Ok(confirm.to_bytes())
+    }
+
+    fn dkg_activate(&self, req: fragment::DkgActivateRequest) -> Result<(), Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let public = KeyPublic::from_bytes(&req.key_public).map_err(crypto_err)?;
+        let share = self
+            .store
+            .pending(&session)
+            .map_err(store_err)?
+            .ok_or_else(|| Status::failed_precondition("no pending key share for this session"))?;
+        if share.public != public {
+            return Err(Status::failed_precondition(
+                "the coordinator's key data differs from this node's pending share: not activating",
+            ));
+        }
+        self.store.activate(&session, &share).map_err(store_err)?;
+        tracing::info!(key = %public.key_id, epoch = public.epoch, "key share activated");
+        Ok(())
+    }
+
+    fn presign_commit(&self, req: fragment::PresignStart) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let key_id = convert::key_id(&req.key_id)?;
+        let share = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
+            Status::not_found(format!("this node holds no active share of key {key_id}"))
+        })?;
+        let roster =
+            convert::verify_roster(req.roster.as_ref(), &self.trust, share.public.params.n())?;
+        let cfg = PresignConfig {
+            session,
+            key: share.public.clone(),
+            mset: convert::party_set(&req.multiplication_set)?,
+            sset: convert::party_set(&req.signing_set)?,
+            batch: req.batch,
+            roster,
+        };
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) =
+            presign::round1(&mut rng, cfg, self.index, &self.identity).map_err(crypto_err)?;
+        self.put(session, Round::Presign1(state))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn presign_deal(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Presign1(state) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let commits = Self::decode_all(&req.messages)?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) =
+            presign::round2(&mut rng, state, &commits, &self.identity).map_err(crypto_err)?;
+        self.put(session, Round::Presign2(state))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn presign_mu(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Presign2(state) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let share = self
+            .store
+            .key(&state.key_id())
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found("key share disappeared during presigning"))?;
+        let dealings = Self::decode_all(&req.messages)?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) = presign::round3(&mut rng, state, &dealings, &self.kem, &self.identity)
+            .map_err(crypto_err)?;
+        self.put(session, Round::Presign3(state, share))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn presign_reduce(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Presign3(state, share) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let mus = Self::decode_all(&req.messages)?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let (state, msg) =
+            presign::round4(&mut rng, state, &mus, &share, &self.identity).map_err(crypto_err)?;
+        self.put(session, Round::Presign4(state))?;
+        Ok(msg.to_bytes())
+    }
+
+    fn presign_store(&self, req: fragment::RoundInput) -> Result<u32, Status> {
+        let session = convert::session_id(&req.session_id)?;
+        let Round::Presign4(state) = self.take(&session)? else {
+            return Err(Self::wrong_round());
+        };
+        let reductions = Self::decode_all(&req.messages)?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let shares =
+            presign::round5(&mut rng, state, &reductions, &self.kem).map_err(crypto_err)?;
+        // Durable before the ack: the coordinator pools only acknowledged presignatures.
+        self.store.put_presigs(&shares).map_err(store_err)?;
+        Ok(u32::try_from(shares.len()).unwrap_or(u32::MAX))
+    }
+
+    fn sign_batch(&self, req: fragment::SignBatch) -> Result<Vec<fragment::SignResult>, Status> {
+        use fragment::sign_result::Result as R;
+        let mut results = Vec::with_capacity(req.requests.len());
+        let mut records = Vec::new();
+        let mut releases = Vec::new();
+        let mut fresh_ids = std::collections::HashSet::new();
+        for raw in &req.requests {
+            let outcome = (|| -> Result<sign::SignStep, String> {
+                let r = SignRequest::from_bytes(raw).map_err(|e| e.to_string())?;
+                if !fresh_ids.insert(r.presig_id) {
+                    return Err("the batch names this presignature twice".into());
+                }
+                let share = self
+                    .store
+                    .key(&r.key_id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
+                let record = self
+                    .store
+                    .presig(&r.presig_id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("unknown presignature {}", r.presig_id))?;
+                sign::sign_step(&share.public, &record, &r).map_err(|e| e.to_string())
+            })();
+            match outcome {
+                Ok(step) => {
+                    if step.fresh {
+                        releases.push(Release {
+                            at: now(),
+                            kind: "sign".into(),
+                            key_id: step.record.key_id,
+                            presig_id: step.record.id.0,
+                            digest: step.record.digest,
+                        });
+                        records.push(step.record.clone());
+                    }
+                    results.push(R::Share(step.share.to_bytes()));
+                }
+                Err(why) => results.push(R::Refused(why)),
+            }
+        }
+        // Group commit: every consumed record (w_j, v_j erased) is durable before any
+        // share of this batch leaves the node.
+        self.store.consume(&records, &releases).map_err(store_err)?;
+        if self.failpoint == Some(FailPoint::SignAfterCommit) && !records.is_empty() {
+            tracing::warn!("fail-point sign-after-commit: exiting before the reply");
+            std::process::exit(86);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| fragment::SignResult { result: Some(r) })
+            .collect())
+    }
+
+    fn threshold_dh(&self, req: fragment::DhCall) -> Result<Vec<u8>, Status> {
+        let r = DhRequest::from_bytes(&req.request).map_err(crypto_err)?;
+        let share = self
+            .store
+            .key(&r.key_id)
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("no active share of key {}", r.key_id)))?;
+        let mut rng = request_rng().map_err(store_err)?;
+        let partial = tdh::partial(&mut rng, &share, &r).map_err(crypto_err)?;
+        self.store
+            .log_releases(&[Release {
+                at: now(),
+                kind: "dh".into(),
+                key_id: r.key_id,
+                presig_id: [0; 32],
+                digest: quorate_crypto::hash::sha256(&req.request),
+            }])
+            .map_err(store_err)?;
+        Ok(partial.to_bytes())
+    }
+
+    fn inventory(&self) -> Result<fragment::InventoryReply, Status> {
+        let keys = self.store.keys().map_err(store_err)?;
+        Ok(fragment::InventoryReply {
+            keys: keys
+                .iter()
+                .map(|k| fragment::KeyHolding {
+                    key_id: k.public.key_id.0.to_vec(),
+                    epoch: k.public.epoch,
+                    active: true,
+                })
+                .collect(),
+            unused_presignatures: self.store.unused_presignatures().map_err(store_err)?,
+        })
+    }
+}
+
+/// The tonic service around a shared [`Node`].
+#[derive(Clone)]
+pub struct Service {
+    node: Arc<Node>,
+}
+
+impl Service {
+    /// Wraps the node.
+    pub fn new(node: Arc<Node>) -> Self {
+        Service { node }
+    }
+
+    /// Checks the caller is the coordinator, then runs `f` on a blocking thread.
+    async fn run<T, R, F>(&self, req: Request<T>, f: F) -> Result<Response<R>, Status>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: FnOnce(&Node, T) -> Result<R, Status> + Send + 'static,
+    {
+        let role = quorate_proto::transport::peer_role_of(&req, &self.node.domain)?;
+        if role != Role::Coordinator {
+            return Err(Status::permission_denied(format!(
+                "only the coordinator may call a fragment node; caller is {role}"
+            )));
+        }
+        let node = self.node.clone();
+        let inner = req.into_inner();
+        tokio::task::spawn_blocking(move || f(&node, inner))
+            .await
+            .map_err(|_| Status::internal("handler task failed"))?
+            .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl FragmentNode for Service {
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn info(
+        &self,
+        request: Request<fragment::InfoRequest>,
+    ) -> Result<Response<fragment::NodeInfo>, Status> {
+        self.run(request, |n, _| Ok(n.info())).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn dkg_commit(
+        &self,
+        request: Request<fragment::DkgStart>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.dkg_commit(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn dkg_reveal(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.dkg_reveal(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn dkg_confirm(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.dkg_confirm(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn dkg_activate(
+        &self,
+        request: Request<fragment::DkgActivateRequest>,
+    ) -> Result<Response<fragment::DkgActivateReply>, Status> {
+        self.run(request, |n, r| {
+            n.dkg_activate(r).map(|()| fragment::DkgActivateReply {})
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn presign_commit(
+        &self,
+        request: Request<fragment::PresignStart>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.presign_commit(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn presign_deal(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.presign_deal(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn presign_mu(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.presign_mu(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn presign_reduce(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::RoundMessage>, Status> {
+        self.run(request, |n, r| {
+            n.presign_reduce(r)
+                .map(|message| fragment::RoundMessage { message })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn presign_store(
+        &self,
+        request: Request<fragment::RoundInput>,
+    ) -> Result<Response<fragment::PresignStoreReply>, Status> {
+        self.run(request, |n, r| {
+            n.presign_store(r)
+                .map(|stored| fragment::PresignStoreReply { stored })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn sign(
+        &self,
+        request: Request<fragment::SignBatch>,
+    ) -> Result<Response<fragment::SignBatchReply>, Status> {
+        self.run(request, |n, r| {
+            n.sign_batch(r)
+                .map(|results| fragment::SignBatchReply { results })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn threshold_dh(
+        &self,
+        request: Request<fragment::DhCall>,
+    ) -> Result<Response<fragment::DhReply>, Status> {
+        self.run(request, |n, r| {
+            n.threshold_dh(r)
+                .map(|partial| fragment::DhReply { partial })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn inventory(
+        &self,
+        request: Request<fragment::InventoryRequest>,
+    ) -> Result<Response<fragment::InventoryReply>, Status> {
+        self.run(request, |n, _| n.inventory()).await
+    }
+}

@@ -1,0 +1,486 @@
+//! The node's durable store (DESIGN.md §5): a redb file whose secret values are sealed
+//! at rest with AES-256-GCM under the node's key-encryption key (KEK).
+//!
+//! Every value is `nonce (12) || ciphertext`, with AAD `table name || record key`, so a
+//! value copied to another record or table does not open. Every write that precedes a
+//! reply is committed with redb's default `Durability::Immediate` (fsync) before the
+//! reply is sent; a batch of sign requests shares one transaction (group commit).
+//!
+//! Tables:
+//! - `meta`: the node's KEM secret key;
+//! - `pending`: key shares from a DKG or refresh awaiting the coordinator's commit,
+//!   by session id;
+//! - `keys`: active key shares, by key id;
+//! - `presigs`: presignature records — unused (secret `w_j, v_j`) or consumed (the one
+//!   digest and the released share, public);
+//! - `released`: append-only log of every share this node released.
+
+use std::path::Path;
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use quorate_crypto::keys::{KeyId, KeyShare};
+use quorate_crypto::params::SessionId;
+use quorate_crypto::presign::{PresigId, PresignatureShare};
+use quorate_crypto::seal::KemSecretKey;
+use quorate_crypto::sign::{ConsumedPresig, PresigRecord};
+use quorate_crypto::wire::Wire;
+use rand::TryRng;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use zeroize::Zeroizing;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending");
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+const PRESIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("presigs");
+const RELEASED: TableDefinition<u64, &[u8]> = TableDefinition::new("released");
+
+const REC_UNUSED: u8 = 1;
+const REC_CONSUMED: u8 = 2;
+
+/// Store errors. Messages never contain secret material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed.
+    #[error("node store: {0}")]
+    Db(String),
+    /// A sealed value did not open: wrong KEK, or the file was altered.
+    #[error(
+        "node store: a sealed record in table `{0}` does not open with this key-encryption key (wrong KEK file, or the store was altered)"
+    )]
+    Unseal(&'static str),
+    /// A record decoded to something invalid.
+    #[error("node store: corrupt record in table `{table}`: {detail}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The KEK file is unusable.
+    #[error("{0}")]
+    Kek(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Db(e.into().to_string())
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = StoreError> = core::result::Result<T, E>;
+
+/// The key-encryption key: 32 bytes, from a file that only the owner can read.
+pub struct Kek(Zeroizing<[u8; 32]>);
+
+impl Kek {
+    /// Loads the KEK from `path` (32 raw bytes or 64 hex characters). Refuses a file that
+    /// group or others can read. With `create`, makes a fresh one (mode 0600) if absent.
+    pub fn load(path: &Path, create: bool) -> Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if !path.exists() {
+            if !create {
+                return Err(StoreError::Kek(format!(
+                    "key-encryption key file {} does not exist: create 32 random bytes with mode 0600, or start with --init-kek",
+                    path.display()
+                )));
+            }
+            let mut k = Zeroizing::new([0u8; 32]);
+            rand::rngs::SysRng
+                .try_fill_bytes(&mut k[..])
+                .map_err(|e| StoreError::Kek(format!("system RNG failed: {e}")))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StoreError::Kek(format!("cannot create {}: {e}", path.display())))?;
+            std::io::Write::write_all(&mut f, &k[..])
+                .and_then(|()| f.sync_all())
+                .map_err(|e| StoreError::Kek(format!("cannot write {}: {e}", path.display())))?;
+            return Ok(Kek(k));
+        }
+        let meta = std::fs::metadata(path)
+            .map_err(|e| StoreError::Kek(format!("cannot read {}: {e}", path.display())))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(StoreError::Kek(format!(
+                "key-encryption key file {} is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                path.display(),
+                meta.permissions().mode() & 0o777,
+                path.display()
+            )));
+        }
+        let raw = Zeroizing::new(
+            std::fs::read(path)
+                .map_err(|e| StoreError::Kek(format!("cannot read {}: {e}", path.display())))?,
+        );
+        let mut k = Zeroizing::new([0u8; 32]);
+        if raw.len() == 32 {
+            k.copy_from_slice(&raw);
+        } else {
+            let text = String::from_utf8_lossy(&raw);
+            let hex = text.trim();
+            if hex.len() != 64 {
+                return Err(StoreError::Kek(format!(
+                    "key-encryption key file {} must hold 32 bytes or 64 hex characters",
+                    path.display()
+                )));
+            }
+            for (i, o) in k.iter_mut().enumerate() {
+                *o = hex
+                    .get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        StoreError::Kek(format!(
+                            "key-encryption key file {} is not valid hex",
+                            path.display()
+                        ))
+                    })?;
+            }
+        }
+        Ok(Kek(k))
+    }
+
+    fn cipher(&self) -> Result<Aes256Gcm> {
+        Aes256Gcm::new_from_slice(&self.0[..]).map_err(|_| StoreError::Kek("KEK length".into()))
+    }
+}
+
+/// An entry of the release log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Unix seconds.
+    pub at: u64,
+    /// What was released (`sign` or `dh`).
+    pub kind: String,
+    /// Key id.
+    pub key_id: KeyId,
+    /// Presignature id for `sign`, zeros for `dh`.
+    pub presig_id: [u8; 32],
+    /// The signed digest, or a hash of the DH request.
+    pub digest: [u8; 32],
+}
+
+/// The node store.
+pub struct Store {
+    db: Database,
+    cipher: Aes256Gcm,
+}
+
+fn aad(table: &str, key: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(table.len() + 1 + key.len());
+    a.extend_from_slice(table.as_bytes());
+    a.push(0);
+    a.extend_from_slice(key);
+    a
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path, kek: &Kek) -> Result<Self> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(META)?;
+            tx.open_table(PENDING)?;
+            tx.open_table(KEYS)?;
+            tx.open_table(PRESIGS)?;
+            tx.open_table(RELEASED)?;
+        }
+        tx.commit()?;
+        Ok(Store {
+            db,
+            cipher: kek.cipher()?,
+        })
+    }
+
+    fn seal(&self, table: &str, key: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; 12];
+        rand::rngs::SysRng
+            .try_fill_bytes(&mut nonce)
+            .map_err(|e| StoreError::Db(format!("system RNG failed: {e}")))?;
+        let ct = self
+            .cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: plain,
+                    aad: &aad(table, key),
+                },
+            )
+            .map_err(|_| StoreError::Db("sealing failed".into()))?;
+        let mut out = Vec::with_capacity(12 + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn open_sealed(
+        &self,
+        table: &'static str,
+        key: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if sealed.len() < 12 {
+            return Err(StoreError::Unseal(table));
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        let mut n = [0u8; 12];
+        n.copy_from_slice(nonce);
+        self.cipher
+            .decrypt(
+                (&n).into(),
+                Payload {
+                    msg: ct,
+                    aad: &aad(table, key),
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| StoreError::Unseal(table))
+    }
+
+    /// The node's KEM secret key, created on first use.
+    pub fn kem_key(&self) -> Result<KemSecretKey> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        if let Some(v) = t.get("kem")? {
+            let plain = self.open_sealed("meta", b"kem", v.value())?;
+            return KemSecretKey::from_secret_bytes(&plain).map_err(|e| StoreError::Corrupt {
+                table: "meta",
+                detail: e.to_string(),
+            });
+        }
+        drop(t);
+        drop(tx);
+        let mut rng = request_rng()?;
+        let sk = KemSecretKey::generate(&mut rng);
+        let sealed = self.seal("meta", b"kem", &sk.secret_bytes())?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(META)?;
+            t.insert("kem", sealed.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(sk)
+    }
+
+    /// Durably records a pending key share for `session`.
+    pub fn put_pending(&self, session: &SessionId, share: &KeyShare) -> Result<()> {
+        let sealed = self.seal("pending", &session.0, &share.secret_bytes())?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PENDING)?;
+            t.insert(&session.0[..], sealed.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The pending share of `session`, if any.
+    pub fn pending(&self, session: &SessionId) -> Result<Option<KeyShare>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PENDING)?;
+        match t.get(&session.0[..])? {
+            None => Ok(None),
+            Some(v) => {
+                let plain = self.open_sealed("pending", &session.0, v.value())?;
+                KeyShare::from_secret_bytes(&plain)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        table: "pending",
+                        detail: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Moves the pending share of `session` to the active keys (replacing an older epoch
+    /// of the same key, for refresh), in one transaction.
+    pub fn activate(&self, session: &SessionId, share: &KeyShare) -> Result<()> {
+        let id = share.public.key_id.0;
+        let sealed = self.seal("keys", &id, &share.secret_bytes())?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut p = tx.open_table(PENDING)?;
+            p.remove(&session.0[..])?;
+            let mut k = tx.open_table(KEYS)?;
+            k.insert(&id[..], sealed.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The active share of `key`.
+    pub fn key(&self, key: &KeyId) -> Result<Option<KeyShare>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(KEYS)?;
+        match t.get(&key.0[..])? {
+            None => Ok(None),
+            Some(v) => {
+                let plain = self.open_sealed("keys", &key.0, v.value())?;
+                KeyShare::from_secret_bytes(&plain)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        table: "keys",
+                        detail: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Every active key share.
+    pub fn keys(&self) -> Result<Vec<KeyShare>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(KEYS)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let plain = self.open_sealed("keys", k.value(), v.value())?;
+            out.push(
+                KeyShare::from_secret_bytes(&plain).map_err(|e| StoreError::Corrupt {
+                    table: "keys",
+                    detail: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Durably stores new presignature shares (one transaction).
+    pub fn put_presigs(&self, shares: &[PresignatureShare]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PRESIGS)?;
+            for s in shares {
+                let mut plain = Zeroizing::new(vec![REC_UNUSED]);
+                plain.extend_from_slice(&s.secret_bytes());
+                let sealed = self.seal("presigs", &s.id.0, &plain)?;
+                t.insert(&s.id.0[..], sealed.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The record of presignature `id`.
+    pub fn presig(&self, id: &PresigId) -> Result<Option<PresigRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESIGS)?;
+        let Some(v) = t.get(&id.0[..])? else {
+            return Ok(None);
+        };
+        let plain = self.open_sealed("presigs", &id.0, v.value())?;
+        let corrupt = |e: quorate_crypto::Error| StoreError::Corrupt {
+            table: "presigs",
+            detail: e.to_string(),
+        };
+        match plain.split_first() {
+            Some((&REC_UNUSED, rest)) => PresignatureShare::from_secret_bytes(rest)
+                .map(|p| Some(PresigRecord::Unused(p)))
+                .map_err(corrupt),
+            Some((&REC_CONSUMED, rest)) => ConsumedPresig::from_bytes(rest)
+                .map(|c| Some(PresigRecord::Consumed(c)))
+                .map_err(corrupt),
+            _ => Err(StoreError::Corrupt {
+                table: "presigs",
+                detail: "unknown record kind".into(),
+            }),
+        }
+    }
+
+    /// Group commit of a sign batch: every consumed record replaces its unused one (so
+    /// `w_j, v_j` are gone) and every release is logged, in ONE durable transaction.
+    /// Only after this returns may the shares be sent.
+    pub fn consume(&self, records: &[ConsumedPresig], releases: &[Release]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PRESIGS)?;
+            for r in records {
+                let mut plain = vec![REC_CONSUMED];
+                plain.extend_from_slice(&r.to_bytes());
+                let sealed = self.seal("presigs", &r.id.0, &plain)?;
+                t.insert(&r.id.0[..], sealed.as_slice())?;
+            }
+            let mut log = tx.open_table(RELEASED)?;
+            let first = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+            for (seq, r) in (first..).zip(releases) {
+                log.insert(seq, encode_release(r).as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Appends releases to the log (threshold DH).
+    pub fn log_releases(&self, releases: &[Release]) -> Result<()> {
+        self.consume(&[], releases)
+    }
+
+    /// The release log.
+    pub fn releases(&self) -> Result<Vec<Release>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(RELEASED)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            out.push(decode_release(v.value()).ok_or(StoreError::Corrupt {
+                table: "released",
+                detail: "bad release entry".into(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Number of unused presignatures.
+    pub fn unused_presignatures(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESIGS)?;
+        let mut n = 0u64;
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let plain = self.open_sealed("presigs", k.value(), v.value())?;
+            if plain.first() == Some(&REC_UNUSED) {
+                n += 1;
+            }
+        }
+        let _ = t.len()?;
+        Ok(n)
+    }
+}
+
+fn encode_release(r: &Release) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 1 + r.kind.len() + 16 + 64);
+    out.extend_from_slice(&r.at.to_be_bytes());
+    out.push(r.kind.len() as u8);
+    out.extend_from_slice(r.kind.as_bytes());
+    out.extend_from_slice(&r.key_id.0);
+    out.extend_from_slice(&r.presig_id);
+    out.extend_from_slice(&r.digest);
+    out
+}
+
+fn decode_release(b: &[u8]) -> Option<Release> {
+    let at = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    let klen = usize::from(*b.get(8)?);
+    let kind = String::from_utf8(b.get(9..9 + klen)?.to_vec()).ok()?;
+    let rest = b.get(9 + klen..)?;
+    if rest.len() != 16 + 64 {
+        return None;
+    }
+    Some(Release {
+        at,
+        kind,
+        key_id: KeyId(rest.get(..16)?.try_into().ok()?),
+        presig_id: rest.get(16..48)?.try_into().ok()?,
+        digest: rest.get(48..80)?.try_into().ok()?,
+    })
+}
+
+/// A fresh CSPRNG seeded from the operating system, one per request.
+pub fn request_rng() -> Result<rand::rngs::StdRng> {
+    use rand::SeedableRng;
+    rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| StoreError::Db(format!("system RNG failed: {e}")))
+}

@@ -1,0 +1,187 @@
+//! Conversions between wire messages and `quorate-crypto` domain types, and the
+//! verification of node rosters.
+//!
+//! A node never trusts the coordinator's word for another node's keys: every
+//! [`fragment::NodeInfo`] carries the node's certificate chain and a signature, by the
+//! certificate's key, over its index and hybrid KEM key; [`verify_roster`] checks the
+//! chain against the cluster CA, the role in the certificate against the claimed index,
+//! and the signature — so a coordinator cannot swap in a key of its own.
+
+use quorate_crypto::identity::{IdentityKey, IdentityPublic, NodePublic, Roster};
+use quorate_crypto::keys::{KeyId, KeyPurpose};
+use quorate_crypto::params::{PartyIndex, PartySet, SessionId};
+use quorate_crypto::seal::KemPublicKey;
+use rustls::pki_types::CertificateDer;
+
+use crate::fragment;
+use crate::tls::{Role, Trust};
+
+const NODE_INFO_PURPOSE: &str = "node-info";
+
+/// A conversion or verification failure, with a message that names what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConvertError(pub String);
+
+impl From<ConvertError> for tonic::Status {
+    fn from(e: ConvertError) -> Self {
+        tonic::Status::invalid_argument(e.0)
+    }
+}
+
+impl From<quorate_crypto::Error> for ConvertError {
+    fn from(e: quorate_crypto::Error) -> Self {
+        ConvertError(e.to_string())
+    }
+}
+
+fn err(msg: impl Into<String>) -> ConvertError {
+    ConvertError(msg.into())
+}
+
+/// A 32-byte session id.
+pub fn session_id(b: &[u8]) -> Result<SessionId, ConvertError> {
+    b.try_into()
+        .map(SessionId)
+        .map_err(|_| err(format!("session_id must be 32 bytes, got {}", b.len())))
+}
+
+/// A 16-byte key id.
+pub fn key_id(b: &[u8]) -> Result<KeyId, ConvertError> {
+    b.try_into()
+        .map(KeyId)
+        .map_err(|_| err(format!("key_id must be 16 bytes, got {}", b.len())))
+}
+
+/// A party set from indices.
+pub fn party_set(v: &[u32]) -> Result<PartySet, ConvertError> {
+    let idx = v
+        .iter()
+        .map(|&i| u16::try_from(i).map_err(|_| err(format!("party index {i} out of range"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PartySet::from_indices(&idx)?)
+}
+
+/// Wire purpose to domain purpose.
+pub fn purpose(p: i32) -> Result<KeyPurpose, ConvertError> {
+    match fragment::KeyPurpose::try_from(p) {
+        Ok(fragment::KeyPurpose::Sign) => Ok(KeyPurpose::Sign),
+        Ok(fragment::KeyPurpose::Derive) => Ok(KeyPurpose::Derive),
+        Ok(fragment::KeyPurpose::Decrypt) => Ok(KeyPurpose::Decrypt),
+        _ => Err(err("key purpose must be sign, derive or decrypt")),
+    }
+}
+
+/// Domain purpose to wire purpose.
+pub fn purpose_to_wire(p: KeyPurpose) -> fragment::KeyPurpose {
+    match p {
+        KeyPurpose::Sign => fragment::KeyPurpose::Sign,
+        KeyPurpose::Derive => fragment::KeyPurpose::Derive,
+        KeyPurpose::Decrypt => fragment::KeyPurpose::Decrypt,
+    }
+}
+
+fn node_info_bytes(index: u32, kem_public: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + kem_public.len());
+    b.extend_from_slice(&index.to_be_bytes());
+    b.extend_from_slice(kem_public);
+    b
+}
+
+/// A node's signed [`fragment::NodeInfo`].
+pub fn node_info(
+    index: PartyIndex,
+    cert_chain: &[CertificateDer<'_>],
+    kem: &KemPublicKey,
+    identity: &IdentityKey,
+) -> fragment::NodeInfo {
+    let kem_public = kem.to_bytes();
+    let index = u32::from(index.get());
+    let signature = identity
+        .sign(NODE_INFO_PURPOSE, &node_info_bytes(index, &kem_public))
+        .to_vec();
+    fragment::NodeInfo {
+        index,
+        cert_chain: cert_chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+        kem_public,
+        signature,
+    }
+}
+
+/// The P-256 public key of a certificate, as a protocol identity key.
+pub fn certificate_identity(leaf: &CertificateDer<'_>) -> Result<IdentityPublic, ConvertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| err(format!("certificate does not parse: {e}")))?;
+    let spki = &cert.tbs_certificate.subject_pki;
+    let pk = p256::PublicKey::from_sec1_bytes(spki.subject_public_key.data.as_ref())
+        .map_err(|_| err("certificate key is not a P-256 public key"))?;
+    let point = quorate_crypto::Point::new(pk.to_projective())
+        .ok_or_else(|| err("certificate key is the identity"))?;
+    Ok(IdentityPublic::from_bytes(&point.to_bytes())?)
+}
+
+/// Verifies one [`fragment::NodeInfo`] against the cluster CA.
+pub fn verify_node_info(
+    info: &fragment::NodeInfo,
+    trust: &Trust,
+) -> Result<(PartyIndex, NodePublic), ConvertError> {
+    let chain: Vec<CertificateDer<'static>> = info
+        .cert_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let role = trust
+        .verify_peer_chain(&chain)
+        .map_err(|e| err(format!("node {}: certificate rejected: {e}", info.index)))?;
+    let index = u16::try_from(info.index)
+        .ok()
+        .and_then(PartyIndex::new)
+        .ok_or_else(|| err(format!("node index {} out of range", info.index)))?;
+    if role != Role::Node(index.get()) {
+        return Err(err(format!(
+            "node {}: certificate belongs to {role}, not to node {}",
+            info.index, info.index
+        )));
+    }
+    let leaf = chain
+        .first()
+        .ok_or_else(|| err(format!("node {}: empty certificate chain", info.index)))?;
+    let identity = certificate_identity(leaf)?;
+    if !identity.verify(
+        NODE_INFO_PURPOSE,
+        &node_info_bytes(info.index, &info.kem_public),
+        &info.signature,
+    ) {
+        return Err(err(format!(
+            "node {}: NodeInfo signature does not verify under its certificate key",
+            info.index
+        )));
+    }
+    let kem = KemPublicKey::from_bytes(&info.kem_public)?;
+    Ok((index, NodePublic { identity, kem }))
+}
+
+/// Verifies a whole roster of `n` nodes (each index `1..=n` exactly once).
+pub fn verify_roster(
+    roster: Option<&fragment::Roster>,
+    trust: &Trust,
+    n: u16,
+) -> Result<Roster, ConvertError> {
+    let roster = roster.ok_or_else(|| err("roster is missing"))?;
+    let mut slots: Vec<Option<NodePublic>> = vec![None; usize::from(n)];
+    for info in &roster.nodes {
+        let (i, node) = verify_node_info(info, trust)?;
+        let slot = slots
+            .get_mut(usize::from(i.get()) - 1)
+            .ok_or_else(|| err(format!("roster names node {i} but the cluster has {n}")))?;
+        if slot.replace(node).is_some() {
+            return Err(err(format!("roster lists node {i} twice")));
+        }
+    }
+    let nodes = slots
+        .into_iter()
+        .enumerate()
+        .map(|(k, s)| s.ok_or_else(|| err(format!("roster lacks node {}", k + 1))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Roster::new(nodes)?)
+}

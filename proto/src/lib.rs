@@ -1,0 +1,41 @@
+//! # quorate-proto
+//!
+//! Quorate's gRPC contracts and the code every service shares to speak them:
+//! - [`fragment`]: the fragment-node API (coordinator → node);
+//! - [`api`]: the public KeyService and ClusterService (clients → coordinator);
+//! - [`convert`]: conversions between wire messages and `quorate-crypto` domain types;
+//! - [`tls`]: the only place rustls configurations are built — TLS 1.3 only, key
+//!   exchange X25519MLKEM768 only, mutual TLS, peer roles read from certificates;
+//! - [`pki`]: the cluster CA and certificate issuance (rcgen);
+//! - [`transport`]: tonic servers and channels over those TLS configurations.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+/// Generated fragment-node API (`proto/fragment.proto`).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::indexing_slicing
+)]
+pub mod fragment {
+    tonic::include_proto!("quorate.fragment.v1");
+}
+
+/// Generated public API (`proto/quorate.proto`).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::indexing_slicing
+)]
+pub mod api {
+    tonic::include_proto!("quorate.v1");
+}
+
+pub mod convert;
+pub mod pki;
+pub mod tls;
+pub mod transport;

@@ -1,0 +1,342 @@
+//! Harness for the integration tests: a cluster of real `quorate-node` and
+//! `quorate-coordinator` processes on 127.0.0.1 (ports chosen by the OS), with
+//! certificates from the cluster PKI in a fresh temporary directory, and API and
+//! node clients over real post-quantum mutual TLS.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the test
+//! executable (`target/<profile>/`).
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test harness: failing loudly is the point"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use quorate_proto::api::cluster_service_client::ClusterServiceClient;
+use quorate_proto::api::key_service_client::KeyServiceClient;
+use quorate_proto::fragment::fragment_node_client::FragmentNodeClient;
+use quorate_proto::tls::{self, Identity, Role, Trust};
+use quorate_proto::transport;
+use tonic::transport::Channel;
+
+/// The trust domain of test clusters.
+pub const DOMAIN: &str = "quorate.test";
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(label: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "quorate-it-{label}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Path of a workspace binary built by `cargo test --workspace`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: run the tests with `cargo test --workspace` so the binaries are built",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl Proc {
+    /// Sends SIGKILL and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to 10 s.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+
+    /// Waits for the process to exit by itself (up to `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns `cmd`, waits for its `QUORATE_READY ... addr=` line, forwards the rest.
+pub fn spawn_ready(mut cmd: Command) -> Proc {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent
+                && line.starts_with("QUORATE_READY")
+                && let Some(a) = line.split("addr=").nth(1)
+            {
+                let _ = tx.send(a.trim().to_string());
+                sent = true;
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(a) => a.parse().unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("process did not become ready: {cmd:?}");
+        }
+    };
+    Proc { child, addr }
+}
+
+/// A running test cluster.
+pub struct TestCluster {
+    /// Certificates, stores, logs.
+    pub dir: TempDir,
+    /// Node processes (index `k` is node `k + 1`); `None` while stopped.
+    pub nodes: Vec<Option<Proc>>,
+    /// Node addresses (fixed across restarts).
+    pub node_addrs: Vec<SocketAddr>,
+    /// The coordinator.
+    pub coordinator: Option<Proc>,
+    /// Coordinator address.
+    pub coordinator_addr: SocketAddr,
+    /// n, t.
+    pub n: u16,
+    /// Threshold.
+    pub t: u16,
+    /// Extra coordinator flags.
+    pub coordinator_flags: Vec<String>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes and a coordinator with small pools.
+    pub fn start(label: &str, n: u16, t: u16, coordinator_flags: &[&str]) -> Self {
+        let dir = TempDir::new(label);
+        quorate_proto::pki::write_cluster(&dir.0, DOMAIN, n, false).unwrap();
+        let mut c = TestCluster {
+            dir,
+            nodes: Vec::new(),
+            node_addrs: Vec::new(),
+            coordinator: None,
+            coordinator_addr: "127.0.0.1:0".parse().unwrap(),
+            n,
+            t,
+            coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 1..=n {
+            let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
+            c.node_addrs.push(p.addr);
+            c.nodes.push(Some(p));
+        }
+        c.start_coordinator();
+        c
+    }
+
+    /// Spawns node `i` on `addr`, optionally with a fail-point.
+    pub fn spawn_node(&self, i: u16, addr: SocketAddr, fail_point: Option<&str>) -> Proc {
+        let d = &self.dir.0;
+        let mut cmd = Command::new(binary("quorate-node"));
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(d.join(format!("node-{i}")))
+            .arg("--cert")
+            .arg(d.join(format!("node-{i}.pem")))
+            .arg("--key")
+            .arg(d.join(format!("node-{i}-key.pem")))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--domain")
+            .arg(DOMAIN)
+            .arg("--init-kek")
+            .env("QUORATE_LOG", "warn");
+        if let Some(fp) = fail_point {
+            cmd.arg("--fail-point").arg(fp);
+        }
+        spawn_ready(cmd)
+    }
+
+    /// Starts the coordinator (again).
+    pub fn start_coordinator(&mut self) {
+        let d = &self.dir.0;
+        let mut cmd = Command::new(binary("quorate-coordinator"));
+        let listen = if self.coordinator_addr.port() == 0 {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.coordinator_addr.to_string()
+        };
+        cmd.arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(d.join("coordinator"))
+            .arg("--cert")
+            .arg(d.join("coordinator.pem"))
+            .arg("--key")
+            .arg(d.join("coordinator-key.pem"))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--domain")
+            .arg(DOMAIN)
+            .arg("--threshold")
+            .arg(self.t.to_string())
+            .env("QUORATE_LOG", "warn");
+        for (k, a) in self.node_addrs.iter().enumerate() {
+            cmd.arg("--node").arg(format!("{}={a}", k + 1));
+        }
+        for f in &self.coordinator_flags {
+            cmd.arg(f);
+        }
+        let p = spawn_ready(cmd);
+        self.coordinator_addr = p.addr;
+        self.coordinator = Some(p);
+    }
+
+    /// Stops node `i` with SIGKILL.
+    pub fn kill_node(&mut self, i: u16) {
+        if let Some(mut p) = self.nodes[usize::from(i) - 1].take() {
+            p.kill();
+        }
+    }
+
+    /// Restarts node `i` on its old address.
+    pub fn restart_node(&mut self, i: u16, fail_point: Option<&str>) {
+        self.kill_node(i);
+        let addr = self.node_addrs[usize::from(i) - 1];
+        let p = self.spawn_node(i, addr, fail_point);
+        self.nodes[usize::from(i) - 1] = Some(p);
+    }
+
+    /// Identity and trust for a certificate in the cluster directory (`client-admin`,
+    /// `coordinator`, `node-2`, …).
+    pub fn identity(&self, name: &str) -> (Identity, Trust) {
+        let d = &self.dir.0;
+        let id = Identity::from_pem_files(
+            d.join(format!("{name}.pem")),
+            d.join(format!("{name}-key.pem")),
+        )
+        .unwrap();
+        let trust = Trust::from_pem_file(d.join("ca.pem"), DOMAIN).unwrap();
+        (id, trust)
+    }
+
+    /// A channel to the coordinator's public API as `client-admin`.
+    pub async fn api_channel(&self) -> Channel {
+        let (id, trust) = self.identity("client-admin");
+        let cfg = tls::client_config(&id, &trust).unwrap();
+        transport::connect(self.coordinator_addr, &Role::Coordinator, DOMAIN, cfg)
+            .await
+            .unwrap()
+    }
+
+    /// KeyService client.
+    pub async fn keys(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.api_channel().await)
+    }
+
+    /// ClusterService client.
+    pub async fn cluster(&self) -> ClusterServiceClient<Channel> {
+        ClusterServiceClient::new(self.api_channel().await)
+    }
+
+    /// A fragment-node client to node `i`, presenting the coordinator's certificate.
+    pub async fn node_as_coordinator(&self, i: u16) -> FragmentNodeClient<Channel> {
+        let (id, trust) = self.identity("coordinator");
+        let cfg = tls::client_config(&id, &trust).unwrap();
+        let ch = transport::connect(
+            self.node_addrs[usize::from(i) - 1],
+            &Role::Node(i),
+            DOMAIN,
+            cfg,
+        )
+        .await
+        .unwrap();
+        FragmentNodeClient::new(ch)
+    }
+
+    /// Polls Status until every pool of `key` has at least `depth` presignatures, or
+    /// `limit` passes. Returns the final depths.
+    pub async fn wait_pools(&self, key: &str, depth: u64, limit: Duration) -> Vec<(Vec<u32>, u64)> {
+        let mut c = self.cluster().await;
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = c
+                .status(quorate_proto::api::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let pools: Vec<(Vec<u32>, u64)> = st
+                .pools
+                .iter()
+                .filter(|p| p.key_name == key)
+                .map(|p| (p.signing_set.clone(), p.depth))
+                .collect();
+            if (!pools.is_empty() && pools.iter().all(|(_, d)| *d >= depth))
+                || Instant::now() > deadline
+            {
+                return pools;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The cluster end to end: real node and coordinator processes, real PQ mutual TLS on
+//! 127.0.0.1, real files.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use quorate_crypto::tdh::{self, DhResponse, Requester};
+use quorate_crypto::wire::Wire;
+use quorate_proto::api;
+use quorate_tests::{DOMAIN, TestCluster};
+use sha2::Digest;
+
+const POOL_FLAGS: &[&str] = &[
+    "--pool-low",
+    "4",
+    "--pool-high",
+    "8",
+    "--presign-batch",
+    "8",
+];
+
+async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::KeyInfo {
+    c.keys()
+        .await
+        .create_key(api::CreateKeyRequest {
+            name: name.into(),
+            purpose: purpose as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn verify_aws(public_compressed: &[u8], msg: &[u8], sig: &[u8]) {
+    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
+        .verify(msg, sig)
+        .expect("aws-lc-rs rejects the cluster's signature");
+}
+
+async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    c.keys()
+        .await
+        .sign(api::SignRequest {
+            name: name.into(),
+            input: Some(api::sign_request::Input::Message(msg.to_vec())),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+async fn derive(c: &TestCluster, name: &str, context: &[u8]) -> [u8; 32] {
+    let mut rng = rand_rng();
+    let req = Requester::new(&mut rng).unwrap();
+    let reply = c
+        .keys()
+        .await
+        .derive(api::DeriveRequest {
+            name: name.into(),
+            context: context.to_vec(),
+            requester_public: req.public().to_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = DhResponse::from_bytes(&reply.masked).unwrap();
+    let shared = req.unmask(&resp).unwrap();
+    *tdh::derive_credential(&shared, context)
+        .unwrap()
+        .secret_bytes()
+}
+
+fn rand_rng() -> rand::rngs::StdRng {
+    quorate_crypto::sim::test_rng("it")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dkg_sign_derive_decrypt_and_node_outage() {
+    let mut c = TestCluster::start("e2e", 3, 1, POOL_FLAGS);
+    let key = create_key(&c, "tokens", api::Purpose::Sign).await;
+    assert_eq!((key.n, key.t), (3, 1));
+    let pools = c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
+    assert_eq!(pools.len(), 3, "one pool per signing set: {pools:?}");
+    assert!(
+        pools.iter().all(|(_, d)| *d >= 4),
+        "pools did not fill: {pools:?}"
+    );
+
+    for k in 0..5 {
+        let msg = format!("token {k}");
+        let sig = sign(&c, "tokens", msg.as_bytes()).await.unwrap();
+        verify_aws(&key.public_key, msg.as_bytes(), &sig);
+    }
+
+    // Derivation: the same credential through different quorums.
+    let dkey = create_key(&c, "creds", api::Purpose::Derive).await;
+    let ctx = b"quorate/derive/v1|target=db|agent=a|task=1";
+    let first = derive(&c, "creds", ctx).await;
+    // Decryption round trip.
+    let ekey = create_key(&c, "secrets", api::Purpose::Decrypt).await;
+    let mut rng = rand_rng();
+    let x = quorate_crypto::Point::from_bytes(&ekey.public_key).unwrap();
+    let ct = quorate_crypto::ecies::encrypt(&mut rng, &x, b"db password", b"aad").unwrap();
+    let req = Requester::new(&mut rng).unwrap();
+    let reply = c
+        .keys()
+        .await
+        .decrypt(api::DecryptRequest {
+            name: "secrets".into(),
+            ciphertext: ct.to_bytes(),
+            requester_public: req.public().to_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let shared = req
+        .unmask(&DhResponse::from_bytes(&reply.masked).unwrap())
+        .unwrap();
+    let pt = quorate_crypto::ecies::decrypt_with_shared(&shared, &x, &ct, b"aad").unwrap();
+    assert_eq!(&pt[..], b"db password");
+    let _ = dkey;
+
+    // Kill node 1: signing continues from the pool of the surviving set {2,3}, and
+    // derivation through quorum {2,3} gives the same credential.
+    c.kill_node(1);
+    for k in 0..3 {
+        let msg = format!("during outage {k}");
+        let sig = sign(&c, "tokens", msg.as_bytes()).await.unwrap();
+        verify_aws(&key.public_key, msg.as_bytes(), &sig);
+    }
+    let second = derive(&c, "creds", ctx).await;
+    assert_eq!(first, second, "derived credential depends on the quorum");
+
+    // Restart node 1: its shares load from its store and new presignatures are made
+    // for the sets that include it.
+    c.restart_node(1, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pools = c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
+    assert!(
+        pools.iter().all(|(_, d)| *d >= 4),
+        "pools did not refill after restart: {pools:?}"
+    );
+    let sig = sign(&c, "tokens", b"after restart").await.unwrap();
+    verify_aws(&key.public_key, b"after restart", &sig);
+
+    // The coordinator restarts and keeps its keys and pools.
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    c.start_coordinator();
+    let sig = sign(&c, "tokens", b"after coordinator restart")
+        .await
+        .unwrap();
+    verify_aws(&key.public_key, b"after coordinator restart", &sig);
+    let _ = DOMAIN;
+    let _ = sha2::Sha256::digest(b"");
+}
