@@ -426,22 +426,26 @@ async fn ensure_default_key(client: &Client, opts: &DevOptions, procs: &mut Proc
     loop {
         procs.check_running()?;
         let attempt = async {
-            let keys = client.list_keys().await?;
-            if keys.iter().any(|k| k.name == DEFAULT_KEY) {
+            if client
+                .list_keys()
+                .await?
+                .iter()
+                .any(|k| k.name == DEFAULT_KEY)
+            {
                 return Ok(false);
+            }
+            if !announced {
+                eprintln!(
+                    "creating key `{DEFAULT_KEY}` (distributed key generation on {} nodes)",
+                    opts.nodes
+                );
+                announced = true;
             }
             client
                 .create_key(DEFAULT_KEY, KeyPurpose::Sign)
                 .await
                 .map(|_| true)
         };
-        if !announced {
-            eprintln!(
-                "creating key `{DEFAULT_KEY}` unless it exists (distributed key generation on {} nodes)",
-                opts.nodes
-            );
-            announced = true;
-        }
         match attempt.await {
             Ok(true) => {
                 eprintln!("created key `{DEFAULT_KEY}`");

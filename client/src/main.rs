@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 
 /// Quorate: threshold keys split across independent fragment nodes.
 #[derive(Debug, Parser)]
-#[command(name = "quorate", version, about, long_about = None)]
+#[command(name = "quorate", version)]
 #[command(
     after_help = "Exit codes: 0 success, 1 other failure, 2 usage or configuration error, \
                         3 cluster unreachable, 4 request refused by the cluster.\n\
@@ -671,24 +671,44 @@ fn admin_init(args: &InitArgs) -> Result<()> {
         shell_quote(&abs.display().to_string())
     };
     let d = shell_quote(&args.domain);
-    let mut s = format!(
-        "Wrote a new cluster CA and certificates for trust domain {} to {}:\n\
-         \x20 ca.pem                  the cluster CA certificate: every process and client needs it\n\
-         \x20 ca-key.pem              the CA's private key: keep it offline; it is needed only to issue certificates\n",
-        args.domain,
-        dir.display()
-    );
+    let mut listing: Vec<(String, String)> = vec![
+        (
+            "ca.pem".to_owned(),
+            "the cluster CA certificate: every process and client needs it".to_owned(),
+        ),
+        (
+            "ca-key.pem".to_owned(),
+            "the CA's private key: keep it offline; it is needed only to issue certificates"
+                .to_owned(),
+        ),
+    ];
     for node in &files.nodes {
         if let quorate_proto::tls::Role::Node(i) = node.role {
-            s.push_str(&format!(
-                "  node-{i}.pem, node-{i}-key.pem   fragment node {i}\n"
+            listing.push((
+                format!("node-{i}.pem, node-{i}-key.pem"),
+                format!("fragment node {i}"),
             ));
         }
     }
+    listing.push((
+        "coordinator.pem, coordinator-key.pem".to_owned(),
+        "the coordinator".to_owned(),
+    ));
+    listing.push((
+        "client-admin.pem, client-admin-key.pem".to_owned(),
+        "the admin client (the quorate CLI)".to_owned(),
+    ));
+    let width = listing.iter().map(|(f, _)| f.len()).max().unwrap_or(0);
+    let mut s = format!(
+        "Wrote a new cluster CA and certificates for trust domain {} to {}:\n",
+        args.domain,
+        dir.display()
+    );
+    for (file, what) in &listing {
+        s.push_str(&format!("  {file:<width$}  {what}\n"));
+    }
     s.push_str(
-        "  coordinator.pem, coordinator-key.pem   the coordinator\n\
-         \x20 client-admin.pem, client-admin-key.pem   the admin client (the quorate CLI)\n\
-         Private keys have mode 0600. Copy each process's certificate, key and ca.pem to its machine.\n\
+        "Private keys have mode 0600. Copy each process's certificate, key and ca.pem to its machine.\n\
          \n\
          Start each fragment node (ideally on separate machines; --init-kek creates the node's\n\
          key-encryption key on first start):\n",

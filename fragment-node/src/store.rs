@@ -433,6 +433,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The ids of every presignature record.
+    pub fn presignature_ids(&self) -> Result<Vec<PresigId>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESIGS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, _) = e?;
+            if let Ok(id) = <[u8; 32]>::try_from(k.value()) {
+                out.push(PresigId(id));
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of unused presignatures.
     pub fn unused_presignatures(&self) -> Result<u64> {
         let tx = self.db.begin_read()?;

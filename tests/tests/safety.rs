@@ -1,0 +1,291 @@
+//! Crash safety, channel security and confidentiality against the coordinator, on real
+//! processes over real post-quantum mutual TLS.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use quorate_crypto::sign::{PresigRecord, SignRequest};
+use quorate_crypto::wire::Wire;
+use quorate_node::store::{Kek, Store};
+use quorate_proto::api;
+use quorate_proto::fragment;
+use quorate_proto::tls::{self, Role};
+use quorate_proto::transport;
+use quorate_tests::{DOMAIN, TestCluster};
+
+const POOL_FLAGS: &[&str] = &[
+    "--pool-low",
+    "4",
+    "--pool-high",
+    "8",
+    "--presign-batch",
+    "8",
+];
+
+async fn create_sign_key(c: &TestCluster, name: &str) {
+    c.keys()
+        .await
+        .create_key(api::CreateKeyRequest {
+            name: name.into(),
+            purpose: api::Purpose::Sign as i32,
+        })
+        .await
+        .unwrap();
+}
+
+async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    c.keys()
+        .await
+        .sign(api::SignRequest {
+            name: name.into(),
+            input: Some(api::sign_request::Input::Message(msg.to_vec())),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+/// A node killed between durably recording a presignature as used and replying never
+/// signs a different message with it after restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_consume_and_reply_never_signs_another_message() {
+    let mut c = TestCluster::start("crash", 3, 1, POOL_FLAGS);
+    create_sign_key(&c, "k").await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    // Node 2 now dies right after its sign batch is durable, before it replies.
+    c.restart_node(2, Some("sign-after-commit"));
+    let mut crashed = false;
+    for k in 0..12 {
+        let _ = sign(&c, "k", format!("m{k}").as_bytes()).await;
+        if let Some(p) = c.nodes[1].as_mut()
+            && p.wait_exit(Duration::from_millis(300)).is_some()
+        {
+            crashed = true;
+            break;
+        }
+    }
+    assert!(crashed, "node 2 was never asked to sign");
+    c.nodes[1] = None;
+
+    // The dead node's store shows the presignature consumed for exactly one digest.
+    let dir = c.dir.0.join("node-2");
+    let (record, release) = {
+        let kek = Kek::load(&dir.join("kek"), false).unwrap();
+        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
+        let release = store
+            .releases()
+            .unwrap()
+            .into_iter()
+            .rfind(|r| r.kind == "sign")
+            .unwrap();
+        let rec = store
+            .presig(&quorate_crypto::presign::PresigId(release.presig_id))
+            .unwrap()
+            .unwrap();
+        (rec, release)
+    };
+    let PresigRecord::Consumed(consumed) = record else {
+        panic!("presignature not recorded as consumed before the crash");
+    };
+    assert_eq!(consumed.digest, release.digest);
+
+    // Restarted normally, the node refuses another digest for that presignature and
+    // repeats the same share for the same digest.
+    c.restart_node(2, None);
+    let mut node = c.node_as_coordinator(2).await;
+    let ask = |digest: [u8; 32]| fragment::SignBatch {
+        requests: vec![
+            SignRequest {
+                key_id: consumed.key_id,
+                presig_id: consumed.id,
+                sset: consumed.sset.clone(),
+                digest,
+            }
+            .to_bytes(),
+        ],
+    };
+    let other = node.sign(ask([0x42; 32])).await.unwrap().into_inner();
+    match other.results[0].result.as_ref().unwrap() {
+        fragment::sign_result::Result::Refused(why) => {
+            assert!(why.contains("already used"), "unexpected refusal: {why}")
+        }
+        fragment::sign_result::Result::Share(_) => {
+            panic!("a consumed presignature signed a different message after restart")
+        }
+    }
+    let same = node.sign(ask(consumed.digest)).await.unwrap().into_inner();
+    match same.results[0].result.as_ref().unwrap() {
+        fragment::sign_result::Result::Share(b) => {
+            assert_eq!(
+                quorate_crypto::sign::SignatureShare::from_bytes(b).unwrap(),
+                consumed.share
+            )
+        }
+        fragment::sign_result::Result::Refused(why) => panic!("idempotent retry refused: {why}"),
+    }
+    // The cluster keeps signing.
+    assert!(sign(&c, "k", b"after crash").await.is_ok());
+}
+
+/// Classic-only clients, foreign certificates and wrong roles are refused on every port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_refuse_classic_foreign_and_wrong_role_peers() {
+    let c = TestCluster::start("channels", 3, 1, POOL_FLAGS);
+    let (admin, trust) = c.identity("client-admin");
+    let (coord, _) = c.identity("coordinator");
+    let (node3, _) = c.identity("node-3");
+
+    // Hybrid PQ works (sanity).
+    let ok = tls::client_config(&admin, &trust).unwrap();
+    let ch = transport::connect(c.coordinator_addr, &Role::Coordinator, DOMAIN, ok)
+        .await
+        .unwrap();
+    let mut status = api::cluster_service_client::ClusterServiceClient::new(ch);
+    assert!(status.status(api::StatusRequest {}).await.is_ok());
+
+    // Classic X25519 only: refused by the coordinator and by every node.
+    let classic = tls::classic_only_client_config_for_tests(&admin, &trust).unwrap();
+    assert!(
+        transport::connect(
+            c.coordinator_addr,
+            &Role::Coordinator,
+            DOMAIN,
+            classic.clone()
+        )
+        .await
+        .is_err(),
+        "coordinator accepted a classic-only client"
+    );
+    let classic_coord = tls::classic_only_client_config_for_tests(&coord, &trust).unwrap();
+    for i in 1..=3u16 {
+        assert!(
+            transport::connect(
+                c.node_addrs[usize::from(i) - 1],
+                &Role::Node(i),
+                DOMAIN,
+                classic_coord.clone()
+            )
+            .await
+            .is_err(),
+            "node {i} accepted a classic-only client"
+        );
+    }
+
+    // A certificate from another CA (same domain and names) is refused.
+    let other = quorate_tests::TempDir::new("other-ca");
+    quorate_proto::pki::write_cluster(&other.0, DOMAIN, 3, false).unwrap();
+    let foreign = tls::Identity::from_pem_files(
+        other.0.join("client-admin.pem"),
+        other.0.join("client-admin-key.pem"),
+    )
+    .unwrap();
+    let cfg = tls::client_config(&foreign, &trust).unwrap();
+    let refused =
+        match transport::connect(c.coordinator_addr, &Role::Coordinator, DOMAIN, cfg).await {
+            Err(_) => true,
+            Ok(ch) => api::cluster_service_client::ClusterServiceClient::new(ch)
+                .status(api::StatusRequest {})
+                .await
+                .is_err(),
+        };
+    assert!(refused, "coordinator served a client from a foreign CA");
+
+    // A node never accepts another node's certificate as the coordinator.
+    let cfg = tls::client_config(&node3, &trust).unwrap();
+    let refused = match transport::connect(c.node_addrs[0], &Role::Node(1), DOMAIN, cfg).await {
+        Err(_) => true,
+        Ok(ch) => fragment::fragment_node_client::FragmentNodeClient::new(ch)
+            .info(fragment::InfoRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "node 1 served node 3 as if it were the coordinator"
+    );
+
+    // A client certificate is refused on a node port, too.
+    let cfg = tls::client_config(&admin, &trust).unwrap();
+    let refused = match transport::connect(c.node_addrs[1], &Role::Node(2), DOMAIN, cfg).await {
+        Err(_) => true,
+        Ok(ch) => fragment::fragment_node_client::FragmentNodeClient::new(ch)
+            .info(fragment::InfoRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "node 2 served an API client");
+}
+
+/// Every byte the coordinator relays during DKG and presigning is recorded; no share
+/// scalar of this run appears in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_never_sees_a_share() {
+    let relay = std::env::temp_dir().join(format!("quorate-relay-{}.bin", std::process::id()));
+    let _ = std::fs::remove_file(&relay);
+    let relay_flag = relay.display().to_string();
+    let flags = [
+        "--pool-low",
+        "4",
+        "--pool-high",
+        "8",
+        "--presign-batch",
+        "8",
+        "--record-relay",
+        &relay_flag,
+    ];
+    let mut c = TestCluster::start("relay", 3, 1, &flags);
+    create_sign_key(&c, "k").await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    let recorded = std::fs::read(&relay).unwrap();
+    assert!(
+        recorded.len() > 10_000,
+        "relay log unexpectedly small: {} bytes",
+        recorded.len()
+    );
+
+    // Collect every secret scalar the nodes hold: key shares and presignature shares.
+    let mut secrets: Vec<[u8; 32]> = Vec::new();
+    for i in 1..=3u16 {
+        c.kill_node(i);
+        let dir = c.dir.0.join(format!("node-{i}"));
+        let kek = Kek::load(&dir.join("kek"), false).unwrap();
+        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
+        for share in store.keys().unwrap() {
+            let b = share.secret_bytes();
+            secrets.push(b[b.len() - 32..].try_into().unwrap());
+        }
+        let mut presigs = 0;
+        for id in store.presignature_ids().unwrap() {
+            if let Some(PresigRecord::Unused(p)) = store.presig(&id).unwrap() {
+                // The encoding ends with w_j || v_j.
+                let b = p.secret_bytes();
+                secrets.push(b[b.len() - 64..b.len() - 32].try_into().unwrap());
+                secrets.push(b[b.len() - 32..].try_into().unwrap());
+                presigs += 1;
+            }
+        }
+        assert!(presigs > 0, "node {i} holds no presignature shares");
+    }
+    assert!(secrets.len() > 3, "no presignature shares collected");
+    // Index every 32-byte window of the relay log once, then look each secret up.
+    let windows: std::collections::HashSet<&[u8]> = recorded.windows(32).collect();
+    for s in &secrets {
+        assert!(
+            !windows.contains(&s[..]),
+            "a share scalar appears in the bytes the coordinator relayed"
+        );
+    }
+    // The check can fail: a public value that was relayed is found.
+    let some_relayed: [u8; 32] = recorded[100..132].try_into().unwrap();
+    assert!(windows.contains(&some_relayed[..]));
+    let _ = std::fs::remove_file(&relay);
+}
