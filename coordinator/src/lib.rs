@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod app;
 pub mod config;
 pub mod pools;
 pub mod service;

@@ -1,0 +1,137 @@
+//! The `quorate-coordinator` process: configuration, tracing, serving and graceful drain.
+
+
+use std::process::ExitCode;
+
+use crate::cluster::Cluster;
+use crate::config::{Args, Config};
+use crate::pools;
+use crate::service::Api;
+use crate::store::Store;
+use quorate_proto::api::cluster_service_server::ClusterServiceServer;
+use quorate_proto::api::key_service_server::KeyServiceServer;
+use quorate_proto::tls::{self, Identity, Role, RoleKind, Trust};
+use quorate_proto::transport;
+
+fn init_tracing(json: bool) {
+    // A second initialisation (tests running several in one process) is harmless.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUORATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+/// Runs the process with parsed arguments: sets up tracing, validates the
+/// configuration (exit 2 on errors), serves until SIGTERM/SIGINT.
+pub async fn main_with(args: Args) -> ExitCode {
+    init_tracing(args.log_format == "json");
+    let cfg = match args.build() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("quorate-coordinator: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quorate-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let identity = Identity::from_pem_files(&cfg.cert, &cfg.key).map_err(|e| e.to_string())?;
+    let trust = Trust::from_pem_file(&cfg.ca, &cfg.domain).map_err(|e| e.to_string())?;
+    match identity.role(&cfg.domain).map_err(|e| e.to_string())? {
+        Role::Coordinator => {}
+        other => {
+            return Err(format!(
+                "{} holds the certificate of {other}, not of the coordinator",
+                cfg.cert.display()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    let store = Store::open(&cfg.data_dir.join("coordinator.redb")).map_err(|e| e.to_string())?;
+    let client_tls = tls::client_config(&identity, &trust).map_err(|e| e.to_string())?;
+    let mut channels = Vec::new();
+    for (i, addr) in &cfg.nodes {
+        let ch =
+            transport::connect_lazy(*addr, &Role::Node(i.get()), &cfg.domain, client_tls.clone())
+                .map_err(|e| e.to_string())?;
+        channels.push((*i, *addr, ch));
+    }
+    let cluster = Cluster::new(
+        cfg.params,
+        trust.clone(),
+        channels,
+        store,
+        cfg.record_relay.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
+    let server_tls =
+        tls::server_config(&identity, &trust, &[RoleKind::Client]).map_err(|e| e.to_string())?;
+    let (listener, addr) = transport::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<KeyServiceServer<Api>>().await;
+    let api = Api::new(cluster, cfg.domain.clone());
+    tracing::info!(%addr, n = cfg.params.n(), t = cfg.params.t(), "coordinator listening");
+    #[allow(
+        clippy::print_stdout,
+        reason = "the readiness line is read by `quorate dev` and tests"
+    )]
+    {
+        println!("QUORATE_READY coordinator addr={addr}");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(KeyServiceServer::new(api.clone()))
+        .add_service(ClusterServiceServer::new(api))
+        .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| format!("server failed: {e}")),
+        () = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(cfg.grace, server).await {
+        Ok(r) => r.map_err(|e| format!("server failed: {e}")),
+        Err(_) => {
+            tracing::warn!("drain timed out");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The `quorate-node` process: configuration, tracing, serving and graceful drain.
+
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use quorate_crypto::identity::IdentityKey;
+use quorate_crypto::params::PartyIndex;
+use crate::config::{Args, Config};
+use crate::service::{Node, Service};
+use crate::store::{Kek, Store};
+use quorate_proto::fragment::fragment_node_server::FragmentNodeServer;
+use quorate_proto::tls::{self, Identity, Role, RoleKind, Trust};
+use quorate_proto::transport;
+
+fn init_tracing(json: bool) {
+    // A second initialisation (tests running several in one process) is harmless.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUORATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+/// Runs the process with parsed arguments: sets up tracing, validates the
+/// configuration (exit 2 on errors), serves until SIGTERM/SIGINT.
+pub async fn main_with(args: Args) -> ExitCode {
+    init_tracing(args.log_format == "json");
+    let cfg = match args.build() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("quorate-node: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quorate-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let identity = Identity::from_pem_files(&cfg.cert, &cfg.key).map_err(|e| e.to_string())?;
+    let trust = Trust::from_pem_file(&cfg.ca, &cfg.domain).map_err(|e| e.to_string())?;
+    let index = match identity.role(&cfg.domain).map_err(|e| e.to_string())? {
+        Role::Node(i) => PartyIndex::new(i).ok_or("node index out of range")?,
+        other => {
+            return Err(format!(
+                "{} holds the certificate of {other}, not of a node: use a node certificate from `quorate admin init`",
+                cfg.cert.display()
+            ));
+        }
+    };
+    let signing = identity.signing_key_bytes().map_err(|e| e.to_string())?;
+    let id_key = IdentityKey::from_secret_bytes(&signing[..]).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    let kek = Kek::load(&cfg.kek_file, cfg.init_kek).map_err(|e| e.to_string())?;
+    let store = Store::open(&cfg.data_dir.join("node.redb"), &kek).map_err(|e| e.to_string())?;
+    let node = Node::new(
+        index,
+        cfg.domain.clone(),
+        id_key,
+        identity.cert_chain().to_vec(),
+        trust.clone(),
+        store,
+        cfg.fail_point,
+    )
+    .map_err(|e| e.to_string())?;
+    let server_tls = tls::server_config(&identity, &trust, &[RoleKind::Coordinator])
+        .map_err(|e| e.to_string())?;
+    let (listener, addr) = transport::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<FragmentNodeServer<Service>>().await;
+    let service = Service::new(Arc::new(node));
+    tracing::info!(node = index.get(), %addr, "fragment node listening");
+    // A parent process (`quorate dev`, tests) reads this line to learn the address.
+    #[allow(
+        clippy::print_stdout,
+        reason = "the readiness line is read by `quorate dev` and tests"
+    )]
+    {
+        println!("QUORATE_READY node={} addr={addr}", index.get());
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(FragmentNodeServer::new(service).max_decoding_message_size(256 * 1024 * 1024))
+        .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| format!("server failed: {e}")),
+        () = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(cfg.grace, server).await {
+        Ok(r) => r.map_err(|e| format!("server failed: {e}")),
+        Err(_) => {
+            tracing::warn!("drain timed out");
+            Ok(())
+        }
+    }
+}
