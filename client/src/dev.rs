@@ -253,8 +253,8 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
             opts.nodes, opts.threshold
         ))
     })?;
-    let node_bin = find_binary(opts.node_bin.as_deref(), "quorate-node")?;
-    let coordinator_bin = find_binary(opts.coordinator_bin.as_deref(), "quorate-coordinator")?;
+    let node_bin = launcher(opts.node_bin.as_deref(), "node")?;
+    let coordinator_bin = launcher(opts.coordinator_bin.as_deref(), "coordinator")?;
 
     std::fs::create_dir_all(&opts.dir).map_err(|e| {
         Error::Config(format!(
@@ -279,7 +279,7 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     let ca = dir.join("ca.pem");
     for i in 1..=opts.nodes {
         let name = format!("node-{i}");
-        let mut cmd = Command::new(&node_bin);
+        let mut cmd = node_bin.command();
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -308,7 +308,7 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         node_addrs.push((i, addr));
     }
 
-    let mut cmd = Command::new(&coordinator_bin);
+    let mut cmd = coordinator_bin.command();
     cmd.arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
@@ -344,6 +344,39 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         env_file,
         pools_filled,
     })
+}
+
+/// How to start a node or the coordinator: an explicit executable, or this very
+/// `quorate` executable with the hidden `node` / `coordinator` subcommand (so that
+/// `cargo run -p quorate-client --bin quorate -- dev` needs nothing else built). Either
+/// way each runs as a separate process.
+struct Launcher {
+    program: PathBuf,
+    subcommand: Option<&'static str>,
+}
+
+impl Launcher {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        if let Some(s) = self.subcommand {
+            c.arg(s);
+        }
+        c
+    }
+}
+
+fn launcher(explicit: Option<&Path>, subcommand: &'static str) -> Result<Launcher> {
+    match explicit {
+        Some(p) => Ok(Launcher {
+            program: find_binary(Some(p), &format!("quorate-{subcommand}"))?,
+            subcommand: None,
+        }),
+        None => Ok(Launcher {
+            program: std::env::current_exe()
+                .map_err(|e| Error::Other(format!("cannot locate the quorate executable: {e}")))?,
+            subcommand: Some(subcommand),
+        }),
+    }
 }
 
 /// The executable `name`: `explicit` if given, else next to the current executable.

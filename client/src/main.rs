@@ -56,6 +56,12 @@ enum Command {
     Encrypt(CryptArgs),
     /// Decrypt a file made by `quorate encrypt`
     Decrypt(CryptArgs),
+    /// Run a fragment node (what `quorate-node` runs; used by `quorate dev`)
+    #[command(hide = true)]
+    Node(quorate_node::config::Args),
+    /// Run the coordinator (what `quorate-coordinator` runs; used by `quorate dev`)
+    #[command(hide = true)]
+    Coordinator(quorate_coordinator::config::Args),
 }
 
 #[derive(Debug, Args)]
@@ -278,7 +284,6 @@ enum SigFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -289,7 +294,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The server subcommands set up their own tracing and exit codes.
+    let command = match cli.command {
+        Command::Node(args) => return runtime.block_on(quorate_node::app::main_with(args)),
+        Command::Coordinator(args) => {
+            return runtime.block_on(quorate_coordinator::app::main_with(args));
+        }
+        other => other,
+    };
+    init_tracing();
+    match runtime.block_on(run(Cli { command })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -369,6 +383,9 @@ async fn run(cli: Cli) -> Result<()> {
                 None => out(&format!("{}\n", hex::encode(&ct))),
             }
         }
+        Command::Node(_) | Command::Coordinator(_) => Err(Error::Usage(
+            "the node and coordinator subcommands run as their own processes".into(),
+        )),
         Command::Decrypt(args) => {
             let ct = ciphertext_bytes(read_input(&args.input)?);
             let client = args.conn.connect().await?;

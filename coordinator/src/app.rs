@@ -1,6 +1,5 @@
 //! The `quorate-coordinator` process: configuration, tracing, serving and graceful drain.
 
-
 use std::process::ExitCode;
 
 use crate::cluster::Cluster;

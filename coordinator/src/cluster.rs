@@ -282,6 +282,9 @@ impl Cluster {
         }
         let mut out = Vec::with_capacity(tasks.len());
         let mut failures = Vec::new();
+        // The most telling refusal among the failures: a node's verdict on the request
+        // itself (wrong purpose, unknown key, bad input) beats "unavailable".
+        let mut refusal: Option<tonic::Code> = None;
         for (i, t) in tasks {
             match t.await {
                 Ok(Ok(Ok(r))) => out.push(r.into_inner()),
@@ -291,6 +294,8 @@ impl Cluster {
                         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
                     ) {
                         self.mark_down(i);
+                    } else {
+                        refusal.get_or_insert(s.code());
                     }
                     failures.push(format!("node {i}: {}", status_text(&s)));
                 }
@@ -302,13 +307,17 @@ impl Cluster {
             }
         }
         if failures.is_empty() {
-            Ok(out)
-        } else {
-            Err(CoordError::Unavailable(format!(
-                "{what} failed: {}",
-                failures.join("; ")
-            )))
+            return Ok(out);
         }
+        let msg = format!("{what} failed: {}", failures.join("; "));
+        Err(match refusal {
+            None => CoordError::Unavailable(msg),
+            Some(tonic::Code::FailedPrecondition) => CoordError::Precondition(msg),
+            Some(tonic::Code::InvalidArgument) => CoordError::Invalid(msg),
+            Some(tonic::Code::NotFound) => CoordError::NotFound(msg),
+            Some(tonic::Code::Aborted) => CoordError::Misbehaved(msg),
+            Some(_) => CoordError::Internal(msg),
+        })
     }
 
     async fn roster(&self) -> Result<(fragment::Roster, quorate_crypto::identity::Roster)> {
@@ -719,6 +728,11 @@ impl Cluster {
         requester: quorate_crypto::Point,
     ) -> Result<DhResponse> {
         let key = self.key(name)?;
+        let needed = match input {
+            tdh::DhInput::Derive { .. } => KeyPurpose::Derive,
+            tdh::DhInput::Decrypt { .. } => KeyPurpose::Decrypt,
+        };
+        key.purpose.require(needed).map_err(crypto)?;
         let req = DhRequest {
             key_id: key.key_id,
             input,
@@ -754,10 +768,11 @@ impl Cluster {
                 .await;
             let replies = match res {
                 Ok(r) => r,
-                Err(e) => {
+                Err(e @ CoordError::Unavailable(_)) => {
                     last = Some(e);
                     continue;
                 }
+                Err(e) => return Err(e),
             };
             let partials = replies
                 .iter()

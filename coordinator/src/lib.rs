@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod cluster;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod pools;
 pub mod service;

@@ -1,14 +1,13 @@
 //! The `quorate-node` process: configuration, tracing, serving and graceful drain.
 
-
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use quorate_crypto::identity::IdentityKey;
-use quorate_crypto::params::PartyIndex;
 use crate::config::{Args, Config};
 use crate::service::{Node, Service};
 use crate::store::{Kek, Store};
+use quorate_crypto::identity::IdentityKey;
+use quorate_crypto::params::PartyIndex;
 use quorate_proto::fragment::fragment_node_server::FragmentNodeServer;
 use quorate_proto::tls::{self, Identity, Role, RoleKind, Trust};
 use quorate_proto::transport;
