@@ -95,6 +95,13 @@ async fn run(cfg: Config) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
+    if let Some(m) = cfg.metrics_listen {
+        let c = cluster.clone();
+        let at = quorate_proto::metrics::serve(m, std::sync::Arc::new(move || c.render_metrics()))
+            .await
+            .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
+        tracing::info!(%at, "metrics at http://{at}/metrics");
+    }
     let server_tls =
         tls::server_config(&identity, &trust, &[RoleKind::Client]).map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)

@@ -130,6 +130,19 @@ pub struct NodeView {
     pub error: String,
 }
 
+/// The coordinator's counters (Prometheus).
+#[derive(Debug, Default)]
+pub struct CoordMetrics {
+    /// Signatures returned (verified).
+    pub signatures: quorate_proto::metrics::Counter,
+    /// Signing attempts that failed (and were retried or reported).
+    pub sign_attempt_failures: quorate_proto::metrics::Counter,
+    /// Presignatures added to pools.
+    pub presignatures_made: quorate_proto::metrics::Counter,
+    /// Threshold-DH responses returned.
+    pub dh_responses: quorate_proto::metrics::Counter,
+}
+
 /// The coordinator's view of the cluster.
 pub struct Cluster {
     params: ThresholdParams,
@@ -138,6 +151,7 @@ pub struct Cluster {
     store: Store,
     state: Mutex<State>,
     relay_log: Option<Mutex<std::fs::File>>,
+    metrics: CoordMetrics,
 }
 
 fn rng() -> Result<rand::rngs::StdRng> {
@@ -211,6 +225,7 @@ impl Cluster {
             store,
             state: Mutex::new(state),
             relay_log,
+            metrics: CoordMetrics::default(),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -221,6 +236,57 @@ impl Cluster {
     /// Threshold parameters.
     pub fn params(&self) -> ThresholdParams {
         self.params
+    }
+
+    /// Prometheus text exposition: counters, pool depths, excluded nodes.
+    pub fn render_metrics(&self) -> String {
+        let mut e = quorate_proto::metrics::Exposition::default();
+        let m = &self.metrics;
+        for (name, help, c) in [
+            (
+                "quorate_coordinator_signatures_total",
+                "Verified signatures returned.",
+                &m.signatures,
+            ),
+            (
+                "quorate_coordinator_sign_attempt_failures_total",
+                "Signing attempts that failed.",
+                &m.sign_attempt_failures,
+            ),
+            (
+                "quorate_coordinator_presignatures_made_total",
+                "Presignatures added to pools.",
+                &m.presignatures_made,
+            ),
+            (
+                "quorate_coordinator_dh_responses_total",
+                "Threshold-DH responses returned.",
+                &m.dh_responses,
+            ),
+        ] {
+            e.family(name, "counter", help).sample(name, &[], c.get());
+        }
+        e.family(
+            "quorate_coordinator_pool_depth",
+            "gauge",
+            "Presignatures ready per key and signing set.",
+        );
+        for (key, set, depth) in self.pool_depths().unwrap_or_default() {
+            let set = set.to_string();
+            e.sample(
+                "quorate_coordinator_pool_depth",
+                &[("key", &key), ("set", &set)],
+                depth as u64,
+            );
+        }
+        let excluded = self.state().map(|s| s.culprits.len()).unwrap_or(0);
+        e.family(
+            "quorate_coordinator_excluded_nodes",
+            "gauge",
+            "Nodes excluded after misbehaving.",
+        )
+        .sample("quorate_coordinator_excluded_nodes", &[], excluded as u64);
+        e.finish()
     }
 
     fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
@@ -553,6 +619,7 @@ impl Cluster {
         }
         self.store.add_presigs(&public)?;
         let n = public.len();
+        self.metrics.presignatures_made.add(n as u64);
         self.state()?
             .pools
             .entry((key.key_id, sset.clone()))
@@ -656,8 +723,12 @@ impl Cluster {
         for _attempt in 0..3 {
             let presig = self.take_presig(key.key_id)?;
             match self.sign_with(&key, &presig, digest).await {
-                Ok(sig) => return Ok(sig),
+                Ok(sig) => {
+                    self.metrics.signatures.inc();
+                    return Ok(sig);
+                }
                 Err(e) => {
+                    self.metrics.sign_attempt_failures.inc();
                     tracing::warn!(error = %e, "signing attempt failed; retrying with another presignature");
                     last = Some(e);
                 }
@@ -781,7 +852,10 @@ impl Cluster {
             let set = PartySet::new(quorum).map_err(crypto)?;
             let mut r = rng()?;
             match tdh::combine(&mut r, &key, &req, &set, &partials) {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    self.metrics.dh_responses.inc();
+                    return Ok(resp);
+                }
                 Err(e) => last = Some(self.blame(e)),
             }
         }

@@ -62,6 +62,9 @@ pub struct Args {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub grace_secs: u64,
+    /// Serve Prometheus metrics (plain HTTP `GET /metrics`) on this address.
+    #[arg(long, env = "QUORATE_COORDINATOR_METRICS")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Testing: append every relayed round message to this file.
     #[arg(long, hide = true)]
     pub record_relay: Option<PathBuf>,
@@ -95,6 +98,8 @@ pub struct Config {
     pub grace: std::time::Duration,
     /// Relay recording.
     pub record_relay: Option<PathBuf>,
+    /// Metrics address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -178,6 +183,7 @@ impl Args {
                 },
                 grace: std::time::Duration::from_secs(self.grace_secs),
                 record_relay: self.record_relay,
+                metrics_listen: self.metrics_listen,
             }),
             _ => Err(errors),
         }

@@ -98,6 +98,14 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<FragmentNodeServer<Service>>().await;
+    if let Some(m) = cfg.metrics_listen {
+        let metrics = node.metrics();
+        let i = index.get();
+        let at = quorate_proto::metrics::serve(m, Arc::new(move || metrics.render(i)))
+            .await
+            .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
+        tracing::info!(%at, "metrics at http://{at}/metrics");
+    }
     let service = Service::new(Arc::new(node));
     tracing::info!(node = index.get(), %addr, "fragment node listening");
     // A parent process (`quorate dev`, tests) reads this line to learn the address.

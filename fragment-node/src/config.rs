@@ -45,6 +45,9 @@ pub struct Args {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub grace_secs: u64,
+    /// Serve Prometheus metrics (plain HTTP `GET /metrics`) on this address.
+    #[arg(long, env = "QUORATE_NODE_METRICS")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Testing only: stop the process at a named point (`sign-after-commit`).
     #[arg(long, env = "QUORATE_NODE_FAILPOINT", hide = true)]
     pub fail_point: Option<String>,
@@ -76,6 +79,8 @@ pub struct Config {
     pub grace: std::time::Duration,
     /// Crash-test hook.
     pub fail_point: Option<FailPoint>,
+    /// Metrics address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -128,6 +133,7 @@ impl Args {
             init_kek: self.init_kek,
             grace: std::time::Duration::from_secs(self.grace_secs),
             fail_point,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

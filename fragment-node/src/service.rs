@@ -52,6 +52,74 @@ pub enum FailPoint {
     SignAfterCommit,
 }
 
+/// The node's counters (Prometheus).
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// Sign RPCs (batches) served.
+    pub sign_batches: quorate_proto::metrics::Counter,
+    /// Signature shares released for the first time.
+    pub sign_shares_released: quorate_proto::metrics::Counter,
+    /// Idempotent repeats of an earlier share.
+    pub sign_shares_repeated: quorate_proto::metrics::Counter,
+    /// Sign requests refused (consumed presignature, wrong set, unknown ids).
+    pub sign_refusals: quorate_proto::metrics::Counter,
+    /// Threshold-DH partials released.
+    pub dh_partials_released: quorate_proto::metrics::Counter,
+    /// Presignature shares stored.
+    pub presignatures_stored: quorate_proto::metrics::Counter,
+    /// Key shares activated (DKG or refresh).
+    pub keys_activated: quorate_proto::metrics::Counter,
+}
+
+impl NodeMetrics {
+    /// Prometheus text exposition.
+    pub fn render(&self, node: u16) -> String {
+        let n = node.to_string();
+        let l = [("node", n.as_str())];
+        let mut e = quorate_proto::metrics::Exposition::default();
+        for (name, help, c) in [
+            (
+                "quorate_node_sign_batches_total",
+                "Sign RPCs served (one durable commit each).",
+                &self.sign_batches,
+            ),
+            (
+                "quorate_node_sign_shares_released_total",
+                "Signature shares released for the first time.",
+                &self.sign_shares_released,
+            ),
+            (
+                "quorate_node_sign_shares_repeated_total",
+                "Idempotent repeats of an earlier signature share.",
+                &self.sign_shares_repeated,
+            ),
+            (
+                "quorate_node_sign_refusals_total",
+                "Sign requests refused.",
+                &self.sign_refusals,
+            ),
+            (
+                "quorate_node_dh_partials_released_total",
+                "Threshold-DH partials released.",
+                &self.dh_partials_released,
+            ),
+            (
+                "quorate_node_presignatures_stored_total",
+                "Presignature shares stored durably.",
+                &self.presignatures_stored,
+            ),
+            (
+                "quorate_node_keys_activated_total",
+                "Key shares activated by DKG or refresh.",
+                &self.keys_activated,
+            ),
+        ] {
+            e.family(name, "counter", help).sample(name, &l, c.get());
+        }
+        e.finish()
+    }
+}
+
 /// The node's state, shared by all handlers.
 pub struct Node {
     index: PartyIndex,
@@ -63,6 +131,7 @@ pub struct Node {
     store: Store,
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
+    metrics: Arc<NodeMetrics>,
 }
 
 fn store_err(e: StoreError) -> Status {
@@ -109,12 +178,18 @@ impl Node {
             store,
             sessions: Mutex::new(HashMap::new()),
             failpoint,
+            metrics: Arc::new(NodeMetrics::default()),
         })
     }
 
     /// This node's index.
     pub fn index(&self) -> PartyIndex {
         self.index
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> Arc<NodeMetrics> {
+        self.metrics.clone()
     }
 
     fn put(&self, sid: SessionId, round: Round) -> Result<(), Status> {
@@ -253,6 +328,7 @@ impl Node {
             ));
         }
         self.store.activate(&session, &share).map_err(store_err)?;
+        self.metrics.keys_activated.inc();
         tracing::info!(key = %public.key_id, epoch = public.epoch, "key share activated");
         Ok(())
     }
@@ -335,6 +411,7 @@ impl Node {
             presign::round5(&mut rng, state, &reductions, &self.kem).map_err(crypto_err)?;
         // Durable before the ack: the coordinator pools only acknowledged presignatures.
         self.store.put_presigs(&shares).map_err(store_err)?;
+        self.metrics.presignatures_stored.add(shares.len() as u64);
         Ok(u32::try_from(shares.len()).unwrap_or(u32::MAX))
     }
 
@@ -373,15 +450,22 @@ impl Node {
                             digest: step.record.digest,
                         });
                         records.push(step.record.clone());
+                    } else {
+                        self.metrics.sign_shares_repeated.inc();
                     }
                     results.push(R::Share(step.share.to_bytes()));
                 }
-                Err(why) => results.push(R::Refused(why)),
+                Err(why) => {
+                    self.metrics.sign_refusals.inc();
+                    results.push(R::Refused(why));
+                }
             }
         }
         // Group commit: every consumed record (w_j, v_j erased) is durable before any
         // share of this batch leaves the node.
         self.store.consume(&records, &releases).map_err(store_err)?;
+        self.metrics.sign_batches.inc();
+        self.metrics.sign_shares_released.add(records.len() as u64);
         if self.failpoint == Some(FailPoint::SignAfterCommit) && !records.is_empty() {
             tracing::warn!("fail-point sign-after-commit: exiting before the reply");
             std::process::exit(86);
@@ -410,6 +494,7 @@ impl Node {
                 digest: quorate_crypto::hash::sha256(&req.request),
             }])
             .map_err(store_err)?;
+        self.metrics.dh_partials_released.inc();
         Ok(partial.to_bytes())
     }
 

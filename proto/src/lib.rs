@@ -36,6 +36,7 @@ pub mod api {
 }
 
 pub mod convert;
+pub mod metrics;
 pub mod pki;
 pub mod tls;
 pub mod transport;

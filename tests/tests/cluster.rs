@@ -78,13 +78,31 @@ async fn derive(c: &TestCluster, name: &str, context: &[u8]) -> [u8; 32] {
         .secret_bytes()
 }
 
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
 fn rand_rng() -> rand::rngs::StdRng {
     quorate_crypto::sim::test_rng("it")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dkg_sign_derive_decrypt_and_node_outage() {
-    let mut c = TestCluster::start("e2e", 3, 1, POOL_FLAGS);
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut flags = POOL_FLAGS.to_vec();
+    flags.extend(["--metrics-listen", metrics_addr.as_str()]);
+    let mut c = TestCluster::start("e2e", 3, 1, &flags);
     let key = create_key(&c, "tokens", api::Purpose::Sign).await;
     assert_eq!((key.n, key.t), (3, 1));
     let pools = c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
@@ -99,6 +117,17 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
         let sig = sign(&c, "tokens", msg.as_bytes()).await.unwrap();
         verify_aws(&key.public_key, msg.as_bytes(), &sig);
     }
+
+    // Prometheus metrics count what happened.
+    let text = scrape(&metrics_addr);
+    assert!(
+        text.contains("quorate_coordinator_signatures_total 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("quorate_coordinator_pool_depth{key=\"tokens\",set=\"{1,2}\"}"),
+        "{text}"
+    );
 
     // Derivation: the same credential through different quorums.
     let dkey = create_key(&c, "creds", api::Purpose::Derive).await;
