@@ -185,34 +185,11 @@ impl DkgRound2 {
     }
 }
 
-fn sign_msg<T: Wire>(id: &IdentityKey, purpose: &str, unsigned: &T) -> [u8; SIGNATURE_LEN] {
-    id.sign(purpose, &unsigned.to_bytes())
-}
-
-impl DkgCommit {
-    const PURPOSE: &'static str = "dkg/commit";
-    fn unsigned(&self) -> Self {
-        DkgCommit {
-            sig: [0; SIGNATURE_LEN],
-            ..self.clone()
-        }
-    }
-}
+crate::identity::signed_message!(DkgCommit, "dkg/commit");
+crate::identity::signed_message!(DkgReveal, "dkg/reveal");
+crate::identity::signed_message!(DkgConfirm, "dkg/confirm");
 
 impl DkgReveal {
-    const PURPOSE: &'static str = "dkg/reveal";
-    fn unsigned(&self) -> Self {
-        DkgReveal {
-            sig: [0; SIGNATURE_LEN],
-            ..self.clone()
-        }
-    }
-    /// Test support: re-signs the message after an adversary changed it, as a malicious
-    /// dealer would.
-    #[cfg(any(test, feature = "test-support"))]
-    pub fn resign(&mut self, id: &IdentityKey) {
-        self.sig = sign_msg(id, Self::PURPOSE, &self.unsigned());
-    }
     /// Test support: replaces the seal for `recipient` with one holding a random share,
     /// as a malicious dealer would (call [`DkgReveal::resign`] after).
     #[cfg(any(test, feature = "test-support"))]
@@ -256,16 +233,6 @@ impl DkgReveal {
     }
 }
 
-impl DkgConfirm {
-    const PURPOSE: &'static str = "dkg/confirm";
-    fn unsigned(&self) -> Self {
-        DkgConfirm {
-            sig: [0; SIGNATURE_LEN],
-            ..self.clone()
-        }
-    }
-}
-
 /// Round 1 (§4.3 step 1): draw the dealing and send only its commitment hash.
 pub fn round1(
     rng: &mut (impl CryptoRng + ?Sized),
@@ -294,7 +261,7 @@ pub fn round1(
         hash: cfg.commitment_hash(me, &commitments),
         sig: [0; SIGNATURE_LEN],
     };
-    msg.sig = sign_msg(id, DkgCommit::PURPOSE, &msg);
+    msg.sign(id);
     Ok((
         DkgRound1 {
             cfg,
@@ -334,12 +301,8 @@ pub fn round2(
     let ordered = one_from_each(commits, &all, |m| m.dealer)?;
     for m in &ordered {
         check_session(m.session, &cfg)?;
-        cfg.roster.verify_from(
-            m.dealer,
-            DkgCommit::PURPOSE,
-            &m.unsigned().to_bytes(),
-            &m.sig,
-        )?;
+        cfg.roster
+            .verify_from(m.dealer, DkgCommit::PURPOSE, &m.unsigned_bytes(), &m.sig)?;
     }
     let mut seals = Vec::with_capacity(all.len());
     for &j in all.members() {
@@ -366,7 +329,7 @@ pub fn round2(
         seals,
         sig: [0; SIGNATURE_LEN],
     };
-    msg.sig = sign_msg(id, DkgReveal::PURPOSE, &msg);
+    msg.sign(id);
     let commits = ordered.into_iter().cloned().collect();
     Ok((DkgRound2 { cfg, me, commits }, msg))
 }
@@ -429,7 +392,7 @@ pub fn round3(
         let d = m.dealer;
         check_session(m.session, &cfg)?;
         cfg.roster
-            .verify_from(d, DkgReveal::PURPOSE, &m.unsigned().to_bytes(), &m.sig)?;
+            .verify_from(d, DkgReveal::PURPOSE, &m.unsigned_bytes(), &m.sig)?;
         // Commitment length first: a longer vector would raise the threshold.
         let com = if cfg.is_refresh() {
             Commitments::zero_constant(&m.commitments, expected_len, d)?
@@ -509,7 +472,7 @@ pub fn round3(
         commitments: share.public.commitments.to_points(false)?,
         sig: [0; SIGNATURE_LEN],
     };
-    confirm.sig = sign_msg(id, DkgConfirm::PURPOSE, &confirm);
+    confirm.sign(id);
     Ok((share, confirm))
 }
 
@@ -521,12 +484,8 @@ pub fn finalize(cfg: &DkgConfig, confirms: &[DkgConfirm]) -> Result<KeyPublic> {
     let ordered = one_from_each(confirms, &all, |m| m.party)?;
     for m in &ordered {
         check_session(m.session, cfg)?;
-        cfg.roster.verify_from(
-            m.party,
-            DkgConfirm::PURPOSE,
-            &m.unsigned().to_bytes(),
-            &m.sig,
-        )?;
+        cfg.roster
+            .verify_from(m.party, DkgConfirm::PURPOSE, &m.unsigned_bytes(), &m.sig)?;
     }
     // Majority view; everyone who disagrees with it is blamed.
     let views: Vec<&Vec<Point>> = ordered.iter().map(|m| &m.commitments).collect();

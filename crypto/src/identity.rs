@@ -159,3 +159,30 @@ impl Roster {
         }
     }
 }
+
+/// Gives a round message (a struct with a `sig` field and a [`crate::wire::Wire`]
+/// encoding) its signing purpose, `sign`, `unsigned_bytes` (the encoding with a zeroed
+/// signature, which is what is signed) and, for tests, `resign`.
+macro_rules! signed_message {
+    ($ty:ident, $purpose:literal) => {
+        impl $ty {
+            const PURPOSE: &'static str = $purpose;
+            fn unsigned_bytes(&self) -> Vec<u8> {
+                $crate::wire::Wire::to_bytes(&$ty {
+                    sig: [0; $crate::identity::SIGNATURE_LEN],
+                    ..self.clone()
+                })
+            }
+            fn sign(&mut self, id: &$crate::identity::IdentityKey) {
+                self.sig = id.sign(Self::PURPOSE, &self.unsigned_bytes());
+            }
+            /// Test support: re-signs the message after an adversary changed it, as a
+            /// malicious sender would.
+            #[cfg(any(test, feature = "test-support"))]
+            pub fn resign(&mut self, id: &$crate::identity::IdentityKey) {
+                self.sign(id);
+            }
+        }
+    };
+}
+pub(crate) use signed_message;

@@ -200,34 +200,10 @@ pub struct PresignReduction {
     sig: [u8; SIGNATURE_LEN],
 }
 
-macro_rules! signed_message {
-    ($ty:ident, $purpose:literal) => {
-        impl $ty {
-            const PURPOSE: &'static str = $purpose;
-            fn unsigned_bytes(&self) -> Vec<u8> {
-                $ty {
-                    sig: [0; SIGNATURE_LEN],
-                    ..self.clone()
-                }
-                .to_bytes()
-            }
-            fn sign(&mut self, id: &IdentityKey) {
-                self.sig = [0; SIGNATURE_LEN];
-                self.sig = id.sign(Self::PURPOSE, &self.unsigned_bytes());
-            }
-            /// Test support: re-signs the message after an adversary changed it, as a
-            /// malicious sender would.
-            #[cfg(any(test, feature = "test-support"))]
-            pub fn resign(&mut self, id: &IdentityKey) {
-                self.sign(id);
-            }
-        }
-    };
-}
-signed_message!(PresignCommit, "presign/commit");
-signed_message!(PresignDealing, "presign/deal");
-signed_message!(PresignMu, "presign/mu");
-signed_message!(PresignReduction, "presign/reduce");
+crate::identity::signed_message!(PresignCommit, "presign/commit");
+crate::identity::signed_message!(PresignDealing, "presign/deal");
+crate::identity::signed_message!(PresignMu, "presign/mu");
+crate::identity::signed_message!(PresignReduction, "presign/reduce");
 
 fn verify_sig(
     roster: &Roster,

@@ -12,24 +12,10 @@ use quorate_proto::fragment::fragment_node_server::FragmentNodeServer;
 use quorate_proto::tls::{self, Identity, Role, RoleKind, Trust};
 use quorate_proto::transport;
 
-fn init_tracing(json: bool) {
-    // A second initialisation (tests running several in one process) is harmless.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUORATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        let _ = b.json().try_init();
-    } else {
-        let _ = b.try_init();
-    }
-}
-
 /// Runs the process with parsed arguments: sets up tracing, validates the
 /// configuration (exit 2 on errors), serves until SIGTERM/SIGINT.
 pub async fn main_with(args: Args) -> ExitCode {
-    init_tracing(args.log_format == "json");
+    quorate_proto::process::init_tracing(args.log_format == "json");
     let cfg = match args.build() {
         Ok(c) => c,
         Err(errors) => {
@@ -45,21 +31,6 @@ pub async fn main_with(args: Args) -> ExitCode {
             eprintln!("quorate-node: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
     }
 }
 
@@ -123,18 +94,5 @@ async fn run(cfg: Config) -> Result<(), String> {
         .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
             let _ = stop_rx.await;
         });
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        r = &mut server => return r.map_err(|e| format!("server failed: {e}")),
-        () = shutdown_signal() => {}
-    }
-    tracing::info!("shutting down: draining in-flight requests");
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(cfg.grace, server).await {
-        Ok(r) => r.map_err(|e| format!("server failed: {e}")),
-        Err(_) => {
-            tracing::warn!("drain timed out");
-            Ok(())
-        }
-    }
+    quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await
 }

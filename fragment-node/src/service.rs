@@ -132,6 +132,9 @@ pub struct Node {
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
     metrics: Arc<NodeMetrics>,
+    /// Serialises the read–check–commit of sign batches: two concurrent batches naming
+    /// the same presignature must not both find it unused.
+    sign_lock: Mutex<()>,
 }
 
 fn store_err(e: StoreError) -> Status {
@@ -179,6 +182,7 @@ impl Node {
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
+            sign_lock: Mutex::new(()),
         })
     }
 
@@ -417,6 +421,12 @@ impl Node {
 
     fn sign_batch(&self, req: fragment::SignBatch) -> Result<Vec<fragment::SignResult>, Status> {
         use fragment::sign_result::Result as R;
+        // Held until the consumed records are durable (DESIGN.md §4.5: at most one
+        // message per presignature, also under concurrent requests).
+        let _serial = self
+            .sign_lock
+            .lock()
+            .map_err(|_| Status::internal("sign lock poisoned"))?;
         let mut results = Vec::with_capacity(req.requests.len());
         let mut records = Vec::new();
         let mut releases = Vec::new();

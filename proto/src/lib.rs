@@ -38,5 +38,6 @@ pub mod api {
 pub mod convert;
 pub mod metrics;
 pub mod pki;
+pub mod process;
 pub mod tls;
 pub mod transport;

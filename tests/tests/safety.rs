@@ -289,3 +289,59 @@ async fn coordinator_never_sees_a_share() {
     assert!(windows.contains(&some_relayed[..]));
     let _ = std::fs::remove_file(&relay);
 }
+
+/// Two concurrent sign batches naming the same unused presignature with different
+/// digests: the node releases one share and refuses the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_cannot_use_a_presignature_twice() {
+    let mut c = TestCluster::start("concurrent", 3, 1, POOL_FLAGS);
+    create_sign_key(&c, "k").await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    // Stop the coordinator and read a pooled presignature from its (public) store.
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    let store = quorate_coordinator::store::Store::open(
+        &c.dir.0.join("coordinator").join("coordinator.redb"),
+    )
+    .unwrap();
+    let key = store.keys().unwrap().into_iter().next().unwrap().public;
+    let presigs = store.presigs().unwrap();
+    drop(store);
+    let one = quorate_crypto::params::PartyIndex::new(1).unwrap();
+    let target: Vec<_> = presigs
+        .iter()
+        .filter(|p| p.sset.contains(one))
+        .take(8)
+        .collect();
+    assert!(!target.is_empty());
+    for p in target {
+        let req = |d: u8| fragment::SignBatch {
+            requests: vec![
+                SignRequest {
+                    key_id: key.key_id,
+                    presig_id: p.id,
+                    sset: p.sset.clone(),
+                    digest: [d; 32],
+                }
+                .to_bytes(),
+            ],
+        };
+        let mut a = c.node_as_coordinator(1).await;
+        let mut b = c.node_as_coordinator(1).await;
+        let (ra, rb) = tokio::join!(a.sign(req(1)), b.sign(req(2)));
+        let shares = [ra.unwrap().into_inner(), rb.unwrap().into_inner()]
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.results[0].result,
+                    Some(fragment::sign_result::Result::Share(_))
+                )
+            })
+            .count();
+        assert_eq!(
+            shares, 1,
+            "a presignature released shares for two different digests"
+        );
+    }
+}
