@@ -345,3 +345,110 @@ async fn concurrent_requests_cannot_use_a_presignature_twice() {
         );
     }
 }
+
+/// Bad input gets a clear status naming what is wrong, and the cluster keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_status_and_loses_nothing() {
+    let c = TestCluster::start("badinput", 3, 1, POOL_FLAGS);
+    create_sign_key(&c, "k").await;
+    c.keys()
+        .await
+        .create_key(api::CreateKeyRequest {
+            name: "d".into(),
+            purpose: api::Purpose::Derive as i32,
+        })
+        .await
+        .unwrap();
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    let mut keys = c.keys().await;
+    fn expect<T>(r: Result<tonic::Response<T>, tonic::Status>, code: tonic::Code, words: &str) {
+        let s = r.err().expect("bad input was accepted");
+        assert_eq!(s.code(), code, "{s:?}");
+        assert!(
+            s.message().contains(words),
+            "status {:?} does not mention {words:?}",
+            s.message()
+        );
+    }
+    // Unknown key.
+    expect(
+        keys.sign(api::SignRequest {
+            name: "nope".into(),
+            input: Some(api::sign_request::Input::Message(b"m".to_vec())),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await,
+        tonic::Code::NotFound,
+        "no key named nope",
+    );
+    // Wrong digest length.
+    expect(
+        keys.sign(api::SignRequest {
+            name: "k".into(),
+            input: Some(api::sign_request::Input::Digest(vec![0; 31])),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "digest must be 32 bytes",
+    );
+    // Malformed point (not on the curve / wrong encoding).
+    expect(
+        keys.derive(api::DeriveRequest {
+            name: "d".into(),
+            context: b"ctx".to_vec(),
+            requester_public: vec![0x05; 33],
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "requester_public",
+    );
+    // Oversize context.
+    let a = quorate_crypto::Point::GENERATOR.to_bytes().to_vec();
+    expect(
+        keys.derive(api::DeriveRequest {
+            name: "d".into(),
+            context: vec![b'x'; 5000],
+            requester_public: a.clone(),
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "context",
+    );
+    // Malformed ciphertext.
+    expect(
+        keys.decrypt(api::DecryptRequest {
+            name: "d".into(),
+            ciphertext: vec![1, 2, 3],
+            requester_public: a,
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "ciphertext",
+    );
+    // Oversize message (beyond the transport limit).
+    let big = keys
+        .sign(api::SignRequest {
+            name: "k".into(),
+            input: Some(api::sign_request::Input::Message(vec![0; 5 * 1024 * 1024])),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await;
+    let s = big.err().expect("oversize message accepted");
+    assert!(
+        s.message().contains("too large") || s.message().contains("length"),
+        "{s:?}"
+    );
+    // A bad key name.
+    expect(
+        keys.create_key(api::CreateKeyRequest {
+            name: "bad name!".into(),
+            purpose: api::Purpose::Sign as i32,
+        })
+        .await,
+        tonic::Code::InvalidArgument,
+        "key name",
+    );
+    // Nothing was lost: the cluster still signs.
+    assert!(sign(&c, "k", b"still fine").await.is_ok());
+}
