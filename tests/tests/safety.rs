@@ -434,7 +434,7 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
             format: api::SignatureFormat::Raw as i32,
         })
         .await;
-    let s = big.err().expect("oversize message accepted");
+    let s = big.expect_err("oversize message accepted");
     assert!(
         s.message().contains("too large") || s.message().contains("length"),
         "{s:?}"
