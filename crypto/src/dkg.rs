@@ -199,17 +199,13 @@ impl DkgReveal {
         roster: &Roster,
         recipient: PartyIndex,
     ) -> Result<()> {
-        let ctx = SealContext {
-            session: self.session,
-            round: SEAL_ROUND,
-            dealer: self.dealer,
-            recipient,
-        };
         let bogus = SecretScalar::random(rng);
-        let sealed = seal::seal(
+        let sealed = roster.seal_to(
             rng,
-            &roster.get(recipient)?.kem,
-            &ctx,
+            self.session,
+            SEAL_ROUND,
+            self.dealer,
+            recipient,
             &bogus.secret_bytes()[..],
         )?;
         for (r, s) in &mut self.seals {
@@ -306,17 +302,13 @@ pub fn round2(
     }
     let mut seals = Vec::with_capacity(all.len());
     for &j in all.members() {
-        let ctx = SealContext {
-            session: cfg.session,
-            round: SEAL_ROUND,
-            dealer: me,
-            recipient: j,
-        };
         let share = poly.eval(j);
-        let sealed = seal::seal(
+        let sealed = cfg.roster.seal_to(
             rng,
-            &cfg.roster.get(j)?.kem,
-            &ctx,
+            cfg.session,
+            SEAL_ROUND,
+            me,
+            j,
             &share.secret_bytes()[..],
         )?;
         seals.push((j, sealed));

@@ -141,6 +141,26 @@ impl Roster {
             .try_for_each(|&p| self.get(p).map(|_| ()))
     }
 
+    /// Seals `plain` to `recipient`'s KEM key under the context
+    /// `(session, round, dealer, recipient)` (DESIGN.md §4.2).
+    pub fn seal_to(
+        &self,
+        rng: &mut (impl rand_core::CryptoRng + ?Sized),
+        session: crate::params::SessionId,
+        round: u8,
+        dealer: PartyIndex,
+        recipient: PartyIndex,
+        plain: &[u8],
+    ) -> Result<crate::seal::Sealed> {
+        let ctx = crate::seal::SealContext {
+            session,
+            round,
+            dealer,
+            recipient,
+        };
+        crate::seal::seal(rng, &self.get(recipient)?.kem, &ctx, plain)
+    }
+
     /// Verifies `sig` by party `sender` on `msg` under `purpose`; a failure means the
     /// relay altered the message.
     pub fn verify_from(

@@ -38,7 +38,7 @@ use crate::identity::{IdentityKey, Roster, SIGNATURE_LEN};
 use crate::keys::{KeyId, KeyPublic, KeyPurpose, KeyShare};
 use crate::params::{PartyIndex, PartySet, SessionId, one_from_each};
 use crate::proofs::{Base, DleqForms, DleqProof};
-use crate::seal::{self, KemSecretKey, SealContext, Sealed};
+use crate::seal::{self, KemSecretKey, Sealed};
 use crate::secret::SecretScalar;
 use crate::wire::{Reader, Wire, Writer};
 
@@ -246,13 +246,8 @@ impl PresignDealing {
         for _ in 0..n {
             plain.extend_from_slice(&SecretScalar::random(rng).secret_bytes()[..]);
         }
-        let ctx = SealContext {
-            session: self.session,
-            round: SEAL_DEAL,
-            dealer: self.dealer,
-            recipient,
-        };
-        let sealed = seal::seal(rng, &roster.get(recipient)?.kem, &ctx, &plain)?;
+        let sealed =
+            roster.seal_to(rng, self.session, SEAL_DEAL, self.dealer, recipient, &plain)?;
         for (r, s) in &mut self.seals {
             if *r == recipient {
                 *s = sealed.clone();
@@ -417,13 +412,11 @@ pub fn round2(
             plain.extend_from_slice(&k.eval(j).secret_bytes()[..]);
             plain.extend_from_slice(&a.eval(j).secret_bytes()[..]);
         }
-        let ctx = SealContext {
-            session: cfg.session,
-            round: SEAL_DEAL,
-            dealer: me,
-            recipient: j,
-        };
-        seals.push((j, seal::seal(rng, &cfg.roster.get(j)?.kem, &ctx, &plain)?));
+        seals.push((
+            j,
+            cfg.roster
+                .seal_to(rng, cfg.session, SEAL_DEAL, me, j, &plain)?,
+        ));
     }
     let mut msg = PresignDealing {
         session: cfg.session,
@@ -800,13 +793,11 @@ pub fn round4(
         for g in &polys {
             plain.extend_from_slice(&g.eval(j).secret_bytes()[..]);
         }
-        let ctx = SealContext {
-            session: cfg.session,
-            round: SEAL_REDUCE,
-            dealer: me,
-            recipient: j,
-        };
-        seals.push((j, seal::seal(rng, &cfg.roster.get(j)?.kem, &ctx, &plain)?));
+        seals.push((
+            j,
+            cfg.roster
+                .seal_to(rng, cfg.session, SEAL_REDUCE, me, j, &plain)?,
+        ));
     }
     let mut msg = PresignReduction {
         session: cfg.session,
