@@ -206,6 +206,7 @@ impl Client {
         let req = api::CreateKeyRequest {
             name: name.to_owned(),
             purpose: purpose_to_wire(purpose) as i32,
+            token_rules: None,
         };
         let mut keys = self.keys.clone();
         let info = self

@@ -282,6 +282,9 @@ fn default_key() -> api::KeyInfo {
         t: 1,
         epoch: 1,
         public_key: quorate_crypto::Point::GENERATOR.to_bytes().to_vec(),
+        token_rules: None,
+        version: 1,
+        kid: "kid-default".into(),
     }
 }
 
@@ -297,6 +300,13 @@ fn lookup(name: &str) -> Result<api::KeyInfo, Status> {
 
 #[tonic::async_trait]
 impl KeyService for Fake {
+    async fn rotate_key(
+        &self,
+        _req: Request<api::RotateKeyRequest>,
+    ) -> Result<Response<api::KeyInfo>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
     async fn create_key(
         &self,
         req: Request<api::CreateKeyRequest>,

@@ -444,6 +444,7 @@ impl Cluster {
             purpose: convert::purpose_to_wire(purpose) as i32,
             refresh_prior: prior,
             roster: Some(roster),
+            token_rules: None,
         };
         let commits = self
             .round(&all, "DKG commit", |mut c| {
@@ -933,6 +934,7 @@ async fn sign_batcher(mut client: FragmentNodeClient<Channel>, mut rx: mpsc::Rec
         }
         let batch = fragment::SignBatch {
             requests: jobs.iter().map(|j| j.request.clone()).collect(),
+            signing_inputs: Vec::new(),
         };
         let res = tokio::time::timeout(ONLINE_TIMEOUT, client.sign(batch)).await;
         match res {

@@ -84,6 +84,9 @@ fn key_info(name: &str, k: &KeyPublic) -> api::KeyInfo {
         t: u32::from(k.params.t()),
         epoch: k.epoch,
         public_key: k.public_key().to_bytes().to_vec(),
+        token_rules: None,
+        version: 1,
+        kid: k.key_id.to_string(),
     }
 }
 
@@ -114,6 +117,14 @@ pub fn jwk(k: &KeyPublic) -> String {
 
 #[tonic::async_trait]
 impl KeyService for Api {
+    async fn rotate_key(
+        &self,
+        request: Request<api::RotateKeyRequest>,
+    ) -> Result<Response<api::KeyInfo>, Status> {
+        self.caller(&request)?;
+        Err(Status::unimplemented("key rotation is not built yet"))
+    }
+
     #[tracing::instrument(skip(self, request))]
     async fn create_key(
         &self,

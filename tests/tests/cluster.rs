@@ -32,6 +32,7 @@ async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::
         .create_key(api::CreateKeyRequest {
             name: name.into(),
             purpose: purpose as i32,
+            token_rules: None,
         })
         .await
         .unwrap()

@@ -34,6 +34,7 @@ async fn create_sign_key(c: &TestCluster, name: &str) {
         .create_key(api::CreateKeyRequest {
             name: name.into(),
             purpose: api::Purpose::Sign as i32,
+            token_rules: None,
         })
         .await
         .unwrap();
@@ -109,6 +110,7 @@ async fn crash_between_consume_and_reply_never_signs_another_message() {
             }
             .to_bytes(),
         ],
+        signing_inputs: Vec::new(),
     };
     let other = node.sign(ask([0x42; 32])).await.unwrap().into_inner();
     match other.results[0].result.as_ref().unwrap() {
@@ -326,6 +328,7 @@ async fn concurrent_requests_cannot_use_a_presignature_twice() {
                 }
                 .to_bytes(),
             ],
+            signing_inputs: Vec::new(),
         };
         let mut a = c.node_as_coordinator(1).await;
         let mut b = c.node_as_coordinator(1).await;
@@ -356,6 +359,7 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
         .create_key(api::CreateKeyRequest {
             name: "d".into(),
             purpose: api::Purpose::Derive as i32,
+            token_rules: None,
         })
         .await
         .unwrap();
@@ -444,6 +448,7 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
         keys.create_key(api::CreateKeyRequest {
             name: "bad name!".into(),
             purpose: api::Purpose::Sign as i32,
+            token_rules: None,
         })
         .await,
         tonic::Code::InvalidArgument,
