@@ -218,6 +218,52 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// Issues a web server certificate (serverAuth only, no SPIFFE ID) for the HTTPS
+    /// metadata listener (discovery, JWKS, introspection): each name becomes a DNS SAN,
+    /// or an IP SAN when it parses as an IP address.
+    pub fn issue_web(&self, names: &[&str]) -> Result<IssuedCert> {
+        let first = names.first().ok_or(TlsError::InvalidRole {
+            role: "web server".to_owned(),
+            reason: "a web certificate needs at least one name",
+        })?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, (*first).to_owned());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Quorate");
+        let mut sans = Vec::with_capacity(names.len());
+        for name in names {
+            sans.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*name).to_owned().try_into()?),
+            });
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = now + LEAF_VALIDITY;
+        params.serial_number = Some(random_serial()?);
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}
+
+/// Names on the metadata listener's certificate written by [`write_cluster`].
+pub const METADATA_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
 /// Where a role's certificate and key were written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertPaths {
@@ -244,6 +290,11 @@ pub struct ClusterFiles {
     pub coordinator: CertPaths,
     /// `client-admin.pem` / `client-admin-key.pem` (for the admin CLI).
     pub admin: CertPaths,
+    /// `metadata.pem`: the HTTPS metadata listener's certificate for
+    /// [`METADATA_NAMES`] (serverAuth only).
+    pub metadata_cert: PathBuf,
+    /// `metadata-key.pem` (mode 0600).
+    pub metadata_key: PathBuf,
 }
 
 /// File stem of a role's certificate in a cluster directory.
@@ -260,7 +311,8 @@ fn file_stem(role: &Role) -> String {
 /// missing):
 ///
 /// `ca.pem`, `ca-key.pem`, `node-<i>.pem` + `node-<i>-key.pem`, `coordinator.pem` +
-/// `coordinator-key.pem`, `client-admin.pem` + `client-admin-key.pem`.
+/// `coordinator-key.pem`, `client-admin.pem` + `client-admin-key.pem`, `metadata.pem` +
+/// `metadata-key.pem`.
 ///
 /// Private keys are written with mode 0600. If `dir/ca-key.pem` exists, nothing is
 /// written unless `overwrite` is true: a new CA invalidates every certificate of the
@@ -298,7 +350,14 @@ pub fn write_cluster(dir: &Path, domain: &str, n: u16, overwrite: bool) -> Resul
         .collect::<Result<Vec<_>>>()?;
     let coordinator = write_role(Role::Coordinator)?;
     let admin = write_role(Role::Client("admin".to_owned()))?;
+    let web = ca.issue_web(&METADATA_NAMES)?;
+    let metadata_cert = dir.join("metadata.pem");
+    let metadata_key = dir.join("metadata-key.pem");
+    write_file(&metadata_key, web.key_pem.as_bytes(), true)?;
+    write_file(&metadata_cert, web.cert_pem.as_bytes(), false)?;
     Ok(ClusterFiles {
+        metadata_cert,
+        metadata_key,
         dir: dir.to_owned(),
         ca_cert: ca_cert_path,
         ca_key: ca_key_path,

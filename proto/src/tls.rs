@@ -919,6 +919,61 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+static PUBLIC_PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+    Arc::new(restricted_provider(vec![
+        aws_lc_rs::kx_group::X25519MLKEM768,
+        aws_lc_rs::kx_group::X25519,
+        aws_lc_rs::kx_group::SECP256R1,
+    ]))
+});
+
+/// The provider of the public metadata listener (DESIGN.md §6): TLS 1.3 suites, key
+/// exchange preferring X25519MLKEM768 and also accepting X25519 and P-256, because
+/// discovery documents and JWKS are public and most deployed verifiers cannot yet speak
+/// hybrid TLS.
+pub fn public_provider() -> Arc<CryptoProvider> {
+    Arc::clone(&PUBLIC_PROVIDER)
+}
+
+/// The name of the hybrid post-quantum group, as [`negotiated_group_name`] reports it.
+pub const HYBRID_GROUP: &str = "X25519MLKEM768";
+
+/// The key-exchange group a connection negotiated (`"X25519MLKEM768"`, `"X25519"`, …).
+pub fn negotiated_group_name(conn: &rustls::ServerConnection) -> Option<String> {
+    conn.negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
+}
+
+/// Server configuration of the HTTPS metadata listener: TLS 1.3, [`public_provider`]
+/// groups (the hybrid one preferred by the server), ALPN `http/1.1`, and an *optional*
+/// client certificate verified against the cluster CA — endpoints that carry tokens
+/// (introspection, revocation) require one, and the hybrid group, per request.
+pub fn metadata_server_config(id: &Identity, trust: &Trust) -> Result<Arc<ServerConfig>> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::clone(&trust.roots), public_provider())
+            .allow_unauthenticated()
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(public_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.cert_chain.clone(), id.key.clone_key())?;
+    config.ignore_client_order = true;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client configuration for the metadata listener's token-carrying endpoints: TLS 1.3,
+/// X25519MLKEM768 only, ALPN `http/1.1`, presenting `id` (a cluster client) and trusting
+/// the cluster CA.
+pub fn metadata_client_config(id: &Identity, trust: &Trust) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(Arc::clone(&trust.roots))
+        .with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Client configuration: TLS 1.3, X25519MLKEM768 only, ALPN `h2`, presenting `id`, and
 /// trusting only the cluster CA.
 ///
