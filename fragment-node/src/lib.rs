@@ -9,5 +9,6 @@
 
 pub mod app;
 pub mod config;
+pub mod rules;
 pub mod service;
 pub mod store;

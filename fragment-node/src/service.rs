@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
 use quorate_crypto::identity::IdentityKey;
-use quorate_crypto::keys::{KeyPublic, KeyShare};
+use quorate_crypto::keys::{KeyPublic, KeyPurpose, KeyShare};
 use quorate_crypto::params::{PartyIndex, SessionId, ThresholdParams};
 use quorate_crypto::presign::{self, PresignConfig};
 use quorate_crypto::seal::KemSecretKey;
@@ -22,10 +22,12 @@ use quorate_crypto::tdh::{self, DhRequest};
 use quorate_crypto::wire::Wire;
 use quorate_proto::convert;
 use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
+use quorate_proto::rules::REFUSAL_PREFIX;
 use quorate_proto::tls::{Role, Trust};
 use rustls::pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
+use crate::rules::{self, TokenRules};
 use crate::store::{Release, Store, StoreError, request_rng};
 
 /// How long an unfinished protocol session is kept.
@@ -61,7 +63,8 @@ pub struct NodeMetrics {
     pub sign_shares_released: quorate_proto::metrics::Counter,
     /// Idempotent repeats of an earlier share.
     pub sign_shares_repeated: quorate_proto::metrics::Counter,
-    /// Sign requests refused (consumed presignature, wrong set, unknown ids).
+    /// Sign requests refused (consumed presignature, wrong set, unknown ids, token
+    /// rules).
     pub sign_refusals: quorate_proto::metrics::Counter,
     /// Threshold-DH partials released.
     pub dh_partials_released: quorate_proto::metrics::Counter,
@@ -252,10 +255,37 @@ impl Node {
         let params = ThresholdParams::new(n, t).map_err(crypto_err)?;
         let roster = convert::verify_roster(req.roster.as_ref(), &self.trust, n)?;
         let mode = if req.refresh_prior.is_empty() {
-            DkgMode::NewKey {
-                purpose: convert::purpose(req.purpose)?,
+            let purpose = convert::purpose(req.purpose)?;
+            // A new key needs an id this node has never used: activating it would
+            // replace the share (and escape the rules) of an existing key.
+            if self.store.key(&key_id).map_err(store_err)?.is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "key id {key_id} is already in use on this node; a new key needs a fresh id"
+                )));
             }
+            if let Some(wire) = &req.token_rules {
+                let rules = TokenRules::try_from(wire)?;
+                if purpose != KeyPurpose::Sign {
+                    return Err(Status::invalid_argument(format!(
+                        "token rules apply only to signing keys, not to a {} key",
+                        purpose.name()
+                    )));
+                }
+                // First writer wins: a later DKG cannot replace a key's rules.
+                if !self
+                    .store
+                    .put_token_rules_once(&key_id, &rules)
+                    .map_err(store_err)?
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "key id {key_id} already has token rules; rules are fixed when a key is created"
+                    )));
+                }
+                tracing::info!(key = %key_id, max_ttl = rules.max_ttl_seconds(), issuer = rules.issuer(), typ = rules.typ(), "token rules recorded");
+            }
+            DkgMode::NewKey { purpose }
         } else {
+            // Refresh: the rules recorded at creation stay; any in the request are ignored.
             let prior = KeyPublic::from_bytes(&req.refresh_prior).map_err(crypto_err)?;
             let mine = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
                 Status::failed_precondition("this node holds no share of the key to refresh")
@@ -427,11 +457,20 @@ impl Node {
             .sign_lock
             .lock()
             .map_err(|_| Status::internal("sign lock poisoned"))?;
+        if !req.signing_inputs.is_empty() && req.signing_inputs.len() != req.requests.len() {
+            return Err(Status::invalid_argument(format!(
+                "signing_inputs must be empty or parallel to requests: {} inputs for {} requests",
+                req.signing_inputs.len(),
+                req.requests.len()
+            )));
+        }
+        let now_unix = i64::try_from(now()).unwrap_or(i64::MAX);
         let mut results = Vec::with_capacity(req.requests.len());
         let mut records = Vec::new();
         let mut releases = Vec::new();
         let mut fresh_ids = std::collections::HashSet::new();
-        for raw in &req.requests {
+        for (k, raw) in req.requests.iter().enumerate() {
+            let input = req.signing_inputs.get(k).map_or(&[][..], Vec::as_slice);
             let outcome = (|| -> Result<sign::SignStep, String> {
                 let r = SignRequest::from_bytes(raw).map_err(|e| e.to_string())?;
                 if !fresh_ids.insert(r.presig_id) {
@@ -442,6 +481,9 @@ impl Node {
                     .key(&r.key_id)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
+                // Key-usage rules (DESIGN.md §4.5), before the presignature is touched:
+                // a refused request consumes nothing.
+                self.check_usage(&r, input, now_unix)?;
                 let record = self
                     .store
                     .presig(&r.presig_id)
@@ -484,6 +526,30 @@ impl Node {
             .into_iter()
             .map(|r| fragment::SignResult { result: Some(r) })
             .collect())
+    }
+
+    /// The node-side usage rules of a sign request: a key with token rules signs only
+    /// a JWS signing input that passes [`rules::check`]; for any key, a signing input
+    /// that is given must be what the request's digest hashes.
+    fn check_usage(&self, r: &SignRequest, input: &[u8], now_unix: i64) -> Result<(), String> {
+        let refused = |why: String| format!("{REFUSAL_PREFIX}{why}");
+        match self
+            .store
+            .token_rules(&r.key_id)
+            .map_err(|e| e.to_string())?
+        {
+            Some(rules) if input.is_empty() => Err(refused(format!(
+                "key {} signs only JWS tokens (typ {}, issuer {}), and this request carries no signing input",
+                r.key_id,
+                rules.typ(),
+                rules.issuer()
+            ))),
+            Some(rules) => rules::check(&rules, input, &r.digest, now_unix).map_err(refused),
+            None if !input.is_empty() && quorate_crypto::hash::sha256(input) != r.digest => Err(
+                "the signing input does not hash (SHA-256) to the digest the request signs".into(),
+            ),
+            None => Ok(()),
+        }
     }
 
     fn threshold_dh(&self, req: fragment::DhCall) -> Result<Vec<u8>, Status> {

@@ -13,7 +13,10 @@
 //! - `keys`: active key shares, by key id;
 //! - `presigs`: presignature records — unused (secret `w_j, v_j`) or consumed (the one
 //!   digest and the released share, public);
-//! - `released`: append-only log of every share this node released.
+//! - `released`: append-only log of every share this node released;
+//! - `token_rules`: the token rules of token-signing keys, by key id. Rules are not
+//!   secret, so they are stored unsealed (their encoding carries a version); they are
+//!   written once, when the key's DKG starts, and never replaced.
 
 use std::path::Path;
 
@@ -25,6 +28,7 @@ use quorate_crypto::presign::{PresigId, PresignatureShare};
 use quorate_crypto::seal::KemSecretKey;
 use quorate_crypto::sign::{ConsumedPresig, PresigRecord};
 use quorate_crypto::wire::Wire;
+use quorate_proto::rules::TokenRules;
 use rand::TryRng;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use zeroize::Zeroizing;
@@ -34,6 +38,7 @@ const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending");
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
 const PRESIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("presigs");
 const RELEASED: TableDefinition<u64, &[u8]> = TableDefinition::new("released");
+const TOKEN_RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
 
 const REC_UNUSED: u8 = 1;
 const REC_CONSUMED: u8 = 2;
@@ -188,6 +193,7 @@ impl Store {
             tx.open_table(KEYS)?;
             tx.open_table(PRESIGS)?;
             tx.open_table(RELEASED)?;
+            tx.open_table(TOKEN_RULES)?;
         }
         tx.commit()?;
         Ok(Store {
@@ -346,6 +352,39 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// Durably records the token rules of `key` unless it already has rules (first
+    /// writer wins: rules are fixed when a key is created). Returns `false`, writing
+    /// nothing, if the key already has rules.
+    pub fn put_token_rules_once(&self, key: &KeyId, rules: &TokenRules) -> Result<bool> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(TOKEN_RULES)?;
+            if t.get(&key.0[..])?.is_some() {
+                return Ok(false);
+            }
+            t.insert(&key.0[..], rules.to_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The token rules of `key`, if it has any.
+    pub fn token_rules(&self, key: &KeyId) -> Result<Option<TokenRules>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(TOKEN_RULES)?;
+        match t.get(&key.0[..])? {
+            None => Ok(None),
+            Some(v) => {
+                TokenRules::from_bytes(v.value())
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        table: "token_rules",
+                        detail: e.to_string(),
+                    })
+            }
+        }
     }
 
     /// Durably stores new presignature shares (one transaction).

@@ -4,6 +4,7 @@
 //! - [`fragment`]: the fragment-node API (coordinator → node);
 //! - [`api`]: the public KeyService and ClusterService (clients → coordinator);
 //! - [`convert`]: conversions between wire messages and `quorate-crypto` domain types;
+//! - [`rules`]: token rules of token-signing keys (coordinator and nodes share them);
 //! - [`tls`]: the only place rustls configurations are built — TLS 1.3 only, key
 //!   exchange X25519MLKEM768 only, mutual TLS, peer roles read from certificates;
 //! - [`pki`]: the cluster CA and certificate issuance (rcgen);
@@ -39,5 +40,6 @@ pub mod convert;
 pub mod metrics;
 pub mod pki;
 pub mod process;
+pub mod rules;
 pub mod tls;
 pub mod transport;
