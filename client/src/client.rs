@@ -11,6 +11,7 @@ use quorate_crypto::tdh::{self, Credential, DhResponse, Requester};
 use quorate_crypto::wire::Wire as _;
 use quorate_proto::api;
 use quorate_proto::api::cluster_service_client::ClusterServiceClient;
+use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
 use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
 use quorate_proto::transport;
@@ -20,6 +21,8 @@ use zeroize::Zeroizing;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::keyfmt;
+
+pub mod identity;
 
 /// How long a request may take before the client gives up, unless changed with
 /// [`Client::with_timeout`].
@@ -134,6 +137,7 @@ pub struct Client {
     addr: SocketAddr,
     keys: KeyServiceClient<Channel>,
     cluster: ClusterServiceClient<Channel>,
+    identity: IdentityServiceClient<Channel>,
     timeout: Duration,
 }
 
@@ -184,7 +188,9 @@ impl Client {
         Ok(Client {
             addr: config.addr,
             keys: KeyServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
-            cluster: ClusterServiceClient::new(channel).max_decoding_message_size(MAX_REPLY),
+            cluster: ClusterServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_REPLY),
+            identity: IdentityServiceClient::new(channel).max_decoding_message_size(MAX_REPLY),
             timeout: DEFAULT_TIMEOUT,
         })
     }

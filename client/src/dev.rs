@@ -272,6 +272,9 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     // A stale env file would point at the previous run's (dead) coordinator.
     remove_if_exists(&env_file)?;
     prepare_certificates(&dir, &opts.domain, opts.nodes)?;
+    crate::dev_issuer::ensure(&dir, &opts.domain)?;
+    let http_port = crate::dev_issuer::http_port(&dir)?;
+    let issuer = format!("https://localhost:{http_port}");
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)
         .map_err(|e| Error::Config(format!("cannot create {}: {e}", logs.display())))?;
@@ -322,7 +325,15 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         .arg("--domain")
         .arg(&opts.domain)
         .arg("--threshold")
-        .arg(opts.threshold.to_string());
+        .arg(opts.threshold.to_string())
+        .arg("--http-listen")
+        .arg(format!("127.0.0.1:{http_port}"))
+        .arg("--issuer-url")
+        .arg(&issuer)
+        .arg("--policy-dir")
+        .arg(crate::dev_issuer::policy_dir(&dir))
+        .arg("--trust-config")
+        .arg(crate::dev_issuer::trust_config_path(&dir));
     for (i, addr) in &node_addrs {
         cmd.arg("--node").arg(format!("{i}={addr}"));
     }
@@ -332,12 +343,12 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     let addr = coordinator
         .await_ready("coordinator", Instant::now() + READY_TIMEOUT)
         .await?;
-    eprintln!("coordinator listening on {addr}");
+    eprintln!("coordinator listening on {addr}; issuer {issuer}");
 
     let client = Client::connect(&ClientConfig::admin(&dir, addr, &opts.domain)).await?;
     ensure_default_key(&client, opts, procs).await?;
     let pools_filled = fill_pools(&client, opts, procs).await?;
-    write_env_file(&env_file, addr, &dir, &opts.domain)?;
+    write_env_file(&env_file, addr, &dir, &opts.domain, &issuer)?;
     Ok(Up {
         dir,
         addr,
@@ -446,6 +457,19 @@ fn prepare_certificates(dir: &Path, domain: &str, n: u16) -> Result<()> {
                 dir.display()
             )));
         }
+    }
+    if !dir.join("metadata.pem").is_file() {
+        // A directory from before the metadata listener: issue its certificate now.
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map_err(|e| Error::Config(format!("{}: {e}", dir.join(f).display())))
+        };
+        let ca = pki::ClusterCa::from_pem(&read("ca.pem")?, &read("ca-key.pem")?, domain)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let web = ca
+            .issue_web(&pki::METADATA_NAMES)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        crate::dev_issuer::write_secret_and_cert(dir, "metadata", &web)?;
     }
     eprintln!("reusing the cluster in {}", dir.display());
     Ok(())
@@ -569,8 +593,14 @@ async fn fill_pools(client: &Client, opts: &DevOptions, procs: &mut Procs) -> Re
 }
 
 /// Writes `DIR/env` (mode 0600) atomically: a reader never sees half a file.
-fn write_env_file(path: &Path, addr: SocketAddr, dir: &Path, domain: &str) -> Result<()> {
-    let contents = env_file_contents(addr, dir, domain);
+fn write_env_file(
+    path: &Path,
+    addr: SocketAddr,
+    dir: &Path,
+    domain: &str,
+    issuer: &str,
+) -> Result<()> {
+    let contents = env_file_contents(addr, dir, domain, issuer);
     let tmp = path.with_extension("tmp");
     let err = |e: std::io::Error| Error::Other(format!("cannot write {}: {e}", path.display()));
     {
@@ -592,7 +622,7 @@ fn write_env_file(path: &Path, addr: SocketAddr, dir: &Path, domain: &str) -> Re
 }
 
 /// The env file's text: shell `export`s with absolute, quoted paths.
-pub fn env_file_contents(addr: SocketAddr, dir: &Path, domain: &str) -> String {
+pub fn env_file_contents(addr: SocketAddr, dir: &Path, domain: &str, issuer: &str) -> String {
     let path = |f: &str| shell_quote(&dir.join(f).display().to_string());
     format!(
         "# Written by `quorate dev`: `source` this file to point the quorate CLI at the dev cluster.\n\
@@ -600,11 +630,13 @@ pub fn env_file_contents(addr: SocketAddr, dir: &Path, domain: &str) -> String {
          export QUORATE_CACERT={}\n\
          export QUORATE_CERT={}\n\
          export QUORATE_KEY={}\n\
-         export QUORATE_DOMAIN={}\n",
+         export QUORATE_DOMAIN={}\n\
+         export QUORATE_ISSUER={}\n",
         path("ca.pem"),
         path("client-admin.pem"),
         path("client-admin-key.pem"),
         shell_quote(domain),
+        shell_quote(issuer),
     )
 }
 
@@ -929,6 +961,11 @@ mod tests {
             "127.0.0.1:7100".parse().unwrap(),
             Path::new("/tmp/it's here"),
             "quorate.local",
+            "https://localhost:7443",
+        );
+        assert!(
+            text.contains("export QUORATE_ISSUER=https://localhost:7443\n"),
+            "{text}"
         );
         assert!(
             text.contains("export QUORATE_ADDR=127.0.0.1:7100\n"),

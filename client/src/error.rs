@@ -42,6 +42,10 @@ pub enum Error {
         /// What to do about it (empty, or starting with a newline).
         hint: String,
     },
+    /// Introspection answered that the token is not active (revoked, expired, its task
+    /// ended, or not ours). Exit code 4.
+    #[error("the token is not active")]
+    Inactive,
     /// Anything else: local I/O, a malformed reply, a failed decryption. Exit code 1.
     #[error("{0}")]
     Other(String),
@@ -54,7 +58,7 @@ impl Error {
         match self {
             Error::Usage(_) | Error::Config(_) => 2,
             Error::Unreachable { .. } => 3,
-            Error::Refused { .. } => 4,
+            Error::Refused { .. } | Error::Inactive => 4,
             Error::Other(_) => 1,
         }
     }

@@ -39,6 +39,7 @@
 mod client;
 mod config;
 pub mod dev;
+pub mod dev_issuer;
 mod error;
 pub mod keyfmt;
 
@@ -46,6 +47,7 @@ pub use client::{
     Client, ClusterStatus, DEFAULT_TIMEOUT, Format, KeyInfo, NodeStatus, PoolStatus, PublicKey,
     SignInput, Signature,
 };
+pub use client::identity::{RevokeTarget, TokenRequest};
 pub use config::{
     ClientConfig, DEFAULT_DOMAIN, ENV_ADDR, ENV_CACERT, ENV_CERT, ENV_DOMAIN, ENV_KEY,
 };

@@ -6,6 +6,8 @@
 //! configuration error, 3 cluster unreachable, 4 request refused by the cluster.
 #![forbid(unsafe_code)]
 
+mod agent;
+
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +58,15 @@ enum Command {
     Encrypt(CryptArgs),
     /// Decrypt a file made by `quorate encrypt`
     Decrypt(CryptArgs),
+    /// Agent access tokens: issue, introspect, revoke
+    #[command(subcommand)]
+    Token(agent::TokenCommand),
+    /// Tasks: the windows agents' tokens live in
+    #[command(subcommand)]
+    Task(agent::TaskCommand),
+    /// Cedar policy: check a directory, apply it, show the active set
+    #[command(subcommand)]
+    Policy(agent::PolicyCommand),
     /// Run a fragment node (what `quorate-node` runs; used by `quorate dev`)
     #[command(hide = true)]
     Node(quorate_node::config::Args),
@@ -65,7 +76,10 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct DevArgs {
+    #[command(subcommand)]
+    action: Option<DevAction>,
     /// Directory for certificates, data, logs and the env file (reused if it exists)
     #[arg(long, default_value = "./quorate-dev", value_name = "DIR")]
     dir: PathBuf,
@@ -96,6 +110,12 @@ struct DevArgs {
         hide = true
     )]
     coordinator_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevAction {
+    /// Print an attestation JWT for an agent from the dev cluster's OIDC issuer
+    Attest(agent::AttestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,7 +344,14 @@ fn init_tracing() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Dev(DevArgs {
+            action: Some(DevAction::Attest(a)),
+            ..
+        }) => agent::attest(a),
         Command::Dev(args) => dev(args).await,
+        Command::Token(c) => agent::token(c).await,
+        Command::Task(c) => agent::task(c).await,
+        Command::Policy(c) => agent::policy(c).await,
         Command::Admin(AdminCommand::Init(args)) => admin_init(&args),
         Command::Status { conn } => {
             let client = conn.connect().await?;

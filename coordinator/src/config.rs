@@ -71,6 +71,38 @@ pub struct Args {
     /// Log format: `plain` or `json` (filter from QUORATE_LOG).
     #[arg(long, env = "QUORATE_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,
+    /// Address of the HTTPS metadata listener: discovery, JWKS, introspection,
+    /// revocation (port 0 picks a free port).
+    #[arg(long, env = "QUORATE_HTTP_LISTEN", default_value = "127.0.0.1:7443")]
+    pub http_listen: SocketAddr,
+    /// Certificate of the metadata listener (PEM). Default: `metadata.pem` beside `--ca`.
+    #[arg(long, env = "QUORATE_HTTP_CERT")]
+    pub http_cert: Option<PathBuf>,
+    /// Private key of the metadata listener (PEM). Default: `metadata-key.pem` beside `--ca`.
+    #[arg(long, env = "QUORATE_HTTP_KEY")]
+    pub http_key: Option<PathBuf>,
+    /// The issuer URL put in every token and served by discovery. Default:
+    /// `https://localhost:<metadata port>`.
+    #[arg(long, env = "QUORATE_ISSUER")]
+    pub issuer_url: Option<String>,
+    /// Cedar policy directory (`*.cedar` and optional `schema.cedarschema`), watched for
+    /// changes. Without it, only `Client::"admin"` may administer and no agent gets a
+    /// token until a policy set is applied.
+    #[arg(long, env = "QUORATE_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// How often to look for policy changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub policy_poll_ms: u64,
+    /// Trusted attestation issuers (JSON: OIDC issuers with their JWKS, SVID trust
+    /// bundles). Without it, every attestation is refused.
+    #[arg(long, env = "QUORATE_TRUST_CONFIG")]
+    pub trust_config: Option<PathBuf>,
+    /// The name of the key that signs access tokens.
+    #[arg(long, env = "QUORATE_TOKEN_KEY", default_value = "tokens")]
+    pub token_key: String,
+    /// Let introspection and revocation run over classic (non-hybrid) key exchange.
+    #[arg(long)]
+    pub allow_classic_token_endpoints: bool,
 }
 
 /// A validated configuration.
@@ -100,6 +132,24 @@ pub struct Config {
     pub record_relay: Option<PathBuf>,
     /// Metrics address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Metadata listener address.
+    pub http_listen: SocketAddr,
+    /// Metadata listener certificate and key.
+    pub http_cert: PathBuf,
+    /// Metadata listener key.
+    pub http_key: PathBuf,
+    /// Issuer URL, if set.
+    pub issuer_url: Option<String>,
+    /// Policy directory.
+    pub policy_dir: Option<PathBuf>,
+    /// Policy poll interval.
+    pub policy_poll: std::time::Duration,
+    /// Trusted issuers file.
+    pub trust_config: Option<PathBuf>,
+    /// Token key name.
+    pub token_key: String,
+    /// Classic key exchange on token endpoints.
+    pub allow_classic_token_endpoints: bool,
 }
 
 impl Args {
@@ -166,6 +216,51 @@ impl Args {
                 self.log_format
             ));
         }
+        let beside_ca = |name: &str| {
+            self.ca
+                .parent()
+                .map(|d| d.join(name))
+                .unwrap_or_else(|| PathBuf::from(name))
+        };
+        let http_cert = self
+            .http_cert
+            .clone()
+            .unwrap_or_else(|| beside_ca("metadata.pem"));
+        let http_key = self
+            .http_key
+            .clone()
+            .unwrap_or_else(|| beside_ca("metadata-key.pem"));
+        for (what, p) in [("--http-cert", &http_cert), ("--http-key", &http_key)] {
+            if !p.is_file() {
+                errors.push(format!(
+                    "{what} {}: no such file (the metadata listener needs a certificate; `quorate admin init` writes metadata.pem)",
+                    p.display()
+                ));
+            }
+        }
+        if let Some(u) = &self.issuer_url
+            && (!u.starts_with("https://")
+                || u.ends_with('/')
+                || u.contains('?')
+                || u.contains('#'))
+        {
+            errors.push(format!(
+                "--issuer-url {u}: must be an https URL without a trailing slash, query or fragment"
+            ));
+        }
+        if let Some(d) = &self.policy_dir
+            && !d.is_dir()
+        {
+            errors.push(format!("--policy-dir {}: no such directory", d.display()));
+        }
+        if let Some(f) = &self.trust_config
+            && !f.is_file()
+        {
+            errors.push(format!("--trust-config {}: no such file", f.display()));
+        }
+        if self.policy_poll_ms < 50 {
+            errors.push("--policy-poll-ms must be at least 50".into());
+        }
         match (errors.is_empty(), params) {
             (true, Some(params)) => Ok(Config {
                 listen: self.listen,
@@ -184,6 +279,15 @@ impl Args {
                 grace: std::time::Duration::from_secs(self.grace_secs),
                 record_relay: self.record_relay,
                 metrics_listen: self.metrics_listen,
+                http_listen: self.http_listen,
+                http_cert,
+                http_key,
+                issuer_url: self.issuer_url,
+                policy_dir: self.policy_dir,
+                policy_poll: std::time::Duration::from_millis(self.policy_poll_ms),
+                trust_config: self.trust_config,
+                token_key: self.token_key,
+                allow_classic_token_endpoints: self.allow_classic_token_endpoints,
             }),
             _ => Err(errors),
         }

@@ -1,0 +1,352 @@
+//! The agent-identity commands (DESIGN.md §7): `token`, `task`, `policy` and
+//! `dev attest`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use quorate_client::dev_issuer;
+use quorate_client::{Error, Result, RevokeTarget, TokenRequest};
+
+use crate::{ConnArgs, out, read_input};
+
+/// `quorate token …`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Get an access token for an attested agent; prints the token alone on stdout
+    Issue(IssueArgs),
+    /// RFC 7662 introspection: prints the response JSON (exit 0 active, 4 inactive)
+    Introspect {
+        /// File holding the token (`-` for stdin)
+        #[arg(value_name = "FILE")]
+        token: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Revoke one token, an agent's tokens (and its future issuance), or a task's
+    Revoke(RevokeArgs),
+}
+
+/// `quorate token issue`
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The agent's attestation: a file holding its OIDC JWT, or `-` for stdin
+    #[arg(long, value_name = "FILE")]
+    attestation: PathBuf,
+    /// The resource server the token is for
+    #[arg(long, value_name = "AUD")]
+    audience: String,
+    /// Space-separated scopes
+    #[arg(long, default_value = "", value_name = "\"A B\"")]
+    scope: String,
+    /// Lifetime: seconds, or with a unit (90s, 5m, 1h)
+    #[arg(long, default_value = "5m", value_name = "TTL")]
+    ttl: String,
+    /// The task the token serves (from `quorate task start`)
+    #[arg(long, value_name = "ID")]
+    task: Option<String>,
+    /// Policy context, KEY=VALUE (environment, tool, data_sensitivity); repeatable
+    #[arg(long = "context", value_name = "K=V")]
+    context: Vec<String>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// `quorate token revoke`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["jti", "agent", "task", "token"])))]
+pub struct RevokeArgs {
+    /// A token id
+    #[arg(long)]
+    jti: Option<String>,
+    /// An agent's subject (spiffe://…/agent/…): deprovisions it
+    #[arg(long)]
+    agent: Option<String>,
+    /// A task id: ends the task
+    #[arg(long)]
+    task: Option<String>,
+    /// A file holding a whole token (`-` for stdin)
+    #[arg(long, value_name = "FILE")]
+    token: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// `quorate task …`
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Start a task; prints its id alone on stdout
+    Start {
+        /// How long the task may run: seconds, or with a unit (30m, 2h)
+        #[arg(long, value_name = "TTL")]
+        ttl: String,
+        /// Bind the task to this agent (a file holding its attestation, `-` for stdin)
+        #[arg(long, value_name = "FILE")]
+        attestation: Option<PathBuf>,
+        /// What the task is for
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// End a task: its tokens stop being active and it gets no new ones
+    End {
+        /// The task id
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `quorate policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory against its schema (nothing is sent)
+    Check {
+        /// The directory (`*.cedar`, optional `schema.cedarschema`)
+        dir: PathBuf,
+    },
+    /// Validate a policy directory and make it the cluster's active policy set
+    Apply {
+        /// The directory
+        dir: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show the active policy set
+    Show {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `quorate dev attest`
+#[derive(Debug, Args)]
+pub struct AttestArgs {
+    /// The dev cluster's directory
+    #[arg(long, default_value = "./quorate-dev", value_name = "DIR")]
+    dir: PathBuf,
+    /// The agent's name (its `sub`)
+    #[arg(long, value_name = "NAME")]
+    agent: String,
+    /// An extra claim, KEY=VALUE; repeatable
+    #[arg(long = "claim", value_name = "K=V")]
+    claims: Vec<String>,
+    /// Lifetime of the attestation
+    #[arg(long, default_value = "10m", value_name = "TTL")]
+    ttl: String,
+    /// Trust domain of the dev cluster
+    #[arg(long, env = "QUORATE_DOMAIN", default_value = quorate_client::DEFAULT_DOMAIN, value_name = "D")]
+    domain: String,
+}
+
+/// Parses `300`, `300s`, `5m`, `2h` or `1d` into seconds.
+pub fn parse_ttl(flag: &str, s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    match num.parse::<u64>() {
+        Ok(n) if mult > 0 && n > 0 => n
+            .checked_mul(mult)
+            .ok_or_else(|| Error::Usage(format!("{flag} {s}: too long"))),
+        _ => Err(Error::Usage(format!(
+            "{flag} {s:?}: expected a positive duration such as 300, 90s, 5m, 1h or 1d"
+        ))),
+    }
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Error::Usage(format!("{flag} {kv:?}: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn read_text(flag: &str, path: &Path) -> Result<String> {
+    let bytes = read_input(path).map_err(|e| Error::Usage(format!("{flag}: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::Usage(format!("{flag} {}: not UTF-8 text", path.display())))?;
+    let text = text.trim().to_owned();
+    if text.is_empty() {
+        return Err(Error::Usage(format!("{flag} {}: empty", path.display())));
+    }
+    Ok(text)
+}
+
+fn u32_ttl(flag: &str, s: &str) -> Result<u32> {
+    let secs = parse_ttl(flag, s)?;
+    u32::try_from(secs).map_err(|_| Error::Usage(format!("{flag} {s}: too long")))
+}
+
+/// Runs `quorate token …`.
+pub async fn token(cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Issue(a) => {
+            let attestation = read_text("--attestation", &a.attestation)?;
+            let req = TokenRequest {
+                attestation,
+                audience: a.audience,
+                scopes: a.scope.split_whitespace().map(str::to_owned).collect(),
+                ttl_seconds: u32_ttl("--ttl", &a.ttl)?,
+                task_id: a.task,
+                context: pairs("--context", &a.context)?
+                    .into_iter()
+                    .collect::<HashMap<_, _>>(),
+            };
+            let client = a.conn.connect().await?;
+            let reply = client.issue_token(req).await?;
+            eprintln!(
+                "token for {} (jti {}, kid {}), expires at {}, allowed by {}",
+                reply.subject,
+                reply.jti,
+                reply.kid,
+                reply.expires_at,
+                reply.policy_ids.join(", ")
+            );
+            out(&format!("{}\n", reply.access_token))
+        }
+        TokenCommand::Introspect { token, conn } => {
+            let token = read_text("token", &token)?;
+            let client = conn.connect().await?;
+            let reply = client.introspect(&token).await?;
+            let pretty = serde_json::from_str::<serde_json::Value>(&reply.json)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(reply.json);
+            out(&format!("{pretty}\n"))?;
+            if reply.active {
+                Ok(())
+            } else {
+                Err(Error::Inactive)
+            }
+        }
+        TokenCommand::Revoke(a) => {
+            let target = match (a.jti, a.agent, a.task, a.token) {
+                (Some(j), _, _, _) => RevokeTarget::Jti(j),
+                (_, Some(ag), _, _) => RevokeTarget::Agent(ag),
+                (_, _, Some(t), _) => RevokeTarget::Task(t),
+                (_, _, _, Some(f)) => RevokeTarget::Token(read_text("--token", &f)?),
+                _ => return Err(Error::Usage("name what to revoke".into())),
+            };
+            let client = a.conn.connect().await?;
+            let what = client.revoke(target).await?;
+            out(&format!("{what}\n"))
+        }
+    }
+}
+
+/// Runs `quorate task …`.
+pub async fn task(cmd: TaskCommand) -> Result<()> {
+    match cmd {
+        TaskCommand::Start {
+            ttl,
+            attestation,
+            description,
+            conn,
+        } => {
+            let ttl = u32_ttl("--ttl", &ttl)?;
+            let attestation = attestation
+                .map(|p| read_text("--attestation", &p))
+                .transpose()?;
+            let client = conn.connect().await?;
+            let t = client.start_task(attestation, ttl, description).await?;
+            eprintln!(
+                "task {} started{}, ends at {}",
+                t.task_id,
+                if t.agent.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {}", t.agent)
+                },
+                t.expires_at
+            );
+            out(&format!("{}\n", t.task_id))
+        }
+        TaskCommand::End { id, conn } => {
+            let client = conn.connect().await?;
+            let t = client.end_task(&id).await?;
+            out(&format!("task {} ended\n", t.task_id))
+        }
+    }
+}
+
+/// Runs `quorate policy …`.
+pub async fn policy(cmd: PolicyCommand) -> Result<()> {
+    use quorate_coordinator::policy as p;
+    match cmd {
+        PolicyCommand::Check { dir } => {
+            let info =
+                p::check_dir(&dir).map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
+            out(&format!(
+                "{}: valid; {} policies ({}), digest {}\n",
+                dir.display(),
+                info.policy_ids.len(),
+                info.policy_ids.join(", "),
+                info.digest
+            ))
+        }
+        PolicyCommand::Apply { dir, conn } => {
+            let files = p::read_dir_files(&dir)
+                .map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
+            let client = conn.connect().await?;
+            let info = client.apply_policy(files).await?;
+            out(&format!(
+                "applied {} policies ({}), digest {}\n",
+                info.policy_ids.len(),
+                info.policy_ids.join(", "),
+                info.digest
+            ))
+        }
+        PolicyCommand::Show { conn } => {
+            let client = conn.connect().await?;
+            let info = client.policy().await?;
+            out(&format!(
+                "active since {} from {}: {} policies ({}), digest {}\n",
+                info.activated_at,
+                info.source,
+                info.policy_ids.len(),
+                info.policy_ids.join(", "),
+                info.digest
+            ))
+        }
+    }
+}
+
+/// Runs `quorate dev attest`.
+pub fn attest(a: AttestArgs) -> Result<()> {
+    let claims = pairs("--claim", &a.claims)?;
+    let ttl = parse_ttl("--ttl", &a.ttl)?;
+    let jwt = dev_issuer::attest(&a.dir, &a.domain, &a.agent, &claims, ttl)?;
+    out(&format!("{jwt}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ttls_parse_with_units() {
+        assert_eq!(parse_ttl("--ttl", "300").unwrap(), 300);
+        assert_eq!(parse_ttl("--ttl", "90s").unwrap(), 90);
+        assert_eq!(parse_ttl("--ttl", "5m").unwrap(), 300);
+        assert_eq!(parse_ttl("--ttl", "2h").unwrap(), 7200);
+        assert_eq!(parse_ttl("--ttl", "1d").unwrap(), 86_400);
+        for bad in ["", "0", "5x", "m", "-5m", "1.5h"] {
+            assert!(parse_ttl("--ttl", bad).is_err(), "{bad}");
+        }
+    }
+}

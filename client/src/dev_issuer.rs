@@ -1,0 +1,260 @@
+//! The dev OIDC issuer of `quorate dev`: an ES256 key in the cluster directory whose
+//! JWKS the coordinator trusts, so `quorate dev attest` can hand an agent an
+//! attestation like the ones Kubernetes or GitHub Actions give real agents.
+//!
+//! Files in `DIR`: `dev-issuer-key.pem` (0600), `dev-issuer-jwks.json`, `trust.json`
+//! (the coordinator's `--trust-config`), and `policy/dev.cedar` (written once; edit it
+//! and the coordinator reloads it).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// The audience dev attestations are for (the coordinator checks it).
+pub const DEV_AUDIENCE: &str = "quorate";
+/// The dev issuer's `name` in `trust.json` (agent subjects read
+/// `spiffe://<domain>/agent/dev/<name>`).
+pub const DEV_ISSUER_NAME: &str = "dev";
+/// Longest attestation `quorate dev attest` makes.
+pub const MAX_ATTESTATION_TTL: u64 = 3600;
+
+/// The dev issuer's `iss`.
+pub fn issuer_url(domain: &str) -> String {
+    format!("https://dev-issuer.{domain}")
+}
+
+fn key_path(dir: &Path) -> PathBuf {
+    dir.join("dev-issuer-key.pem")
+}
+
+/// `DIR/trust.json`.
+pub fn trust_config_path(dir: &Path) -> PathBuf {
+    dir.join("trust.json")
+}
+
+/// `DIR/policy`.
+pub fn policy_dir(dir: &Path) -> PathBuf {
+    dir.join("policy")
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Config(format!("{}: {e}", path.display()))
+}
+
+fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Creates the dev issuer's key, JWKS, `trust.json` and the default policy in `dir`
+/// unless they exist.
+pub fn ensure(dir: &Path, domain: &str) -> Result<()> {
+    let key = key_path(dir);
+    let jwks = dir.join("dev-issuer-jwks.json");
+    if !key.is_file() || !jwks.is_file() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| Error::Other(format!("cannot make the dev issuer key: {e}")))?;
+        let pem = Zeroizing::new(pair.serialize_pem());
+        let raw = pair.public_key_raw();
+        let (x, y) = match (raw.get(1..33), raw.get(33..65)) {
+            (Some(x), Some(y)) if raw.len() == 65 => (x, y),
+            _ => return Err(Error::Other("dev issuer key: unexpected public key".into())),
+        };
+        let doc = serde_json::json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "dev-1",
+            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
+        }]});
+        write_new(&key, pem.as_bytes(), true)?;
+        write_new(&jwks, doc.to_string().as_bytes(), false)?;
+    }
+    let trust = trust_config_path(dir);
+    if !trust.is_file() {
+        let doc = serde_json::json!({
+            "oidc": [{
+                "name": DEV_ISSUER_NAME,
+                "issuer": issuer_url(domain),
+                "audiences": [DEV_AUDIENCE],
+                "jwks_file": "dev-issuer-jwks.json",
+                "algorithms": ["ES256"],
+            }],
+        });
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Error::Other(format!("trust.json: {e}")))?;
+        write_new(&trust, text.as_bytes(), false)?;
+    }
+    let policy = policy_dir(dir);
+    if !policy.is_dir() {
+        std::fs::create_dir_all(&policy).map_err(io_err(&policy))?;
+        write_new(
+            &policy.join("dev.cedar"),
+            quorate_coordinator::policy::DEV_POLICY.as_bytes(),
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+/// An attestation JWT for `agent` from the dev issuer of `dir`, with extra string
+/// claims, valid for `ttl_seconds`.
+pub fn attest(
+    dir: &Path,
+    domain: &str,
+    agent: &str,
+    claims: &[(String, String)],
+    ttl_seconds: u64,
+) -> Result<String> {
+    let agent_ok = !agent.is_empty()
+        && agent.len() <= 128
+        && agent
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if !agent_ok {
+        return Err(Error::Usage(format!(
+            "--agent {agent:?}: 1-128 of letters, digits, '-', '_', '.', '@'"
+        )));
+    }
+    if ttl_seconds == 0 || ttl_seconds > MAX_ATTESTATION_TTL {
+        return Err(Error::Usage(format!(
+            "--ttl: 1 s to {MAX_ATTESTATION_TTL} s"
+        )));
+    }
+    let key = key_path(dir);
+    let pem = Zeroizing::new(std::fs::read(&key).map_err(|e| {
+        Error::Config(format!(
+            "{}: {e} (run `quorate dev --dir {}` first)",
+            key.display(),
+            dir.display()
+        ))
+    })?);
+    let pem = std::str::from_utf8(&pem)
+        .map_err(|_| Error::Config(format!("{}: not a PEM file", key.display())))?;
+    let pair = rcgen::KeyPair::from_pem(pem)
+        .map_err(|e| Error::Config(format!("{}: {e}", key.display())))?;
+    let der = Zeroizing::new(pair.serialize_der());
+    let signer = jsonwebtoken::EncodingKey::from_ec_der(&der);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut body = serde_json::Map::new();
+    for (k, v) in claims {
+        if matches!(
+            k.as_str(),
+            "iss" | "sub" | "aud" | "exp" | "nbf" | "iat" | "jti"
+        ) {
+            return Err(Error::Usage(format!(
+                "--claim {k}: a registered claim that the dev issuer sets itself"
+            )));
+        }
+        body.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    body.insert("iss".into(), issuer_url(domain).into());
+    body.insert("sub".into(), agent.into());
+    body.insert("aud".into(), DEV_AUDIENCE.into());
+    body.insert("iat".into(), now.into());
+    body.insert("nbf".into(), now.into());
+    body.insert("exp".into(), (now + ttl_seconds).into());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("dev-1".into());
+    jsonwebtoken::encode(&header, &serde_json::Value::Object(body), &signer)
+        .map_err(|e| Error::Other(format!("cannot sign the attestation: {e}")))
+}
+
+/// Writes `DIR/<stem>.pem` and `DIR/<stem>-key.pem` (0600).
+pub fn write_secret_and_cert(
+    dir: &Path,
+    stem: &str,
+    cert: &quorate_proto::pki::IssuedCert,
+) -> Result<()> {
+    write_new(
+        &dir.join(format!("{stem}-key.pem")),
+        cert.key_pem.as_bytes(),
+        true,
+    )?;
+    write_new(
+        &dir.join(format!("{stem}.pem")),
+        cert.cert_pem.as_bytes(),
+        false,
+    )
+}
+
+/// The dev cluster's metadata port: chosen once per directory (kept in
+/// `DIR/http-port`) so the issuer URL — and the token key's rules, which name it — stay
+/// the same across runs.
+pub fn http_port(dir: &Path) -> Result<u16> {
+    let path = dir.join("http-port");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return text.trim().parse().map_err(|_| {
+            Error::Config(format!(
+                "{}: expected a port number, found {:?}",
+                path.display(),
+                text.trim()
+            ))
+        });
+    }
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(&path))?;
+    let port = probe.local_addr().map_err(io_err(&path))?.port();
+    drop(probe);
+    write_new(&path, format!("{port}\n").as_bytes(), false)?;
+    Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn attestations_verify_with_the_written_jwks() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), "quorate.test").unwrap();
+        let jwt = attest(
+            dir.path(),
+            "quorate.test",
+            "agent-7",
+            &[("repo".into(), "acme/app".into())],
+            60,
+        )
+        .unwrap();
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(
+            &std::fs::read(dir.path().join("dev-issuer-jwks.json")).unwrap(),
+        )
+        .unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.set_audience(&[DEV_AUDIENCE]);
+        v.set_issuer(&[issuer_url("quorate.test")]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(&jwt, &key, &v).unwrap();
+        assert_eq!(data.claims["sub"], "agent-7");
+        assert_eq!(data.claims["repo"], "acme/app");
+        assert!(attest(dir.path(), "quorate.test", "bad agent", &[], 60).is_err());
+        assert!(
+            attest(
+                dir.path(),
+                "quorate.test",
+                "a",
+                &[("sub".into(), "x".into())],
+                60
+            )
+            .is_err()
+        );
+        // Stable port per directory.
+        assert_eq!(
+            http_port(dir.path()).unwrap(),
+            http_port(dir.path()).unwrap()
+        );
+    }
+}
