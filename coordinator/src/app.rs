@@ -2,12 +2,20 @@
 
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
+use crate::authn::{Authenticator, AuthnConfig};
 use crate::cluster::Cluster;
 use crate::config::{Args, Config};
+use crate::identity::service::IdentityApi;
+use crate::identity::store::IdentityStore;
+use crate::identity::{IdentityConfig, IdentityPlane, http};
+use crate::policy::PolicyEngine;
 use crate::pools;
 use crate::service::Api;
 use crate::store::Store;
 use quorate_proto::api::cluster_service_server::ClusterServiceServer;
+use quorate_proto::api::identity_service_server::IdentityServiceServer;
 use quorate_proto::api::key_service_server::KeyServiceServer;
 use quorate_proto::tls::{self, Identity, Role, RoleKind, Trust};
 use quorate_proto::transport;
@@ -73,6 +81,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
         tracing::info!(%at, "metrics at http://{at}/metrics");
     }
+    let (http_task, issuer) = start_identity_http(&cfg, &trust, cluster.clone()).await?;
     let server_tls =
         tls::server_config(&identity, &trust, &[RoleKind::Client]).map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)
@@ -80,6 +89,11 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<KeyServiceServer<Api>>().await;
+    reporter
+        .set_serving::<IdentityServiceServer<IdentityApi>>()
+        .await;
+    let issuer_url = issuer.url.clone();
+    let identity_api = IdentityApi::new(issuer.plane);
     let api = Api::new(cluster, cfg.domain.clone());
     tracing::info!(%addr, n = cfg.params.n(), t = cfg.params.t(), "coordinator listening");
     #[allow(
@@ -87,15 +101,92 @@ async fn run(cfg: Config) -> Result<(), String> {
         reason = "the readiness line is read by `quorate dev` and tests"
     )]
     {
-        println!("QUORATE_READY coordinator addr={addr}");
+        println!("QUORATE_READY coordinator issuer={issuer_url} addr={addr}");
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(KeyServiceServer::new(api.clone()))
         .add_service(ClusterServiceServer::new(api))
+        .add_service(IdentityServiceServer::new(identity_api))
         .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
             let _ = stop_rx.await;
         });
-    quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await
+    let result = quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await;
+    http_task.abort();
+    result
 }
+
+/// The running identity plane and its issuer URL.
+struct IssuerHandle {
+    plane: Arc<IdentityPlane>,
+    url: String,
+}
+
+/// Loads policy and trusted issuers, opens the identity store, binds the HTTPS
+/// metadata listener and starts it (and the policy watcher).
+async fn start_identity_http(
+    cfg: &Config,
+    trust: &Trust,
+    cluster: Arc<Cluster>,
+) -> Result<(tokio::task::JoinHandle<()>, IssuerHandle), String> {
+    let policy = match &cfg.policy_dir {
+        Some(dir) => PolicyEngine::from_dir(dir)
+            .map_err(|e| format!("policy directory {}: {e}", dir.display()))?,
+        None => PolicyEngine::from_files(
+            vec![("builtin.cedar".to_owned(), BUILTIN_POLICY.to_owned())],
+            "built-in (admin client only)",
+        )
+        .map_err(|e| format!("built-in policy: {e}"))?,
+    };
+    let policy = Arc::new(policy);
+    if let Some(dir) = &cfg.policy_dir {
+        Arc::clone(&policy).watch(dir.clone(), cfg.policy_poll);
+    }
+    let authn = match &cfg.trust_config {
+        Some(path) => {
+            let ac = AuthnConfig::from_file(path).map_err(|errs| {
+                format!("--trust-config {}: {}", path.display(), errs.join("; "))
+            })?;
+            Authenticator::new(ac, &cfg.domain).await?
+        }
+        None => Authenticator::empty(&cfg.domain),
+    };
+    let web = Identity::from_pem_files(&cfg.http_cert, &cfg.http_key).map_err(|e| e.to_string())?;
+    let http_tls = tls::metadata_server_config(&web, trust).map_err(|e| e.to_string())?;
+    let (listener, http_addr) = transport::bind(cfg.http_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.http_listen))?;
+    let url = cfg
+        .issuer_url
+        .clone()
+        .unwrap_or_else(|| format!("https://localhost:{}", http_addr.port()));
+    let store =
+        IdentityStore::open(&cfg.data_dir.join("identity.redb")).map_err(|e| e.to_string())?;
+    let plane = Arc::new(IdentityPlane::new(
+        cluster,
+        policy,
+        Arc::new(authn),
+        store,
+        IdentityConfig {
+            issuer: url.clone(),
+            domain: cfg.domain.clone(),
+            signing_key: cfg.token_key.clone(),
+            policy_dir: cfg.policy_dir.clone(),
+        },
+    )?);
+    let task = http::serve(
+        listener,
+        http_tls,
+        Arc::clone(&plane),
+        cfg.allow_classic_token_endpoints,
+    );
+    tracing::info!(%http_addr, issuer = %url, "metadata listener (discovery, JWKS, introspection, revocation)");
+    Ok((task, IssuerHandle { plane, url }))
+}
+
+/// Without `--policy-dir`: the admin client administers, no agent gets anything until a
+/// policy set is applied.
+const BUILTIN_POLICY: &str = r#"@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#;

@@ -10,8 +10,11 @@
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod authn;
 pub mod cluster;
 pub mod config;
+pub mod identity;
+pub mod policy;
 pub mod pools;
 pub mod service;
 pub mod store;

@@ -55,6 +55,15 @@ impl Drop for TempDir {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Path of a workspace binary built by `cargo test --workspace`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -167,6 +176,9 @@ pub struct TestCluster {
     pub t: u16,
     /// Extra coordinator flags.
     pub coordinator_flags: Vec<String>,
+    /// Port of the coordinator's HTTPS metadata listener (fixed across restarts, so the
+    /// issuer URL is too).
+    pub http_port: u16,
 }
 
 impl TestCluster {
@@ -183,6 +195,7 @@ impl TestCluster {
             n,
             t,
             coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+            http_port: free_port(),
         };
         for i in 1..=n {
             let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
@@ -240,6 +253,10 @@ impl TestCluster {
             .arg(DOMAIN)
             .arg("--threshold")
             .arg(self.t.to_string())
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg("--issuer-url")
+            .arg(self.issuer())
             .env("QUORATE_LOG", "warn");
         for (k, a) in self.node_addrs.iter().enumerate() {
             cmd.arg("--node").arg(format!("{}={a}", k + 1));
@@ -287,6 +304,20 @@ impl TestCluster {
         transport::connect(self.coordinator_addr, &Role::Coordinator, DOMAIN, cfg)
             .await
             .unwrap()
+    }
+
+    /// The issuer URL (`https://localhost:<metadata port>`).
+    pub fn issuer(&self) -> String {
+        format!("https://localhost:{}", self.http_port)
+    }
+
+    /// IdentityService client.
+    pub async fn identity_api(
+        &self,
+    ) -> quorate_proto::api::identity_service_client::IdentityServiceClient<Channel> {
+        quorate_proto::api::identity_service_client::IdentityServiceClient::new(
+            self.api_channel().await,
+        )
     }
 
     /// KeyService client.

@@ -150,6 +150,7 @@ impl IdentityPlane {
         store: IdentityStore,
         cfg: IdentityConfig,
     ) -> std::result::Result<Self, String> {
+        use rand::SeedableRng as _;
         let rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
             .map_err(|e| format!("system RNG failed: {e}"))?;
         Ok(IdentityPlane {
@@ -354,14 +355,19 @@ impl IdentityPlane {
         let name = &self.cfg.signing_key;
         let mut last = None;
         for _ in 0..2 {
-            let key = self.cluster.current_signing_key(name).map_err(|e| match e {
+            let key = self.cluster.current_version(name).map_err(|e| match e {
                 CoordError::NotFound(_) => IdentityError::Precondition(format!(
-                    "no token signing key named {name}: create it with `quorate key create {name} --token-issuer {} --token-max-ttl 1h`",
+                    "no token signing key named {name}: create it with `quorate key create {name} --token-issuer {} --token-max-ttl 1h --token-typ at+jwt`",
                     self.cfg.issuer
                 )),
                 other => other.into(),
             })?;
-            let kid = key.public.key_id.to_string();
+            if key.public.purpose != quorate_crypto::keys::KeyPurpose::Sign {
+                return Err(IdentityError::Precondition(format!(
+                    "key {name} is not a signing key"
+                )));
+            }
+            let kid = key.kid();
             if let Some(rules) = &key.rules {
                 if rules.issuer() != self.cfg.issuer {
                     return Err(IdentityError::Precondition(format!(
@@ -370,8 +376,8 @@ impl IdentityPlane {
                         self.cfg.issuer
                     )));
                 }
-                let life = u64::try_from(claims.exp - claims.iat).unwrap_or(0);
-                if life > rules.max_ttl_seconds() {
+                let life = claims.exp.saturating_sub(claims.iat);
+                if life > i64::from(rules.max_ttl_seconds()) {
                     return Err(IdentityError::Denied(format!(
                         "requested ttl {life} s exceeds token key {name}'s maximum of {} s, which the fragment nodes enforce",
                         rules.max_ttl_seconds()
@@ -384,8 +390,8 @@ impl IdentityPlane {
                 .sign_jws(name, key.public.key_id, input.as_bytes())
                 .await
             {
-                Ok(sig) => return Ok((token::assemble(&input, &sig.to_raw()), kid)),
-                Err(CoordError::KeyRotated(why)) => last = Some(CoordError::KeyRotated(why)),
+                Ok((sig, _)) => return Ok((token::assemble(&input, &sig.to_raw()), kid)),
+                Err(CoordError::Rotated(why)) => last = Some(CoordError::Rotated(why)),
                 Err(e) => return Err(e.into()),
             }
         }
