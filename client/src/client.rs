@@ -13,6 +13,7 @@ use quorate_proto::api;
 use quorate_proto::api::cluster_service_client::ClusterServiceClient;
 use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
+use quorate_proto::rules::TokenRules;
 use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
 use quorate_proto::transport;
 use tonic::transport::Channel;
@@ -69,6 +70,12 @@ pub struct KeyInfo {
     pub epoch: u32,
     /// The public key.
     pub public_key: Point,
+    /// For a token-signing key: what its fragment nodes agree to sign.
+    pub token_rules: Option<TokenRules>,
+    /// 1 for a new key, +1 per rotation.
+    pub version: u32,
+    /// The JWS `kid` of this version.
+    pub kid: String,
 }
 
 /// A public key with its standard encodings.
@@ -209,14 +216,39 @@ impl Client {
 
     /// Creates a key with a fresh distributed key generation across all nodes.
     pub async fn create_key(&self, name: &str, purpose: KeyPurpose) -> Result<KeyInfo> {
+        self.create_key_with_rules(name, purpose, None).await
+    }
+
+    /// Creates a key; with `token_rules`, a signing key whose fragment nodes sign only
+    /// JWS tokens within the rules (fixed for the key's lifetime, every version).
+    pub async fn create_key_with_rules(
+        &self,
+        name: &str,
+        purpose: KeyPurpose,
+        token_rules: Option<&TokenRules>,
+    ) -> Result<KeyInfo> {
         let req = api::CreateKeyRequest {
             name: name.to_owned(),
             purpose: purpose_to_wire(purpose) as i32,
-            token_rules: None,
+            token_rules: token_rules.map(TokenRules::to_api),
         };
         let mut keys = self.keys.clone();
         let info = self
             .call("create the key", keys.create_key(self.request(req)))
+            .await?;
+        key_info(info)
+    }
+
+    /// Adds a new version of a signing key (a fresh distributed key generation under the
+    /// same name and rules) and returns it; the previous version stays verifiable for
+    /// its tokens' lifetime.
+    pub async fn rotate_key(&self, name: &str) -> Result<KeyInfo> {
+        let req = api::RotateKeyRequest {
+            name: name.to_owned(),
+        };
+        let mut keys = self.keys.clone();
+        let info = self
+            .call("rotate the key", keys.rotate_key(self.request(req)))
             .await?;
         key_info(info)
     }
@@ -456,6 +488,17 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
             &format!("key `{}` with an invalid public key ({e})", k.name),
         )
     })?;
+    let token_rules = k
+        .token_rules
+        .as_ref()
+        .map(TokenRules::try_from)
+        .transpose()
+        .map_err(|e| {
+            malformed(
+                "describe the key",
+                &format!("key `{}` with invalid token rules ({e})", k.name),
+            )
+        })?;
     Ok(KeyInfo {
         name: k.name,
         key_id: k.key_id,
@@ -464,6 +507,9 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
         t: k.t,
         epoch: k.epoch,
         public_key,
+        token_rules,
+        version: k.version,
+        kid: k.kid,
     })
 }
 

@@ -54,3 +54,4 @@ pub use config::{
 pub use error::{Error, Result};
 pub use quorate_crypto::keys::KeyPurpose;
 pub use quorate_crypto::tdh::Credential;
+pub use quorate_proto::rules::TokenRules;

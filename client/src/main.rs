@@ -154,6 +154,16 @@ enum KeyCommand {
         #[arg(long, value_enum, default_value_t = PurposeArg::Sign)]
         purpose: PurposeArg,
         #[command(flatten)]
+        rules: TokenRulesArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add a new version of a signing key (fresh key generation; same name, purpose and
+    /// token rules); the previous version stays verifiable for its tokens' lifetime
+    Rotate {
+        /// Key name
+        name: String,
+        #[command(flatten)]
         conn: ConnArgs,
     },
     /// List the keys
@@ -171,6 +181,95 @@ enum KeyCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+}
+
+/// Token rules of `quorate key create`: all three or none.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Token rules (a key that signs only access tokens)")]
+struct TokenRulesArgs {
+    /// Issuer every token must name (`iss`), compared exactly
+    #[arg(long, value_name = "URL")]
+    token_issuer: Option<String>,
+    /// Longest token lifetime (`exp - iat`): seconds, or with s, m or h (900, 15m, 1h); at
+    /// most 24h
+    #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
+    token_max_ttl: Option<u32>,
+    /// JWS `typ` header every token must carry, compared exactly (e.g. at+jwt)
+    #[arg(long, value_name = "TYP")]
+    token_typ: Option<String>,
+}
+
+impl TokenRulesArgs {
+    fn rules(self, purpose: PurposeArg) -> Result<Option<quorate_client::TokenRules>> {
+        match (self.token_issuer, self.token_max_ttl, self.token_typ) {
+            (None, None, None) => Ok(None),
+            (Some(issuer), Some(ttl), Some(typ)) => {
+                if purpose != PurposeArg::Sign {
+                    return Err(Error::Usage(
+                        "token rules apply only to signing keys: drop --purpose or use --purpose sign"
+                            .into(),
+                    ));
+                }
+                quorate_client::TokenRules::new(ttl, issuer, typ)
+                    .map(Some)
+                    .map_err(|e| Error::Usage(e.to_string()))
+            }
+            _ => Err(Error::Usage(
+                "--token-issuer, --token-max-ttl and --token-typ go together: give all three for a \
+                 token-signing key, or none"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// A token lifetime: `900`, `900s`, `15m` or `1h`.
+fn parse_ttl(s: &str) -> std::result::Result<u32, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "`{s}`: give seconds, or a number with s, m or h (900, 15m, 1h)"
+            ));
+        }
+    };
+    digits
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("`{s}`: give seconds, or a number with s, m or h (900, 15m, 1h)"))
+}
+
+/// What `key create` and `key rotate` print.
+fn describe_key(verb: &str, key: &KeyInfo) -> String {
+    let mut s = format!(
+        "{verb} key `{}`: purpose {}, {} nodes, t = {}, key id {}",
+        key.name,
+        key.purpose.name(),
+        key.n,
+        key.t,
+        key.key_id
+    );
+    if key.version > 1 {
+        s.push_str(&format!(", version {} (JWS kid {})", key.version, key.kid));
+    }
+    if let Some(r) = &key.token_rules {
+        s.push_str(&format!(
+            "\ntoken rules: typ {}, issuer {}, tokens of at most {} s",
+            r.typ(),
+            r.issuer(),
+            r.max_ttl_seconds()
+        ));
+    }
+    s.push('\n');
+    s
 }
 
 #[derive(Debug, Args)]
@@ -361,18 +460,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Key(KeyCommand::Create {
             name,
             purpose,
+            rules,
             conn,
         }) => {
+            let rules = rules.rules(purpose)?;
             let client = conn.connect().await?;
-            let key = client.create_key(&name, purpose.into()).await?;
-            out(&format!(
-                "created key `{}`: purpose {}, {} nodes, t = {}, key id {}\n",
-                key.name,
-                key.purpose.name(),
-                key.n,
-                key.t,
-                key.key_id
-            ))
+            let key = client
+                .create_key_with_rules(&name, purpose.into(), rules.as_ref())
+                .await?;
+            out(&describe_key("created", &key))
+        }
+        Command::Key(KeyCommand::Rotate { name, conn }) => {
+            let client = conn.connect().await?;
+            let key = client.rotate_key(&name).await?;
+            out(&describe_key("rotated", &key))
         }
         Command::Key(KeyCommand::List { conn }) => {
             let client = conn.connect().await?;

@@ -1,6 +1,13 @@
 //! Orchestration of the fragment nodes: DKG, presignature batches, one-round signing
 //! with per-node request batching, and threshold DH.
 //!
+//! Keys have versions: a name's newest version is the one that signs and whose pools
+//! are kept filled; [`Cluster::rotate_key`] adds a version by a fresh DKG, and a retired
+//! signing version stays in [`Cluster::jwks_keys`] while tokens it signed may still be
+//! valid. A token-signing key ([`TokenRules`]) signs only through
+//! [`Cluster::sign_jws`]: the JWS signing input travels to every node, which checks it
+//! against the rules it recorded when the key was created.
+//!
 //! The coordinator only relays: every round message it forwards is sealed to its
 //! recipients and signed by its sender, and it runs the coordinator-side checks of
 //! `quorate-crypto` (`dkg::finalize`, `presign::aggregate`/`verify_mus`/`public_output`,
@@ -28,7 +35,12 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-use crate::store::{Store, StoreError};
+pub use quorate_proto::rules::TokenRules;
+use quorate_proto::rules::{
+    CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, MAX_TTL_LIMIT_SECONDS, REFUSAL_PREFIX,
+};
+
+use crate::store::{KeyVersion, NamedKey, Store, StoreError, StoredVersion};
 
 /// Round-trip limit for protocol rounds (a batch of presignatures takes a while).
 const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -58,6 +70,14 @@ pub enum CoordError {
     /// A node misbehaved; it has been excluded from new work.
     #[error("{0}")]
     Misbehaved(String),
+    /// The fragment nodes refused by the key's usage rules (token rules): final, another
+    /// presignature would be refused the same way.
+    #[error("{0}")]
+    Refused(String),
+    /// The key was rotated after the caller chose its version (`kid`): rebuild what
+    /// names the version and try again.
+    #[error("{0}")]
+    Rotated(String),
     /// Internal failure.
     #[error("{0}")]
     Internal(String),
@@ -77,6 +97,8 @@ impl From<CoordError> for tonic::Status {
             CoordError::Precondition(m) => tonic::Status::failed_precondition(m),
             CoordError::Unavailable(m) => tonic::Status::unavailable(m),
             CoordError::Misbehaved(m) => tonic::Status::aborted(m),
+            CoordError::Refused(m) => tonic::Status::permission_denied(m),
+            CoordError::Rotated(m) => tonic::Status::aborted(m),
             CoordError::Internal(m) => tonic::Status::internal(m),
         }
     }
@@ -97,6 +119,8 @@ type Result<T, E = CoordError> = core::result::Result<T, E>;
 
 struct SignJob {
     request: Vec<u8>,
+    /// The JWS signing input whose SHA-256 the request signs, or empty.
+    signing_input: Vec<u8>,
     reply: oneshot::Sender<Result<SignatureShare, String>>,
 }
 
@@ -110,11 +134,54 @@ struct NodeHandle {
 
 #[derive(Default)]
 struct State {
-    keys: HashMap<String, KeyPublic>,
+    /// By name; the last version of each is the current one.
+    keys: HashMap<String, NamedKey>,
     names: HashMap<KeyId, String>,
     pools: HashMap<(KeyId, PartySet), VecDeque<PresignaturePublic>>,
     down: HashMap<PartyIndex, Instant>,
     culprits: HashSet<PartyIndex>,
+}
+
+/// One version of a named key.
+#[derive(Clone, Debug)]
+pub struct KeyVersionInfo {
+    /// The key's name.
+    pub name: String,
+    /// 1 for a new key, +1 per rotation.
+    pub version: u32,
+    /// The version's public data.
+    pub public: KeyPublic,
+    /// Its token rules (the same for every version of a name).
+    pub rules: Option<TokenRules>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// When a newer version replaced it; `None` for the current version.
+    pub retired_at: Option<i64>,
+}
+
+impl KeyVersionInfo {
+    fn of(name: &str, v: &StoredVersion) -> Self {
+        KeyVersionInfo {
+            name: name.to_string(),
+            version: v.version.version,
+            public: v.public.clone(),
+            rules: v.rules.clone(),
+            created_at: v.version.created_at,
+            retired_at: v.version.retired_at,
+        }
+    }
+
+    /// The JWS `kid` of this version: its key id in hex.
+    pub fn kid(&self) -> String {
+        self.public.key_id.to_string()
+    }
+}
+
+/// Current time, unix seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// A node's health as last seen.
@@ -152,6 +219,9 @@ pub struct Cluster {
     state: Mutex<State>,
     relay_log: Option<Mutex<std::fs::File>>,
     metrics: CoordMetrics,
+    /// Serialises key creation and rotation (each a DKG of seconds): a name is checked
+    /// and written by one of them at a time.
+    admin: tokio::sync::Mutex<()>,
 }
 
 fn rng() -> Result<rand::rngs::StdRng> {
@@ -208,8 +278,10 @@ impl Cluster {
         }
         let mut state = State::default();
         for k in store.keys()? {
-            state.names.insert(k.public.key_id, k.name.clone());
-            state.keys.insert(k.name, k.public);
+            for v in &k.versions {
+                state.names.insert(v.public.key_id, k.name.clone());
+            }
+            state.keys.insert(k.name.clone(), k);
         }
         for p in store.presigs()? {
             state
@@ -226,6 +298,7 @@ impl Cluster {
             state: Mutex::new(state),
             relay_log,
             metrics: CoordMetrics::default(),
+            admin: tokio::sync::Mutex::new(()),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -399,28 +472,141 @@ impl Cluster {
         Ok((roster, verified))
     }
 
-    /// Runs a DKG for a new key (all `n` nodes must be up) and activates it.
-    pub async fn create_key(&self, name: &str, purpose: KeyPurpose) -> Result<KeyPublic> {
+    /// Runs a DKG for a new key (all `n` nodes must be up) and activates it as version
+    /// 1 of `name`. With `rules`, a signing key becomes a token-signing key: every node
+    /// records the rules and signs only JWS signing inputs that pass them.
+    pub async fn create_key(
+        &self,
+        name: &str,
+        purpose: KeyPurpose,
+        rules: Option<TokenRules>,
+    ) -> Result<KeyPublic> {
+        if rules.is_some() && purpose != KeyPurpose::Sign {
+            return Err(CoordError::Invalid(format!(
+                "token rules apply only to signing keys; a {} key cannot have them",
+                purpose.name()
+            )));
+        }
+        let _admin = self.admin.lock().await;
         if self.state()?.keys.contains_key(name) {
             return Err(CoordError::Precondition(format!(
                 "a key named {name} already exists"
             )));
         }
-        let mut r = rng()?;
-        let mut id = [0u8; 16];
-        rand::Rng::fill_bytes(&mut r, &mut id);
-        let public = self.run_dkg(KeyId(id), DkgMode::NewKey { purpose }).await?;
-        self.store.put_key(name, &public)?;
+        let public = self
+            .run_dkg(fresh_key_id()?, DkgMode::NewKey { purpose }, rules.as_ref())
+            .await?;
+        let version = KeyVersion {
+            version: 1,
+            key_id: public.key_id,
+            created_at: unix_now(),
+            retired_at: None,
+        };
+        self.store
+            .put_version(name, &public, rules.as_ref(), &[version])?;
         {
             let mut s = self.state()?;
             s.names.insert(public.key_id, name.to_string());
-            s.keys.insert(name.to_string(), public.clone());
+            s.keys.insert(
+                name.to_string(),
+                NamedKey {
+                    name: name.to_string(),
+                    public: public.clone(),
+                    versions: vec![StoredVersion {
+                        version,
+                        public: public.clone(),
+                        rules: rules.clone(),
+                    }],
+                },
+            );
         }
-        tracing::info!(key = name, id = %public.key_id, "key created");
+        tracing::info!(key = name, id = %public.key_id, token_rules = rules.is_some(), "key created");
         Ok(public)
     }
 
-    async fn run_dkg(&self, key_id: KeyId, mode: DkgMode) -> Result<KeyPublic> {
+    /// Adds a new version of the signing key `name` by a fresh DKG (new key id, same
+    /// purpose and token rules) and makes it current: from now on it signs and its pools
+    /// are filled. The previous version is retired now; it stays in
+    /// [`Cluster::jwks_keys`] for its tokens' lifetime, and its pooled presignatures are
+    /// dropped. Returns the new version.
+    pub async fn rotate_key(&self, name: &str) -> Result<KeyVersionInfo> {
+        let _admin = self.admin.lock().await;
+        let (mut versions, rules, purpose) = {
+            let s = self.state()?;
+            let k = s.keys.get(name).ok_or_else(|| no_such_key(name))?;
+            let rules = k.versions.last().and_then(|v| v.rules.clone());
+            (
+                k.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+                rules,
+                k.public.purpose,
+            )
+        };
+        if purpose != KeyPurpose::Sign {
+            return Err(CoordError::Precondition(format!(
+                "only signing keys rotate: key {name} is a {} key, and its outputs depend on the key itself",
+                purpose.name()
+            )));
+        }
+        let public = self
+            .run_dkg(fresh_key_id()?, DkgMode::NewKey { purpose }, rules.as_ref())
+            .await?;
+        let now = unix_now();
+        let last = versions
+            .last_mut()
+            .ok_or_else(|| CoordError::Internal(format!("key {name} has no versions")))?;
+        last.retired_at = Some(now);
+        let (old_id, next) = (last.key_id, last.version.checked_add(1));
+        let version = KeyVersion {
+            version: next
+                .ok_or_else(|| CoordError::Internal(format!("key {name}: too many versions")))?,
+            key_id: public.key_id,
+            created_at: now,
+            retired_at: None,
+        };
+        versions.push(version);
+        self.store
+            .put_version(name, &public, rules.as_ref(), &versions)?;
+        let stored = StoredVersion {
+            version,
+            public: public.clone(),
+            rules,
+        };
+        let dropped: Vec<_> = {
+            let mut s = self.state()?;
+            s.names.insert(public.key_id, name.to_string());
+            if let Some(k) = s.keys.get_mut(name) {
+                for (held, v) in k.versions.iter_mut().zip(&versions) {
+                    held.version = *v;
+                }
+                k.versions.push(stored.clone());
+                k.public = public.clone();
+            }
+            // Nothing signs with the retired version any more.
+            let old: Vec<_> = s
+                .pools
+                .keys()
+                .filter(|(k, _)| *k == old_id)
+                .cloned()
+                .collect();
+            old.iter()
+                .filter_map(|p| s.pools.remove(p))
+                .flatten()
+                .map(|p| p.id)
+                .collect()
+        };
+        if let Err(e) = self.store.remove_presigs(&dropped) {
+            tracing::warn!(key = name, error = %e, "could not drop the retired version's pooled presignatures");
+        }
+        tracing::info!(key = name, version = version.version, id = %public.key_id, retired = %old_id, "key rotated");
+        Ok(KeyVersionInfo::of(name, &stored))
+    }
+
+    async fn run_dkg(
+        &self,
+        key_id: KeyId,
+        mode: DkgMode,
+        rules: Option<&TokenRules>,
+    ) -> Result<KeyPublic> {
         let (roster, verified) = self.roster().await?;
         let mut r = rng()?;
         let session = SessionId::random(&mut r);
@@ -444,7 +630,7 @@ impl Cluster {
             purpose: convert::purpose_to_wire(purpose) as i32,
             refresh_prior: prior,
             roster: Some(roster),
-            token_rules: None,
+            token_rules: rules.map(TokenRules::to_fragment),
         };
         let commits = self
             .round(&all, "DKG commit", |mut c| {
@@ -642,25 +828,95 @@ impl Cluster {
         crypto(e)
     }
 
-    /// A named key.
+    /// The current version of a named key.
     pub fn key(&self, name: &str) -> Result<KeyPublic> {
-        self.state()?.keys.get(name).cloned().ok_or_else(|| {
-            CoordError::NotFound(format!(
-                "no key named {name}: create it with `quorate key create {name}`"
-            ))
-        })
+        self.state()?
+            .keys
+            .get(name)
+            .map(|k| k.public.clone())
+            .ok_or_else(|| no_such_key(name))
     }
 
-    /// Every named key.
+    /// Every named key (current versions), by name.
     pub fn keys(&self) -> Result<Vec<(String, KeyPublic)>> {
         let mut v: Vec<_> = self
             .state()?
             .keys
             .iter()
-            .map(|(n, k)| (n.clone(), k.clone()))
+            .map(|(n, k)| (n.clone(), k.public.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(v)
+    }
+
+    /// The current version of a named key, with its version number and rules.
+    pub fn current_version(&self, name: &str) -> Result<KeyVersionInfo> {
+        let s = self.state()?;
+        s.keys
+            .get(name)
+            .and_then(|k| k.versions.last())
+            .map(|v| KeyVersionInfo::of(name, v))
+            .ok_or_else(|| no_such_key(name))
+    }
+
+    /// Every named key's current version, by name.
+    pub fn current_versions(&self) -> Result<Vec<KeyVersionInfo>> {
+        let s = self.state()?;
+        let mut out: Vec<_> = s
+            .keys
+            .iter()
+            .filter_map(|(n, k)| k.versions.last().map(|v| KeyVersionInfo::of(n, v)))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Every version of a named key, oldest first.
+    pub fn key_versions(&self, name: &str) -> Result<Vec<KeyVersionInfo>> {
+        let s = self.state()?;
+        let k = s.keys.get(name).ok_or_else(|| no_such_key(name))?;
+        Ok(k.versions
+            .iter()
+            .map(|v| KeyVersionInfo::of(name, v))
+            .collect())
+    }
+
+    /// The key that signs for `name` now, for building a JWS header (its `kid` is
+    /// `key_id.to_string()`) before calling [`Cluster::sign_jws`].
+    pub fn current_signing_key(&self, name: &str) -> Result<KeyPublic> {
+        let key = self.key(name)?;
+        key.purpose.require(KeyPurpose::Sign).map_err(crypto)?;
+        Ok(key)
+    }
+
+    /// The signing-key versions a verifier must know at `now` (unix seconds), by name
+    /// and newest version first: every current version, and every retired one whose
+    /// tokens may still be valid — retired less than its rules' maximum token lifetime
+    /// (24 h for a key without rules) plus the clock skew the nodes allow ago.
+    pub fn jwks_keys(&self, now: i64) -> Result<Vec<KeyVersionInfo>> {
+        let s = self.state()?;
+        let mut out = Vec::new();
+        for (name, k) in &s.keys {
+            for v in k.versions.iter().rev() {
+                if v.public.purpose != KeyPurpose::Sign {
+                    continue;
+                }
+                let lifetime = v
+                    .rules
+                    .as_ref()
+                    .map_or(MAX_TTL_LIMIT_SECONDS, TokenRules::max_ttl_seconds);
+                let live = v.version.retired_at.is_none_or(|retired| {
+                    now < retired
+                        .saturating_add(i64::from(lifetime))
+                        .saturating_add(CLOCK_SKEW_SECONDS)
+                });
+                if live {
+                    out.push(KeyVersionInfo::of(name, v));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(b.version.cmp(&a.version)));
+        Ok(out)
     }
 
     /// Pool depths: `(key name, signing set, depth)`.
@@ -668,6 +924,7 @@ impl Cluster {
         let s = self.state()?;
         let mut out = Vec::new();
         for (name, key) in &s.keys {
+            let key = &key.public;
             if key.purpose != KeyPurpose::Sign {
                 continue;
             }
@@ -714,19 +971,114 @@ impl Cluster {
         Ok(presig)
     }
 
+    /// Puts back a presignature that every node of its signing set refused before
+    /// touching it (a token-rules refusal), so a bad token does not waste it. Only into
+    /// a current version's pool.
+    fn return_presig(&self, presig: PresignaturePublic) {
+        let current = self
+            .state()
+            .map(|s| s.keys.values().any(|k| k.public.key_id == presig.key_id))
+            .unwrap_or(false);
+        if !current {
+            return;
+        }
+        if let Err(e) = self.store.add_presigs(std::slice::from_ref(&presig)) {
+            tracing::warn!(error = %e, "could not return an untouched presignature to its pool");
+            return;
+        }
+        if let Ok(mut s) = self.state() {
+            s.pools
+                .entry((presig.key_id, presig.sset.clone()))
+                .or_default()
+                .push_front(presig);
+        }
+    }
+
     /// Signs a SHA-256 digest with the named key: one round to the `t + 1` nodes of a
     /// pooled presignature; verifies the result; on failure names the culprit, excludes
-    /// it and retries with another presignature.
+    /// it and retries with another presignature. A token-signing key refuses: it signs
+    /// only through [`Cluster::sign_jws`].
     pub async fn sign(&self, name: &str, digest: [u8; 32]) -> Result<Signature> {
-        let key = self.key(name)?;
-        key.purpose.require(KeyPurpose::Sign).map_err(crypto)?;
+        let current = self.current_version(name)?;
+        current
+            .public
+            .purpose
+            .require(KeyPurpose::Sign)
+            .map_err(crypto)?;
+        if let Some(rules) = &current.rules {
+            return Err(CoordError::Refused(format!(
+                "key {name} is a token-signing key (typ {}, issuer {}, tokens of at most {} s): \
+                 its fragment nodes sign only JWS tokens issued by the identity service, not raw \
+                 messages or digests",
+                rules.typ(),
+                rules.issuer(),
+                rules.max_ttl_seconds()
+            )));
+        }
+        self.sign_attempts(&current.public, digest, &[]).await
+    }
+
+    /// Signs a JWS compact signing input `BASE64URL(header).BASE64URL(payload)` (ES256:
+    /// the digest is its SHA-256) with the current version of `name`, which must be
+    /// `expected` — the key whose `kid` the caller put in the header, from
+    /// [`Cluster::current_signing_key`]. If the key was rotated in between, fails with
+    /// [`CoordError::Rotated`]: rebuild the header and call again. The signing input
+    /// travels to every node of the signing set; for a token-signing key each node checks
+    /// it against the key's rules, and a refusal is final ([`CoordError::Refused`], with
+    /// the nodes' reasons). Returns the signature and the key that made it.
+    pub async fn sign_jws(
+        &self,
+        name: &str,
+        expected: KeyId,
+        signing_input: &[u8],
+    ) -> Result<(Signature, KeyPublic)> {
+        let current = self.current_version(name)?;
+        current
+            .public
+            .purpose
+            .require(KeyPurpose::Sign)
+            .map_err(crypto)?;
+        if current.public.key_id != expected {
+            return Err(CoordError::Rotated(format!(
+                "key {name} was rotated: its current version {} has kid {}, not {expected}; \
+                 build the token header with the new kid and sign again",
+                current.version,
+                current.kid()
+            )));
+        }
+        if signing_input.is_empty() || signing_input.len() > MAX_SIGNING_INPUT {
+            return Err(CoordError::Invalid(format!(
+                "a JWS signing input has 1 to {MAX_SIGNING_INPUT} bytes, got {}",
+                signing_input.len()
+            )));
+        }
+        let digest = quorate_crypto::hash::sha256(signing_input);
+        let sig = self
+            .sign_attempts(&current.public, digest, signing_input)
+            .await?;
+        Ok((sig, current.public))
+    }
+
+    /// Up to three attempts, each with another presignature; a usage-rules refusal ends
+    /// them at once.
+    async fn sign_attempts(
+        &self,
+        key: &KeyPublic,
+        digest: [u8; 32],
+        signing_input: &[u8],
+    ) -> Result<Signature> {
         let mut last = None;
         for _attempt in 0..3 {
             let presig = self.take_presig(key.key_id)?;
-            match self.sign_with(&key, &presig, digest).await {
+            match self.sign_with(key, &presig, digest, signing_input).await {
                 Ok(sig) => {
                     self.metrics.signatures.inc();
                     return Ok(sig);
+                }
+                Err(e @ CoordError::Refused(_)) => {
+                    self.metrics.sign_attempt_failures.inc();
+                    self.return_presig(presig);
+                    return Err(e);
                 }
                 Err(e) => {
                     self.metrics.sign_attempt_failures.inc();
@@ -738,11 +1090,16 @@ impl Cluster {
         Err(last.unwrap_or_else(|| CoordError::Internal("signing failed".into())))
     }
 
+    /// One signing attempt. If every node of the set refused by the key's usage rules,
+    /// the error is [`CoordError::Refused`] (and no node consumed the presignature); a
+    /// mix of rules refusals and other outcomes is a failed attempt like any other, so
+    /// one node cannot end signing by claiming a refusal that the others do not share.
     async fn sign_with(
         &self,
         key: &KeyPublic,
         presig: &PresignaturePublic,
         digest: [u8; 32],
+        signing_input: &[u8],
     ) -> Result<Signature> {
         let req = SignRequest {
             key_id: key.key_id,
@@ -758,6 +1115,7 @@ impl Cluster {
                 .signer
                 .send(SignJob {
                     request: req.clone(),
+                    signing_input: signing_input.to_vec(),
                     reply: tx,
                 })
                 .await
@@ -766,12 +1124,23 @@ impl Cluster {
         }
         let mut shares = Vec::new();
         let mut failures = Vec::new();
+        // Rules refusals: (reason, nodes giving it).
+        let mut by_rules: Vec<(String, Vec<PartyIndex>)> = Vec::new();
         for (j, rx) in waits {
             match tokio::time::timeout(ONLINE_TIMEOUT, rx).await {
                 Ok(Ok(Ok(share))) => shares.push(share),
                 Ok(Ok(Err(why))) => {
                     if why.starts_with("unavailable") {
                         self.mark_down(j);
+                    }
+                    if let Some(reason) = why
+                        .strip_prefix("refused: ")
+                        .filter(|r| r.starts_with(REFUSAL_PREFIX))
+                    {
+                        match by_rules.iter_mut().find(|(r, _)| r == reason) {
+                            Some((_, nodes)) => nodes.push(j),
+                            None => by_rules.push((reason.to_string(), vec![j])),
+                        }
                     }
                     failures.push(format!("node {j}: {why}"));
                 }
@@ -780,6 +1149,20 @@ impl Cluster {
                     failures.push(format!("node {j}: no answer"));
                 }
             }
+        }
+        let refusals: usize = by_rules.iter().map(|(_, n)| n.len()).sum();
+        if refusals > 0 && refusals == presig.sset.len() {
+            let reasons: Vec<String> = by_rules
+                .iter()
+                .map(|(reason, nodes)| {
+                    let nodes: Vec<String> = nodes.iter().map(|n| format!("node {n}")).collect();
+                    format!("{reason} ({})", nodes.join(", "))
+                })
+                .collect();
+            return Err(CoordError::Refused(format!(
+                "the fragment nodes refused to sign: {}",
+                reasons.join("; ")
+            )));
         }
         if !failures.is_empty() {
             return Err(CoordError::Unavailable(format!(
@@ -902,7 +1285,13 @@ impl Cluster {
     pub(crate) fn pool_needs(&self) -> Result<Vec<(KeyPublic, PartySet, PartySet, usize)>> {
         let s = self.state()?;
         let mut out = Vec::new();
-        for key in s.keys.values().filter(|k| k.purpose == KeyPurpose::Sign) {
+        // Current versions only: a retired version's pools are dropped at rotation.
+        for key in s
+            .keys
+            .values()
+            .map(|k| &k.public)
+            .filter(|k| k.purpose == KeyPurpose::Sign)
+        {
             for (mset, sset) in self.sets() {
                 let d = s
                     .pools
@@ -913,6 +1302,19 @@ impl Cluster {
         }
         Ok(out)
     }
+}
+
+fn no_such_key(name: &str) -> CoordError {
+    CoordError::NotFound(format!(
+        "no key named {name}: create it with `quorate key create {name}`"
+    ))
+}
+
+/// A fresh random key id.
+fn fresh_key_id() -> Result<KeyId> {
+    let mut id = [0u8; 16];
+    rand::Rng::fill_bytes(&mut rng()?, &mut id);
+    Ok(KeyId(id))
 }
 
 fn decode_all<T: Wire>(msgs: &[fragment::RoundMessage]) -> Result<Vec<T>> {
@@ -932,9 +1334,15 @@ async fn sign_batcher(mut client: FragmentNodeClient<Channel>, mut rx: mpsc::Rec
                 Err(_) => break,
             }
         }
+        // Signing inputs go along, parallel to the requests, when any job has one.
+        let signing_inputs = if jobs.iter().any(|j| !j.signing_input.is_empty()) {
+            jobs.iter().map(|j| j.signing_input.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let batch = fragment::SignBatch {
             requests: jobs.iter().map(|j| j.request.clone()).collect(),
-            signing_inputs: Vec::new(),
+            signing_inputs,
         };
         let res = tokio::time::timeout(ONLINE_TIMEOUT, client.sign(batch)).await;
         match res {

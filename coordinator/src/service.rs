@@ -16,7 +16,7 @@ use quorate_proto::tls::Role;
 use sha2::Digest;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, KeyVersionInfo, TokenRules};
 
 /// The service state.
 #[derive(Clone)]
@@ -75,19 +75,42 @@ fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
-fn key_info(name: &str, k: &KeyPublic) -> api::KeyInfo {
+fn key_info(v: &KeyVersionInfo) -> api::KeyInfo {
+    let k = &v.public;
     api::KeyInfo {
-        name: name.to_string(),
+        name: v.name.clone(),
         key_id: k.key_id.to_string(),
         purpose: purpose_to_api(k.purpose) as i32,
         n: u32::from(k.params.n()),
         t: u32::from(k.params.t()),
         epoch: k.epoch,
         public_key: k.public_key().to_bytes().to_vec(),
-        token_rules: None,
-        version: 1,
-        kid: k.key_id.to_string(),
+        token_rules: v.rules.as_ref().map(TokenRules::to_api),
+        version: v.version,
+        kid: v.kid(),
     }
+}
+
+/// The token rules of a CreateKey request: only for signing keys, validated.
+fn token_rules_from_api(
+    rules: Option<&api::TokenRules>,
+    purpose: KeyPurpose,
+) -> Result<Option<TokenRules>, Status> {
+    let Some(wire) = rules else {
+        return Ok(None);
+    };
+    if purpose != KeyPurpose::Sign {
+        return Err(Status::invalid_argument(format!(
+            "token rules apply only to signing keys (purpose sign), not to a {} key",
+            purpose.name()
+        )));
+    }
+    let rules = TokenRules::try_from(wire).map_err(|e| {
+        Status::invalid_argument(format!(
+            "{e} (token rules need all three: max_ttl_seconds, issuer, typ)"
+        ))
+    })?;
+    Ok(Some(rules))
 }
 
 /// The SPKI PEM of a public key.
@@ -117,12 +140,17 @@ pub fn jwk(k: &KeyPublic) -> String {
 
 #[tonic::async_trait]
 impl KeyService for Api {
+    #[tracing::instrument(skip(self, request))]
     async fn rotate_key(
         &self,
         request: Request<api::RotateKeyRequest>,
     ) -> Result<Response<api::KeyInfo>, Status> {
-        self.caller(&request)?;
-        Err(Status::unimplemented("key rotation is not built yet"))
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        check_name(&r.name)?;
+        let version = self.cluster.rotate_key(&r.name).await?;
+        tracing::info!(%caller, key = r.name, version = version.version, "RotateKey");
+        Ok(Response::new(key_info(&version)))
     }
 
     #[tracing::instrument(skip(self, request))]
@@ -134,9 +162,11 @@ impl KeyService for Api {
         let r = request.into_inner();
         check_name(&r.name)?;
         let purpose = purpose_from_api(r.purpose)?;
-        let key = self.cluster.create_key(&r.name, purpose).await?;
+        let rules = token_rules_from_api(r.token_rules.as_ref(), purpose)?;
+        self.cluster.create_key(&r.name, purpose, rules).await?;
+        let version = self.cluster.current_version(&r.name)?;
         tracing::info!(%caller, key = r.name, "CreateKey");
-        Ok(Response::new(key_info(&r.name, &key)))
+        Ok(Response::new(key_info(&version)))
     }
 
     async fn list_keys(
@@ -144,9 +174,9 @@ impl KeyService for Api {
         request: Request<api::ListKeysRequest>,
     ) -> Result<Response<api::ListKeysReply>, Status> {
         self.caller(&request)?;
-        let keys = self.cluster.keys()?;
+        let keys = self.cluster.current_versions()?;
         Ok(Response::new(api::ListKeysReply {
-            keys: keys.iter().map(|(n, k)| key_info(n, k)).collect(),
+            keys: keys.iter().map(key_info).collect(),
         }))
     }
 
@@ -156,11 +186,11 @@ impl KeyService for Api {
     ) -> Result<Response<api::PublicKeyReply>, Status> {
         self.caller(&request)?;
         let name = request.into_inner().name;
-        let k = self.cluster.key(&name)?;
+        let v = self.cluster.current_version(&name)?;
         Ok(Response::new(api::PublicKeyReply {
-            key: Some(key_info(&name, &k)),
-            spki_pem: spki_pem(&k.public_key())?,
-            jwk_json: jwk(&k),
+            key: Some(key_info(&v)),
+            spki_pem: spki_pem(&v.public.public_key())?,
+            jwk_json: jwk(&v.public),
         }))
     }
 

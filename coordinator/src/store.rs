@@ -1,16 +1,34 @@
 //! The coordinator's durable public data (DESIGN.md §5): key names and public key data,
 //! and the pools' presignature public data. Nothing here is secret.
+//!
+//! Tables:
+//! - `key_names`: name → key id of the name's current version;
+//! - `keys`: key id → `KeyPublic` (quorate-crypto's versioned encoding), every version;
+//! - `key_versions`: name → the name's versions, oldest first ([`KeyVersion`]; own
+//!   versioned encoding). A store written before versions existed has no entry: its
+//!   names load as version 1, created at time 0, never retired;
+//! - `token_rules`: key id → [`TokenRules`] of token-signing keys (versioned encoding);
+//!   a key without an entry signs digests;
+//! - `pool`: presignature id → `PresignaturePublic`.
 
 use std::path::Path;
 
 use quorate_crypto::keys::{KeyId, KeyPublic};
 use quorate_crypto::presign::{PresigId, PresignaturePublic};
 use quorate_crypto::wire::Wire;
+use quorate_proto::rules::TokenRules;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("key_names");
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_versions");
+const RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
 const POOL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pool");
+
+/// Encoding version of a `key_versions` entry.
+const VERSIONS_V1: u8 = 1;
+/// Bytes per version in a `key_versions` entry.
+const VERSION_LEN: usize = 4 + 16 + 8 + 1 + 8;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -26,13 +44,88 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
 /// Result alias.
 pub type Result<T> = core::result::Result<T, StoreError>;
 
+/// One version of a named key: `create` makes version 1, each rotation the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyVersion {
+    /// 1, 2, …
+    pub version: u32,
+    /// The key of this version (its JWS `kid` is the hex of this id).
+    pub key_id: KeyId,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// When a newer version replaced it (unix seconds); `None` for the current one.
+    pub retired_at: Option<i64>,
+}
+
+/// A version with its public data.
+#[derive(Clone, Debug)]
+pub struct StoredVersion {
+    /// Version, id and times.
+    pub version: KeyVersion,
+    /// Public key data.
+    pub public: KeyPublic,
+    /// Token rules, for a token-signing key.
+    pub rules: Option<TokenRules>,
+}
+
 /// A named key.
 #[derive(Clone, Debug)]
 pub struct NamedKey {
     /// Its name.
     pub name: String,
-    /// Its public data.
+    /// The public data of its current (newest) version.
     pub public: KeyPublic,
+    /// Every version, oldest first; the last is the current one.
+    pub versions: Vec<StoredVersion>,
+}
+
+fn encode_versions(versions: &[KeyVersion]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + versions.len() * VERSION_LEN);
+    out.push(VERSIONS_V1);
+    out.extend_from_slice(
+        &u32::try_from(versions.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    for v in versions {
+        out.extend_from_slice(&v.version.to_be_bytes());
+        out.extend_from_slice(&v.key_id.0);
+        out.extend_from_slice(&v.created_at.to_be_bytes());
+        out.push(u8::from(v.retired_at.is_some()));
+        out.extend_from_slice(&v.retired_at.unwrap_or(0).to_be_bytes());
+    }
+    out
+}
+
+fn decode_versions(b: &[u8]) -> Option<Vec<KeyVersion>> {
+    let (&VERSIONS_V1, rest) = b.split_first()? else {
+        return None;
+    };
+    let (count, mut rest) = rest.split_first_chunk::<4>()?;
+    let count = usize::try_from(u32::from_be_bytes(*count)).ok()?;
+    if rest.len() != count.checked_mul(VERSION_LEN)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    while let Some((one, tail)) = rest.split_first_chunk::<VERSION_LEN>() {
+        rest = tail;
+        let (version, one) = one.split_first_chunk::<4>()?;
+        let (key_id, one) = one.split_first_chunk::<16>()?;
+        let (created_at, one) = one.split_first_chunk::<8>()?;
+        let (&retired, one) = one.split_first()?;
+        let retired_at = i64::from_be_bytes(*one.first_chunk::<8>()?);
+        out.push(KeyVersion {
+            version: u32::from_be_bytes(*version),
+            key_id: KeyId(*key_id),
+            created_at: i64::from_be_bytes(*created_at),
+            retired_at: match retired {
+                0 => None,
+                1 => Some(retired_at),
+                _ => return None,
+            },
+        });
+    }
+    Some(out)
 }
 
 /// The coordinator's redb store.
@@ -48,13 +141,49 @@ impl Store {
         {
             tx.open_table(NAMES)?;
             tx.open_table(KEYS)?;
+            tx.open_table(VERSIONS)?;
+            tx.open_table(RULES)?;
             tx.open_table(POOL)?;
         }
         tx.commit()?;
         Ok(Store { db })
     }
 
-    /// Records (or, for a refresh, replaces) a named key.
+    /// Records a new version of `name` in one transaction: its public data, its token
+    /// rules, the name's whole version list `versions` (whose last entry is `key`'s),
+    /// and `key` as the name's current key.
+    pub fn put_version(
+        &self,
+        name: &str,
+        key: &KeyPublic,
+        rules: Option<&TokenRules>,
+        versions: &[KeyVersion],
+    ) -> Result<()> {
+        if versions.last().map(|v| v.key_id) != Some(key.key_id) {
+            return Err(StoreError(format!(
+                "key {name}: the version list must end with the new key {}",
+                key.key_id
+            )));
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut k = tx.open_table(KEYS)?;
+            k.insert(&key.key_id.0[..], key.to_bytes().as_slice())?;
+            if let Some(r) = rules {
+                let mut t = tx.open_table(RULES)?;
+                t.insert(&key.key_id.0[..], r.to_bytes().as_slice())?;
+            }
+            let mut v = tx.open_table(VERSIONS)?;
+            v.insert(name, encode_versions(versions).as_slice())?;
+            let mut n = tx.open_table(NAMES)?;
+            n.insert(name, &key.key_id.0[..])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records (or, for a refresh, replaces) the public data of a named key's current
+    /// version.
     pub fn put_key(&self, name: &str, key: &KeyPublic) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
@@ -67,25 +196,66 @@ impl Store {
         Ok(())
     }
 
-    /// Every named key.
+    /// Every named key, with all its versions.
     pub fn keys(&self) -> Result<Vec<NamedKey>> {
         let tx = self.db.begin_read()?;
         let names = tx.open_table(NAMES)?;
         let keys = tx.open_table(KEYS)?;
+        let versions = tx.open_table(VERSIONS)?;
+        let rules = tx.open_table(RULES)?;
         let mut out = Vec::new();
         for e in names.iter()? {
             let (name, id) = e?;
-            let Some(bytes) = keys.get(id.value())? else {
-                return Err(StoreError(format!(
-                    "key {} has a name but no data",
-                    name.value()
-                )));
+            let name = name.value().to_string();
+            let corrupt = |what: &str| StoreError(format!("key {name}: {what}"));
+            let current = KeyId(
+                id.value()
+                    .try_into()
+                    .map_err(|_| corrupt("the name maps to a malformed key id"))?,
+            );
+            let list = match versions.get(name.as_str())? {
+                Some(v) => {
+                    decode_versions(v.value()).ok_or_else(|| corrupt("malformed version list"))?
+                }
+                // Written before key versions existed: the one key is version 1.
+                None => vec![KeyVersion {
+                    version: 1,
+                    key_id: current,
+                    created_at: 0,
+                    retired_at: None,
+                }],
             };
-            let public = KeyPublic::from_bytes(bytes.value())
-                .map_err(|e| StoreError(format!("key {}: {e}", name.value())))?;
+            if list.last().map(|v| v.key_id) != Some(current) {
+                return Err(corrupt("the current key is not the newest version"));
+            }
+            let mut stored = Vec::with_capacity(list.len());
+            for v in list {
+                let Some(bytes) = keys.get(&v.key_id.0[..])? else {
+                    return Err(corrupt(&format!("version {} has no key data", v.version)));
+                };
+                let public = KeyPublic::from_bytes(bytes.value())
+                    .map_err(|e| corrupt(&format!("version {}: {e}", v.version)))?;
+                let rules = match rules.get(&v.key_id.0[..])? {
+                    None => None,
+                    Some(r) => Some(
+                        TokenRules::from_bytes(r.value())
+                            .map_err(|e| corrupt(&format!("version {}: {e}", v.version)))?,
+                    ),
+                };
+                stored.push(StoredVersion {
+                    version: v,
+                    public,
+                    rules,
+                });
+            }
+            let public = stored
+                .last()
+                .map(|v| v.public.clone())
+                .ok_or_else(|| corrupt("no versions"))?;
             out.push(NamedKey {
-                name: name.value().to_string(),
+                name,
                 public,
+                versions: stored,
             });
         }
         Ok(out)
@@ -116,6 +286,19 @@ impl Store {
         Ok(())
     }
 
+    /// Durably removes presignatures from the pools (those of a retired key version).
+    pub fn remove_presigs(&self, ids: &[PresigId]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(POOL)?;
+            for id in ids {
+                t.remove(&id.0[..])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Every pooled presignature.
     pub fn presigs(&self) -> Result<Vec<PresignaturePublic>> {
         let tx = self.db.begin_read()?;
@@ -137,5 +320,43 @@ impl Store {
         let t = tx.open_table(NAMES)?;
         Ok(t.get(name)?
             .and_then(|v| v.value().try_into().ok().map(KeyId)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    #[test]
+    fn version_lists_round_trip_and_reject_garbage() {
+        let v = vec![
+            KeyVersion {
+                version: 1,
+                key_id: KeyId([1; 16]),
+                created_at: 10,
+                retired_at: Some(20),
+            },
+            KeyVersion {
+                version: 2,
+                key_id: KeyId([2; 16]),
+                created_at: 20,
+                retired_at: None,
+            },
+        ];
+        let b = encode_versions(&v);
+        assert_eq!(decode_versions(&b).unwrap(), v);
+        assert!(decode_versions(&b[..b.len() - 1]).is_none());
+        let mut more = b.clone();
+        more.push(0);
+        assert!(decode_versions(&more).is_none());
+        let mut v2 = b.clone();
+        v2[0] = 2;
+        assert!(decode_versions(&v2).is_none());
+        let mut flag = b;
+        flag[5 + 28] = 7;
+        assert!(decode_versions(&flag).is_none());
+        assert_eq!(decode_versions(&encode_versions(&[])).unwrap(), vec![]);
     }
 }
