@@ -1,0 +1,691 @@
+//! Agent identity end to end (DESIGN.md §7), against real node and coordinator
+//! processes: a test OIDC issuer (its key made here) attests agents; Cedar policy in a
+//! watched directory decides; the cluster signs RFC 9068 tokens by threshold; the
+//! tokens verify with jsonwebtoken against the JWKS found by OIDC discovery over HTTPS;
+//! revocation, tasks, hot reload and key rotation take effect at once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use quorate_proto::api;
+use quorate_proto::https;
+use quorate_proto::tls;
+use quorate_tests::{DOMAIN, TempDir, TestCluster};
+use serde_json::{Value, json};
+use tonic::Code;
+
+const TEST_ISS: &str = "https://issuer.test";
+const TEST_AUD: &str = "quorate";
+
+/// A test OIDC issuer: an ES256 key, its JWKS on disk, and `trust.json` naming it.
+struct TestIssuer {
+    der: Vec<u8>,
+    spki_pem: String,
+}
+
+impl TestIssuer {
+    fn new(dir: &std::path::Path) -> Self {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = pair.public_key_raw();
+        let jwks = json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        }]});
+        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+        let trust = json!({"oidc": [{
+            "name": "test", "issuer": TEST_ISS, "audiences": [TEST_AUD],
+            "jwks_file": "jwks.json", "algorithms": ["ES256"],
+        }]});
+        std::fs::write(dir.join("trust.json"), trust.to_string()).unwrap();
+        TestIssuer {
+            der: pair.serialize_der(),
+            spki_pem: pair.public_key_pem(),
+        }
+    }
+
+    fn claims(&self, sub: &str, extra: Value) -> Value {
+        let now = now();
+        let mut c = json!({
+            "iss": TEST_ISS, "sub": sub, "aud": TEST_AUD,
+            "iat": now, "nbf": now, "exp": now + 600,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&self.der)).unwrap()
+    }
+
+    fn attest(&self, sub: &str, extra: Value) -> String {
+        self.sign(&self.claims(sub, extra))
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const BASE_POLICY: &str = r#"
+@id("blue-team-tools")
+@max_ttl_seconds("600")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.hasTag("team") && principal.getTag("team") == "blue" };
+
+@id("no-prod-deletes")
+forbid (principal, action == Action::"issue_token", resource)
+when { context has environment && context.environment == "prod" && context.scopes.contains("delete") };
+
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#;
+
+const RED_POLICY: &str = r#"
+@id("red-team-tools")
+@max_ttl_seconds("300")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.hasTag("team") && principal.getTag("team") == "red" };
+"#;
+
+fn request(att: &str, ttl: u32) -> api::IssueTokenRequest {
+    api::IssueTokenRequest {
+        attestation: att.into(),
+        audience: "tools".into(),
+        scopes: vec!["tools:read".into(), "tools:write".into()],
+        ttl_seconds: ttl,
+        task_id: String::new(),
+        context: Default::default(),
+    }
+}
+
+struct Env {
+    cluster: TestCluster,
+    issuer: TestIssuer,
+    policy_dir: std::path::PathBuf,
+    _cfg: TempDir,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let cfg = TempDir::new("identity-cfg");
+        let issuer = TestIssuer::new(&cfg.0);
+        let policy_dir = cfg.0.join("policy");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        std::fs::write(policy_dir.join("base.cedar"), BASE_POLICY).unwrap();
+        let pd = policy_dir.display().to_string();
+        let tc = cfg.0.join("trust.json").display().to_string();
+        let cluster = TestCluster::start(
+            "identity",
+            3,
+            1,
+            &[
+                "--policy-dir",
+                &pd,
+                "--trust-config",
+                &tc,
+                "--policy-poll-ms",
+                "100",
+            ],
+        );
+        let mut keys = cluster.keys().await;
+        keys.create_key(api::CreateKeyRequest {
+            name: "tokens".into(),
+            purpose: api::Purpose::Sign as i32,
+            token_rules: Some(api::TokenRules {
+                max_ttl_seconds: 900,
+                issuer: cluster.issuer(),
+                typ: "at+jwt".into(),
+            }),
+        })
+        .await
+        .unwrap();
+        cluster
+            .wait_pools("tokens", 4, Duration::from_secs(120))
+            .await;
+        Env {
+            cluster,
+            issuer,
+            policy_dir,
+            _cfg: cfg,
+        }
+    }
+
+    async fn issue(
+        &self,
+        req: api::IssueTokenRequest,
+    ) -> Result<api::IssueTokenReply, tonic::Status> {
+        let mut c = self.cluster.identity_api().await;
+        c.issue_token(req).await.map(|r| r.into_inner())
+    }
+
+    async fn introspect(&self, token: &str) -> bool {
+        let mut c = self.cluster.identity_api().await;
+        c.introspect(api::IntrospectRequest {
+            token: token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
+    }
+
+    async fn revoke(&self, target: api::revoke_request::Target) -> String {
+        let mut c = self.cluster.identity_api().await;
+        c.revoke(api::RevokeRequest {
+            target: Some(target),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let (_, trust) = self.cluster.identity("client-admin");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trust.ca_der().clone()).unwrap();
+        roots
+    }
+
+    /// JWKS by OIDC discovery, over HTTPS with a public-endpoint client.
+    async fn discover_jwks(&self) -> jsonwebtoken::jwk::JwkSet {
+        let tls = https::public_client_config(self.roots()).unwrap();
+        let url = format!("{}/.well-known/openid-configuration", self.cluster.issuer());
+        let meta = https::get(&url, Arc::clone(&tls)).await.unwrap();
+        assert_eq!(meta.status, 200, "{}", String::from_utf8_lossy(&meta.body));
+        let meta: Value = serde_json::from_slice(&meta.body).unwrap();
+        assert_eq!(meta["issuer"], self.cluster.issuer());
+        let jwks_uri = meta["jwks_uri"].as_str().unwrap();
+        let jwks = https::get(jwks_uri, tls).await.unwrap();
+        assert_eq!(jwks.status, 200);
+        serde_json::from_slice(&jwks.body).unwrap()
+    }
+
+    /// Verifies an access token with jsonwebtoken against the discovered JWKS.
+    async fn verify(&self, token: &str) -> Value {
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        assert_eq!(header.alg, Algorithm::ES256);
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        let kid = header.kid.unwrap();
+        let jwks = self.discover_jwks().await;
+        let jwk = jwks.find(&kid).expect("the token's kid is in the JWKS");
+        let key = DecodingKey::from_jwk(jwk).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&["tools"]);
+        v.set_issuer(&[self.cluster.issuer()]);
+        jsonwebtoken::decode::<Value>(token, &key, &v)
+            .unwrap()
+            .claims
+    }
+
+    /// HTTPS introspection as the admin client over the hybrid group.
+    async fn introspect_https(&self, token: &str) -> Value {
+        let (id, trust) = self.cluster.identity("client-admin");
+        let tls = tls::metadata_client_config(&id, &trust).unwrap();
+        let r = https::post_form(
+            &format!("{}/introspect", self.cluster.issuer()),
+            tls,
+            &[("token", token)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn denied(r: Result<api::IssueTokenReply, tonic::Status>, code: Code, words: &[&str]) {
+    let s = r.expect_err("the request must be refused");
+    assert_eq!(s.code(), code, "{s:?}");
+    for w in words {
+        assert!(
+            s.message().to_lowercase().contains(&w.to_lowercase()),
+            "`{}` does not mention {w}",
+            s.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_identity_end_to_end() {
+    let env = Env::start().await;
+    let blue = env
+        .issuer
+        .attest("agent-1", json!({"team": "blue", "repository": "acme/app"}));
+
+    // Policy allows: an RFC 9068 token, threshold-signed, verified by jsonwebtoken
+    // with the JWKS found through OIDC discovery over HTTPS.
+    let reply = env.issue(request(&blue, 300)).await.unwrap();
+    assert_eq!(reply.policy_ids, vec!["blue-team-tools".to_string()]);
+    let claims = env.verify(&reply.access_token).await;
+    let sub = format!("spiffe://{DOMAIN}/agent/test/agent-1");
+    assert_eq!(claims["sub"], sub);
+    assert_eq!(claims["client_id"], sub);
+    assert_eq!(claims["aud"], "tools");
+    assert_eq!(claims["scope"], "tools:read tools:write");
+    assert_eq!(claims["jti"], reply.jti);
+    assert_eq!(claims["attestation"]["iss"], TEST_ISS);
+    assert_eq!(claims["attestation"]["sub"], "agent-1");
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert_eq!(exp - iat, 300);
+    assert_eq!(claims["nbf"].as_i64().unwrap(), iat);
+    // A one-character change to the payload breaks the signature.
+    let mut parts: Vec<String> = reply.access_token.split('.').map(str::to_owned).collect();
+    let mut payload = URL_SAFE_NO_PAD.decode(&parts[1]).unwrap();
+    let at = payload.iter().position(|&b| b == b'3').unwrap();
+    payload[at] = b'9';
+    parts[1] = URL_SAFE_NO_PAD.encode(payload);
+    let jwks = env.discover_jwks().await;
+    let key = DecodingKey::from_jwk(jwks.find(&reply.kid).unwrap()).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.validate_aud = false;
+    assert!(jsonwebtoken::decode::<Value>(&parts.join("."), &key, &v).is_err());
+
+    // Policy denies, naming the deciding forbid; no permit → says so.
+    let mut prod = request(&blue, 300);
+    prod.scopes.push("delete".into());
+    prod.context.insert("environment".into(), "prod".into());
+    denied(
+        env.issue(prod).await,
+        Code::PermissionDenied,
+        &["no-prod-deletes"],
+    );
+    let red = env.issuer.attest("agent-red", json!({"team": "red"}));
+    denied(
+        env.issue(request(&red, 60)).await,
+        Code::PermissionDenied,
+        &["no policy permits"],
+    );
+    let mut bad_ctx = request(&blue, 60);
+    bad_ctx.context.insert("colour".into(), "blue".into());
+    denied(env.issue(bad_ctx).await, Code::InvalidArgument, &["colour"]);
+
+    // TTL above the policy's cap.
+    denied(
+        env.issue(request(&blue, 1200)).await,
+        Code::PermissionDenied,
+        &["1200", "600", "blue-team-tools"],
+    );
+
+    // Attestations that must not authenticate anyone.
+    let now = now();
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "expired",
+            env.issuer.sign(&env.issuer.claims(
+                "a",
+                json!({"team": "blue", "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}),
+            )),
+            &["expired"],
+        ),
+        (
+            "not yet valid",
+            env.issuer.sign(&env.issuer.claims(
+                "a",
+                json!({"team": "blue", "nbf": now + 3600, "exp": now + 7200}),
+            )),
+            &["not valid yet"],
+        ),
+        (
+            "wrong audience",
+            env.issuer.sign(
+                &env.issuer
+                    .claims("a", json!({"team": "blue", "aud": "someone-else"})),
+            ),
+            &["audience"],
+        ),
+        (
+            "wrong issuer",
+            env.issuer.sign(
+                &env.issuer
+                    .claims("a", json!({"team": "blue", "iss": "https://evil.test"})),
+            ),
+            &["https://evil.test"],
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD.encode(env.issuer.claims("a", json!({"team": "blue"})).to_string())
+            ),
+            &["none"],
+        ),
+        (
+            "HS256 keyed with the issuer's public key",
+            {
+                let mut h = Header::new(Algorithm::HS256);
+                h.kid = Some("k1".into());
+                jsonwebtoken::encode(
+                    &h,
+                    &env.issuer.claims("a", json!({"team": "blue"})),
+                    &EncodingKey::from_secret(env.issuer.spki_pem.as_bytes()).unwrap(),
+                )
+                .unwrap()
+            },
+            &["HS256"],
+        ),
+    ];
+    for (what, att, words) in cases {
+        let r = env.issue(request(&att, 60)).await;
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}");
+        for w in words {
+            assert!(
+                s.message().contains(w),
+                "{what}: `{}` does not mention {w}",
+                s.message()
+            );
+        }
+    }
+
+    // Hot reload from the watched directory changes a decision without a restart.
+    std::fs::write(env.policy_dir.join("red.cedar"), RED_POLICY).unwrap();
+    env.wait_for("the red policy to load", || async {
+        env.issue(request(&red, 60)).await.is_ok()
+    })
+    .await;
+    let digest = |info: api::PolicyInfo| info.digest;
+    let mut idc = env.cluster.identity_api().await;
+    let with_red = digest(
+        idc.get_policy(api::GetPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // A broken file is refused; the previous set still decides.
+    std::fs::write(env.policy_dir.join("broken.cedar"), "permit (principal,").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let still = digest(
+        idc.get_policy(api::GetPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        still, with_red,
+        "a broken directory must not replace the active set"
+    );
+    assert!(env.issue(request(&red, 60)).await.is_ok());
+    assert!(env.issue(request(&blue, 60)).await.is_ok());
+    std::fs::remove_file(env.policy_dir.join("broken.cedar")).unwrap();
+    // Through the admin RPC: an invalid set is refused naming the problem, the old one
+    // stays; a valid one without the red permit takes over at once.
+    let refused = idc
+        .apply_policy(api::ApplyPolicyRequest {
+            files: vec![api::PolicyFile {
+                name: "bad.cedar".into(),
+                text: "permit (principal, action, resource) when { principal.nosuch == 1 };".into(),
+            }],
+        })
+        .await
+        .expect_err("an invalid policy set must be refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(env.issue(request(&red, 60)).await.is_ok());
+    idc.apply_policy(api::ApplyPolicyRequest {
+        files: vec![api::PolicyFile {
+            name: "base.cedar".into(),
+            text: BASE_POLICY.into(),
+        }],
+    })
+    .await
+    .unwrap();
+    denied(
+        env.issue(request(&red, 60)).await,
+        Code::PermissionDenied,
+        &["no policy permits"],
+    );
+
+    // Revocation by jti: introspection (gRPC and HTTPS) flips at once.
+    let t1 = env.issue(request(&blue, 300)).await.unwrap();
+    assert!(env.introspect(&t1.access_token).await);
+    let body = env.introspect_https(&t1.access_token).await;
+    assert_eq!(body["active"], true);
+    assert_eq!(body["sub"], sub);
+    assert_eq!(body["scope"], "tools:read tools:write");
+    env.revoke(api::revoke_request::Target::Jti(t1.jti.clone()))
+        .await;
+    assert!(!env.introspect(&t1.access_token).await);
+    assert_eq!(
+        env.introspect_https(&t1.access_token).await,
+        json!({"active": false})
+    );
+    // Another token of the same agent is unaffected.
+    let t1b = env.issue(request(&blue, 300)).await.unwrap();
+    assert!(env.introspect(&t1b.access_token).await);
+
+    // Revocation by agent: its tokens die and it gets no new ones; others are unaffected.
+    let blue2 = env.issuer.attest("agent-2", json!({"team": "blue"}));
+    let t2 = env.issue(request(&blue2, 300)).await.unwrap();
+    assert!(env.introspect(&t2.access_token).await);
+    env.revoke(api::revoke_request::Target::Agent(t2.subject.clone()))
+        .await;
+    assert!(!env.introspect(&t2.access_token).await);
+    denied(
+        env.issue(request(&blue2, 60)).await,
+        Code::PermissionDenied,
+        &["deprovisioned"],
+    );
+    assert!(env.introspect(&t1b.access_token).await);
+
+    // Tasks: a token for a task dies with it; ending the task stops issuance for it.
+    let blue3 = env.issuer.attest("agent-3", json!({"team": "blue"}));
+    let task = idc
+        .start_task(api::StartTaskRequest {
+            attestation: blue3.clone(),
+            ttl_seconds: 120,
+            description: "triage ticket 42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(task.agent, format!("spiffe://{DOMAIN}/agent/test/agent-3"));
+    let mut for_task = request(&blue3, 300);
+    for_task.task_id = task.task_id.clone();
+    let t3 = env.issue(for_task.clone()).await.unwrap();
+    let c3 = env.verify(&t3.access_token).await;
+    assert_eq!(c3["task_id"], task.task_id);
+    assert!(
+        c3["exp"].as_i64().unwrap() <= task.expires_at,
+        "a token never outlives its task"
+    );
+    // Another agent cannot use the task.
+    let mut stolen = request(&blue, 60);
+    stolen.task_id = task.task_id.clone();
+    denied(
+        env.issue(stolen).await,
+        Code::PermissionDenied,
+        &["belongs to"],
+    );
+    assert!(env.introspect(&t3.access_token).await);
+    env.revoke(api::revoke_request::Target::TaskId(task.task_id.clone()))
+        .await;
+    assert!(!env.introspect(&t3.access_token).await);
+    denied(
+        env.issue(for_task).await,
+        Code::PermissionDenied,
+        &["ended"],
+    );
+    // EndTask does the same for another task.
+    let task2 = idc
+        .start_task(api::StartTaskRequest {
+            attestation: String::new(),
+            ttl_seconds: 120,
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut for_task2 = request(&blue, 60);
+    for_task2.task_id = task2.task_id.clone();
+    let t4 = env.issue(for_task2.clone()).await.unwrap();
+    idc.end_task(api::EndTaskRequest {
+        task_id: task2.task_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(!env.introspect(&t4.access_token).await);
+    denied(
+        env.issue(for_task2).await,
+        Code::PermissionDenied,
+        &["ended"],
+    );
+
+    // Key rotation: new tokens use the new version; old ones still verify.
+    let old = env.issue(request(&blue, 300)).await.unwrap();
+    let mut keys = env.cluster.keys().await;
+    let rotated = keys
+        .rotate_key(api::RotateKeyRequest {
+            name: "tokens".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.version, 2);
+    assert_ne!(rotated.kid, old.kid);
+    env.cluster
+        .wait_pools("tokens", 2, Duration::from_secs(120))
+        .await;
+    let new = env.issue(request(&blue, 300)).await.unwrap();
+    assert_eq!(new.kid, rotated.kid);
+    let jwks = env.discover_jwks().await;
+    assert!(jwks.find(&old.kid).is_some() && jwks.find(&new.kid).is_some());
+    env.verify(&old.access_token).await;
+    env.verify(&new.access_token).await;
+    assert!(env.introspect(&old.access_token).await);
+}
+
+/// The metadata listener serves discovery and the JWKS to classic-TLS verifiers, but
+/// token-carrying endpoints demand the hybrid group and a cluster client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_listener_transport_rules() {
+    let cfg = TempDir::new("identity-meta");
+    let _issuer = TestIssuer::new(&cfg.0);
+    let tc = cfg.0.join("trust.json").display().to_string();
+    let cluster = TestCluster::start("identity-meta", 3, 1, &["--trust-config", &tc]);
+    let d = &cluster.dir.0;
+    let (_, trust) = cluster.identity("client-admin");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.ca_der().clone()).unwrap();
+
+    // A classic-only verifier (X25519) gets discovery and the JWKS.
+    let classic = classic_client(&roots, None);
+    let r = https::get(
+        &format!("{}/jwks.json", cluster.issuer()),
+        Arc::clone(&classic),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let jwks: Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(jwks["keys"].is_array());
+    let r = https::get(
+        &format!(
+            "{}/.well-known/oauth-authorization-server",
+            cluster.issuer()
+        ),
+        classic,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Introspection over classic key exchange, even with the admin certificate: 403.
+    let admin = (d.join("client-admin.pem"), d.join("client-admin-key.pem"));
+    let classic_admin = classic_client(&roots, Some(&admin));
+    let r = https::post_form(
+        &format!("{}/introspect", cluster.issuer()),
+        classic_admin,
+        &[("token", "x")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("X25519MLKEM768"));
+
+    // Hybrid but no client certificate: 401.
+    let anon = https::public_client_config(roots.clone()).unwrap();
+    let r = https::post_form(
+        &format!("{}/introspect", cluster.issuer()),
+        anon,
+        &[("token", "x")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+
+    // Hybrid with the admin certificate: a garbage token is simply inactive.
+    let (id, trust) = cluster.identity("client-admin");
+    let ok = tls::metadata_client_config(&id, &trust).unwrap();
+    let r = https::post_form(
+        &format!("{}/introspect", cluster.issuer()),
+        ok,
+        &[("token", "not-a-token")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap(),
+        json!({"active": false})
+    );
+}
+
+fn classic_client(
+    roots: &rustls::RootCertStore,
+    cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots.clone());
+    let mut config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(c)
+                    .unwrap()
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_file(k).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
