@@ -34,6 +34,7 @@ use std::time::Duration;
 use quorate_crypto::ThresholdParams;
 use quorate_crypto::keys::KeyPurpose;
 use quorate_proto::pki;
+use quorate_proto::rules::TokenRules;
 use quorate_proto::tls::{Identity, Role};
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -46,6 +47,13 @@ use crate::error::{Error, Result};
 
 /// The signing key `quorate dev` creates.
 pub const DEFAULT_KEY: &str = "default";
+
+/// The token-signing key `quorate dev` creates: its fragment nodes sign only `at+jwt`
+/// tokens from the dev issuer URL living at most [`DEV_TOKEN_MAX_TTL`] seconds.
+pub const TOKEN_KEY: &str = "tokens";
+
+/// The token key's node-enforced maximum lifetime (the dev policy caps lower, 15 min).
+pub const DEV_TOKEN_MAX_TTL: u32 = 3600;
 
 /// How long each process may take to report that it listens.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -346,7 +354,10 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     eprintln!("coordinator listening on {addr}; issuer {issuer}");
 
     let client = Client::connect(&ClientConfig::admin(&dir, addr, &opts.domain)).await?;
-    ensure_default_key(&client, opts, procs).await?;
+    ensure_key(&client, opts, procs, DEFAULT_KEY, None).await?;
+    let rules = TokenRules::new(DEV_TOKEN_MAX_TTL, issuer.clone(), "at+jwt")
+        .map_err(|e| Error::Other(format!("dev token rules: {e}")))?;
+    ensure_key(&client, opts, procs, TOKEN_KEY, Some(&rules)).await?;
     let pools_filled = fill_pools(&client, opts, procs).await?;
     write_env_file(&env_file, addr, &dir, &opts.domain, &issuer)?;
     Ok(Up {
@@ -475,41 +486,42 @@ fn prepare_certificates(dir: &Path, domain: &str, n: u16) -> Result<()> {
     Ok(())
 }
 
-/// Creates [`DEFAULT_KEY`] unless it exists, retrying while the cluster is still
-/// coming up.
-async fn ensure_default_key(client: &Client, opts: &DevOptions, procs: &mut Procs) -> Result<()> {
+/// Creates the key `name` (with token rules, if given) unless it exists, retrying
+/// while the cluster is still coming up.
+async fn ensure_key(
+    client: &Client,
+    opts: &DevOptions,
+    procs: &mut Procs,
+    name: &str,
+    rules: Option<&TokenRules>,
+) -> Result<()> {
     let deadline = Instant::now() + CREATE_KEY_TIMEOUT;
     let mut announced = false;
     loop {
         procs.check_running()?;
         let attempt = async {
-            if client
-                .list_keys()
-                .await?
-                .iter()
-                .any(|k| k.name == DEFAULT_KEY)
-            {
+            if client.list_keys().await?.iter().any(|k| k.name == name) {
                 return Ok(false);
             }
             if !announced {
                 eprintln!(
-                    "creating key `{DEFAULT_KEY}` (distributed key generation on {} nodes)",
+                    "creating key `{name}` (distributed key generation on {} nodes)",
                     opts.nodes
                 );
                 announced = true;
             }
             client
-                .create_key(DEFAULT_KEY, KeyPurpose::Sign)
+                .create_key_with_rules(name, KeyPurpose::Sign, rules)
                 .await
                 .map(|_| true)
         };
         match attempt.await {
             Ok(true) => {
-                eprintln!("created key `{DEFAULT_KEY}`");
+                eprintln!("created key `{name}`");
                 return Ok(());
             }
             Ok(false) => {
-                eprintln!("key `{DEFAULT_KEY}` exists");
+                eprintln!("key `{name}` exists");
                 return Ok(());
             }
             Err(Error::Refused {
@@ -517,7 +529,7 @@ async fn ensure_default_key(client: &Client, opts: &DevOptions, procs: &mut Proc
                 ..
             }) => return Ok(()),
             Err(e @ Error::Unreachable { .. }) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "creating the default key failed; retrying");
+                tracing::debug!(error = %e, "creating a dev key failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => return Err(e),
@@ -545,12 +557,12 @@ async fn fill_pools(client: &Client, opts: &DevOptions, procs: &mut Procs) -> Re
                 let depths: Vec<u64> = status
                     .pools
                     .iter()
-                    .filter(|p| p.key_name == DEFAULT_KEY)
+                    .filter(|p| p.key_name == DEFAULT_KEY || p.key_name == TOKEN_KEY)
                     .map(|p| p.depth)
                     .collect();
                 let least = depths.iter().copied().min().unwrap_or(0);
                 let line = format!(
-                    "filling presignature pools: {}/{} ({} pool{} for key `{DEFAULT_KEY}`)",
+                    "filling presignature pools: {}/{} ({} pool{} for keys `{DEFAULT_KEY}` and `{TOKEN_KEY}`)",
                     least.min(opts.pool_target),
                     opts.pool_target,
                     depths.len(),
@@ -582,7 +594,7 @@ async fn fill_pools(client: &Client, opts: &DevOptions, procs: &mut Procs) -> Re
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default();
         eprintln!(
-            "warning: the pools of `{DEFAULT_KEY}` did not reach {} presignatures within {} s{why}; \
+            "warning: the pools of `{DEFAULT_KEY}` and `{TOKEN_KEY}` did not reach {} presignatures within {} s{why}; \
              the cluster is up and keeps filling them in the background, but the first signatures \
              may be slow (`quorate status` shows the depths)",
             opts.pool_target,

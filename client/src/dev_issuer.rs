@@ -98,11 +98,8 @@ pub fn ensure(dir: &Path, domain: &str) -> Result<()> {
     let policy = policy_dir(dir);
     if !policy.is_dir() {
         std::fs::create_dir_all(&policy).map_err(io_err(&policy))?;
-        write_new(
-            &policy.join("dev.cedar"),
-            quorate_coordinator::policy::DEV_POLICY.as_bytes(),
-            false,
-        )?;
+        quorate_coordinator::policy::write_dev_dir(&policy)
+            .map_err(|e| Error::Config(format!("{}: {e}", policy.display())))?;
     }
     Ok(())
 }

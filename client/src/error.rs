@@ -98,7 +98,7 @@ impl Error {
                 op,
                 code,
                 message: non_empty(status.message(), &format!("{code:?}")).to_owned(),
-                hint: refused_hint(code),
+                hint: refused_hint(op, code),
             },
         }
     }
@@ -145,8 +145,29 @@ fn unreachable_hint(detail: &str) -> String {
     }
 }
 
-fn refused_hint(code: tonic::Code) -> String {
+/// Operations of the identity API: their refusals come from policy or attestation checks,
+/// not from the caller's certificate.
+const IDENTITY_OPS: [&str; 6] = [
+    "issue a token",
+    "revoke",
+    "start the task",
+    "end the task",
+    "apply the policy",
+    "introspect the token",
+];
+
+fn refused_hint(op: &str, code: tonic::Code) -> String {
+    let identity = IDENTITY_OPS.contains(&op);
     let hint = match code {
+        tonic::Code::Unauthenticated if identity => {
+            "the agent's attestation was refused: it must come from an issuer in the coordinator's \
+             --trust-config, for its audience, and be within its validity (`quorate dev attest` \
+             makes a fresh one for a dev cluster)"
+        }
+        tonic::Code::PermissionDenied if identity => {
+            "the cluster's Cedar policy (or a revocation) decided this: `quorate policy show` \
+             names the active set"
+        }
         tonic::Code::NotFound => "list the cluster's keys with `quorate key list`",
         tonic::Code::AlreadyExists => "choose another name, or use the existing key",
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
