@@ -37,6 +37,7 @@ pub mod api {
 }
 
 pub mod convert;
+pub mod https;
 pub mod metrics;
 pub mod pki;
 pub mod process;
