@@ -1,0 +1,413 @@
+//! Token rules and key versions on real processes: every fragment node enforces the
+//! token rules it recorded when the key was created, whatever a (compromised)
+//! coordinator asks; rotation adds a new key version that signs from then on.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use quorate_crypto::keys::KeyPublic;
+use quorate_crypto::presign::PresignaturePublic;
+use quorate_crypto::sign::{SignRequest, SignatureShare};
+use quorate_crypto::wire::Wire;
+use quorate_proto::api;
+use quorate_proto::fragment::{self, sign_result::Result as SignOutcome};
+use quorate_tests::TestCluster;
+
+const POOL_FLAGS: &[&str] = &[
+    "--pool-low",
+    "4",
+    "--pool-high",
+    "8",
+    "--presign-batch",
+    "8",
+];
+
+const ISSUER: &str = "https://issuer.test";
+
+fn rules() -> api::TokenRules {
+    api::TokenRules {
+        max_ttl_seconds: 900,
+        issuer: ISSUER.into(),
+        typ: "at+jwt".into(),
+    }
+}
+
+async fn create_key(
+    c: &TestCluster,
+    name: &str,
+    purpose: api::Purpose,
+    token_rules: Option<api::TokenRules>,
+) -> Result<api::KeyInfo, tonic::Status> {
+    c.keys()
+        .await
+        .create_key(api::CreateKeyRequest {
+            name: name.into(),
+            purpose: purpose as i32,
+            token_rules,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn rotate(c: &TestCluster, name: &str) -> Result<api::KeyInfo, tonic::Status> {
+    c.keys()
+        .await
+        .rotate_key(api::RotateKeyRequest { name: name.into() })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<api::SignReply, tonic::Status> {
+    c.keys()
+        .await
+        .sign(api::SignRequest {
+            name: name.into(),
+            input: Some(api::sign_request::Input::Message(msg.to_vec())),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn verify_aws(public_compressed: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
+        .verify(msg, sig)
+        .is_ok()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .try_into()
+        .unwrap()
+}
+
+/// Unpadded base64url (RFC 4648 §5).
+fn b64url(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let v = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &x)| acc | u32::from(x) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(A[((v >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// A JWS signing input `BASE64URL(header).BASE64URL(payload)`.
+fn token(typ: &str, iss: &str, iat: i64, exp: i64) -> Vec<u8> {
+    let header = format!(r#"{{"alg":"ES256","typ":"{typ}","kid":"test"}}"#);
+    let payload =
+        format!(r#"{{"iss":"{iss}","sub":"agent-1","aud":"mcp","iat":{iat},"exp":{exp}}}"#);
+    format!(
+        "{}.{}",
+        b64url(header.as_bytes()),
+        b64url(payload.as_bytes())
+    )
+    .into_bytes()
+}
+
+fn digest(input: &[u8]) -> [u8; 32] {
+    quorate_crypto::hash::sha256(input)
+}
+
+/// One sign request for presignature `p` of `key`, with or without a signing input.
+fn batch(
+    key: &KeyPublic,
+    p: &PresignaturePublic,
+    d: [u8; 32],
+    input: Option<&[u8]>,
+) -> fragment::SignBatch {
+    fragment::SignBatch {
+        requests: vec![
+            SignRequest {
+                key_id: key.key_id,
+                presig_id: p.id,
+                sset: p.sset.clone(),
+                digest: d,
+            }
+            .to_bytes(),
+        ],
+        signing_inputs: input.map(|i| vec![i.to_vec()]).unwrap_or_default(),
+    }
+}
+
+/// Asks node `i` directly, as the coordinator would.
+async fn ask(c: &TestCluster, i: u16, b: fragment::SignBatch) -> SignOutcome {
+    let reply = c
+        .node_as_coordinator(i)
+        .await
+        .sign(b)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.results.len(), 1);
+    reply.results[0].result.clone().unwrap()
+}
+
+fn refused(outcome: SignOutcome, words: &str) {
+    match outcome {
+        SignOutcome::Refused(why) => assert!(
+            why.contains(words),
+            "refusal {why:?} does not mention {words:?}"
+        ),
+        SignOutcome::Share(_) => panic!("the node signed; expected a refusal naming {words:?}"),
+    }
+}
+
+/// Stops the coordinator and reads a named key and its pooled presignatures from its
+/// (public) store.
+fn stop_and_read(
+    c: &mut TestCluster,
+    name: &str,
+) -> (
+    quorate_coordinator::store::NamedKey,
+    Vec<PresignaturePublic>,
+) {
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    let store = quorate_coordinator::store::Store::open(
+        &c.dir.0.join("coordinator").join("coordinator.redb"),
+    )
+    .unwrap();
+    let key = store
+        .keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.name == name)
+        .unwrap();
+    let presigs = store
+        .presigs()
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.key_id == key.public.key_id)
+        .collect();
+    (key, presigs)
+}
+
+/// A coordinator that asks nodes to sign outside a key's token rules is refused by
+/// every node, without using up the presignature; a token within the rules gets shares
+/// that combine into a signature an independent verifier accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
+    let mut c = TestCluster::start("token-rules", 3, 1, POOL_FLAGS);
+    let info = create_key(&c, "tokens", api::Purpose::Sign, Some(rules()))
+        .await
+        .unwrap();
+    assert_eq!(info.token_rules, Some(rules()));
+    assert_eq!(info.version, 1);
+    assert_eq!(info.kid, info.key_id);
+
+    // Bad rules are refused with the field named.
+    for (purpose, r, words) in [
+        (api::Purpose::Derive, rules(), "only to signing keys"),
+        (
+            api::Purpose::Sign,
+            api::TokenRules {
+                max_ttl_seconds: 86_401,
+                ..rules()
+            },
+            "max_ttl_seconds",
+        ),
+        (
+            api::Purpose::Sign,
+            api::TokenRules {
+                issuer: String::new(),
+                ..rules()
+            },
+            "issuer",
+        ),
+    ] {
+        let s = create_key(&c, "bad", purpose, Some(r)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(
+            s.message().contains(words),
+            "{s:?} does not mention {words}"
+        );
+    }
+
+    c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
+    // The public Sign API does not sign raw messages with a token key.
+    let s = sign(&c, "tokens", b"not a token").await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("token-signing key"), "{s:?}");
+
+    // From here on the test is the coordinator.
+    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    assert_eq!(named.versions.len(), 1);
+    assert_eq!(
+        named.versions[0].rules.as_ref().map(|r| r.to_api()),
+        Some(rules())
+    );
+    let key = named.public;
+    let p = presigs.first().expect("no pooled presignature").clone();
+    let members: Vec<u16> = p.sset.members().iter().map(|m| m.get()).collect();
+    let first = members[0];
+    let t0 = now();
+
+    // A day-long token.
+    let long = token("at+jwt", ISSUER, t0, t0 + 86_400);
+    refused(
+        ask(&c, first, batch(&key, &p, digest(&long), Some(&long))).await,
+        "exp - iat = 86400 s exceeds this key's maximum token lifetime of 900 s",
+    );
+    // Another issuer.
+    let foreign = token("at+jwt", "https://evil.test", t0, t0 + 300);
+    refused(
+        ask(&c, first, batch(&key, &p, digest(&foreign), Some(&foreign))).await,
+        "iss is \"https://evil.test\"",
+    );
+    // Another typ.
+    let jwt = token("JWT", ISSUER, t0, t0 + 300);
+    refused(
+        ask(&c, first, batch(&key, &p, digest(&jwt), Some(&jwt))).await,
+        "typ is \"JWT\"",
+    );
+    // A bare digest.
+    refused(
+        ask(&c, first, batch(&key, &p, [7; 32], None)).await,
+        "signs only JWS tokens",
+    );
+    // A valid token, but the digest is of something else.
+    let good = token("at+jwt", ISSUER, t0, t0 + 600);
+    refused(
+        ask(&c, first, batch(&key, &p, [7; 32], Some(&good))).await,
+        "does not hash",
+    );
+
+    // None of that used the presignature: the valid token gets a share from every node
+    // of the set, and the shares combine into a signature over the signing input.
+    let d = digest(&good);
+    let mut shares = Vec::new();
+    for &j in &members {
+        match ask(&c, j, batch(&key, &p, d, Some(&good))).await {
+            SignOutcome::Share(b) => shares.push(SignatureShare::from_bytes(&b).unwrap()),
+            SignOutcome::Refused(why) => panic!("node {j} refused a valid token: {why}"),
+        }
+    }
+    let mut rng = quorate_crypto::sim::test_rng("token-rules");
+    let sig = quorate_crypto::sign::combine(&mut rng, &key, &p, &d, &shares).unwrap();
+    assert!(verify_aws(
+        &key.public_key().to_bytes(),
+        &good,
+        &sig.to_raw()
+    ));
+    // Now it is used: another valid token is refused for this presignature.
+    let other = token("at+jwt", ISSUER, t0, t0 + 300);
+    refused(
+        ask(&c, first, batch(&key, &p, digest(&other), Some(&other))).await,
+        "already used",
+    );
+}
+
+/// Rotation adds version 2 with a new key id (kid); signing uses it from then on; a
+/// token key keeps its rules, which every node enforces on the new version too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_adds_a_version_that_signs_from_then_on() {
+    let mut c = TestCluster::start("rotation", 3, 1, POOL_FLAGS);
+    let v1 = create_key(&c, "plain", api::Purpose::Sign, None)
+        .await
+        .unwrap();
+    assert_eq!((v1.version, v1.token_rules.as_ref()), (1, None));
+    c.wait_pools("plain", 4, Duration::from_secs(120)).await;
+    let before = sign(&c, "plain", b"before").await.unwrap();
+    assert_eq!(before.key_id, v1.key_id);
+    assert!(verify_aws(&v1.public_key, b"before", &before.signature));
+
+    let v2 = rotate(&c, "plain").await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_ne!(v2.kid, v1.kid);
+    assert_eq!(v2.kid, v2.key_id);
+    assert_ne!(v2.public_key, v1.public_key);
+    let listed = c
+        .keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let plain = listed.keys.iter().find(|k| k.name == "plain").unwrap();
+    assert_eq!((plain.version, &plain.kid), (2, &v2.kid));
+
+    c.wait_pools("plain", 4, Duration::from_secs(120)).await;
+    let after = sign(&c, "plain", b"after").await.unwrap();
+    assert_eq!(after.key_id, v2.key_id);
+    assert!(verify_aws(&v2.public_key, b"after", &after.signature));
+    assert!(!verify_aws(&v1.public_key, b"after", &after.signature));
+
+    // Every node holds the new version's share (and still the old one).
+    for i in 1..=3u16 {
+        let inv = c
+            .node_as_coordinator(i)
+            .await
+            .inventory(fragment::InventoryRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let held: Vec<String> = inv.keys.iter().map(|k| hex::encode(&k.key_id)).collect();
+        assert!(held.contains(&v2.key_id), "node {i} lacks version 2");
+        assert!(held.contains(&v1.key_id), "node {i} dropped version 1");
+    }
+
+    // Only signing keys rotate; unknown names are not found.
+    create_key(&c, "creds", api::Purpose::Derive, None)
+        .await
+        .unwrap();
+    let s = rotate(&c, "creds").await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("only signing keys rotate"), "{s:?}");
+    let s = rotate(&c, "nope").await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+
+    // A token key keeps its rules across rotation, and the nodes enforce them on the
+    // new version.
+    let t1 = create_key(&c, "tokens", api::Purpose::Sign, Some(rules()))
+        .await
+        .unwrap();
+    let t2 = rotate(&c, "tokens").await.unwrap();
+    assert_eq!((t2.version, t2.token_rules.clone()), (2, Some(rules())));
+    assert_ne!(t2.kid, t1.kid);
+    c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
+    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let versions: Vec<_> = named.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].version, 1);
+    assert!(versions[0].retired_at.is_some());
+    assert_eq!(versions[1].version, 2);
+    assert_eq!(versions[1].retired_at, None);
+    assert_eq!(named.public.key_id.to_string(), t2.key_id);
+    assert!(
+        named
+            .versions
+            .iter()
+            .all(|v| v.rules.as_ref().map(|r| r.to_api()) == Some(rules()))
+    );
+    // Only the current version has pooled presignatures.
+    assert!(!presigs.is_empty());
+    let p = &presigs[0];
+    let j = p.sset.members()[0].get();
+    refused(
+        ask(&c, j, batch(&named.public, p, [9; 32], None)).await,
+        "signs only JWS tokens",
+    );
+    let long = token("at+jwt", ISSUER, now(), now() + 3600);
+    refused(
+        ask(&c, j, batch(&named.public, p, digest(&long), Some(&long))).await,
+        "exceeds this key's maximum token lifetime of 900 s",
+    );
+}
