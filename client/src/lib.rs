@@ -43,11 +43,11 @@ pub mod dev_issuer;
 mod error;
 pub mod keyfmt;
 
+pub use client::identity::{RevokeTarget, TokenRequest};
 pub use client::{
     Client, ClusterStatus, DEFAULT_TIMEOUT, Format, KeyInfo, NodeStatus, PoolStatus, PublicKey,
     SignInput, Signature,
 };
-pub use client::identity::{RevokeTarget, TokenRequest};
 pub use config::{
     ClientConfig, DEFAULT_DOMAIN, ENV_ADDR, ENV_CACERT, ENV_CERT, ENV_DOMAIN, ENV_KEY,
 };

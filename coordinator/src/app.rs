@@ -145,9 +145,8 @@ async fn start_identity_http(
     }
     let authn = match &cfg.trust_config {
         Some(path) => {
-            let ac = AuthnConfig::from_file(path).map_err(|errs| {
-                format!("--trust-config {}: {}", path.display(), errs.join("; "))
-            })?;
+            let ac = AuthnConfig::from_file(path)
+                .map_err(|errs| format!("--trust-config: {}", errs.join("; ")))?;
             Authenticator::new(ac, &cfg.domain).await?
         }
         None => Authenticator::empty(&cfg.domain),

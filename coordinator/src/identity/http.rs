@@ -152,10 +152,10 @@ async fn jwks(State(s): State<Http>) -> Response {
 
 /// The token endpoints' gate: a cluster client certificate, and the hybrid group
 /// unless the operator opted in to classic key exchange.
-fn token_endpoint_caller(s: &Http, info: &ConnInfo) -> Result<String, Response> {
+fn token_endpoint_caller(s: &Http, info: &ConnInfo) -> Result<String, Box<Response>> {
     let hybrid = info.group.as_deref() == Some(tls::HYBRID_GROUP);
     if !hybrid && !s.allow_classic_token_endpoints {
-        return Err(oauth_error(
+        return Err(Box::new(oauth_error(
             StatusCode::FORBIDDEN,
             "invalid_request",
             &format!(
@@ -163,14 +163,14 @@ fn token_endpoint_caller(s: &Http, info: &ConnInfo) -> Result<String, Response> 
                 tls::HYBRID_GROUP,
                 info.group.as_deref().unwrap_or("an unknown group")
             ),
-        ));
+        )));
     }
     info.client.clone().ok_or_else(|| {
-        oauth_error(
+        Box::new(oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "present a client certificate of the cluster CA (tls_client_auth)",
-        )
+        ))
     })
 }
 
@@ -181,7 +181,7 @@ async fn introspect(
 ) -> Response {
     let caller = match token_endpoint_caller(&s, &info) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(token) = form.get("token") else {
         return oauth_error(
@@ -210,7 +210,7 @@ async fn revoke(
 ) -> Response {
     let caller = match token_endpoint_caller(&s, &info) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(token) = form.get("token") else {
         return oauth_error(
