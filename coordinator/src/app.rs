@@ -93,8 +93,12 @@ async fn run(cfg: Config) -> Result<(), String> {
         .set_serving::<IdentityServiceServer<IdentityApi>>()
         .await;
     let issuer_url = issuer.url.clone();
+    let api = Api::new(
+        cluster,
+        cfg.domain.clone(),
+        Arc::clone(issuer.plane.policy()),
+    );
     let identity_api = IdentityApi::new(issuer.plane);
-    let api = Api::new(cluster, cfg.domain.clone());
     tracing::info!(%addr, n = cfg.params.n(), t = cfg.params.t(), "coordinator listening");
     #[allow(
         clippy::print_stdout,

@@ -17,18 +17,48 @@ use sha2::Digest;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, KeyVersionInfo, TokenRules};
+use crate::policy::{Action, PolicyContext, PolicyEngine, PolicyRequest, Principal, Resource};
 
 /// The service state.
 #[derive(Clone)]
 pub struct Api {
     cluster: Arc<Cluster>,
     domain: String,
+    policy: Arc<PolicyEngine>,
 }
 
 impl Api {
-    /// Wraps the cluster.
-    pub fn new(cluster: Arc<Cluster>, domain: String) -> Self {
-        Api { cluster, domain }
+    /// Wraps the cluster; `policy` decides which client may use which key.
+    pub fn new(cluster: Arc<Cluster>, domain: String, policy: Arc<PolicyEngine>) -> Self {
+        Api {
+            cluster,
+            domain,
+            policy,
+        }
+    }
+
+    /// Asks policy whether client `caller` may do `action` on key `name`
+    /// (`Client::"<name>"`, e.g. `admin` for key creation and rotation).
+    fn authorize(&self, caller: &str, action: Action, name: &str) -> Result<(), Status> {
+        let d = self.policy.decide(&PolicyRequest {
+            principal: Principal::Client {
+                name: caller.to_owned(),
+            },
+            action,
+            resource: Resource::Key(name.to_owned()),
+            context: PolicyContext {
+                now: crate::identity::now(),
+                ..PolicyContext::default()
+            },
+        });
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "client {caller} may not {action} key {name}: {}",
+                d.explain()
+            )))
+        }
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
@@ -148,6 +178,7 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
+        self.authorize(&caller, Action::Admin, &r.name)?;
         let version = self.cluster.rotate_key(&r.name).await?;
         tracing::info!(%caller, key = r.name, version = version.version, "RotateKey");
         Ok(Response::new(key_info(&version)))
@@ -161,6 +192,7 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
+        self.authorize(&caller, Action::Admin, &r.name)?;
         let purpose = purpose_from_api(r.purpose)?;
         let rules = token_rules_from_api(r.token_rules.as_ref(), purpose)?;
         self.cluster.create_key(&r.name, purpose, rules).await?;
@@ -201,6 +233,7 @@ impl KeyService for Api {
     ) -> Result<Response<api::SignReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
+        self.authorize(&caller, Action::Sign, &r.name)?;
         let digest: [u8; 32] = match r.input {
             Some(api::sign_request::Input::Message(m)) => sha2::Sha256::digest(&m).into(),
             Some(api::sign_request::Input::Digest(d)) => d.as_slice().try_into().map_err(|_| {
@@ -238,6 +271,7 @@ impl KeyService for Api {
     ) -> Result<Response<api::DeriveReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
+        self.authorize(&caller, Action::Derive, &r.name)?;
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
         let resp = self
@@ -257,6 +291,7 @@ impl KeyService for Api {
     ) -> Result<Response<api::DecryptReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
+        self.authorize(&caller, Action::Decrypt, &r.name)?;
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
         let ct = quorate_crypto::ecies::EciesCiphertext::from_bytes(&r.ciphertext)
