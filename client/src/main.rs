@@ -192,8 +192,8 @@ struct TokenRulesArgs {
     token_issuer: Option<String>,
     /// Longest token lifetime (`exp - iat`): seconds, or with s, m or h (900, 15m, 1h); at
     /// most 24h
-    #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
-    token_max_ttl: Option<u32>,
+    #[arg(long, value_name = "TTL")]
+    token_max_ttl: Option<String>,
     /// JWS `typ` header every token must carry, compared exactly (e.g. at+jwt)
     #[arg(long, value_name = "TYP")]
     token_typ: Option<String>,
@@ -210,6 +210,8 @@ impl TokenRulesArgs {
                             .into(),
                     ));
                 }
+                let ttl = agent::parse_ttl("--token-max-ttl", &ttl)?;
+                let ttl = u32::try_from(ttl).unwrap_or(u32::MAX);
                 quorate_client::TokenRules::new(ttl, issuer, typ)
                     .map(Some)
                     .map_err(|e| Error::Usage(e.to_string()))
@@ -221,30 +223,6 @@ impl TokenRulesArgs {
             )),
         }
     }
-}
-
-/// A token lifetime: `900`, `900s`, `15m` or `1h`.
-fn parse_ttl(s: &str) -> std::result::Result<u32, String> {
-    let s = s.trim();
-    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, ""),
-    };
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => {
-            return Err(format!(
-                "`{s}`: give seconds, or a number with s, m or h (900, 15m, 1h)"
-            ));
-        }
-    };
-    digits
-        .parse::<u32>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("`{s}`: give seconds, or a number with s, m or h (900, 15m, 1h)"))
 }
 
 /// What `key create` and `key rotate` print.

@@ -96,7 +96,7 @@ async fn help_lists_the_subcommands() {
     }
     let out = quorate(&["key", "--help"], &[]).await;
     let help = text(&out.stdout);
-    for sub in ["create", "list", "pubkey"] {
+    for sub in ["create", "rotate", "list", "pubkey"] {
         assert!(help.contains(sub), "`{sub}` missing from:\n{help}");
     }
     let out = quorate(&["sign", "--help"], &[]).await;
@@ -117,6 +117,62 @@ async fn bad_flags_exit_2() {
     assert_eq!(code(&out), 2, "{}", text(&out.stderr));
     let out = quorate(&["frobnicate"], &[]).await;
     assert_eq!(code(&out), 2);
+}
+
+#[tokio::test]
+async fn token_rule_flags_are_checked_before_connecting() {
+    for (args, words) in [
+        (&["--token-issuer", "https://i.test"][..], "go together"),
+        (
+            &["--token-issuer", "https://i.test", "--token-max-ttl", "15m"][..],
+            "go together",
+        ),
+        (
+            &[
+                "--token-issuer",
+                "https://i.test",
+                "--token-max-ttl",
+                "25h",
+                "--token-typ",
+                "at+jwt",
+            ][..],
+            "max_ttl_seconds must be between 1 and 86400",
+        ),
+        (
+            &[
+                "--token-issuer",
+                "https://i.test",
+                "--token-max-ttl",
+                "15 min",
+                "--token-typ",
+                "at+jwt",
+            ][..],
+            "expected a positive duration",
+        ),
+        (
+            &[
+                "--purpose",
+                "derive",
+                "--token-issuer",
+                "https://i.test",
+                "--token-max-ttl",
+                "900",
+                "--token-typ",
+                "at+jwt",
+            ][..],
+            "only to signing keys",
+        ),
+    ] {
+        let mut all = vec!["key", "create", "t"];
+        all.extend_from_slice(args);
+        let out = quorate(&all, &[]).await;
+        assert_eq!(code(&out), 2, "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(words),
+            "{args:?}: {} does not mention {words}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test]
@@ -302,9 +358,15 @@ fn lookup(name: &str) -> Result<api::KeyInfo, Status> {
 impl KeyService for Fake {
     async fn rotate_key(
         &self,
-        _req: Request<api::RotateKeyRequest>,
+        req: Request<api::RotateKeyRequest>,
     ) -> Result<Response<api::KeyInfo>, Status> {
-        Err(Status::unimplemented("not in the fake"))
+        let key = lookup(&req.into_inner().name)?;
+        Ok(Response::new(api::KeyInfo {
+            key_id: "kid-2".into(),
+            version: key.version + 1,
+            kid: "kid-2".into(),
+            ..key
+        }))
     }
 
     async fn create_key(
@@ -318,6 +380,7 @@ impl KeyService for Fake {
         Ok(Response::new(api::KeyInfo {
             name: req.name,
             purpose: req.purpose,
+            token_rules: req.token_rules,
             ..default_key()
         }))
     }
@@ -552,6 +615,40 @@ async fn commands_against_a_stand_in_coordinator() {
         text(&out.stderr)
     );
     let out = quorate(&["key", "create", "default"], &env).await;
+    assert_eq!(code(&out), 4, "{}", text(&out.stderr));
+
+    // Token rules travel with the request; `1h` is 3600 s.
+    let out = quorate(
+        &[
+            "key",
+            "create",
+            "tokens",
+            "--token-issuer",
+            "https://i.test",
+            "--token-max-ttl",
+            "1h",
+            "--token-typ",
+            "at+jwt",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .contains("token rules: typ at+jwt, issuer https://i.test, tokens of at most 3600 s"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = quorate(&["key", "rotate", "default"], &env).await;
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("rotated key `default`")
+            && text(&out.stdout).contains("version 2 (JWS kid kid-2)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = quorate(&["key", "rotate", "nope"], &env).await;
     assert_eq!(code(&out), 4, "{}", text(&out.stderr));
 
     // Unavailable from the cluster is "unreachable".

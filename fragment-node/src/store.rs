@@ -537,3 +537,33 @@ pub fn request_rng() -> Result<rand::rngs::StdRng> {
     rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| StoreError::Db(format!("system RNG failed: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn token_rules_are_written_once() {
+        let dir = std::env::temp_dir().join(format!("quorate-node-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kek = Kek::load(&dir.join("kek"), true).unwrap();
+        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
+        let key = KeyId([5; 16]);
+        let first = TokenRules::new(900, "https://issuer.test", "at+jwt").unwrap();
+        let second = TokenRules::new(86_400, "https://evil.test", "JWT").unwrap();
+        assert_eq!(store.token_rules(&key).unwrap(), None);
+        assert!(store.put_token_rules_once(&key, &first).unwrap());
+        assert!(!store.put_token_rules_once(&key, &second).unwrap());
+        assert_eq!(store.token_rules(&key).unwrap(), Some(first.clone()));
+        // Durable across reopening.
+        drop(store);
+        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
+        assert_eq!(store.token_rules(&key).unwrap(), Some(first));
+        assert_eq!(store.token_rules(&KeyId([6; 16])).unwrap(), None);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
