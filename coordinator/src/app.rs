@@ -98,6 +98,10 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.domain.clone(),
         Arc::clone(issuer.plane.policy()),
     );
+    let agent_task = match cfg.agent_listen {
+        Some(at) => Some(start_agent_listener(at, &identity, Arc::clone(&issuer.plane)).await?),
+        None => None,
+    };
     let identity_api = IdentityApi::new(issuer.plane);
     tracing::info!(%addr, n = cfg.params.n(), t = cfg.params.t(), "coordinator listening");
     #[allow(
@@ -118,7 +122,36 @@ async fn run(cfg: Config) -> Result<(), String> {
         });
     let result = quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await;
     http_task.abort();
+    if let Some(t) = agent_task {
+        t.abort();
+    }
     result
+}
+
+/// Binds the agent listener: gRPC `IdentityService` for agents that authenticate with
+/// their X.509-SVID (hybrid-only TLS, client certificates from the configured SVID trust
+/// bundles, never the cluster CA).
+async fn start_agent_listener(
+    at: std::net::SocketAddr,
+    identity: &Identity,
+    plane: Arc<IdentityPlane>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let verifier = plane.authn().svid_client_verifier().ok_or_else(|| {
+        "--agent-listen: the trust config names no `svid` trust domain".to_owned()
+    })?;
+    let tls = tls::agent_server_config(identity, verifier).map_err(|e| e.to_string())?;
+    let (listener, addr) = transport::bind(at)
+        .await
+        .map_err(|e| format!("cannot listen on {at}: {e}"))?;
+    tracing::info!(%addr, "agent listener (X.509-SVID)");
+    let server = tonic::transport::Server::builder()
+        .add_service(IdentityServiceServer::new(IdentityApi::for_agents(plane)))
+        .serve_with_incoming(transport::incoming(listener, tls));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "agent listener stopped");
+        }
+    }))
 }
 
 /// The running identity plane and its issuer URL.

@@ -1152,6 +1152,69 @@ struct SvidTrust {
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
+/// The TLS client-certificate check of the agent listener: a chain is accepted if it
+/// verifies to the bundle of *some* configured SVID trust domain. Which domain, and
+/// everything else about the SVID, is checked again per request by
+/// [`Authenticator::verify_svid`] (trust domain of the SPIFFE ID = the bundle's).
+#[derive(Debug)]
+struct AnySvidBundle {
+    verifiers: Vec<Arc<dyn ClientCertVerifier>>,
+    hints: Vec<rustls::DistinguishedName>,
+}
+
+impl ClientCertVerifier for AnySvidBundle {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no SVID trust domain is configured".into());
+        for v in &self.verifiers {
+            match v.verify_client_cert(end_entity, intermediates, now) {
+                Ok(ok) => return Ok(ok),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        match self.verifiers.first() {
+            Some(v) => v.verify_tls12_signature(message, cert, dss),
+            None => Err(rustls::Error::General("no SVID trust domain".into())),
+        }
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        match self.verifiers.first() {
+            Some(v) => v.verify_tls13_signature(message, cert, dss),
+            None => Err(rustls::Error::General("no SVID trust domain".into())),
+        }
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.verifiers
+            .first()
+            .map(|v| v.supported_verify_schemes())
+            .unwrap_or_default()
+    }
+}
+
 /// Verifies agent attestations against the trust configuration. `Send + Sync`; share it
 /// in an `Arc`.
 pub struct Authenticator {
@@ -1434,6 +1497,20 @@ impl Authenticator {
             claims: flatten_claims(&claims),
             expires_at,
         })
+    }
+
+    /// The client-certificate verifier of the agent listener, where agents authenticate
+    /// with their X.509-SVID: `None` when no SVID trust domain is configured.
+    pub fn svid_client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        if self.svid.is_empty() {
+            return None;
+        }
+        let verifiers: Vec<_> = self.svid.iter().map(|t| Arc::clone(&t.verifier)).collect();
+        let hints = verifiers
+            .iter()
+            .flat_map(|v| v.root_hint_subjects().to_vec())
+            .collect();
+        Some(Arc::new(AnySvidBundle { verifiers, hints }))
     }
 
     /// Verifies an X.509-SVID chain (leaf first, as presented in a TLS handshake): its

@@ -103,6 +103,10 @@ pub struct Args {
     /// Let introspection and revocation run over classic (non-hybrid) key exchange.
     #[arg(long)]
     pub allow_classic_token_endpoints: bool,
+    /// Address of the agent listener, where agents authenticate with their X.509-SVID
+    /// (trust bundles from `--trust-config`) and get tokens for themselves.
+    #[arg(long, env = "QUORATE_AGENT_LISTEN")]
+    pub agent_listen: Option<SocketAddr>,
 }
 
 /// A validated configuration.
@@ -150,6 +154,8 @@ pub struct Config {
     pub token_key: String,
     /// Classic key exchange on token endpoints.
     pub allow_classic_token_endpoints: bool,
+    /// The agent (X.509-SVID) listener.
+    pub agent_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -258,6 +264,11 @@ impl Args {
         {
             errors.push(format!("--trust-config {}: no such file", f.display()));
         }
+        if self.agent_listen.is_some() && self.trust_config.is_none() {
+            errors.push(
+                "--agent-listen needs --trust-config with at least one `svid` trust domain".into(),
+            );
+        }
         if self.policy_poll_ms < 50 {
             errors.push("--policy-poll-ms must be at least 50".into());
         }
@@ -288,6 +299,7 @@ impl Args {
                 trust_config: self.trust_config,
                 token_key: self.token_key,
                 allow_classic_token_endpoints: self.allow_classic_token_endpoints,
+                agent_listen: self.agent_listen,
             }),
             _ => Err(errors),
         }

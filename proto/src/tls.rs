@@ -974,6 +974,22 @@ pub fn metadata_client_config(id: &Identity, trust: &Trust) -> Result<Arc<Client
     Ok(Arc::new(config))
 }
 
+/// Server configuration of the coordinator's agent listener: TLS 1.3, X25519MLKEM768
+/// only, ALPN `h2`, presenting `id` (the coordinator), and requiring a client
+/// certificate accepted by `verifier` — agents' X.509-SVIDs from their own trust
+/// domains, not the cluster CA.
+pub fn agent_server_config(
+    id: &Identity,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.cert_chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Client configuration: TLS 1.3, X25519MLKEM768 only, ALPN `h2`, presenting `id`, and
 /// trusting only the cluster CA.
 ///

@@ -179,6 +179,17 @@ pub fn peer_role_of<T>(req: &tonic::Request<T>, domain: &str) -> Result<Role, to
     peer_role(&certs, domain).map_err(|e| tonic::Status::unauthenticated(e.to_string()))
 }
 
+/// The certificate chain (leaf first) the peer that sent `req` presented and the TLS
+/// handshake verified, if any.
+pub fn peer_chain_of<T>(
+    req: &tonic::Request<T>,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .map(|c| c.iter().cloned().collect())
+}
+
 /// Connects to the peer holding `server`'s certificate at `addr` and returns a gRPC
 /// channel. Fails if TCP, the TLS handshake (including the server-name check against
 /// `server.dns_name(domain)`) or the HTTP/2 set-up fails.

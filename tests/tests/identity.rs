@@ -689,3 +689,167 @@ fn classic_client(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }
+
+/// A test SPIFFE trust domain: a CA and X.509-SVIDs it issues.
+struct SvidCa {
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    key: rcgen::KeyPair,
+}
+
+impl SvidCa {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = p.self_signed(&key).unwrap();
+        SvidCa {
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key,
+        }
+    }
+
+    /// (certificate PEM, key PEM) of an SVID for `id`.
+    fn svid(&self, id: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let issuer =
+            rcgen::Issuer::from_ca_cert_der(&self.cert_der.clone().into(), &self.key).unwrap();
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Agents that hold an X.509-SVID authenticate with it on the agent listener and get
+/// tokens for themselves; nothing else is open to them, and certificates from other
+/// CAs (including the cluster's own) do not get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svid_agents_get_tokens_on_the_agent_listener() {
+    let cfg = TempDir::new("identity-svid");
+    let _oidc = TestIssuer::new(&cfg.0);
+    let ca = SvidCa::new();
+    std::fs::write(cfg.0.join("bundle.pem"), &ca.cert_pem).unwrap();
+    let mut trust: Value =
+        serde_json::from_slice(&std::fs::read(cfg.0.join("trust.json")).unwrap()).unwrap();
+    trust["svid"] = json!([{ "trust_domain": "agents.test", "bundle_file": "bundle.pem" }]);
+    std::fs::write(cfg.0.join("trust.json"), trust.to_string()).unwrap();
+    let policy_dir = cfg.0.join("policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(
+        policy_dir.join("svid.cedar"),
+        r#"@id("svid-agents")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.method == "x509-svid" };
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#,
+    )
+    .unwrap();
+    let agent_port = quorate_tests::free_port();
+    let agent_addr: std::net::SocketAddr = format!("127.0.0.1:{agent_port}").parse().unwrap();
+    let (pd, tc, al) = (
+        policy_dir.display().to_string(),
+        cfg.0.join("trust.json").display().to_string(),
+        agent_addr.to_string(),
+    );
+    let cluster = TestCluster::start(
+        "identity-svid",
+        3,
+        1,
+        &[
+            "--policy-dir",
+            &pd,
+            "--trust-config",
+            &tc,
+            "--agent-listen",
+            &al,
+        ],
+    );
+    let mut keys = cluster.keys().await;
+    keys.create_key(api::CreateKeyRequest {
+        name: "tokens".into(),
+        purpose: api::Purpose::Sign as i32,
+        token_rules: Some(api::TokenRules {
+            max_ttl_seconds: 900,
+            issuer: cluster.issuer(),
+            typ: "at+jwt".into(),
+        }),
+    })
+    .await
+    .unwrap();
+    cluster
+        .wait_pools("tokens", 2, Duration::from_secs(120))
+        .await;
+    let (_, cluster_trust) = cluster.identity("client-admin");
+    let connect = |cert: String, key: String| {
+        let trust = cluster_trust.clone();
+        async move {
+            let id = tls::Identity::from_pem(&cert, &key).unwrap();
+            let cfg = tls::client_config(&id, &trust).unwrap();
+            quorate_proto::transport::connect(agent_addr, &tls::Role::Coordinator, DOMAIN, cfg)
+                .await
+        }
+    };
+
+    // The SVID is the attestation.
+    let (cert, key) = ca.svid("spiffe://agents.test/ci/job-1");
+    let ch = connect(cert, key).await.unwrap();
+    let mut agent = api::identity_service_client::IdentityServiceClient::new(ch);
+    let reply = agent
+        .issue_token(request("", 120))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.subject, "spiffe://agents.test/ci/job-1");
+    assert_eq!(reply.policy_ids, vec!["svid-agents".to_string()]);
+    let payload: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(reply.access_token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(payload["attestation"]["method"], "x509-svid");
+    assert_eq!(payload["attestation"]["iss"], "spiffe://agents.test");
+    // Nothing but its own tokens: no revocation, no tasks, no policy.
+    let s = agent
+        .revoke(api::RevokeRequest {
+            target: Some(api::revoke_request::Target::Jti("x".into())),
+        })
+        .await
+        .expect_err("agents may not revoke");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = agent
+        .issue_token(request("an-attestation", 60))
+        .await
+        .expect_err("the SVID is the only attestation here");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+
+    // An SVID from a CA the cluster does not trust, and the cluster's own admin
+    // certificate, are refused during the handshake (or the first call).
+    let other = SvidCa::new();
+    let (cert, key) = other.svid("spiffe://agents.test/ci/job-2");
+    refused(connect(cert, key).await).await;
+    let d = &cluster.dir.0;
+    let admin = (
+        std::fs::read_to_string(d.join("client-admin.pem")).unwrap(),
+        std::fs::read_to_string(d.join("client-admin-key.pem")).unwrap(),
+    );
+    refused(connect(admin.0, admin.1).await).await;
+}
+
+async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsError>) {
+    if let Ok(ch) = ch {
+        let mut c = api::identity_service_client::IdentityServiceClient::new(ch);
+        c.issue_token(request("", 60))
+            .await
+            .expect_err("a certificate from outside the SVID bundles must not get in");
+    }
+}

@@ -14,15 +14,39 @@ use super::{IdentityPlane, TokenRequest};
 #[derive(Clone)]
 pub struct IdentityApi {
     plane: Arc<IdentityPlane>,
+    agents: bool,
 }
 
 impl IdentityApi {
-    /// Wraps the plane.
+    /// The identity API for cluster clients (the public listener).
     pub fn new(plane: Arc<IdentityPlane>) -> Self {
-        IdentityApi { plane }
+        IdentityApi {
+            plane,
+            agents: false,
+        }
+    }
+
+    /// The identity API of the agent listener: callers are agents authenticated by
+    /// their X.509-SVID on the connection; they may only ask for tokens for themselves.
+    pub fn for_agents(plane: Arc<IdentityPlane>) -> Self {
+        IdentityApi {
+            plane,
+            agents: true,
+        }
+    }
+
+    fn clients_only(&self) -> Result<(), Status> {
+        if self.agents {
+            Err(Status::permission_denied(
+                "the agent listener only issues tokens to the calling agent; this call is for cluster clients",
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        self.clients_only()?;
         match quorate_proto::transport::peer_role_of(req, self.plane.domain())? {
             Role::Client(name) => Ok(name),
             other => Err(Status::permission_denied(format!(
@@ -64,9 +88,29 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::IssueTokenRequest>,
     ) -> Result<Response<api::IssueTokenReply>, Status> {
-        let caller = self.caller(&request)?;
+        let (caller, agent) = if self.agents {
+            let chain = quorate_proto::transport::peer_chain_of(&request)
+                .ok_or_else(|| Status::unauthenticated("no X.509-SVID on this connection"))?;
+            let agent = self
+                .plane
+                .authn()
+                .verify_svid(&chain)
+                .map_err(|e| Status::from(super::IdentityError::from(e)))?;
+            if !request.get_ref().attestation.is_empty() {
+                return Err(Status::invalid_argument(
+                    "on the agent listener the X.509-SVID is the attestation: leave `attestation` empty",
+                ));
+            }
+            (agent.subject.clone(), agent)
+        } else {
+            let caller = self.caller(&request)?;
+            let agent = self
+                .plane
+                .authenticate(&request.get_ref().attestation)
+                .await?;
+            (caller, agent)
+        };
         let r = request.into_inner();
-        let agent = self.plane.authenticate(&r.attestation).await?;
         let issued = self
             .plane
             .issue(TokenRequest {
