@@ -411,3 +411,151 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
         "exceeds this key's maximum token lifetime of 900 s",
     );
 }
+
+/// The coordinator's own JWS path, in process against the test cluster's real nodes:
+/// `current_signing_key` + `sign_jws` sign a token within the rules; a token outside
+/// them is refused at once with the nodes' reason (permission denied) and its
+/// presignature goes back to the pool; a stale kid after rotation is `Rotated`; the
+/// JWKS set keeps the retired version for its tokens' lifetime only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
+    use quorate_coordinator::cluster::{Cluster, CoordError, TokenRules};
+    use quorate_crypto::keys::KeyPurpose;
+    use quorate_crypto::params::{PartyIndex, ThresholdParams};
+    use quorate_proto::tls::{self, Role};
+
+    // The process coordinator runs too, but this test drives its own `Cluster` (with
+    // its own store) over the nodes, as the coordinator's identity.
+    let c = TestCluster::start("jws", 3, 1, POOL_FLAGS);
+    let dir = quorate_tests::TempDir::new("jws-coordinator");
+    let (id, trust) = c.identity("coordinator");
+    let cfg = tls::client_config(&id, &trust).unwrap();
+    let mut channels = Vec::new();
+    for i in 1..=3u16 {
+        let addr = c.node_addrs[usize::from(i) - 1];
+        let ch = quorate_proto::transport::connect(
+            addr,
+            &Role::Node(i),
+            quorate_tests::DOMAIN,
+            cfg.clone(),
+        )
+        .await
+        .unwrap();
+        channels.push((PartyIndex::new(i).unwrap(), addr, ch));
+    }
+    let store = quorate_coordinator::store::Store::open(&dir.0.join("c.redb")).unwrap();
+    let cluster = Cluster::new(
+        ThresholdParams::new(3, 1).unwrap(),
+        trust,
+        channels,
+        store,
+        None,
+    )
+    .unwrap();
+
+    let rules = TokenRules::new(900, ISSUER, "at+jwt").unwrap();
+    let v1 = cluster
+        .create_key("tokens", KeyPurpose::Sign, Some(rules.clone()))
+        .await
+        .unwrap();
+    let e = cluster
+        .create_key("creds", KeyPurpose::Derive, Some(rules.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordError::Invalid(_)), "{e:?}");
+    let fill = |key: KeyPublic| {
+        let cluster = cluster.clone();
+        async move {
+            for (mset, sset) in cluster.sets() {
+                cluster.presign(&key, &mset, &sset, 4).await.unwrap();
+            }
+        }
+    };
+    fill(v1.clone()).await;
+    let depth = || -> usize {
+        cluster
+            .pool_depths()
+            .unwrap()
+            .iter()
+            .map(|(_, _, d)| d)
+            .sum()
+    };
+    assert_eq!(depth(), 12);
+
+    // The caller builds the header with the current kid, then signs.
+    let key = cluster.current_signing_key("tokens").unwrap();
+    assert_eq!(key.key_id, v1.key_id);
+    let t0 = now();
+    let good = token("at+jwt", ISSUER, t0, t0 + 600);
+    let (sig, signer) = cluster.sign_jws("tokens", key.key_id, &good).await.unwrap();
+    assert_eq!(signer.key_id, v1.key_id);
+    assert!(verify_aws(
+        &v1.public_key().to_bytes(),
+        &good,
+        &sig.to_raw()
+    ));
+    assert_eq!(depth(), 11);
+
+    // Outside the rules: refused at once, with the reason, presignature kept.
+    let long = token("at+jwt", ISSUER, t0, t0 + 86_400);
+    let e = cluster
+        .sign_jws("tokens", key.key_id, &long)
+        .await
+        .unwrap_err();
+    let CoordError::Refused(why) = &e else {
+        panic!("expected a rules refusal, got {e:?}");
+    };
+    assert!(
+        why.contains("exp - iat = 86400 s exceeds this key's maximum token lifetime of 900 s"),
+        "{why}"
+    );
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(depth(), 11, "a refused token used up a presignature");
+    // A raw digest: refused by the coordinator before any node is asked.
+    let e = cluster.sign("tokens", [1; 32]).await.unwrap_err();
+    assert!(matches!(e, CoordError::Refused(_)), "{e:?}");
+    assert_eq!(depth(), 11);
+
+    // Rotation: the old kid is stale, the new version signs, the JWKS set keeps the
+    // retired version for max_ttl + skew.
+    let v2 = cluster.rotate_key("tokens").await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.rules.as_ref(), Some(&rules));
+    assert_eq!(depth(), 0, "the retired version's pools are dropped");
+    let e = cluster
+        .sign_jws("tokens", v1.key_id, &good)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordError::Rotated(_)), "{e:?}");
+    assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);
+    fill(v2.public.clone()).await;
+    let key = cluster.current_signing_key("tokens").unwrap();
+    assert_eq!(key.key_id, v2.public.key_id);
+    let fresh = token("at+jwt", ISSUER, now(), now() + 300);
+    let (sig, signer) = cluster
+        .sign_jws("tokens", key.key_id, &fresh)
+        .await
+        .unwrap();
+    assert_eq!(signer.key_id, v2.public.key_id);
+    assert!(verify_aws(
+        &v2.public.public_key().to_bytes(),
+        &fresh,
+        &sig.to_raw()
+    ));
+
+    let versions = cluster.key_versions("tokens").unwrap();
+    assert_eq!(versions.len(), 2);
+    let retired = versions[0].retired_at.unwrap();
+    let kids = |at: i64| -> Vec<String> {
+        cluster
+            .jwks_keys(at)
+            .unwrap()
+            .iter()
+            .map(|v| v.kid())
+            .collect()
+    };
+    assert_eq!(kids(retired), vec![v2.kid(), v1.key_id.to_string()]);
+    assert_eq!(kids(retired + 959), vec![v2.kid(), v1.key_id.to_string()]);
+    assert_eq!(kids(retired + 960), vec![v2.kid()]);
+}
