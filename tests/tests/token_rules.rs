@@ -410,6 +410,19 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
         ask(&c, j, batch(&named.public, p, digest(&long), Some(&long))).await,
         "exceeds this key's maximum token lifetime of 900 s",
     );
+
+    // A store written before key versions and token rules existed (names and key data
+    // only, as `put_key` writes them) loads: its key is version 1, current, no rules.
+    let old = quorate_tests::TempDir::new("legacy-store");
+    let store = quorate_coordinator::store::Store::open(&old.0.join("c.redb")).unwrap();
+    store.put_key("legacy", &named.public).unwrap();
+    let keys = store.keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].public.key_id, named.public.key_id);
+    let v = &keys[0].versions;
+    assert_eq!(v.len(), 1);
+    assert_eq!((v[0].version.version, v[0].version.retired_at), (1, None));
+    assert!(v[0].rules.is_none());
 }
 
 /// The coordinator's own JWS path, in process against the test cluster's real nodes:
