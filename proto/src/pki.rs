@@ -185,40 +185,20 @@ impl ClusterCa {
         let domain = &self.domain;
         let spiffe_id = role.spiffe_id(domain);
         let dns_name = role.dns_name(domain);
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let now = time::OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, dns_name.clone());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Quorate");
-        params.subject_alt_names = vec![
+        let sans = vec![
             SanType::URI(spiffe_id.try_into()?),
-            SanType::DnsName(dns_name.try_into()?),
+            SanType::DnsName(dns_name.clone().try_into()?),
         ];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = now + LEAF_VALIDITY;
-        params.serial_number = Some(random_serial()?);
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
+        self.issue_leaf(
+            dns_name,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
     }
-}
 
-impl ClusterCa {
     /// Issues a web server certificate (serverAuth only, no SPIFFE ID) for the HTTPS
     /// metadata listener (discovery, JWKS, introspection): each name becomes a DNS SAN,
     /// or an IP SAN when it parses as an IP address.
@@ -227,16 +207,6 @@ impl ClusterCa {
             role: "web server".to_owned(),
             reason: "a web certificate needs at least one name",
         })?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let now = time::OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, (*first).to_owned());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Quorate");
         let mut sans = Vec::with_capacity(names.len());
         for name in names {
             sans.push(match name.parse::<std::net::IpAddr>() {
@@ -244,10 +214,35 @@ impl ClusterCa {
                 Err(_) => SanType::DnsName((*name).to_owned().try_into()?),
             });
         }
+        self.issue_leaf(
+            (*first).to_owned(),
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// A leaf certificate with a fresh P-256 key: common name, SANs and extended key
+    /// usages as given; validity [`LEAF_VALIDITY`] from [`BACKDATE`] ago.
+    fn issue_leaf(
+        &self,
+        common_name: String,
+        sans: Vec<SanType>,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<IssuedCert> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Quorate");
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = ekus;
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - BACKDATE;
         params.not_after = now + LEAF_VALIDITY;

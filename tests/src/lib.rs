@@ -311,6 +311,27 @@ impl TestCluster {
         format!("https://localhost:{}", self.http_port)
     }
 
+    /// Creates the signing key `name` with token rules for this cluster's issuer
+    /// (`typ: at+jwt`, at most `max_ttl_seconds`), and waits until each of its pools holds
+    /// `depth` presignatures.
+    pub async fn create_token_key(&self, name: &str, max_ttl_seconds: u32, depth: u64) {
+        use quorate_proto::api;
+        self.keys()
+            .await
+            .create_key(api::CreateKeyRequest {
+                name: name.into(),
+                purpose: api::Purpose::Sign as i32,
+                token_rules: Some(api::TokenRules {
+                    max_ttl_seconds,
+                    issuer: self.issuer(),
+                    typ: "at+jwt".into(),
+                }),
+            })
+            .await
+            .unwrap();
+        self.wait_pools(name, depth, Duration::from_secs(120)).await;
+    }
+
     /// IdentityService client.
     pub async fn identity_api(
         &self,

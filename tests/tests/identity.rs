@@ -143,21 +143,7 @@ impl Env {
                 "100",
             ],
         );
-        let mut keys = cluster.keys().await;
-        keys.create_key(api::CreateKeyRequest {
-            name: "tokens".into(),
-            purpose: api::Purpose::Sign as i32,
-            token_rules: Some(api::TokenRules {
-                max_ttl_seconds: 900,
-                issuer: cluster.issuer(),
-                typ: "at+jwt".into(),
-            }),
-        })
-        .await
-        .unwrap();
-        cluster
-            .wait_pools("tokens", 4, Duration::from_secs(120))
-            .await;
+        cluster.create_token_key("tokens", 900, 4).await;
         Env {
             cluster,
             issuer,
@@ -773,21 +759,7 @@ permit (principal == Client::"admin", action, resource);
             &al,
         ],
     );
-    let mut keys = cluster.keys().await;
-    keys.create_key(api::CreateKeyRequest {
-        name: "tokens".into(),
-        purpose: api::Purpose::Sign as i32,
-        token_rules: Some(api::TokenRules {
-            max_ttl_seconds: 900,
-            issuer: cluster.issuer(),
-            typ: "at+jwt".into(),
-        }),
-    })
-    .await
-    .unwrap();
-    cluster
-        .wait_pools("tokens", 2, Duration::from_secs(120))
-        .await;
+    cluster.create_token_key("tokens", 900, 2).await;
     let (_, cluster_trust) = cluster.identity("client-admin");
     let connect = |cert: String, key: String| {
         let trust = cluster_trust.clone();

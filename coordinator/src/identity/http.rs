@@ -174,21 +174,31 @@ fn token_endpoint_caller(s: &Http, info: &ConnInfo) -> Result<String, Box<Respon
     })
 }
 
+/// The caller and the `token` form parameter of a token endpoint request.
+fn token_endpoint_request<'f>(
+    s: &Http,
+    info: &ConnInfo,
+    form: &'f HashMap<String, String>,
+) -> Result<(String, &'f String), Box<Response>> {
+    let caller = token_endpoint_caller(s, info)?;
+    let token = form.get("token").ok_or_else(|| {
+        Box::new(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the form has no `token` parameter",
+        ))
+    })?;
+    Ok((caller, token))
+}
+
 async fn introspect(
     State(s): State<Http>,
     Extension(info): Extension<ConnInfo>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    let caller = match token_endpoint_caller(&s, &info) {
-        Ok(c) => c,
+    let (caller, token) = match token_endpoint_request(&s, &info, &form) {
+        Ok(ct) => ct,
         Err(r) => return *r,
-    };
-    let Some(token) = form.get("token") else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the form has no `token` parameter",
-        );
     };
     match s.plane.introspect(token) {
         Ok(body) => {
@@ -208,16 +218,9 @@ async fn revoke(
     Extension(info): Extension<ConnInfo>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    let caller = match token_endpoint_caller(&s, &info) {
-        Ok(c) => c,
+    let (caller, token) = match token_endpoint_request(&s, &info, &form) {
+        Ok(ct) => ct,
         Err(r) => return *r,
-    };
-    let Some(token) = form.get("token") else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the form has no `token` parameter",
-        );
     };
     match s.plane.revoke_token(&caller, token) {
         // RFC 7009 §2.2: invalid tokens also get 200.
