@@ -72,7 +72,7 @@ enum Command {
     Node(quorate_node::config::Args),
     /// Run the coordinator (what `quorate-coordinator` runs; used by `quorate dev`)
     #[command(hide = true)]
-    Coordinator(quorate_coordinator::config::Args),
+    Coordinator(Box<quorate_coordinator::config::Args>),
 }
 
 #[derive(Debug, Args)]
@@ -395,7 +395,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Node(args) => return runtime.block_on(quorate_node::app::main_with(args)),
         Command::Coordinator(args) => {
-            return runtime.block_on(quorate_coordinator::app::main_with(args));
+            return runtime.block_on(quorate_coordinator::app::main_with(*args));
         }
         other => other,
     };

@@ -208,9 +208,20 @@ async fn start_identity_http(
             issuer: url.clone(),
             domain: cfg.domain.clone(),
             signing_key: cfg.token_key.clone(),
-            policy_dir: cfg.policy_dir.clone(),
         },
     )?);
+    let purger = Arc::clone(&plane);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            match purger.purge_expired() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(n, "forgot revocations of expired tokens"),
+                Err(e) => tracing::warn!(error = %e, "purging expired revocations failed"),
+            }
+        }
+    });
     let task = http::serve(
         listener,
         http_tls,

@@ -288,10 +288,9 @@ async fn agent_identity_end_to_end() {
     assert_eq!(claims["nbf"].as_i64().unwrap(), iat);
     // A one-character change to the payload breaks the signature.
     let mut parts: Vec<String> = reply.access_token.split('.').map(str::to_owned).collect();
-    let mut payload = URL_SAFE_NO_PAD.decode(&parts[1]).unwrap();
-    let at = payload.iter().position(|&b| b == b'3').unwrap();
-    payload[at] = b'9';
-    parts[1] = URL_SAFE_NO_PAD.encode(payload);
+    let payload = String::from_utf8(URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+    assert!(payload.contains("tools:read"));
+    parts[1] = URL_SAFE_NO_PAD.encode(payload.replacen("tools:read", "tools:reaD", 1));
     let jwks = env.discover_jwks().await;
     let key = DecodingKey::from_jwk(jwks.find(&reply.kid).unwrap()).unwrap();
     let mut v = Validation::new(Algorithm::ES256);

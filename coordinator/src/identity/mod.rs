@@ -11,7 +11,6 @@ pub mod store;
 pub mod token;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use quorate_crypto::keys::KeyPublic;
@@ -40,8 +39,6 @@ pub struct IdentityConfig {
     pub domain: String,
     /// The name of the signing key for tokens.
     pub signing_key: String,
-    /// The policy directory, watched for changes (None: policy only through the admin RPC).
-    pub policy_dir: Option<PathBuf>,
 }
 
 /// Why a request was refused.
@@ -464,6 +461,11 @@ impl IdentityPlane {
             }
         }
         Ok(None)
+    }
+
+    /// Forgets revoked token ids whose tokens have expired anyway.
+    pub fn purge_expired(&self) -> Result<usize> {
+        Ok(self.store.purge_expired(now())?)
     }
 
     /// RFC 7009 revocation of a whole token (its jti). A token that is not ours is
