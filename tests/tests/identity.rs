@@ -424,9 +424,16 @@ async fn agent_identity_end_to_end() {
     );
     assert!(env.issue(request(&red, 60)).await.is_ok());
     assert!(env.issue(request(&blue, 60)).await.is_ok());
+    // Back to the base set through the directory (quiet afterwards, so the watcher
+    // does not race the RPCs below).
     std::fs::remove_file(env.policy_dir.join("broken.cedar")).unwrap();
+    std::fs::remove_file(env.policy_dir.join("red.cedar")).unwrap();
+    env.wait_for("the red policy to go", || async {
+        env.issue(request(&red, 60)).await.is_err()
+    })
+    .await;
     // Through the admin RPC: an invalid set is refused naming the problem, the old one
-    // stays; a valid one without the red permit takes over at once.
+    // stays; a valid one with the red permit takes over at once.
     let refused = idc
         .apply_policy(api::ApplyPolicyRequest {
             files: vec![api::PolicyFile {
@@ -437,20 +444,28 @@ async fn agent_identity_end_to_end() {
         .await
         .expect_err("an invalid policy set must be refused");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(env.issue(request(&red, 60)).await.is_ok());
-    idc.apply_policy(api::ApplyPolicyRequest {
-        files: vec![api::PolicyFile {
-            name: "base.cedar".into(),
-            text: BASE_POLICY.into(),
-        }],
-    })
-    .await
-    .unwrap();
+    assert!(refused.message().contains("nosuch"), "{refused:?}");
+    assert!(env.issue(request(&blue, 60)).await.is_ok());
     denied(
         env.issue(request(&red, 60)).await,
         Code::PermissionDenied,
         &["no policy permits"],
     );
+    idc.apply_policy(api::ApplyPolicyRequest {
+        files: vec![
+            api::PolicyFile {
+                name: "base.cedar".into(),
+                text: BASE_POLICY.into(),
+            },
+            api::PolicyFile {
+                name: "red.cedar".into(),
+                text: RED_POLICY.into(),
+            },
+        ],
+    })
+    .await
+    .unwrap();
+    assert!(env.issue(request(&red, 60)).await.is_ok());
 
     // Revocation by jti: introspection (gRPC and HTTPS) flips at once.
     let t1 = env.issue(request(&blue, 300)).await.unwrap();
