@@ -145,6 +145,7 @@ pub struct Client {
     keys: KeyServiceClient<Channel>,
     cluster: ClusterServiceClient<Channel>,
     identity: IdentityServiceClient<Channel>,
+    channel: Channel,
     timeout: Duration,
 }
 
@@ -197,7 +198,9 @@ impl Client {
             keys: KeyServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
             cluster: ClusterServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_REPLY),
-            identity: IdentityServiceClient::new(channel).max_decoding_message_size(MAX_REPLY),
+            identity: IdentityServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_REPLY),
+            channel,
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -207,6 +210,25 @@ impl Client {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// A bare unary round trip: the standard gRPC health check (`grpc.health.v1`) on
+    /// the same post-quantum mTLS channel as every other call. The coordinator answers
+    /// it without touching a node, so it is the floor under any operation's latency.
+    pub async fn ping(&self) -> Result<()> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        let reply = self
+            .call("health check", health.check(self.request(req)))
+            .await?;
+        if reply.status == ServingStatus::Serving as i32 {
+            Ok(())
+        } else {
+            Err(malformed("health check", "a status other than SERVING"))
+        }
     }
 
     /// The coordinator's address.

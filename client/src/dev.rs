@@ -94,6 +94,9 @@ pub struct DevOptions {
     pub pool_target: u64,
     /// How long to wait for the pools before reporting ready anyway.
     pub pool_timeout: Duration,
+    /// Extra arguments for the coordinator (pool watermarks, a metrics listener, …),
+    /// appended after the ones set here.
+    pub coordinator_args: Vec<String>,
 }
 
 impl DevOptions {
@@ -109,6 +112,7 @@ impl DevOptions {
             coordinator_bin: None,
             pool_target: 16,
             pool_timeout: Duration::from_secs(120),
+            coordinator_args: Vec::new(),
         }
     }
 }
@@ -345,6 +349,7 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     for (i, addr) in &node_addrs {
         cmd.arg("--node").arg(format!("{i}={addr}"));
     }
+    cmd.args(&opts.coordinator_args);
     let coordinator = procs
         .coordinator
         .insert(Proc::spawn("coordinator".to_owned(), cmd, &logs)?);

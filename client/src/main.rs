@@ -687,6 +687,7 @@ async fn dev(args: DevArgs) -> Result<()> {
         coordinator_bin: args.coordinator_bin,
         pool_target: args.pool_target,
         pool_timeout: Duration::from_secs(args.pool_timeout),
+        coordinator_args: Vec::new(),
     };
     let Some(mut cluster) = DevCluster::start(&opts).await? else {
         return Ok(());

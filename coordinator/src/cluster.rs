@@ -51,6 +51,11 @@ const DOWN_BACKOFF: Duration = Duration::from_secs(2);
 /// The most sign requests sent to one node in one RPC.
 const MAX_SIGN_BATCH: usize = 256;
 
+/// How long a signature waits for a presignature when the pools of its key are empty
+/// (the filler is woken at once and a batch takes well under this), before it fails as
+/// unavailable.
+const PRESIG_WAIT: Duration = Duration::from_secs(5);
+
 /// Errors of the coordinator, mapped to gRPC statuses by the service layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -222,6 +227,10 @@ pub struct Cluster {
     /// Serialises key creation and rotation (each a DKG of seconds): a name is checked
     /// and written by one of them at a time.
     admin: tokio::sync::Mutex<()>,
+    /// Signalled when presignatures are pooled (waiting signatures retry).
+    presigs_added: tokio::sync::Notify,
+    /// Signalled when a presignature is taken (the filler re-checks the watermarks).
+    presig_drawn: tokio::sync::Notify,
 }
 
 fn rng() -> Result<rand::rngs::StdRng> {
@@ -299,6 +308,8 @@ impl Cluster {
             relay_log,
             metrics: CoordMetrics::default(),
             admin: tokio::sync::Mutex::new(()),
+            presigs_added: tokio::sync::Notify::new(),
+            presig_drawn: tokio::sync::Notify::new(),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -761,7 +772,13 @@ impl Cluster {
             )
             .await?;
         let dealing_msgs = decode_all::<presign::PresignDealing>(&dealings)?;
-        let agg = presign::aggregate(&cfg, &commit_msgs, &dealing_msgs).map_err(crypto)?;
+        // The coordinator's checks are whole-batch multi-scalar multiplications: they run
+        // on the blocking pool, so that signing requests keep their async workers.
+        let (cfg, agg) = blocking(move || {
+            let agg = presign::aggregate(&cfg, &commit_msgs, &dealing_msgs).map_err(crypto)?;
+            Ok((cfg, agg))
+        })
+        .await?;
         let mus = self
             .relay(
                 &members,
@@ -772,7 +789,12 @@ impl Cluster {
             )
             .await?;
         let mu_msgs = decode_all::<presign::PresignMu>(&mus)?;
-        presign::verify_mus(&mut r, &cfg, &agg, &mu_msgs).map_err(|e| self.blame(e))?;
+        let (cfg, agg, mu_msgs, mut r) = blocking(move || {
+            let checked = presign::verify_mus(&mut r, &cfg, &agg, &mu_msgs);
+            Ok((checked, (cfg, agg, mu_msgs, r)))
+        })
+        .await
+        .and_then(|(checked, state)| checked.map(|()| state).map_err(|e| self.blame(e)))?;
         let reductions = self
             .relay(
                 &members,
@@ -783,8 +805,13 @@ impl Cluster {
             )
             .await?;
         let red_msgs = decode_all::<presign::PresignReduction>(&reductions)?;
-        let public = presign::public_output(&mut r, &cfg, &agg, &mu_msgs, &red_msgs)
-            .map_err(|e| self.blame(e))?;
+        let public = blocking(move || {
+            Ok(presign::public_output(
+                &mut r, &cfg, &agg, &mu_msgs, &red_msgs,
+            ))
+        })
+        .await?
+        .map_err(|e| self.blame(e))?;
         let messages: Vec<Vec<u8>> = reductions.into_iter().map(|m| m.message).collect();
         self.record_relay(&messages);
         let input = fragment::RoundInput {
@@ -812,6 +839,7 @@ impl Cluster {
             .entry((key.key_id, sset.clone()))
             .or_default()
             .extend(public);
+        self.presigs_added.notify_waiters();
         Ok(n)
     }
 
@@ -940,9 +968,38 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Resolves when a presignature has been taken from a pool (for the filler).
+    pub(crate) async fn pool_drawn(&self) {
+        self.presig_drawn.notified().await;
+    }
+
+    /// Takes a presignature of `key` (see [`Cluster::try_take_presig`]); if none is
+    /// pooled, waits up to [`PRESIG_WAIT`] for the filler to make one, so a burst above
+    /// the presigning rate queues instead of failing.
+    async fn take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
+        let deadline = tokio::time::Instant::now() + PRESIG_WAIT;
+        loop {
+            let added = self.presigs_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            match self.try_take_presig(key) {
+                Err(CoordError::Unavailable(why)) => {
+                    self.presig_drawn.notify_one();
+                    if tokio::time::timeout_at(deadline, added).await.is_err() {
+                        return Err(CoordError::Unavailable(why));
+                    }
+                }
+                other => {
+                    self.presig_drawn.notify_one();
+                    return other;
+                }
+            }
+        }
+    }
+
     /// Takes a presignature of `key` whose signing set is entirely usable, preferring
     /// the deepest pool, and removes it durably from the pool first.
-    fn take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
+    fn try_take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
         let presig = {
             let mut s = self.state()?;
             let usable = |p: PartyIndex, s: &State| {
@@ -1069,7 +1126,7 @@ impl Cluster {
     ) -> Result<Signature> {
         let mut last = None;
         for _attempt in 0..3 {
-            let presig = self.take_presig(key.key_id)?;
+            let presig = self.take_presig(key.key_id).await?;
             match self.sign_with(key, &presig, digest, signing_input).await {
                 Ok(sig) => {
                     self.metrics.signatures.inc();
@@ -1302,6 +1359,13 @@ impl Cluster {
         }
         Ok(out)
     }
+}
+
+/// Runs CPU-heavy protocol work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordError::Internal(format!("a protocol task failed: {e}")))?
 }
 
 fn no_such_key(name: &str) -> CoordError {

@@ -59,6 +59,9 @@ pub struct Args {
     /// Most presignatures per batch.
     #[arg(long, default_value_t = 32)]
     pub presign_batch: u32,
+    /// Most presigning sessions at once (pipelined rounds keep every core busy).
+    #[arg(long, default_value_t = 2)]
+    pub presign_parallel: usize,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub grace_secs: u64,
@@ -210,6 +213,9 @@ impl Args {
         if self.pool_low == 0 || self.pool_high < self.pool_low {
             errors.push("pool watermarks need 0 < --pool-low <= --pool-high".into());
         }
+        if self.presign_parallel == 0 || self.presign_parallel > 64 {
+            errors.push("--presign-parallel must be 1..=64".into());
+        }
         if self.presign_batch == 0 || self.presign_batch > quorate_crypto::presign::MAX_BATCH {
             errors.push(format!(
                 "--presign-batch must be 1..={}",
@@ -286,6 +292,7 @@ impl Args {
                     low: self.pool_low,
                     high: self.pool_high,
                     batch: self.presign_batch,
+                    parallel: self.presign_parallel,
                 },
                 grace: std::time::Duration::from_secs(self.grace_secs),
                 record_relay: self.record_relay,

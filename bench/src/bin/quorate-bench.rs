@@ -1,0 +1,974 @@
+//! `quorate-bench`: the load generator and the side-by-side comparison behind
+//! BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run --release -p quorate-bench -- compare                # the headline table and targets
+//! cargo run --release -p quorate-bench -- token --concurrency 8 --duration 30
+//! cargo run --release -p quorate-bench -- scaling                # (3,1), (5,2), (7,3)
+//! cargo run --release -p quorate-bench -- storage --presigs 100000
+//! ```
+//!
+//! Cluster operations start a local cluster of real processes (this executable, with the
+//! hidden `node` / `coordinator` subcommands, exactly as `quorate dev` runs them) in a
+//! temporary directory, unless `--external` targets the cluster named by `QUORATE_*`.
+//! Every command prints a markdown table on stdout, a progress line on stderr while it
+//! runs, and with `--json FILE` the full results (histogram quantiles, pool depth over
+//! time, CPU per process) as JSON.
+#![allow(
+    clippy::print_stdout,
+    reason = "a command-line report: the tables on stdout are the program's output"
+)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use quorate_bench::load::{self, LoadSpec, Measured};
+use quorate_bench::local::{self, PoolSettings, Sampler, Target};
+use quorate_bench::ops;
+use quorate_bench::report::{self, Row, Verdict};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "quorate-bench",
+    version,
+    about = "Quorate load generator and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Access tokens through the public IssueToken API (presigning included: the pool is
+    /// drained first, so the rate is the sustained one)
+    Token(Opts),
+    /// Raw ES256 signatures of fresh digests through the public Sign API
+    Sign(Opts),
+    /// Confidential derivations through the public Derive API
+    Derive(Opts),
+    /// A bare unary gRPC round trip (health check) over the same PQ mTLS channel
+    Rtt(Opts),
+    /// Baseline: single-key ES256 JWTs signed by aws-lc-rs in process (same claims and encoder)
+    Jwt(Opts),
+    /// Quorate's online signing in process: t+1 signing steps and the combine
+    Online(Opts),
+    /// Quorate's presigning and signing in process, per signature
+    PresignSign(Opts),
+    /// Baseline: FROST(P-256, SHA-256) 2-of-3 signing in process
+    Frost(Opts),
+    /// Baseline: cggmp21 2-of-3 presign + sign in process (needs `--features cggmp21`)
+    Cggmp21(Opts),
+    /// Everything above side by side, with the issue's targets as ratios
+    Compare(Opts),
+    /// Presigning cost and online latency for several (n,t)
+    Scaling(ScalingOpts),
+    /// Bytes at rest per presignature and node RSS with a large pool
+    Storage(StorageOpts),
+    /// Run a fragment node (used by the local cluster)
+    #[command(hide = true)]
+    Node(quorate_node::config::Args),
+    /// Run the coordinator (used by the local cluster)
+    #[command(hide = true)]
+    Coordinator(Box<quorate_coordinator::config::Args>),
+}
+
+impl Command {
+    /// The common options of a load command.
+    fn opts(&self) -> Option<&Opts> {
+        match self {
+            Command::Token(o)
+            | Command::Sign(o)
+            | Command::Derive(o)
+            | Command::Rtt(o)
+            | Command::Jwt(o)
+            | Command::Online(o)
+            | Command::PresignSign(o)
+            | Command::Frost(o)
+            | Command::Cggmp21(o)
+            | Command::Compare(o) => Some(o),
+            Command::Scaling(_)
+            | Command::Storage(_)
+            | Command::Node(_)
+            | Command::Coordinator(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+struct Opts {
+    /// Workers (tasks for cluster operations, threads for in-process ones)
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Measured seconds
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured warm-up seconds
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Fragment nodes of the local cluster
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Threshold t of the local cluster
+    #[arg(long, default_value_t = 1)]
+    threshold: u16,
+    /// Presignatures per pool (key and signing set) before signing starts; the local
+    /// cluster refills only once a pool is empty, so `sign` measures signing from a full
+    /// pool and stops before it runs dry
+    #[arg(long, default_value_t = 400)]
+    pool: usize,
+    /// Presignatures per presigning session
+    #[arg(long, default_value_t = 32)]
+    batch: u32,
+    /// Drive the cluster named by QUORATE_ADDR, QUORATE_CACERT, QUORATE_CERT, QUORATE_KEY
+    /// (QUORATE_BENCH_METRICS: its metrics address; QUORATE_BENCH_ATTESTATION: a JWT
+    /// for `token`) instead of starting one
+    #[arg(long)]
+    external: bool,
+    /// Write the results as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Exit with an error if any operation failed or none completed (for CI)
+    #[arg(long)]
+    strict: bool,
+    /// An extra argument for the local coordinator (repeat; e.g.
+    /// `--coordinator-arg=--presign-parallel --coordinator-arg=3`)
+    #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+    coordinator_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ScalingOpts {
+    /// The (n,t) pairs, as `n,t` separated by spaces
+    #[arg(long, num_args = 1.., default_values_t = ["3,1".to_owned(), "5,2".to_owned(), "7,3".to_owned()])]
+    params: Vec<String>,
+    /// Presignatures per pool to make and then sign from
+    #[arg(long, default_value_t = 200)]
+    pool: usize,
+    /// Presignatures per presigning session
+    #[arg(long, default_value_t = 32)]
+    batch: u32,
+    /// Measured seconds of online signing per (n,t) (stops early when the pool runs low)
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Workers for online signing (1: latency without queueing)
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Write the results as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct StorageOpts {
+    /// Unused presignatures each node should hold
+    #[arg(long, default_value_t = 100_000)]
+    presigs: u64,
+    /// Fragment nodes
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Threshold t
+    #[arg(long, default_value_t = 1)]
+    threshold: u16,
+    /// Presignatures per presigning session
+    #[arg(long, default_value_t = 128)]
+    batch: u32,
+    /// Write the results as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Node(args) => return runtime.block_on(quorate_node::app::main_with(args)),
+        Command::Coordinator(args) => {
+            return runtime.block_on(quorate_coordinator::app::main_with(*args));
+        }
+        command => runtime.block_on(run(command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spec(o: &Opts, max_ops: Option<u64>) -> Result<LoadSpec, String> {
+    let secs = |name: &str, v: f64| {
+        if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("--{name} {v}: seconds from 0 to 86400"))
+        }
+    };
+    if o.concurrency == 0 || o.concurrency > 4096 {
+        return Err(format!("--concurrency {}: 1 to 4096", o.concurrency));
+    }
+    Ok(LoadSpec {
+        concurrency: o.concurrency,
+        warmup: secs("warmup", o.warmup)?,
+        duration: secs("duration", o.duration)?,
+        max_ops,
+    })
+}
+
+/// Everything a command produced, for `--json`.
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    command: Vec<String>,
+    machine: Machine,
+    rows: Vec<Row>,
+    verdicts: Vec<Verdict>,
+    scaling: Vec<ScalingRow>,
+    storage: Option<StorageResult>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory: String,
+}
+
+impl Machine {
+    fn this() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+                .unwrap_or_default(),
+            memory: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .map(|l| l.trim().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    let mut results = Results {
+        command: std::env::args().collect(),
+        machine: Machine::this(),
+        ..Results::default()
+    };
+    let json = match &command {
+        Command::Scaling(o) => o.json.clone(),
+        Command::Storage(o) => o.json.clone(),
+        other => other.opts().and_then(|o| o.json.clone()),
+    };
+    let strict = command.opts().is_some_and(|o| o.strict);
+    match command {
+        Command::Jwt(o) => results.rows.push(in_process(&o, InProc::Jwt)?),
+        Command::Online(o) => results.rows.push(in_process(&o, InProc::Online)?),
+        Command::PresignSign(o) => results.rows.push(in_process(&o, InProc::PresignSign)?),
+        Command::Frost(o) => results.rows.push(in_process(&o, InProc::Frost)?),
+        Command::Cggmp21(o) => results.rows.push(in_process(&o, InProc::Cggmp21)?),
+        Command::Token(o) => results.rows.extend(cluster_ops(&o, &[Op::Token]).await?),
+        Command::Sign(o) => results.rows.extend(cluster_ops(&o, &[Op::Sign]).await?),
+        Command::Derive(o) => results.rows.extend(cluster_ops(&o, &[Op::Derive]).await?),
+        Command::Rtt(o) => results.rows.extend(cluster_ops(&o, &[Op::Rtt]).await?),
+        Command::Compare(o) => compare(&o, &mut results).await?,
+        Command::Scaling(o) => results.scaling = scaling(&o).await?,
+        Command::Storage(o) => results.storage = Some(storage(&o).await?),
+        Command::Node(_) | Command::Coordinator(_) => {}
+    }
+    if !results.rows.is_empty() {
+        println!("{}", report::table(&results.rows));
+        let cpu = report::cpu_table(&results.rows);
+        if !cpu.is_empty() {
+            println!("{cpu}");
+        }
+        for r in results.rows.iter().filter(|r| !r.pool_depth.is_empty()) {
+            println!(
+                "pool depth during `{}` (s:depth): {}\n",
+                r.name,
+                report::depth_series(r)
+            );
+        }
+    }
+    if !results.verdicts.is_empty() {
+        println!("{}", report::verdict_table(&results.verdicts));
+    }
+    if !results.scaling.is_empty() {
+        println!("{}", scaling_table(&results.scaling));
+    }
+    if let Some(s) = &results.storage {
+        println!("{}", storage_table(s));
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&results)
+            .map_err(|e| format!("cannot encode the results: {e}"))?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    if strict {
+        let failed: Vec<String> = results
+            .rows
+            .iter()
+            .filter(|r| r.ops == 0 || r.errors > 0)
+            .map(|r| format!("`{}` ({} ok, {} failed)", r.name, r.ops, r.errors))
+            .collect();
+        if !failed.is_empty() {
+            return Err(format!(
+                "--strict: failing operations: {}",
+                failed.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// In-process operations.
+#[derive(Clone, Copy, Debug)]
+enum InProc {
+    Jwt,
+    Online,
+    PresignSign,
+    Frost,
+    Cggmp21,
+}
+
+fn in_process(o: &Opts, what: InProc) -> Result<Row, String> {
+    let spec = spec(o, None)?;
+    let (n, t) = (o.nodes, o.threshold);
+    let (m, params, units): (Measured, Option<(u16, u16)>, u64) = match what {
+        InProc::Jwt => (
+            load::run_threads("baseline: aws-lc-rs ES256 JWT", spec, ops::jwt_worker)?,
+            None,
+            1,
+        ),
+        InProc::Online => (
+            load::run_threads("quorate online sign", spec, |w| ops::online_worker(n, t, w))?,
+            Some((n, t)),
+            1,
+        ),
+        InProc::PresignSign => (
+            load::run_threads("quorate presign+sign", spec, |w| {
+                ops::presign_sign_worker(n, t, w)
+            })?,
+            Some((n, t)),
+            u64::from(ops::PRESIGN_BATCH),
+        ),
+        InProc::Frost => (
+            load::run_threads("baseline: FROST-P256 sign", spec, ops::frost_worker)?,
+            Some((3, 1)),
+            1,
+        ),
+        InProc::Cggmp21 => (cggmp21(spec)?, Some((3, 1)), 1),
+    };
+    Ok(Row::new(&m, "in-process", params, units, None))
+}
+
+#[cfg(feature = "cggmp21")]
+fn cggmp21(spec: LoadSpec) -> Result<Measured, String> {
+    load::run_threads("baseline: cggmp21 presign+sign", spec, |w| {
+        let mut c = quorate_bench::baselines::Cggmp21::new(0xc66 + w as u64)?;
+        Ok(Box::new(move |i| c.presign_and_sign(&ops::digest_for(i))))
+    })
+}
+
+#[cfg(not(feature = "cggmp21"))]
+fn cggmp21(_spec: LoadSpec) -> Result<Measured, String> {
+    Err(
+        "this quorate-bench was built without the cggmp21 baseline: \
+         cargo run --release -p quorate-bench --features cggmp21 -- cggmp21"
+            .to_owned(),
+    )
+}
+
+/// Cluster operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Token,
+    Sign,
+    Derive,
+    Rtt,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Token => "token (sustained, presigning included)",
+            Op::Sign => "sign (from a full pool)",
+            Op::Derive => "derive",
+            Op::Rtt => "baseline: gRPC round trip",
+        }
+    }
+
+    /// The key whose pool the sampler follows.
+    fn key(self) -> &'static str {
+        match self {
+            Op::Token => quorate_client::dev::TOKEN_KEY,
+            _ => ops::SIGN_KEY,
+        }
+    }
+}
+
+async fn start(o: &Opts) -> Result<Target, String> {
+    if o.external {
+        return Target::from_env();
+    }
+    let pools = PoolSettings {
+        low: 1,
+        high: o.pool.max(1),
+        batch: o.batch,
+        fill: o.pool as u64,
+    };
+    eprintln!(
+        "starting a local ({},{}) cluster; filling pools of {} presignatures",
+        o.nodes, o.threshold, o.pool
+    );
+    Target::start_local(o.nodes, o.threshold, pools, &o.coordinator_args, None).await
+}
+
+async fn cluster_ops(o: &Opts, what: &[Op]) -> Result<Vec<Row>, String> {
+    let target = start(o).await?;
+    let out = drive(o, &target, what).await;
+    target.stop().await;
+    out
+}
+
+async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, String> {
+    let client = target.connect().await?;
+    let mut rows = Vec::new();
+    for &op in what {
+        let status = Arc::new(Mutex::new(String::new()));
+        let mut max_ops = None;
+        let mut warmup = o.warmup;
+        match op {
+            Op::Sign => {
+                // Sign only from what is pooled: a warm-up of a tenth of the pool, then at
+                // most 90 % of what is left, with the refill off (low watermark 1).
+                if let Some(m) = target.metrics {
+                    let depth = local::scrape(m)
+                        .await?
+                        .depth
+                        .get(op.key())
+                        .copied()
+                        .unwrap_or(0);
+                    let spec = LoadSpec {
+                        concurrency: o.concurrency,
+                        warmup: Duration::ZERO,
+                        duration: Duration::from_secs_f64(o.warmup.max(0.1)),
+                        max_ops: Some(depth / 10),
+                    };
+                    let c = client.clone();
+                    load::run_async("sign warm-up", spec, None, move |i| {
+                        ops::sign(c.clone(), u64::MAX - i)
+                    })
+                    .await?;
+                    let depth = local::scrape(m)
+                        .await?
+                        .depth
+                        .get(op.key())
+                        .copied()
+                        .unwrap_or(0);
+                    max_ops = Some(depth * 9 / 10);
+                    warmup = 0.0;
+                }
+            }
+            Op::Token => drain(o, target, &client).await?,
+            Op::Derive => ops::ensure_derive_key(&client).await?,
+            Op::Rtt => {}
+        }
+        let spec = spec(
+            &Opts {
+                warmup,
+                ..o.clone()
+            },
+            max_ops,
+        )?;
+        let sampler = Sampler::start(
+            target.metrics,
+            op.key().to_owned(),
+            spec.warmup,
+            target.is_local(),
+            status.clone(),
+        );
+        let c = client.clone();
+        let m = match op {
+            Op::Token => {
+                let req = Arc::new(ops::token_request(target)?);
+                load::run_async(op.name(), spec, Some(status), move |_| {
+                    ops::issue_token(c.clone(), req.clone())
+                })
+                .await?
+            }
+            Op::Sign => {
+                load::run_async(op.name(), spec, Some(status), move |i| {
+                    ops::sign(c.clone(), i)
+                })
+                .await?
+            }
+            Op::Derive => {
+                load::run_async(op.name(), spec, Some(status), move |i| {
+                    ops::derive(c.clone(), i)
+                })
+                .await?
+            }
+            Op::Rtt => {
+                load::run_async(op.name(), spec, Some(status), move |_| ops::ping(c.clone()))
+                    .await?
+            }
+        };
+        let sampled = sampler.finish().await;
+        rows.push(Row::new(&m, "cluster", target.params, 1, Some(sampled)));
+    }
+    Ok(rows)
+}
+
+/// Issues tokens until the token key's pools hold less than one presigning batch, so
+/// that the measured rate includes presigning (at most two minutes).
+async fn drain(o: &Opts, target: &Target, client: &quorate_client::Client) -> Result<(), String> {
+    let Some(metrics) = target.metrics else {
+        return Ok(());
+    };
+    let req = Arc::new(ops::token_request(target)?);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let depth = local::scrape(metrics)
+            .await?
+            .depth
+            .get(quorate_client::dev::TOKEN_KEY)
+            .copied()
+            .unwrap_or(0);
+        if depth < u64::from(o.batch) || Instant::now() >= deadline {
+            return Ok(());
+        }
+        let spec = LoadSpec {
+            concurrency: o.concurrency,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            max_ops: Some(depth),
+        };
+        let c = client.clone();
+        let r = req.clone();
+        let m = load::run_async("draining the token pool", spec, None, move |_| {
+            ops::issue_token(c.clone(), r.clone())
+        })
+        .await?;
+        if m.ops == 0
+            && let Some(e) = m.first_error
+        {
+            return Err(format!("token issuance fails: {e}"));
+        }
+    }
+}
+
+fn find<'a>(rows: &'a [Row], prefix: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.name.starts_with(prefix))
+}
+
+async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
+    // In-process first, while no cluster competes for the CPU.
+    results.rows.push(in_process(o, InProc::Jwt)?);
+    results.rows.push(in_process(o, InProc::Online)?);
+    results.rows.push(in_process(o, InProc::PresignSign)?);
+    results.rows.push(in_process(o, InProc::Frost)?);
+    if cfg!(feature = "cggmp21") {
+        results.rows.push(in_process(o, InProc::Cggmp21)?);
+    }
+    results
+        .rows
+        .extend(cluster_ops(o, &[Op::Rtt, Op::Sign, Op::Token]).await?);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    // A verdict needs both sides measured.
+    let rows: Vec<Row> = results.rows.iter().filter(|r| r.ops > 0).cloned().collect();
+    let rows = &rows;
+    if let (Some(tok), Some(jwt)) = (find(rows, "token"), find(rows, "baseline: aws-lc-rs")) {
+        let r = ratio(tok.per_second, jwt.per_second);
+        let formula = format!(
+            "token {:.1}/s ÷ aws-lc-rs JWT {:.0}/s",
+            tok.per_second, jwt.per_second
+        );
+        results.verdicts.push(Verdict::at_least(
+            "sustained token issuance ≥ 2 % of single-key JWT signing",
+            formula.clone(),
+            r,
+            0.02,
+        ));
+        results.verdicts.push(Verdict::at_least(
+            "goal: sustained token issuance ≥ 10 % of single-key JWT signing",
+            formula,
+            r,
+            0.10,
+        ));
+    }
+    if let (Some(sign), Some(rtt)) = (find(rows, "sign (from"), find(rows, "baseline: gRPC")) {
+        results.verdicts.push(Verdict::at_most(
+            "online signing p50 ≤ 2× bare gRPC round trip",
+            format!("p50 {:.0} µs ÷ {:.0} µs", sign.p50_us, rtt.p50_us),
+            ratio(sign.p50_us, rtt.p50_us),
+            2.0,
+        ));
+        results.verdicts.push(Verdict::at_most(
+            "online signing p99 ≤ 4× bare gRPC round trip",
+            format!("p99 {:.0} µs ÷ {:.0} µs", sign.p99_us, rtt.p99_us),
+            ratio(sign.p99_us, rtt.p99_us),
+            4.0,
+        ));
+    }
+    if let (Some(ours), Some(frost)) = (find(rows, "quorate online"), find(rows, "baseline: FROST"))
+    {
+        results.verdicts.push(Verdict::at_least(
+            "in-process online signing ≥ FROST-P256 2-of-3 signing rate",
+            format!("{:.0}/s ÷ {:.0}/s", ours.per_second, frost.per_second),
+            ratio(ours.per_second, frost.per_second),
+            1.0,
+        ));
+    }
+    if let (Some(ours), Some(cg)) = (
+        find(rows, "quorate presign+sign"),
+        find(rows, "baseline: cggmp21"),
+    ) {
+        results.verdicts.push(Verdict::at_least(
+            "presign+sign ≥ 100× cggmp21 2-of-3 presign+sign (in process)",
+            format!("{:.1}/s ÷ {:.3}/s", ours.per_second, cg.per_second),
+            ratio(ours.per_second, cg.per_second),
+            100.0,
+        ));
+    }
+    Ok(())
+}
+
+/// One (n,t) of the scaling run.
+#[derive(Debug, Serialize)]
+struct ScalingRow {
+    params: String,
+    /// Presignatures made per second while filling the pools (all keys).
+    presigs_per_sec: f64,
+    /// CPU seconds (all processes) per presignature while filling.
+    cpu_ms_per_presig: f64,
+    /// Bytes on disk per presignature per node (store size growth ÷ presignatures held).
+    disk_bytes_per_presig: f64,
+    sign: Row,
+    rtt: Row,
+}
+
+fn parse_params(s: &str) -> Result<(u16, u16), String> {
+    let (n, t) = s
+        .split_once(',')
+        .ok_or_else(|| format!("--params {s:?}: expected n,t"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|e| format!("--params {s:?}: n: {e}"))?;
+    let t = t
+        .trim()
+        .parse()
+        .map_err(|e| format!("--params {s:?}: t: {e}"))?;
+    Ok((n, t))
+}
+
+/// Total size of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Waits until every pool of every signing key holds `per_pool`, reporting progress;
+/// returns (presignatures made, seconds, CPU seconds of all processes) from the first
+/// presignature on.
+async fn wait_full(
+    metrics: std::net::SocketAddr,
+    keys: &[&str],
+    pools_per_key: u64,
+    per_pool: u64,
+    limit: Duration,
+) -> Result<(u64, f64, f64), String> {
+    let target = per_pool * pools_per_key;
+    let deadline = Instant::now() + limit;
+    let mut first: Option<(Instant, u64, f64)> = None;
+    loop {
+        let s = local::scrape(metrics).await?;
+        let now = Instant::now();
+        let cpu = local::cluster_cpu_seconds();
+        if first.is_none() && s.presigs_made > 0 {
+            first = Some((now, s.presigs_made, cpu));
+        }
+        let least = keys
+            .iter()
+            .map(|k| s.depth.get(*k).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        eprint!(
+            "\r  filling pools: {least}/{target} per key, {} made   ",
+            s.presigs_made
+        );
+        if least >= target || now >= deadline {
+            eprintln!();
+            let (t0, m0, c0) = first.unwrap_or((now, 0, cpu));
+            return Ok((
+                s.presigs_made.saturating_sub(m0),
+                now.duration_since(t0).as_secs_f64(),
+                cpu - c0,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn scaling(o: &ScalingOpts) -> Result<Vec<ScalingRow>, String> {
+    let mut out = Vec::new();
+    for p in &o.params {
+        let (n, t) = parse_params(p)?;
+        let pools = PoolSettings {
+            low: 1,
+            high: o.pool.max(1),
+            batch: o.batch,
+            fill: 0,
+        };
+        eprintln!("({n},{t}): starting a local cluster");
+        let target = Target::start_local(n, t, pools, &[], None).await?;
+        let result = scale_one(o, &target, n, t).await;
+        target.stop().await;
+        out.push(result?);
+    }
+    Ok(out)
+}
+
+async fn scale_one(o: &ScalingOpts, target: &Target, n: u16, t: u16) -> Result<ScalingRow, String> {
+    let metrics = target.metrics.ok_or("no metrics address")?;
+    let dir = target.dir.clone().ok_or("no cluster directory")?;
+    let disk0 = dir_bytes(&dir.join("node-1"));
+    let (made, secs, cpu) = wait_full(
+        metrics,
+        &[ops::SIGN_KEY, quorate_client::dev::TOKEN_KEY],
+        u64::from(n),
+        o.pool as u64,
+        Duration::from_secs(1800),
+    )
+    .await?;
+    let disk1 = dir_bytes(&dir.join("node-1"));
+    let total = local::scrape(metrics).await?.presigs_made;
+    // Node 1 is in t+1 of the n cyclic signing sets and keeps only their shares.
+    let held = total as f64 * f64::from(t + 1) / f64::from(n);
+    let opts = Opts {
+        concurrency: o.concurrency,
+        duration: o.duration,
+        warmup: 1.0,
+        nodes: n,
+        threshold: t,
+        pool: o.pool,
+        batch: o.batch,
+        external: false,
+        json: None,
+        strict: false,
+        coordinator_args: Vec::new(),
+    };
+    let mut rows = drive(&opts, target, &[Op::Rtt, Op::Sign]).await?;
+    let sign = rows.pop().ok_or("no sign row")?;
+    let rtt = rows.pop().ok_or("no rtt row")?;
+    Ok(ScalingRow {
+        params: format!("({n},{t})"),
+        presigs_per_sec: if secs > 0.0 { made as f64 / secs } else { 0.0 },
+        cpu_ms_per_presig: if made > 0 {
+            1000.0 * cpu / made as f64
+        } else {
+            0.0
+        },
+        disk_bytes_per_presig: if held > 0.0 {
+            disk1.saturating_sub(disk0) as f64 / held
+        } else {
+            0.0
+        },
+        sign,
+        rtt,
+    })
+}
+
+fn scaling_table(rows: &[ScalingRow]) -> String {
+    let mut s = String::from(
+        "| (n,t) | presigs/s (cluster) | CPU ms per presig (all processes) | node-1 disk bytes per presig | sign p50 | sign p99 | gRPC RTT p50 | RTT p99 | p50 ÷ RTT | p99 ÷ RTT |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} | {:.2} |\n",
+            r.params,
+            r.presigs_per_sec,
+            r.cpu_ms_per_presig,
+            r.disk_bytes_per_presig,
+            r.sign.p50_us,
+            r.sign.p99_us,
+            r.rtt.p50_us,
+            r.rtt.p99_us,
+            r.sign.p50_us / r.rtt.p50_us.max(1e-9),
+            r.sign.p99_us / r.rtt.p99_us.max(1e-9),
+        ));
+    }
+    s
+}
+
+/// The storage run's findings.
+#[derive(Debug, Serialize)]
+struct StorageResult {
+    params: String,
+    /// Presignatures made in all.
+    made: u64,
+    /// Unused presignatures node 1 holds (its signing sets' share).
+    held_by_node1: f64,
+    /// The logical record: presignature id (key) + nonce + tag + tag byte + secret share.
+    logical_bytes: usize,
+    /// Node 1's store growth ÷ presignatures it holds.
+    disk_bytes_per_presig: f64,
+    /// Node 1's resident set at the end, MiB.
+    node1_rss_mib: f64,
+    /// Node 1's peak resident set, MiB.
+    node1_peak_rss_mib: f64,
+    /// The coordinator's resident set at the end, MiB.
+    coordinator_rss_mib: f64,
+    /// Seconds the fill took.
+    fill_seconds: f64,
+    /// (held by node 1, node RSS MiB, disk bytes) along the way.
+    series: Vec<(f64, f64, u64)>,
+}
+
+async fn storage(o: &StorageOpts) -> Result<StorageResult, String> {
+    let (n, t) = (o.nodes, o.threshold);
+    // Node 1 holds t+1 of every n presignatures; two keys share the pools.
+    let total = o.presigs * u64::from(n) / u64::from(t + 1);
+    let per_pool = total.div_ceil(2 * u64::from(n));
+    let pools = PoolSettings {
+        low: 1,
+        high: usize::try_from(per_pool).map_err(|_| "--presigs too large")?,
+        batch: o.batch,
+        fill: 0,
+    };
+    eprintln!(
+        "({n},{t}): starting a local cluster to pool {} presignatures in all",
+        total
+    );
+    let target = Target::start_local(n, t, pools, &[], None).await?;
+    let result = storage_run(o, &target, per_pool).await;
+    target.stop().await;
+    result
+}
+
+async fn storage_run(
+    o: &StorageOpts,
+    target: &Target,
+    per_pool: u64,
+) -> Result<StorageResult, String> {
+    let (n, t) = (o.nodes, o.threshold);
+    let metrics = target.metrics.ok_or("no metrics address")?;
+    let dir = target.dir.clone().ok_or("no cluster directory")?;
+    let node1 = local::children_named("node-1")
+        .into_iter()
+        .next()
+        .ok_or("node-1 is not a child of this process")?;
+    let coordinator = local::children_named("coordinator")
+        .into_iter()
+        .next()
+        .ok_or("the coordinator is not a child of this process")?;
+    let disk0 = dir_bytes(&dir.join("node-1"));
+    let started = Instant::now();
+    let mut series = Vec::new();
+    let mut next_mark = 0.0;
+    let keys = [ops::SIGN_KEY, quorate_client::dev::TOKEN_KEY];
+    let share = f64::from(t + 1) / f64::from(n);
+    loop {
+        let s = local::scrape(metrics).await?;
+        let least = keys
+            .iter()
+            .map(|k| s.depth.get(*k).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        let held = s.presigs_made as f64 * share;
+        if held >= next_mark {
+            let rss = local::rss_kib(node1).unwrap_or(0) as f64 / 1024.0;
+            series.push((held, rss, dir_bytes(&dir.join("node-1"))));
+            next_mark += o.presigs as f64 / 10.0;
+        }
+        eprint!(
+            "\r  pooling: node 1 holds {held:.0} of {}; {:.0} s   ",
+            o.presigs,
+            started.elapsed().as_secs_f64()
+        );
+        if least >= per_pool * u64::from(n) {
+            eprintln!();
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Let the last batch settle and the allocator reach its steady state.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let made = local::scrape(metrics).await?.presigs_made;
+    let held = made as f64 * share;
+    let disk = dir_bytes(&dir.join("node-1"));
+    let node1_rss = local::rss_kib(node1).unwrap_or(0) as f64 / 1024.0;
+    series.push((held, node1_rss, disk));
+    let fixture = quorate_bench::SignFixture::new(n, t, 1).map_err(|e| e.to_string())?;
+    let signer = fixture.first_signer().map_err(|e| e.to_string())?;
+    let logical = match fixture.record(signer).map_err(|e| e.to_string())? {
+        quorate_crypto::sign::PresigRecord::Unused(p) => {
+            // Key (id) + nonce + record tag + secret encoding + GCM tag.
+            p.id.0.len() + 12 + 1 + p.secret_bytes().len() + 16
+        }
+        quorate_crypto::sign::PresigRecord::Consumed(_) => 0,
+    };
+    Ok(StorageResult {
+        params: format!("({n},{t})"),
+        made,
+        held_by_node1: held,
+        logical_bytes: logical,
+        disk_bytes_per_presig: disk.saturating_sub(disk0) as f64 / held.max(1.0),
+        node1_rss_mib: node1_rss,
+        node1_peak_rss_mib: local::peak_rss_kib(node1).unwrap_or(0) as f64 / 1024.0,
+        coordinator_rss_mib: local::rss_kib(coordinator).unwrap_or(0) as f64 / 1024.0,
+        fill_seconds: started.elapsed().as_secs_f64(),
+        series,
+    })
+}
+
+fn storage_table(s: &StorageResult) -> String {
+    let mut out = format!(
+        "| (n,t) | presigs made | held by node 1 | logical bytes per record | node-1 disk bytes per presig | node-1 RSS | node-1 peak RSS | coordinator RSS | fill time |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | {} | {} | {:.0} | {} | {:.0} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} s |\n\nalong the way (held, node-1 RSS MiB, node-1 store bytes):",
+        s.params,
+        s.made,
+        s.held_by_node1,
+        s.logical_bytes,
+        s.disk_bytes_per_presig,
+        s.node1_rss_mib,
+        s.node1_peak_rss_mib,
+        s.coordinator_rss_mib,
+        s.fill_seconds
+    );
+    for (held, rss, disk) in &s.series {
+        out.push_str(&format!(" ({held:.0}, {rss:.1}, {disk})"));
+    }
+    out
+}
