@@ -15,6 +15,8 @@
 //! network, storage or scheduling. This library holds the setup the two share.
 #![forbid(unsafe_code)]
 
+pub mod baselines;
+
 use quorate_crypto::keys::{KeyPublic, KeyPurpose};
 use quorate_crypto::presign::PresignaturePublic;
 use quorate_crypto::sign::{self, PresigRecord, SignRequest, SignatureShare};
