@@ -16,6 +16,10 @@
 #![forbid(unsafe_code)]
 
 pub mod baselines;
+pub mod load;
+pub mod local;
+pub mod ops;
+pub mod report;
 
 use quorate_crypto::keys::{KeyPublic, KeyPurpose};
 use quorate_crypto::presign::PresignaturePublic;

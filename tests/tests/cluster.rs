@@ -193,3 +193,63 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
     let _ = DOMAIN;
     let _ = sha2::Sha256::digest(b"");
 }
+
+/// A burst of signatures larger than every pool together waits for presigning instead of
+/// failing: with pools of at most 2 per signing set (6 in all) and refilling only once a
+/// pool is empty, 24 concurrent signatures all succeed, each verified by aws-lc-rs, and
+/// each on its own presignature (the nodes would refuse a second digest on one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_pools_waits_for_presignatures() {
+    let metrics_addr = format!("127.0.0.1:{}", quorate_tests::free_port());
+    let c = TestCluster::start(
+        "burst",
+        3,
+        1,
+        &[
+            "--pool-low",
+            "1",
+            "--pool-high",
+            "2",
+            "--presign-batch",
+            "2",
+            "--metrics-listen",
+            &metrics_addr,
+        ],
+    );
+    let key = create_key(&c, "burst", api::Purpose::Sign).await;
+    c.wait_pools("burst", 2, Duration::from_secs(60)).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..24u32 {
+        let keys = c.keys().await;
+        burst.spawn(async move {
+            let msg = format!("burst message {i}").into_bytes();
+            let mut keys = keys;
+            let sig = keys
+                .sign(api::SignRequest {
+                    name: "burst".into(),
+                    input: Some(api::sign_request::Input::Message(msg.clone())),
+                    format: api::SignatureFormat::Raw as i32,
+                })
+                .await
+                .map(|r| r.into_inner().signature);
+            (msg, sig)
+        });
+    }
+    let mut ok = 0;
+    while let Some(done) = burst.join_next().await {
+        let (msg, sig) = done.unwrap();
+        let sig = sig.unwrap_or_else(|s| panic!("a signature of the burst failed: {s:?}"));
+        verify_aws(&key.public_key, &msg, &sig);
+        ok += 1;
+    }
+    assert_eq!(ok, 24);
+    let metrics = scrape(&metrics_addr);
+    let made: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("quorate_coordinator_presignatures_made_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(made >= 24, "24 signatures need 24 presignatures, {made} were made");
+}
