@@ -220,7 +220,9 @@ pub struct Cluster {
     params: ThresholdParams,
     trust: Trust,
     nodes: Vec<NodeHandle>,
-    store: Store,
+    store: Arc<Store>,
+    /// Durable removals of presignatures taken from the pools, group-committed.
+    takes: mpsc::Sender<TakeJob>,
     state: Mutex<State>,
     relay_log: Option<Mutex<std::fs::File>>,
     metrics: CoordMetrics,
@@ -270,6 +272,9 @@ impl Cluster {
                     })?,
             )),
         };
+        let store = Arc::new(store);
+        let (takes, take_rx) = mpsc::channel(MAX_SIGN_BATCH * 4);
+        tokio::spawn(take_committer(store.clone(), take_rx));
         let mut nodes = Vec::new();
         let mut receivers = Vec::new();
         for (index, addr, ch) in channels {
@@ -303,7 +308,8 @@ impl Cluster {
             params,
             trust,
             nodes,
-            store,
+            store: store.clone(),
+            takes,
             state: Mutex::new(state),
             relay_log,
             metrics: CoordMetrics::default(),
@@ -983,22 +989,25 @@ impl Cluster {
             tokio::pin!(added);
             added.as_mut().enable();
             match self.try_take_presig(key) {
+                Ok(presig) => {
+                    self.presig_drawn.notify_one();
+                    self.commit_take(&presig).await?;
+                    return Ok(presig);
+                }
                 Err(CoordError::Unavailable(why)) => {
                     self.presig_drawn.notify_one();
                     if tokio::time::timeout_at(deadline, added).await.is_err() {
                         return Err(CoordError::Unavailable(why));
                     }
                 }
-                other => {
-                    self.presig_drawn.notify_one();
-                    return other;
-                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Takes a presignature of `key` whose signing set is entirely usable, preferring
-    /// the deepest pool, and removes it durably from the pool first.
+    /// Takes a presignature of `key` whose signing set is entirely usable out of its
+    /// in-memory pool, preferring the deepest pool ([`Cluster::take_presig`] then removes
+    /// it durably before it is used).
     fn try_take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
         let presig = {
             let mut s = self.state()?;
@@ -1024,8 +1033,25 @@ impl Cluster {
                 .and_then(VecDeque::pop_front)
                 .ok_or_else(|| CoordError::Internal("pool emptied concurrently".into()))?
         };
-        self.store.take_presig(&presig.id)?;
         Ok(presig)
+    }
+
+    /// Durably removes a taken presignature from the stored pools before it is used, so
+    /// that a coordinator restart never hands it out again. Concurrent removals share one
+    /// commit ([`take_committer`]).
+    async fn commit_take(&self, presig: &PresignaturePublic) -> Result<()> {
+        let (done, committed) = oneshot::channel();
+        self.takes
+            .send(TakeJob {
+                id: presig.id,
+                done,
+            })
+            .await
+            .map_err(|_| CoordError::Internal("the pool committer stopped".into()))?;
+        committed
+            .await
+            .map_err(|_| CoordError::Internal("the pool committer stopped".into()))?
+            .map_err(CoordError::Internal)
     }
 
     /// Puts back a presignature that every node of its signing set refused before
@@ -1358,6 +1384,37 @@ impl Cluster {
             }
         }
         Ok(out)
+    }
+}
+
+/// A durable removal from the stored pools, and who waits for it.
+struct TakeJob {
+    id: presign::PresigId,
+    done: oneshot::Sender<std::result::Result<(), String>>,
+}
+
+/// Group commit of pool removals: every removal queued while a commit runs goes into the
+/// next one, so concurrent signatures share one `fsync` instead of queueing for one each.
+/// A removal is acknowledged only after its commit is durable.
+async fn take_committer(store: Arc<Store>, mut jobs: mpsc::Receiver<TakeJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_SIGN_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<presign::PresigId> = batch.iter().map(|j| j.id).collect();
+        let s = store.clone();
+        let result = match tokio::task::spawn_blocking(move || s.remove_presigs(&ids)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the pool commit task failed: {e}")),
+        };
+        for j in batch {
+            let _ = j.done.send(result.clone());
+        }
     }
 }
 

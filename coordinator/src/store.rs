@@ -274,19 +274,9 @@ impl Store {
         Ok(())
     }
 
-    /// Durably removes a presignature from the pools *before* it is used, so that a
-    /// coordinator restart never hands it out again.
-    pub fn take_presig(&self, id: &PresigId) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(POOL)?;
-            t.remove(&id.0[..])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Durably removes presignatures from the pools (those of a retired key version).
+    /// Durably removes presignatures from the pools: those taken for signing (before
+    /// they are used, so that a restart never hands them out again; the coordinator
+    /// group-commits concurrent takes), or those of a retired key version.
     pub fn remove_presigs(&self, ids: &[PresigId]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
