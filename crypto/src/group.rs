@@ -5,8 +5,9 @@
 //! rejected if `>= q`. A [`Point`] is never the identity, so every point that reaches
 //! protocol code has passed these checks.
 //!
-//! All scalar multiplications go through [`mul`], [`mul_g`] and [`msm`] so that the
-//! benches can count them ([`crate::opcount`]).
+//! All scalar multiplications go through [`mul`], [`mul_public`], [`mul_g`], [`msm`] and
+//! `x_of_mul_public` (aws-lc-rs, for signing's re-randomisation) so that the benches can
+//! count them ([`crate::opcount`]).
 
 use elliptic_curve::group::{Group, GroupEncoding};
 use elliptic_curve::ops::LinearCombination;
@@ -160,16 +161,60 @@ pub fn invert(s: &Scalar) -> Option<Scalar> {
     Option::from(s.invert())
 }
 
+/// Inverse of a public scalar in variable time (crypto-bigint's safegcd), about twice as
+/// fast as [`invert`]; `None` for zero. Only for public values: δ in signing, Lagrange
+/// denominators made of party indices.
+pub fn invert_public(s: &Scalar) -> Option<Scalar> {
+    Option::from(s.invert_vartime())
+}
+
 /// `k·P`, constant time.
 pub fn mul(p: &ProjectivePoint, k: &Scalar) -> ProjectivePoint {
     opcount::count_var_base();
     *p * k
 }
 
-/// `k·P` in variable time, for a public point and a public scalar only.
+/// `k·P` in variable time, for a public point and a public scalar only. (Signing's
+/// re-randomisation needs only the x-coordinate and takes the faster aws-lc path,
+/// `x_of_mul_public`, which the tests check against this function.)
 pub fn mul_public(p: &ProjectivePoint, k: &Scalar) -> ProjectivePoint {
     opcount::count_var_base();
     p.mul_vartime(k)
+}
+
+/// `x(k·P)`, the affine x-coordinate of `k·P` as 32 big-endian bytes, for a public point
+/// and a public non-zero scalar (the signing re-randomisation `r = x(δ·R)`).
+///
+/// This is exactly an ECDH P-256 shared secret with "private" scalar `k` and peer point
+/// `P` (SEC 1 §3.3.1: the shared secret is the x-coordinate of `k·P`), so it is computed
+/// with aws-lc-rs's `agreement` (assembly-optimised P-256), several times faster than
+/// p256's [`mul_public`], which stays the reference in this module's tests. aws-lc
+/// validates `P` again (on the curve) and rejects `k = 0` and `k >= q`; for a [`Point`]
+/// (never the identity) and a non-zero reduced scalar none of that can fail and `k·P` is
+/// never the identity (the group has prime order), so every error is an [`Error::Bug`].
+/// Neither input is secret, so the messages could name them, but do not need to.
+///
+/// Counted as one variable-base multiplication ([`crate::opcount`]). aws-lc also derives
+/// `k·G` when it imports `k` (its API computes the public key of every private key it
+/// loads); that fixed-base step is internal to aws-lc and not counted.
+pub(crate) fn x_of_mul_public(p: &Point, k: &Scalar) -> Result<[u8; 32]> {
+    use aws_lc_rs::agreement::{ECDH_P256, PrivateKey, UnparsedPublicKey, agree};
+    opcount::count_var_base();
+    if bool::from(k.is_zero()) {
+        return Err(Error::Bug("x(k·P) with k = 0"));
+    }
+    let key = PrivateKey::from_private_key(&ECDH_P256, &scalar_to_bytes(k))
+        .map_err(|_| Error::Bug("aws-lc rejected a reduced non-zero P-256 scalar"))?;
+    let peer = p.to_uncompressed();
+    agree(
+        &key,
+        UnparsedPublicKey::new(&ECDH_P256, &peer),
+        Error::Bug("aws-lc rejected a valid P-256 point for ECDH"),
+        |secret| {
+            <[u8; 32]>::try_from(secret)
+                .map_err(|_| Error::Bug("aws-lc ECDH P-256 secret is not 32 bytes"))
+        },
+    )
 }
 
 /// `k·G` using the precomputed basepoint table, constant time.
@@ -386,6 +431,107 @@ mod tests {
             assert_eq!(pippenger(&terms), naive, "n = {n}");
             assert_eq!(msm(&terms), naive);
         }
+    }
+
+    /// The p256 reference for [`x_of_mul_public`]: `x(k·P)` by [`mul_public`], `None` for
+    /// the identity.
+    fn x_of_mul_public_p256(p: &Point, k: &Scalar) -> Option<[u8; 32]> {
+        Point::new(mul_public(&p.projective(), k)).map(|q| q.x_bytes())
+    }
+
+    /// A point whose x-coordinate is `>= q` (a non-canonical `r` before reduction): the
+    /// first `x = q + i` that is on the curve.
+    fn point_with_x_at_least_q() -> Point {
+        let q = hex_literal_q();
+        (0u8..=255)
+            .find_map(|i| {
+                let mut b = [0u8; 33];
+                b[0] = 0x02;
+                b[1..].copy_from_slice(&q);
+                b[32] = b[32].wrapping_add(i);
+                Point::from_bytes(&b).ok()
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn x_of_mul_public_matches_p256_reference() {
+        let mut rng = crate::sim::test_rng("x_of_mul_public");
+        let big_x = point_with_x_at_least_q();
+        assert!(big_x.x_bytes() >= hex_literal_q());
+        let half = (-Scalar::ONE) * invert(&Scalar::from(2u64)).unwrap(); // (q - 1) / 2
+        let special_scalars = [
+            Scalar::ONE,
+            Scalar::from(2u64),
+            Scalar::from(3u64),
+            -Scalar::ONE,
+            -Scalar::from(2u64),
+            half,
+            half + Scalar::ONE,
+            Scalar::from(u64::MAX),
+        ];
+        let mut special_points = vec![
+            Point::GENERATOR,
+            Point::new(-ProjectivePoint::GENERATOR).unwrap(),
+            Point::new(mul_g(&Scalar::from(2u64))).unwrap(),
+            Point::new(mul_g(&-Scalar::from(2u64))).unwrap(),
+            big_x,
+            crate::hash::h2c("test", b"special").unwrap(),
+        ];
+        // k·P whose result is the point with x >= q, for a random k: checks that aws-lc
+        // returns the full x-coordinate, not one reduced mod q.
+        let k = random_nonzero(&mut rng);
+        let p = Point::new(mul(&big_x.projective(), &invert(&k).unwrap())).unwrap();
+        assert_eq!(x_of_mul_public(&p, &k).unwrap(), big_x.x_bytes());
+        special_points.push(p);
+
+        let mut cases: Vec<(Point, Scalar)> = Vec::new();
+        for p in &special_points {
+            for k in &special_scalars {
+                cases.push((*p, *k));
+            }
+            cases.push((*p, random_nonzero(&mut rng)));
+        }
+        for _ in 0..500 {
+            let p = Point::new(mul_g(&random_nonzero(&mut rng))).unwrap();
+            cases.push((p, random_nonzero(&mut rng)));
+            cases.push((p, special_scalars[cases.len() % special_scalars.len()]));
+        }
+        for (p, k) in &cases {
+            let want = x_of_mul_public_p256(p, k).unwrap();
+            assert_eq!(x_of_mul_public(p, k).unwrap(), want, "P = {p:?}");
+        }
+        // x(1·P) = x(P) and x(−k·P) = x(k·P).
+        assert_eq!(
+            x_of_mul_public(&big_x, &Scalar::ONE).unwrap(),
+            big_x.x_bytes()
+        );
+        let g = Point::GENERATOR;
+        assert_eq!(
+            x_of_mul_public(&g, &-Scalar::from(5u64)).unwrap(),
+            x_of_mul_public(&g, &Scalar::from(5u64)).unwrap()
+        );
+    }
+
+    #[test]
+    fn invert_public_matches_invert() {
+        let mut rng = crate::sim::test_rng("invert_public");
+        assert_eq!(invert_public(&Scalar::ZERO), None);
+        let mut cases = vec![Scalar::ONE, -Scalar::ONE, Scalar::from(2u64)];
+        cases.extend((0..200).map(|_| random_nonzero(&mut rng)));
+        for s in &cases {
+            let inv = invert_public(s).unwrap();
+            assert_eq!(Some(inv), invert(s));
+            assert_eq!(inv * s, Scalar::ONE);
+        }
+    }
+
+    #[test]
+    fn x_of_mul_public_rejects_zero_scalar_as_a_bug() {
+        assert!(matches!(
+            x_of_mul_public(&Point::GENERATOR, &Scalar::ZERO),
+            Err(Error::Bug(_))
+        ));
     }
 
     #[test]

@@ -212,9 +212,42 @@ impl PartySet {
         Ok(num * inv)
     }
 
-    /// All Lagrange coefficients, in member order.
+    /// All Lagrange coefficients, in member order: the values of [`Self::lagrange`], with
+    /// one inversion for the whole set instead of one per member (Montgomery's trick),
+    /// and a variable-time one, since party indices are public. (The coordinator's
+    /// `sign::combine` calls this on every signature.)
     pub fn lagrange_all(&self) -> Result<Vec<(PartyIndex, Scalar)>> {
-        self.0.iter().map(|&i| Ok((i, self.lagrange(i)?))).collect()
+        // λ_i = num_i / den_i with num_i = Π_{j≠i} j and den_i = Π_{j≠i} (j − i).
+        let mut fractions = Vec::with_capacity(self.0.len());
+        for &i in &self.0 {
+            let xi = i.scalar();
+            let mut num = Scalar::ONE;
+            let mut den = Scalar::ONE;
+            for &j in self.0.iter().filter(|&&j| j != i) {
+                let xj = j.scalar();
+                num *= xj;
+                den *= xj - xi;
+            }
+            fractions.push((i, num, den));
+        }
+        // prefix_k = den_0 ⋯ den_{k−1}; total = den_0 ⋯ den_{m−1}.
+        let mut prefix = Vec::with_capacity(fractions.len());
+        let mut total = Scalar::ONE;
+        for (_, _, den) in &fractions {
+            prefix.push(total);
+            total *= den;
+        }
+        // Members are distinct, so every factor j − i is non-zero and total is invertible.
+        let mut inv =
+            group::invert_public(&total).ok_or(Error::Bug("lagrange denominator is zero"))?;
+        // Walking down, inv = 1 / (den_0 ⋯ den_k), so 1 / den_k = inv · prefix_k.
+        let mut out = Vec::with_capacity(fractions.len());
+        for ((i, num, den), pre) in fractions.iter().zip(&prefix).rev() {
+            out.push((*i, *num * inv * pre));
+            inv *= den;
+        }
+        out.reverse();
+        Ok(out)
     }
 }
 
@@ -276,6 +309,29 @@ mod tests {
             .map(|(i, l)| l * f(u64::from(i.get())))
             .sum();
         assert_eq!(sum, Scalar::from(5u64));
+    }
+
+    #[test]
+    fn lagrange_all_matches_lagrange() {
+        let sets: [&[u16]; 6] = [
+            &[7],
+            &[1, 2],
+            &[2, 5],
+            &[1, 2, 3],
+            &[3, 9, 17, 200, 255],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+        ];
+        for set in sets {
+            let s = PartySet::from_indices(set).unwrap();
+            let all = s.lagrange_all().unwrap();
+            assert_eq!(all.len(), s.len());
+            for ((i, l), m) in all.iter().zip(s.members()) {
+                assert_eq!(i, m);
+                assert_eq!(*l, s.lagrange(*i).unwrap(), "set {set:?}, member {i}");
+            }
+            // They interpolate a constant.
+            assert_eq!(all.iter().map(|(_, l)| *l).sum::<Scalar>(), Scalar::ONE);
+        }
     }
 }
 
