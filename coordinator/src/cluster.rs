@@ -991,7 +991,6 @@ impl Cluster {
             match self.try_take_presig(key) {
                 Ok(presig) => {
                     self.presig_drawn.notify_one();
-                    self.commit_take(&presig).await?;
                     return Ok(presig);
                 }
                 Err(CoordError::Unavailable(why)) => {
@@ -1006,8 +1005,8 @@ impl Cluster {
     }
 
     /// Takes a presignature of `key` whose signing set is entirely usable out of its
-    /// in-memory pool, preferring the deepest pool ([`Cluster::take_presig`] then removes
-    /// it durably before it is used).
+    /// in-memory pool, preferring the deepest pool (the caller removes it durably with
+    /// [`Cluster::commit_take`]).
     fn try_take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
         let presig = {
             let mut s = self.state()?;
@@ -1036,9 +1035,9 @@ impl Cluster {
         Ok(presig)
     }
 
-    /// Durably removes a taken presignature from the stored pools before it is used, so
-    /// that a coordinator restart never hands it out again. Concurrent removals share one
-    /// commit ([`take_committer`]).
+    /// Durably removes a taken presignature from the stored pools, so that a coordinator
+    /// restart never hands it out again. Concurrent removals share one commit
+    /// ([`take_committer`]).
     async fn commit_take(&self, presig: &PresignaturePublic) -> Result<()> {
         let (done, committed) = oneshot::channel();
         self.takes
@@ -1153,7 +1152,18 @@ impl Cluster {
         let mut last = None;
         for _attempt in 0..3 {
             let presig = self.take_presig(key.key_id).await?;
-            match self.sign_with(key, &presig, digest, signing_input).await {
+            // The durable removal from the stored pool runs alongside the nodes' round,
+            // not before it: what keeps a presignature to one message is each node's
+            // durable consumed record, which it writes before releasing a share. The
+            // coordinator's removal only spares a restarted coordinator an attempt the
+            // nodes would refuse, so it need not add an fsync to every signature's path;
+            // the signature is still returned only once the removal is durable.
+            let (committed, signed) = tokio::join!(
+                self.commit_take(&presig),
+                self.sign_with(key, &presig, digest, signing_input)
+            );
+            committed?;
+            match signed {
                 Ok(sig) => {
                     self.metrics.signatures.inc();
                     return Ok(sig);
