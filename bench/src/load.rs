@@ -108,6 +108,18 @@ impl Shared {
         }
     }
 
+    /// The start of a worker's next operation and whether it is measured, or `None` when
+    /// the run is over (time is up or `max_ops` reached).
+    fn next(
+        &self,
+        spec: &LoadSpec,
+        end: Instant,
+        measure_from: Instant,
+    ) -> Option<(Instant, bool)> {
+        let t0 = Instant::now();
+        (t0 < end && self.may_start(spec)).then_some((t0, t0 >= measure_from))
+    }
+
     /// Claims an operation slot under `max_ops`; false once the limit is hit.
     fn may_start(&self, spec: &LoadSpec) -> bool {
         if self.stop.load(Ordering::Relaxed) {
@@ -243,6 +255,52 @@ fn progress(
     })
 }
 
+/// One run's clock, counters and progress line.
+struct Run {
+    name: String,
+    spec: LoadSpec,
+    shared: Arc<Shared>,
+    measure_from: Instant,
+    end: Instant,
+    done: Arc<AtomicBool>,
+    printer: std::thread::JoinHandle<()>,
+}
+
+impl Run {
+    fn start(name: &str, spec: LoadSpec, status: Option<StatusLine>) -> Run {
+        let shared = Arc::new(Shared::new());
+        let started = Instant::now();
+        let measure_from = started + spec.warmup;
+        let done = Arc::new(AtomicBool::new(false));
+        let printer = progress(
+            name.to_owned(),
+            spec,
+            shared.clone(),
+            status,
+            started,
+            done.clone(),
+        );
+        Run {
+            name: name.to_owned(),
+            spec,
+            shared,
+            measure_from,
+            end: measure_from + spec.duration,
+            done,
+            printer,
+        }
+    }
+
+    /// Stops the progress line and merges the workers' histograms.
+    fn finish(self, hists: Vec<Histogram<u64>>) -> Result<Measured, String> {
+        self.done.store(true, Ordering::Relaxed);
+        let _ = self.printer.join();
+        Arc::into_inner(self.shared)
+            .ok_or_else(|| "load counters still shared after the run".to_owned())?
+            .finish(&self.name, &self.spec, self.measure_from, hists)
+    }
+}
+
 /// Drives `op` (given the worker's operation number) from `spec.concurrency` tokio tasks.
 pub async fn run_async<F, Fut>(
     name: &str,
@@ -254,19 +312,8 @@ where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    let shared = Arc::new(Shared::new());
-    let started = Instant::now();
-    let measure_from = started + spec.warmup;
-    let end = measure_from + spec.duration;
-    let done = Arc::new(AtomicBool::new(false));
-    let printer = progress(
-        name.to_owned(),
-        spec,
-        shared.clone(),
-        status,
-        started,
-        done.clone(),
-    );
+    let run = Run::start(name, spec, status);
+    let (shared, end, measure_from) = (run.shared.clone(), run.end, run.measure_from);
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..spec.concurrency {
         let shared = shared.clone();
@@ -274,15 +321,7 @@ where
         let mut hist = histogram()?;
         workers.spawn(async move {
             let mut i = (w as u64) << 40;
-            loop {
-                let t0 = Instant::now();
-                if t0 >= end {
-                    break;
-                }
-                let measured = t0 >= measure_from;
-                if !shared.may_start(&spec) {
-                    break;
-                }
+            while let Some((t0, measured)) = shared.next(&spec, end, measure_from) {
                 let result = op(i).await;
                 shared.record(&mut hist, t0, result, measured);
                 i += 1;
@@ -294,11 +333,8 @@ where
     while let Some(h) = workers.join_next().await {
         hists.push(h.map_err(|e| format!("a load worker failed: {e}"))?);
     }
-    done.store(true, Ordering::Relaxed);
-    let _ = printer.join();
-    Arc::into_inner(shared)
-        .ok_or_else(|| "load counters still shared after the run".to_owned())?
-        .finish(name, &spec, measure_from, hists)
+    drop(shared);
+    run.finish(hists)
 }
 
 /// One in-process worker: called with the operation number.
@@ -314,19 +350,8 @@ pub fn run_threads(
     let workers = (0..spec.concurrency)
         .map(&make)
         .collect::<Result<Vec<_>, _>>()?;
-    let shared = Arc::new(Shared::new());
-    let started = Instant::now();
-    let measure_from = started + spec.warmup;
-    let end = measure_from + spec.duration;
-    let done = Arc::new(AtomicBool::new(false));
-    let printer = progress(
-        name.to_owned(),
-        spec,
-        shared.clone(),
-        None,
-        started,
-        done.clone(),
-    );
+    let run = Run::start(name, spec, None);
+    let (shared, end, measure_from) = (run.shared.clone(), run.end, run.measure_from);
     let hists = std::thread::scope(|scope| {
         let handles = workers
             .into_iter()
@@ -336,15 +361,7 @@ pub fn run_threads(
                 scope.spawn(move || -> Result<Histogram<u64>, String> {
                     let mut hist = histogram()?;
                     let mut i = (w as u64) << 40;
-                    loop {
-                        let t0 = Instant::now();
-                        if t0 >= end {
-                            break;
-                        }
-                        let measured = t0 >= measure_from;
-                        if !shared.may_start(&spec) {
-                            break;
-                        }
+                    while let Some((t0, measured)) = shared.next(&spec, end, measure_from) {
                         let result = work(i);
                         shared.record(&mut hist, t0, result, measured);
                         i += 1;
@@ -362,12 +379,8 @@ pub fn run_threads(
             })
             .collect::<Result<Vec<_>, String>>()
     });
-    done.store(true, Ordering::Relaxed);
-    let _ = printer.join();
-    let hists = hists?;
-    Arc::into_inner(shared)
-        .ok_or_else(|| "load counters still shared after the run".to_owned())?
-        .finish(name, &spec, measure_from, hists)
+    drop(shared);
+    run.finish(hists?)
 }
 
 #[cfg(test)]

@@ -462,12 +462,7 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
                 // Sign only from what is pooled: a warm-up of a tenth of the pool, then at
                 // most 90 % of what is left, with the refill off (low watermark 1).
                 if let Some(m) = target.metrics {
-                    let depth = local::scrape(m)
-                        .await?
-                        .depth
-                        .get(op.key())
-                        .copied()
-                        .unwrap_or(0);
+                    let depth = depth_of(m, op.key()).await?;
                     let spec = LoadSpec {
                         concurrency: o.concurrency,
                         warmup: Duration::ZERO,
@@ -479,12 +474,7 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
                         ops::sign(c.clone(), u64::MAX - i)
                     })
                     .await?;
-                    let depth = local::scrape(m)
-                        .await?
-                        .depth
-                        .get(op.key())
-                        .copied()
-                        .unwrap_or(0);
+                    let depth = depth_of(m, op.key()).await?;
                     max_ops = Some(depth * 9 / 10);
                     warmup = 0.0;
                 }
@@ -539,6 +529,16 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
     Ok(rows)
 }
 
+/// The pool depth of `key`, all signing sets together.
+async fn depth_of(metrics: std::net::SocketAddr, key: &str) -> Result<u64, String> {
+    Ok(local::scrape(metrics)
+        .await?
+        .depth
+        .get(key)
+        .copied()
+        .unwrap_or(0))
+}
+
 /// Issues tokens until the token key's pools hold less than one presigning batch, so
 /// that the measured rate includes presigning (at most two minutes).
 async fn drain(o: &Opts, target: &Target, client: &quorate_client::Client) -> Result<(), String> {
@@ -548,12 +548,7 @@ async fn drain(o: &Opts, target: &Target, client: &quorate_client::Client) -> Re
     let req = Arc::new(ops::token_request(target)?);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let depth = local::scrape(metrics)
-            .await?
-            .depth
-            .get(quorate_client::dev::TOKEN_KEY)
-            .copied()
-            .unwrap_or(0);
+        let depth = depth_of(metrics, quorate_client::dev::TOKEN_KEY).await?;
         if depth < u64::from(o.batch) || Instant::now() >= deadline {
             return Ok(());
         }
