@@ -199,6 +199,14 @@ impl PartySet {
         if !self.contains(i) {
             return Err(Error::input(format!("party {i} is not in the set")));
         }
+        let (num, den) = self.lagrange_fraction(i);
+        // Members are distinct, so every factor j − i is non-zero and den is invertible.
+        let inv = group::invert(&den).ok_or(Error::Bug("lagrange denominator is zero"))?;
+        Ok(num * inv)
+    }
+
+    /// `(Π_{j≠i} j, Π_{j≠i} (j − i))`, the numerator and denominator of `λ_i`.
+    fn lagrange_fraction(&self, i: PartyIndex) -> (Scalar, Scalar) {
         let xi = i.scalar();
         let mut num = Scalar::ONE;
         let mut den = Scalar::ONE;
@@ -207,9 +215,7 @@ impl PartySet {
             num *= xj;
             den *= xj - xi;
         }
-        // Members are distinct, so every factor j − i is non-zero and den is invertible.
-        let inv = group::invert(&den).ok_or(Error::Bug("lagrange denominator is zero"))?;
-        Ok(num * inv)
+        (num, den)
     }
 
     /// All Lagrange coefficients, in member order: the values of [`Self::lagrange`], with
@@ -220,14 +226,7 @@ impl PartySet {
         // λ_i = num_i / den_i with num_i = Π_{j≠i} j and den_i = Π_{j≠i} (j − i).
         let mut fractions = Vec::with_capacity(self.0.len());
         for &i in &self.0 {
-            let xi = i.scalar();
-            let mut num = Scalar::ONE;
-            let mut den = Scalar::ONE;
-            for &j in self.0.iter().filter(|&&j| j != i) {
-                let xj = j.scalar();
-                num *= xj;
-                den *= xj - xi;
-            }
+            let (num, den) = self.lagrange_fraction(i);
             fractions.push((i, num, den));
         }
         // prefix_k = den_0 ⋯ den_{k−1}; total = den_0 ⋯ den_{m−1}.
