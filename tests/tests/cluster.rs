@@ -251,5 +251,8 @@ async fn a_burst_beyond_the_pools_waits_for_presignatures() {
         .trim()
         .parse()
         .unwrap();
-    assert!(made >= 24, "24 signatures need 24 presignatures, {made} were made");
+    assert!(
+        made >= 24,
+        "24 signatures need 24 presignatures, {made} were made"
+    );
 }
