@@ -45,6 +45,18 @@ use crate::client::Client;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 
+/// The multi-threaded tokio runtime of the executables that run a dev cluster's
+/// processes (`quorate`, `quorate-bench`); on failure it says why on stderr.
+pub fn runtime() -> std::result::Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        })
+}
+
 /// The signing key `quorate dev` creates.
 pub const DEFAULT_KEY: &str = "default";
 
