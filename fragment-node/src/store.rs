@@ -33,6 +33,12 @@ use rand::TryRng;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use zeroize::Zeroizing;
 
+/// redb's page cache. Its default (1 GiB) let the cache grow with the pool: a node
+/// holding 100 000 presignatures reached 65 MiB resident. Records are read once (to
+/// sign) and written twice, so a small cache loses little; the kernel's page cache
+/// still serves re-reads.
+const CACHE_BYTES: usize = 8 << 20;
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending");
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
@@ -185,7 +191,9 @@ fn aad(table: &str, key: &[u8]) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path, kek: &Kek) -> Result<Self> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let tx = db.begin_write()?;
         {
             tx.open_table(META)?;
