@@ -31,6 +31,73 @@ use tonic::transport::Channel;
 /// The trust domain of test clusters.
 pub const DOMAIN: &str = "quorate.test";
 
+/// The issuer URL of [`TestIssuer`]'s attestations.
+pub const TEST_ISS: &str = "https://issuer.test";
+
+/// The audience of [`TestIssuer`]'s attestations (what `trust.json` accepts).
+pub const TEST_AUD: &str = "quorate";
+
+/// A test OIDC issuer: an ES256 key, its JWKS on disk, and `trust.json` naming it.
+pub struct TestIssuer {
+    der: Vec<u8>,
+    /// The public key as SPKI PEM (for algorithm-confusion tests).
+    pub spki_pem: String,
+}
+
+impl TestIssuer {
+    /// A new key; writes `dir/jwks.json` and `dir/trust.json` (issuer "test").
+    pub fn new(dir: &Path) -> Self {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = pair.public_key_raw();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        }]});
+        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+        let trust = serde_json::json!({"oidc": [{
+            "name": "test", "issuer": TEST_ISS, "audiences": [TEST_AUD],
+            "jwks_file": "jwks.json", "algorithms": ["ES256"],
+        }]});
+        std::fs::write(dir.join("trust.json"), trust.to_string()).unwrap();
+        TestIssuer {
+            der: pair.serialize_der(),
+            spki_pem: pair.public_key_pem(),
+        }
+    }
+
+    /// Claims for `sub`, valid for 10 minutes from now, with `extra` members added.
+    pub fn claims(&self, sub: &str, extra: serde_json::Value) -> serde_json::Value {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut c = serde_json::json!({
+            "iss": TEST_ISS, "sub": sub, "aud": TEST_AUD,
+            "iat": now, "nbf": now, "exp": now + 600,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    /// `claims` signed with the issuer's key (kid `k1`).
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.der),
+        )
+        .unwrap()
+    }
+
+    /// A signed attestation for `sub` with `extra` claims.
+    pub fn attest(&self, sub: &str, extra: serde_json::Value) -> String {
+        self.sign(&self.claims(sub, extra))
+    }
+}
+
 /// A directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -19,61 +19,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use quorate_proto::api;
 use quorate_proto::https;
 use quorate_proto::tls;
-use quorate_tests::{DOMAIN, TempDir, TestCluster};
+use quorate_tests::{DOMAIN, TEST_ISS, TempDir, TestCluster, TestIssuer};
 use serde_json::{Value, json};
 use tonic::Code;
-
-const TEST_ISS: &str = "https://issuer.test";
-const TEST_AUD: &str = "quorate";
-
-/// A test OIDC issuer: an ES256 key, its JWKS on disk, and `trust.json` naming it.
-struct TestIssuer {
-    der: Vec<u8>,
-    spki_pem: String,
-}
-
-impl TestIssuer {
-    fn new(dir: &std::path::Path) -> Self {
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let raw = pair.public_key_raw();
-        let jwks = json!({"keys": [{
-            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
-            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
-        }]});
-        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
-        let trust = json!({"oidc": [{
-            "name": "test", "issuer": TEST_ISS, "audiences": [TEST_AUD],
-            "jwks_file": "jwks.json", "algorithms": ["ES256"],
-        }]});
-        std::fs::write(dir.join("trust.json"), trust.to_string()).unwrap();
-        TestIssuer {
-            der: pair.serialize_der(),
-            spki_pem: pair.public_key_pem(),
-        }
-    }
-
-    fn claims(&self, sub: &str, extra: Value) -> Value {
-        let now = now();
-        let mut c = json!({
-            "iss": TEST_ISS, "sub": sub, "aud": TEST_AUD,
-            "iat": now, "nbf": now, "exp": now + 600,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        c
-    }
-
-    fn sign(&self, claims: &Value) -> String {
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("k1".into());
-        jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_der(&self.der)).unwrap()
-    }
-
-    fn attest(&self, sub: &str, extra: Value) -> String {
-        self.sign(&self.claims(sub, extra))
-    }
-}
 
 fn now() -> i64 {
     std::time::SystemTime::now()

@@ -12,19 +12,15 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use quorate_proto::api;
-use quorate_tests::{Proc, TempDir, TestCluster, spawn_ready};
+use quorate_tests::{Proc, TempDir, TestCluster, TestIssuer, spawn_ready};
 use serde_json::{Value, json};
 
-const TEST_ISS: &str = "https://issuer.test";
-const TEST_AUD: &str = "quorate";
 const META_PATH: &str = "/.well-known/oauth-protected-resource";
 
 /// Agents may get tokens for the audiences "dev" (this server's) and "other"; the
@@ -39,42 +35,6 @@ permit (principal is Agent, action == Action::"issue_token", resource == Audienc
 @id("admin-client")
 permit (principal == Client::"admin", action, resource);
 "#;
-
-/// A test OIDC issuer that attests agents: an ES256 key, its JWKS and `trust.json`.
-struct TestIssuer {
-    pkcs8: Vec<u8>,
-}
-
-impl TestIssuer {
-    fn new(dir: &std::path::Path) -> Self {
-        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
-        let raw = pair.public_key().as_ref();
-        let jwks = json!({"keys": [{
-            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
-            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
-        }]});
-        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
-        let trust = json!({"oidc": [{
-            "name": "test", "issuer": TEST_ISS, "audiences": [TEST_AUD],
-            "jwks_file": "jwks.json", "algorithms": ["ES256"],
-        }]});
-        std::fs::write(dir.join("trust.json"), trust.to_string()).unwrap();
-        TestIssuer {
-            pkcs8: pair.to_pkcs8v1().unwrap().as_ref().to_vec(),
-        }
-    }
-
-    fn attest(&self, sub: &str) -> String {
-        let now = jsonwebtoken::get_current_timestamp();
-        let claims = json!({
-            "iss": TEST_ISS, "sub": sub, "aud": TEST_AUD,
-            "iat": now, "nbf": now, "exp": now + 600,
-        });
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("k1".into());
-        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(&self.pkcs8)).unwrap()
-    }
-}
 
 /// A response: status, `WWW-Authenticate` (if any), JSON body (`null` if not JSON).
 #[derive(Debug)]
@@ -237,7 +197,7 @@ async fn resource_server_against_cluster() {
     );
 
     // A token with the tool's scope: 200, and the echo names the agent.
-    let agent = attester.attest("agent-1");
+    let agent = attester.attest("agent-1", json!({}));
     let good = issue(&cluster, &agent, "dev", &["tools:run"]).await;
     let r = echo(&rs, Some(&good.access_token), "hello tool").await;
     assert_eq!(r.status, 200, "{r:?}");
