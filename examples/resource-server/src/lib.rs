@@ -19,10 +19,22 @@
 //!   client finds the authorization server; an invalid token gets `401` with
 //!   `error="invalid_token"`; a valid token lacking the scope gets `403` with
 //!   `error="insufficient_scope"`.
-//! - **Metadata** (RFC 9728 §3): `GET /.well-known/oauth-protected-resource`.
+//! - **DPoP** (RFC 9449): a token with `"cnf": {"jkt": …}` is bound to a key and must come
+//!   as `Authorization: DPoP <token>` with exactly one `DPoP: <proof>` header. The token is
+//!   verified as above, then the proof with [`quorate_proto::dpop::verify`]: method and URL
+//!   of this request (`htu` = [`Config::public_url`] + path, so behind a proxy pass
+//!   `--public-url`), at most [`DPOP_MAX_AGE_SECONDS`] old, `ath` the hash of this token;
+//!   its key's thumbprint must be the token's `cnf.jkt`, and its `jti` must be new (a
+//!   [`ReplayCache`] remembers proofs while they would verify). A bound token sent as
+//!   `Bearer` is refused (a stolen bound token is useless without the key), and so is an
+//!   unbound token sent as `DPoP` (RFC 9449 §7.1). Proof problems are answered with
+//!   `WWW-Authenticate: DPoP error="invalid_dpop_proof", error_description="…",
+//!   algs="ES256"`; a request without credentials is offered both schemes.
+//! - **Metadata** (RFC 9728 §3): `GET /.well-known/oauth-protected-resource`, with
+//!   `dpop_signing_alg_values_supported`.
 //!
-//! Tokens are never logged: log lines carry the subject, `jti` and the reason a token was
-//! refused, never the token or attacker-chosen header values.
+//! Tokens and proofs are never logged: log lines carry the subject, `jti` and the reason a
+//! token or proof was refused, never the token, the proof or attacker-chosen header values.
 //!
 //! # Transport
 //!
@@ -57,6 +69,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use quorate_proto::dpop::{self, DpopError, ReplayCache};
 use quorate_proto::https::{self, HttpsError};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
@@ -88,6 +101,12 @@ pub const TOKEN_TYP: &str = "at+jwt";
 
 /// Human-readable name in the metadata document (RFC 9728 §2 `resource_name`).
 pub const RESOURCE_NAME: &str = "Quorate example tool";
+
+/// How old a DPoP proof may be, in seconds (a proof is made just before its request).
+pub const DPOP_MAX_AGE_SECONDS: i64 = 60;
+
+/// The DPoP proof request header (RFC 9449 §4.1).
+pub const DPOP_HEADER: &str = "dpop";
 
 /// Drain time for in-flight requests after SIGTERM/SIGINT.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -125,6 +144,11 @@ pub struct Args {
     /// `http://<bound address>`).
     #[arg(long, value_name = "URL")]
     pub resource: Option<String>,
+    /// The URL clients reach this server at (scheme, host, port, optional path prefix),
+    /// which DPoP proofs name in `htu` (default `http://<bound address>`). Set it behind
+    /// a proxy, e.g. `https://tools.example.com`.
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
 }
 
 /// Checked configuration: every flag parsed, the CA file read.
@@ -144,6 +168,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The resource identifier, if given (otherwise derived from the bound address).
     pub resource: Option<String>,
+    /// The public URL of this server, if given (otherwise derived from the bound
+    /// address): DPoP proofs must name `<public_url><request path>` in `htu`.
+    pub public_url: Option<String>,
 }
 
 /// Every problem found in the flags, reported together.
@@ -172,6 +199,11 @@ impl Config {
         {
             errors.push(format!("--resource {r:?}: {reason}"));
         }
+        if let Some(u) = &args.public_url
+            && let Err(reason) = check_public_url(u)
+        {
+            errors.push(format!("--public-url {u:?}: {reason}"));
+        }
         let mut roots = RootCertStore::empty();
         if let Some(path) = &args.ca {
             match load_roots(path) {
@@ -190,6 +222,7 @@ impl Config {
             scope: args.scope,
             listen: args.listen,
             resource: args.resource.map(|r| r.trim_end_matches('/').to_owned()),
+            public_url: args.public_url.map(|u| u.trim_end_matches('/').to_owned()),
         })
     }
 }
@@ -232,6 +265,16 @@ fn check_resource(r: &str) -> Result<(), &'static str> {
         .any(|b| !b.is_ascii_graphic() || b == b'"' || b == b'\\')
     {
         return Err("must be printable ASCII without spaces, quotes or backslashes");
+    }
+    Ok(())
+}
+
+/// The public URL must be an absolute http(s) URL without query or fragment (requests'
+/// paths are appended to it).
+fn check_public_url(u: &str) -> Result<(), &'static str> {
+    check_resource(u)?;
+    if u.contains('?') {
+        return Err("must not contain a query");
     }
     Ok(())
 }
@@ -285,6 +328,16 @@ pub enum TokenError {
     /// or the issuer's, not necessarily the token's.
     #[error("signing keys unavailable")]
     KeysUnavailable,
+    /// The token is bound to a DPoP key (`cnf.jkt`) but came as `Bearer` (RFC 9449 §7.2).
+    #[error("DPoP-bound token presented as a bearer token")]
+    DpopBoundAsBearer,
+    /// The token came with the `DPoP` scheme but is not bound to a key (RFC 9449 §7.1).
+    #[error("token is not DPoP-bound: present it as a bearer token")]
+    NotDpopBound,
+    /// The token's `cnf` names a confirmation method other than `jkt` (e.g. an mTLS
+    /// certificate, RFC 8705) that this server cannot check.
+    #[error("token is bound by an unsupported confirmation method")]
+    UnsupportedConfirmation,
 }
 
 impl TokenError {
@@ -313,6 +366,9 @@ impl TokenError {
                 _ => "missing required claim",
             },
             Self::KeysUnavailable => "signing keys unavailable",
+            Self::DpopBoundAsBearer => "DPoP-bound token presented as a bearer token",
+            Self::NotDpopBound => "token is not DPoP-bound: present it as a bearer token",
+            Self::UnsupportedConfirmation => "token is bound by an unsupported confirmation method",
         }
     }
 }
@@ -334,6 +390,8 @@ pub struct AccessToken {
     pub expires_at: i64,
     /// The `kid` of the key that signed it.
     pub kid: String,
+    /// `cnf.jkt`: the thumbprint of the DPoP key the token is bound to, if it is.
+    pub jkt: Option<String>,
 }
 
 impl AccessToken {
@@ -362,6 +420,9 @@ struct Claims {
     task_id: Option<String>,
     #[serde(default)]
     client_id: Option<String>,
+    /// RFC 7800 confirmation; `jkt` (RFC 9449 §6.1) is the only method understood.
+    #[serde(default)]
+    cnf: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Why discovery or a JWKS fetch failed.
@@ -581,6 +642,14 @@ impl Verifier {
         if iat > now.saturating_add(LEEWAY_SECONDS) as f64 {
             return Err(TokenError::IssuedInFuture);
         }
+        let jkt = match claims.cnf {
+            None => None,
+            Some(cnf) => match cnf.get("jkt") {
+                Some(serde_json::Value::String(jkt)) if !jkt.is_empty() => Some(jkt.clone()),
+                Some(_) => return Err(TokenError::Malformed),
+                None => return Err(TokenError::UnsupportedConfirmation),
+            },
+        };
         Ok(AccessToken {
             subject,
             client_id: claims.client_id,
@@ -590,6 +659,7 @@ impl Verifier {
             // `as` saturates; jsonwebtoken already checked `exp` is a future number.
             expires_at: exp as i64,
             kid,
+            jkt,
         })
     }
 
@@ -743,43 +813,143 @@ async fn get_json<T: serde::de::DeserializeOwned>(
 // HTTP
 // ---------------------------------------------------------------------------------------
 
-/// Why a request to the tool was refused; each maps to a status and a challenge.
+/// The HTTP authentication scheme credentials came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `Authorization: Bearer` (RFC 6750): whoever holds the token may use it.
+    Bearer,
+    /// `Authorization: DPoP` with a `DPoP` proof header (RFC 9449): the token is bound to
+    /// a key the caller proves it holds.
+    Dpop,
+}
+
+impl Scheme {
+    /// The scheme's name in `Authorization` and `WWW-Authenticate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bearer => "Bearer",
+            Self::Dpop => "DPoP",
+        }
+    }
+}
+
+/// Why a DPoP proof was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProofError {
+    /// No `DPoP` header.
+    Missing,
+    /// More than one `DPoP` header (RFC 9449 §4.3 step 1).
+    Multiple,
+    /// The proof failed [`dpop::verify`].
+    Invalid(DpopError),
+    /// The proof is valid but made with another key than the token is bound to.
+    KeyMismatch,
+    /// The proof was used before (its `jti` is remembered), or the replay cache is full.
+    Replayed,
+}
+
+impl ProofError {
+    /// The reason for `error_description`: static text that names the problem and fits
+    /// in a quoted header parameter.
+    pub fn description(&self) -> String {
+        match self {
+            Self::Missing => "missing DPoP proof header".to_owned(),
+            Self::Multiple => "more than one DPoP proof header".to_owned(),
+            // `DpopError` messages are static text, never proof contents; escaping is
+            // only a second line of defence.
+            Self::Invalid(e) => quoted_safe(&e.to_string()),
+            Self::KeyMismatch => {
+                "DPoP proof key does not match the token's key (cnf.jkt)".to_owned()
+            }
+            Self::Replayed => "DPoP proof already used (make a fresh proof per request)".to_owned(),
+        }
+    }
+}
+
+/// `s` with everything that cannot sit in a quoted-string unescaped replaced by `?`.
+fn quoted_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == ' ' || (c.is_ascii_graphic() && c != '"' && c != '\\') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// Why a request to the tool was refused; each maps to a status and challenges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// No `Authorization: Bearer` header, or one that does not parse: `401` with a bare
-    /// challenge (RFC 6750 §3.1: no error code when no credentials were sent).
+    /// No `Authorization: Bearer` or `DPoP` header, or one that does not parse: `401`
+    /// with bare challenges for both schemes (RFC 6750 §3.1: no error code when no
+    /// credentials were sent).
     NoToken,
-    /// The token was refused: `401 invalid_token` (or `503` for [`TokenError::KeysUnavailable`]).
-    InvalidToken(TokenError),
+    /// The token was refused: `401 invalid_token` in the scheme it came with (or `503`
+    /// for [`TokenError::KeysUnavailable`]).
+    InvalidToken(Scheme, TokenError),
+    /// The DPoP proof was refused: `401 invalid_dpop_proof` (RFC 9449 §7.1).
+    InvalidDpopProof(ProofError),
     /// The token is valid but lacks the tool's scope: `403 insufficient_scope`.
-    InsufficientScope,
+    InsufficientScope(Scheme),
 }
 
 impl Denial {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoToken => StatusCode::UNAUTHORIZED,
-            Self::InvalidToken(TokenError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Self::InsufficientScope => StatusCode::FORBIDDEN,
+            Self::NoToken | Self::InvalidDpopProof(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidToken(_, TokenError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidToken(..) => StatusCode::UNAUTHORIZED,
+            Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
         }
     }
 
-    /// The `WWW-Authenticate` value (RFC 6750 §3, RFC 9728 §5.1), or `None` when the
+    /// The `WWW-Authenticate` values, one header each (RFC 6750 §3, RFC 9449 §7.1, RFC
+    /// 9728 §5.1): the challenge of the scheme used, plus a bare challenge of the other
+    /// scheme when the token needs that one (or no credentials were sent). Empty when the
     /// refusal is not about the credentials ([`TokenError::KeysUnavailable`]).
     /// `resource_metadata` and `scope` must be free of `"` and `\` ([`Config`] checks).
-    pub fn challenge(&self, resource_metadata: &str, scope: &str) -> Option<String> {
+    pub fn challenges(&self, resource_metadata: &str, scope: &str) -> Vec<String> {
+        let meta = format!("resource_metadata=\"{resource_metadata}\"");
+        let bearer = format!("Bearer {meta}");
+        let dpop = format!("DPoP algs=\"{}\", {meta}", dpop::ALG);
+        let dpop_error = |error: &str, description: &str| {
+            format!(
+                "DPoP error=\"{error}\", error_description=\"{description}\", algs=\"{}\", {meta}",
+                dpop::ALG
+            )
+        };
         match self {
-            Self::NoToken => Some(format!("Bearer resource_metadata=\"{resource_metadata}\"")),
-            Self::InvalidToken(TokenError::KeysUnavailable) => None,
-            Self::InvalidToken(e) => Some(format!(
-                "Bearer error=\"invalid_token\", error_description=\"{}\", resource_metadata=\"{resource_metadata}\"",
-                e.description()
-            )),
-            Self::InsufficientScope => Some(format!(
-                "Bearer error=\"insufficient_scope\", scope=\"{scope}\", resource_metadata=\"{resource_metadata}\""
-            )),
+            Self::NoToken => vec![bearer, dpop],
+            Self::InvalidToken(_, TokenError::KeysUnavailable) => Vec::new(),
+            Self::InvalidToken(Scheme::Bearer, e) => {
+                let mut challenges = vec![format!(
+                    "Bearer error=\"invalid_token\", error_description=\"{}\", {meta}",
+                    e.description()
+                )];
+                if *e == TokenError::DpopBoundAsBearer {
+                    challenges.push(dpop);
+                }
+                challenges
+            }
+            Self::InvalidToken(Scheme::Dpop, e) => {
+                let mut challenges = vec![dpop_error("invalid_token", e.description())];
+                if *e == TokenError::NotDpopBound {
+                    challenges.push(bearer);
+                }
+                challenges
+            }
+            Self::InvalidDpopProof(e) => vec![dpop_error("invalid_dpop_proof", &e.description())],
+            Self::InsufficientScope(Scheme::Bearer) => vec![format!(
+                "Bearer error=\"insufficient_scope\", scope=\"{scope}\", {meta}"
+            )],
+            Self::InsufficientScope(Scheme::Dpop) => vec![format!(
+                "DPoP error=\"insufficient_scope\", scope=\"{scope}\", algs=\"{}\", {meta}",
+                dpop::ALG
+            )],
         }
     }
 
@@ -788,19 +958,24 @@ impl Denial {
         match self {
             Self::NoToken => json!({
                 "error": "unauthorized",
-                "error_description": "this tool requires a bearer access token",
+                "error_description": "this tool requires an access token (Bearer, or DPoP with a proof)",
                 "resource_metadata": resource_metadata,
             }),
-            Self::InvalidToken(TokenError::KeysUnavailable) => json!({
+            Self::InvalidToken(_, TokenError::KeysUnavailable) => json!({
                 "error": "temporarily_unavailable",
                 "error_description": "the issuer's signing keys could not be fetched; retry later",
             }),
-            Self::InvalidToken(e) => json!({
+            Self::InvalidToken(_, e) => json!({
                 "error": "invalid_token",
                 "error_description": e.description(),
                 "resource_metadata": resource_metadata,
             }),
-            Self::InsufficientScope => json!({
+            Self::InvalidDpopProof(e) => json!({
+                "error": "invalid_dpop_proof",
+                "error_description": e.description(),
+                "resource_metadata": resource_metadata,
+            }),
+            Self::InsufficientScope(_) => json!({
                 "error": "insufficient_scope",
                 "error_description": format!("this tool requires the scope {scope}"),
                 "scope": scope,
@@ -817,19 +992,33 @@ pub struct AppState {
     resource: String,
     resource_metadata: String,
     scope: String,
+    /// Where clients reach this server: DPoP `htu` = `public_url` + request path.
+    public_url: String,
+    /// DPoP proofs seen and still valid.
+    replay: ReplayCache,
 }
 
 impl AppState {
     /// State for `resource` (the resource identifier, no trailing `/`) whose tool requires
-    /// `scope`.
+    /// `scope`. The public URL defaults to the resource identifier; set it with
+    /// [`AppState::with_public_url`].
     pub fn new(verifier: Verifier, resource: &str, scope: &str) -> Self {
         let resource = resource.trim_end_matches('/').to_owned();
         Self {
             verifier,
             resource_metadata: format!("{resource}{METADATA_PATH}"),
+            public_url: resource.clone(),
             resource,
             scope: scope.to_owned(),
+            replay: ReplayCache::default(),
         }
+    }
+
+    /// Sets the URL clients reach this server at (no trailing `/`), which DPoP proofs
+    /// name: `htu` = `public_url` + request path.
+    pub fn with_public_url(mut self, public_url: &str) -> Self {
+        self.public_url = public_url.trim_end_matches('/').to_owned();
+        self
     }
 
     /// The verifier.
@@ -847,7 +1036,12 @@ impl AppState {
         &self.resource_metadata
     }
 
-    /// The response for a refusal: status, challenge, JSON body.
+    /// The URL clients reach this server at.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
+    /// The response for a refusal: status, challenges, JSON body.
     fn deny(&self, denial: &Denial) -> Response {
         let mut response = (
             denial.status(),
@@ -855,19 +1049,61 @@ impl AppState {
         )
             .into_response();
         let headers = response.headers_mut();
-        if let Some(challenge) = denial.challenge(&self.resource_metadata, &self.scope) {
+        let challenges = denial.challenges(&self.resource_metadata, &self.scope);
+        if challenges.is_empty() {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("10"));
+        }
+        for challenge in challenges {
             match HeaderValue::from_str(&challenge) {
                 Ok(v) => {
-                    headers.insert(WWW_AUTHENTICATE, v);
+                    headers.append(WWW_AUTHENTICATE, v);
                 }
                 // Unreachable with a checked Config; never send a broken challenge.
                 Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             }
-        } else {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("10"));
         }
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
+    }
+
+    /// Checks the DPoP proof of a request carrying the bound token `token` (verified,
+    /// bound to `jkt`), then records it against replay.
+    fn check_proof(
+        &self,
+        parts: &Parts,
+        token: &str,
+        jkt: &str,
+    ) -> Result<dpop::Proof, ProofError> {
+        let mut values = parts.headers.get_all(DPOP_HEADER).iter();
+        let value = values.next().ok_or(ProofError::Missing)?;
+        if values.next().is_some() {
+            return Err(ProofError::Multiple);
+        }
+        let proof = value
+            .to_str()
+            .map_err(|_| ProofError::Invalid(DpopError::Malformed("the header is not ASCII")))?;
+        let htu = format!("{}{}", self.public_url, parts.uri.path());
+        let now = i64::try_from(jsonwebtoken::get_current_timestamp()).unwrap_or(i64::MAX);
+        let expect = dpop::Expect {
+            htm: parts.method.as_str(),
+            htu: &htu,
+            now,
+            max_age_seconds: DPOP_MAX_AGE_SECONDS,
+            access_token: Some(token),
+        };
+        let proof = dpop::verify(proof, &expect).map_err(ProofError::Invalid)?;
+        if proof.jkt != jkt {
+            return Err(ProofError::KeyMismatch);
+        }
+        // Last, so only a proof that passed every other check is remembered.
+        let expires_at = proof.expires_at(DPOP_MAX_AGE_SECONDS);
+        if !self
+            .replay
+            .check_and_insert(&proof.jkt, &proof.jti, expires_at, now)
+        {
+            return Err(ProofError::Replayed);
+        }
+        Ok(proof)
     }
 }
 
@@ -889,6 +1125,7 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
         "scopes_supported": [state.scope],
         "bearer_methods_supported": ["header"],
         "resource_signing_alg_values_supported": ["ES256"],
+        "dpop_signing_alg_values_supported": [dpop::ALG],
         "resource_name": RESOURCE_NAME,
     });
     let mut response = Json(body).into_response();
@@ -899,7 +1136,8 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
     response
 }
 
-/// A request that carried a valid token with the tool's scope.
+/// A request that carried a valid token with the tool's scope (and, for a DPoP-bound
+/// token, a valid fresh proof by its key).
 #[derive(Debug, Clone)]
 pub struct Authorized(pub AccessToken);
 
@@ -910,42 +1148,78 @@ impl FromRequestParts<Arc<AppState>> for Authorized {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(token) = bearer_token(&parts.headers) else {
-            tracing::info!("refused: no usable bearer token");
+        let Some((scheme, token)) = authorization(&parts.headers) else {
+            tracing::info!("refused: no usable Bearer or DPoP credentials");
             return Err(state.deny(&Denial::NoToken));
         };
         let access = match state.verifier.verify(token).await {
             Ok(access) => access,
             Err(e) => {
-                tracing::info!(reason = %e, "refused: invalid token");
-                return Err(state.deny(&Denial::InvalidToken(e)));
+                tracing::info!(reason = %e, scheme = scheme.name(), "refused: invalid token");
+                return Err(state.deny(&Denial::InvalidToken(scheme, e)));
             }
         };
+        match (scheme, access.jkt.as_deref()) {
+            (Scheme::Bearer, None) => {}
+            (Scheme::Bearer, Some(_)) => {
+                tracing::info!(sub = %access.subject, jti = %access.jti, "refused: DPoP-bound token sent as a bearer token");
+                return Err(
+                    state.deny(&Denial::InvalidToken(scheme, TokenError::DpopBoundAsBearer))
+                );
+            }
+            (Scheme::Dpop, None) => {
+                tracing::info!(sub = %access.subject, jti = %access.jti, "refused: unbound token sent with the DPoP scheme");
+                return Err(state.deny(&Denial::InvalidToken(scheme, TokenError::NotDpopBound)));
+            }
+            (Scheme::Dpop, Some(jkt)) => {
+                if let Err(e) = state.check_proof(parts, token, jkt) {
+                    tracing::info!(
+                        sub = %access.subject, jti = %access.jti, reason = %e.description(),
+                        "refused: invalid DPoP proof"
+                    );
+                    return Err(state.deny(&Denial::InvalidDpopProof(e)));
+                }
+            }
+        }
         if !access.has_scope(&state.scope) {
             tracing::info!(
                 sub = %access.subject, jti = %access.jti, required = %state.scope,
                 "refused: insufficient scope"
             );
-            return Err(state.deny(&Denial::InsufficientScope));
+            return Err(state.deny(&Denial::InsufficientScope(scheme)));
         }
         Ok(Self(access))
     }
 }
 
-/// The credentials of `Authorization: Bearer <token>` (RFC 6750 §2.1), if there is
-/// exactly one such header and the token is `token68`.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+/// The scheme and credentials of `Authorization: Bearer <token>` (RFC 6750 §2.1) or
+/// `Authorization: DPoP <token>` (RFC 9449 §7.1), if there is exactly one
+/// `Authorization` header, its scheme is one of these, and the token is `token68`.
+pub fn authorization(headers: &HeaderMap) -> Option<(Scheme, &str)> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let value = values.next()?;
     if values.next().is_some() {
         return None;
     }
     let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("Bearer") {
+    let scheme = if scheme.eq_ignore_ascii_case("Bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("DPoP") {
+        Scheme::Dpop
+    } else {
         return None;
-    }
+    };
     let token = token.trim_start_matches(' ');
-    is_token68(token).then_some(token)
+    is_token68(token).then_some((scheme, token))
+}
+
+/// The credentials of `Authorization: Bearer <token>` (RFC 6750 §2.1), if there is
+/// exactly one such header and the token is `token68`.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    match authorization(headers)? {
+        (Scheme::Bearer, token) => Some(token),
+        (Scheme::Dpop, _) => None,
+    }
 }
 
 /// `token68 = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
@@ -986,10 +1260,17 @@ async fn echo(
             return response;
         }
     };
+    // The extractor only lets a bound token through with the DPoP scheme, and an unbound
+    // one with Bearer.
+    let scheme = if token.jkt.is_some() {
+        Scheme::Dpop
+    } else {
+        Scheme::Bearer
+    };
     tracing::info!(
         sub = %token.subject, jti = %token.jti, kid = %token.kid,
         task = token.task_id.as_deref().unwrap_or("-"), bytes = request.text.len(),
-        resource = %state.resource, "tool called"
+        scheme = scheme.name(), resource = %state.resource, "tool called"
     );
     let mut response = Json(json!({
         "echo": request.text,
@@ -997,6 +1278,7 @@ async fn echo(
         "task_id": token.task_id,
         "scope": token.scope,
         "jti": token.jti,
+        "token_type": scheme.name(),
     }))
     .into_response();
     response
@@ -1025,8 +1307,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The default resource identifier is not usable (an unusual bound address).
-    #[error("resource identifier {0:?} is not usable; pass --resource")]
+    /// The default resource identifier or public URL is not usable (an unusual bound
+    /// address).
+    #[error("{0:?} derived from the bound address is not usable; pass --resource and --public-url")]
     Resource(String),
 }
 
@@ -1061,9 +1344,20 @@ impl Server {
                 r
             }
         };
-        let state = Arc::new(AppState::new(verifier, &resource, &config.scope));
+        let public_url = match config.public_url {
+            Some(u) => u,
+            None => {
+                let u = format!("http://{addr}");
+                check_public_url(&u).map_err(|_| StartError::Resource(u.clone()))?;
+                u
+            }
+        };
+        let state = Arc::new(
+            AppState::new(verifier, &resource, &config.scope).with_public_url(&public_url),
+        );
         tracing::info!(
-            %addr, resource = %state.resource, audience = %config.audience, scope = %config.scope,
+            %addr, resource = %state.resource, public_url = %state.public_url,
+            audience = %config.audience, scope = %config.scope,
             "resource server listening"
         );
         Ok(Self {
@@ -1121,6 +1415,7 @@ mod tests {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use http_body_util::BodyExt as _;
     use jsonwebtoken::{EncodingKey, Header};
+    use quorate_proto::dpop::DpopKey;
     use quorate_proto::https::test_server::{TestRequest, TestResponse, TestServer};
     use serde_json::Value;
     use tower::ServiceExt as _;
@@ -1209,6 +1504,30 @@ mod tests {
         v.verify(token)
             .await
             .expect_err("the token must be refused")
+    }
+
+    #[tokio::test]
+    async fn confirmation_claim() {
+        let key = TestKey::new("k1");
+        let v = verifier(&key);
+        let t = v.verify(&key.sign(&claims(json!({})))).await.unwrap();
+        assert_eq!(t.jkt, None);
+        let t = v
+            .verify(&key.sign(&claims(json!({"cnf": {"jkt": "abc"}}))))
+            .await
+            .unwrap();
+        assert_eq!(t.jkt.as_deref(), Some("abc"));
+        assert_eq!(
+            refused(&v, &key.sign(&claims(json!({"cnf": {"x5t#S256": "abc"}})))).await,
+            TokenError::UnsupportedConfirmation
+        );
+        for bad in [json!({"jkt": 7}), json!({"jkt": ""}), json!("jkt")] {
+            assert_eq!(
+                refused(&v, &key.sign(&claims(json!({ "cnf": bad })))).await,
+                TokenError::Malformed,
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1423,35 +1742,100 @@ mod tests {
     }
 
     #[test]
-    fn challenges_follow_rfc_6750_and_9728() {
+    fn challenges_follow_rfc_6750_9449_and_9728() {
+        use Scheme::{Bearer, Dpop};
+        let bearer_bare = format!("Bearer resource_metadata=\"{META}\"");
+        let dpop_bare = format!("DPoP algs=\"ES256\", resource_metadata=\"{META}\"");
         assert_eq!(
-            Denial::NoToken.challenge(META, SCOPE).unwrap(),
-            format!("Bearer resource_metadata=\"{META}\"")
+            Denial::NoToken.challenges(META, SCOPE),
+            [bearer_bare.clone(), dpop_bare.clone()]
         );
         assert_eq!(
-            Denial::InvalidToken(TokenError::Expired)
-                .challenge(META, SCOPE)
-                .unwrap(),
-            format!(
+            Denial::InvalidToken(Bearer, TokenError::Expired).challenges(META, SCOPE),
+            [format!(
                 "Bearer error=\"invalid_token\", error_description=\"token expired\", resource_metadata=\"{META}\""
-            )
+            )]
         );
         assert_eq!(
-            Denial::InsufficientScope.challenge(META, SCOPE).unwrap(),
-            format!(
+            Denial::InvalidToken(Bearer, TokenError::DpopBoundAsBearer).challenges(META, SCOPE),
+            [
+                format!(
+                    "Bearer error=\"invalid_token\", error_description=\"DPoP-bound token presented as a bearer token\", resource_metadata=\"{META}\""
+                ),
+                dpop_bare.clone()
+            ]
+        );
+        assert_eq!(
+            Denial::InvalidToken(Dpop, TokenError::Expired).challenges(META, SCOPE),
+            [format!(
+                "DPoP error=\"invalid_token\", error_description=\"token expired\", algs=\"ES256\", resource_metadata=\"{META}\""
+            )]
+        );
+        assert_eq!(
+            Denial::InvalidToken(Dpop, TokenError::NotDpopBound).challenges(META, SCOPE),
+            [
+                format!(
+                    "DPoP error=\"invalid_token\", error_description=\"token is not DPoP-bound: present it as a bearer token\", algs=\"ES256\", resource_metadata=\"{META}\""
+                ),
+                bearer_bare
+            ]
+        );
+        assert_eq!(
+            Denial::InvalidDpopProof(ProofError::Replayed).challenges(META, SCOPE),
+            [format!(
+                "DPoP error=\"invalid_dpop_proof\", error_description=\"DPoP proof already used (make a fresh proof per request)\", algs=\"ES256\", resource_metadata=\"{META}\""
+            )]
+        );
+        assert_eq!(
+            Denial::InsufficientScope(Bearer).challenges(META, SCOPE),
+            [format!(
                 "Bearer error=\"insufficient_scope\", scope=\"tools:run\", resource_metadata=\"{META}\""
-            )
+            )]
         );
         assert_eq!(
-            Denial::InvalidToken(TokenError::KeysUnavailable).challenge(META, SCOPE),
-            None
+            Denial::InsufficientScope(Dpop).challenges(META, SCOPE),
+            [format!(
+                "DPoP error=\"insufficient_scope\", scope=\"tools:run\", algs=\"ES256\", resource_metadata=\"{META}\""
+            )]
+        );
+        assert!(
+            Denial::InvalidToken(Dpop, TokenError::KeysUnavailable)
+                .challenges(META, SCOPE)
+                .is_empty()
         );
         assert_eq!(Denial::NoToken.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
-            Denial::InvalidToken(TokenError::BadSignature).status(),
+            Denial::InvalidToken(Bearer, TokenError::BadSignature).status(),
             StatusCode::UNAUTHORIZED
         );
-        assert_eq!(Denial::InsufficientScope.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            Denial::InvalidToken(Dpop, TokenError::KeysUnavailable).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            Denial::InvalidDpopProof(ProofError::Missing).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            Denial::InsufficientScope(Dpop).status(),
+            StatusCode::FORBIDDEN
+        );
+        // Proof descriptions fit in a quoted-string too, whatever the error.
+        for e in [
+            ProofError::Missing,
+            ProofError::Multiple,
+            ProofError::KeyMismatch,
+            ProofError::Replayed,
+            ProofError::Invalid(DpopError::BadSignature),
+            ProofError::Invalid(DpopError::Crypto("a \"quoted\" \\ thing\n".into())),
+        ] {
+            let d = e.description();
+            assert!(
+                d.bytes()
+                    .all(|b| b == b' ' || (b.is_ascii_graphic() && b != b'"' && b != b'\\')),
+                "{d}"
+            );
+        }
         // Every description can sit in a quoted-string unescaped.
         for e in [
             TokenError::Malformed,
@@ -1467,6 +1851,9 @@ mod tests {
             TokenError::WrongIssuer,
             TokenError::MissingClaim("jti"),
             TokenError::KeysUnavailable,
+            TokenError::DpopBoundAsBearer,
+            TokenError::NotDpopBound,
+            TokenError::UnsupportedConfirmation,
         ] {
             let d = e.description();
             assert!(
@@ -1488,6 +1875,7 @@ mod tests {
             bearer_token(&h).map(str::to_owned)
         };
         assert_eq!(parse(&["Bearer a.b.c"]).as_deref(), Some("a.b.c"));
+        assert_eq!(parse(&["DPoP a.b.c"]), None);
         assert_eq!(parse(&["bearer  a.b-_c=="]).as_deref(), Some("a.b-_c=="));
         for bad in [
             &[][..],
@@ -1512,11 +1900,19 @@ mod tests {
             scope: "two words".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             resource: Some("ftp://x".into()),
+            public_url: Some("http://x/?q".into()),
         };
         let e = Config::from_args(args).unwrap_err();
-        assert_eq!(e.0.len(), 5, "{e}");
+        assert_eq!(e.0.len(), 6, "{e}");
         let text = e.to_string();
-        for w in ["--issuer", "--ca", "--audience", "--scope", "--resource"] {
+        for w in [
+            "--issuer",
+            "--ca",
+            "--audience",
+            "--scope",
+            "--resource",
+            "--public-url",
+        ] {
             assert!(text.contains(w), "{text}");
         }
         let ok = Config::from_args(Args {
@@ -1526,10 +1922,12 @@ mod tests {
             scope: SCOPE.into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             resource: Some(format!("{RESOURCE}/")),
+            public_url: Some("https://tools.test/".into()),
         })
         .unwrap();
         assert!(ok.roots.is_empty());
         assert_eq!(ok.resource.as_deref(), Some(RESOURCE));
+        assert_eq!(ok.public_url.as_deref(), Some("https://tools.test"));
     }
 
     // ---- Routes, in process ----
@@ -1558,6 +1956,186 @@ mod tests {
             .to_owned()
     }
 
+    fn challenges(h: &HeaderMap) -> Vec<String> {
+        h.get_all(WWW_AUTHENTICATE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// A request to `path` with `Authorization: DPoP <token>` and one `DPoP` header per
+    /// proof.
+    fn dpop_call(path: &str, token: &str, proofs: &[&str]) -> Request<Body> {
+        let mut b = Request::post(path)
+            .header("content-type", "application/json")
+            .header(AUTHORIZATION, format!("DPoP {token}"));
+        for p in proofs {
+            b = b.header(DPOP_HEADER, *p);
+        }
+        b.body(Body::from(r#"{"text":"bound"}"#)).unwrap()
+    }
+
+    /// Asserts a `401 invalid_dpop_proof` whose description contains `want`.
+    fn assert_bad_proof(status: StatusCode, h: &HeaderMap, json: &Value, want: &str) {
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+        let c = challenges(h);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(
+            c[0].starts_with("DPoP error=\"invalid_dpop_proof\", error_description=\""),
+            "{c:?}"
+        );
+        assert!(c[0].contains("algs=\"ES256\""), "{c:?}");
+        assert_eq!(json["error"], "invalid_dpop_proof");
+        let d = json["error_description"].as_str().unwrap();
+        assert!(d.contains(want), "{d} (want {want})");
+        assert!(c[0].contains(d), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn dpop_bound_tokens() {
+        let key = TestKey::new("k1");
+        let app = router(Arc::new(AppState::new(verifier(&key), RESOURCE, SCOPE)));
+        let holder = DpopKey::generate().unwrap();
+        let thief = DpopKey::generate().unwrap();
+        let bound = key.sign(&claims(json!({"cnf": {"jkt": holder.thumbprint()}})));
+        let htu = format!("{RESOURCE}{TOOL_PATH}");
+        let proof = holder.proof("POST", &htu, Some(&bound)).unwrap();
+
+        // Bound token + good proof: 200.
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&proof])).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert!(h.get(WWW_AUTHENTICATE).is_none());
+        assert_eq!(json["echo"], "bound");
+        assert_eq!(json["token_type"], "DPoP");
+
+        // The same proof again: a replay.
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&proof])).await;
+        assert_bad_proof(status, &h, &json, "already used");
+
+        // A fresh proof works (also with a query: htu has none).
+        let p = holder.proof("POST", &htu, Some(&bound)).unwrap();
+        let (status, _, json) =
+            call(&app, dpop_call(&format!("{TOOL_PATH}?x=1"), &bound, &[&p])).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+
+        // A proof by another key (a stolen token without its key).
+        let p = thief.proof("POST", &htu, Some(&bound)).unwrap();
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p])).await;
+        assert_bad_proof(status, &h, &json, "does not match the token's key");
+
+        // Wrong ath, htm, htu.
+        let other_token = key.sign(&claims(
+            json!({"jti": "j-2", "cnf": {"jkt": holder.thumbprint()}}),
+        ));
+        for (p, want) in [
+            (holder.proof("POST", &htu, Some(&other_token)), "claim ath"),
+            (holder.proof("POST", &htu, None), "claim ath: missing"),
+            (holder.proof("GET", &htu, Some(&bound)), "claim htm"),
+            (
+                holder.proof("POST", &format!("{RESOURCE}/tools/other"), Some(&bound)),
+                "claim htu",
+            ),
+            (
+                holder.proof("POST", "https://127.0.0.1:8080/tools/echo", Some(&bound)),
+                "claim htu",
+            ),
+        ] {
+            let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p.unwrap()])).await;
+            assert_bad_proof(status, &h, &json, want);
+        }
+        // An old proof.
+        let old = holder
+            .proof_at("POST", &htu, Some(&bound), now() - DPOP_MAX_AGE_SECONDS - 5)
+            .unwrap();
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&old])).await;
+        assert_bad_proof(status, &h, &json, "claim iat");
+        // Junk.
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &["not.a.proof"])).await;
+        assert_bad_proof(status, &h, &json, "malformed");
+
+        // Missing DPoP header, and two of them.
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[])).await;
+        assert_bad_proof(status, &h, &json, "missing DPoP proof header");
+        let p1 = holder.proof("POST", &htu, Some(&bound)).unwrap();
+        let p2 = holder.proof("POST", &htu, Some(&bound)).unwrap();
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p1, &p2])).await;
+        assert_bad_proof(status, &h, &json, "more than one");
+
+        // The bound token as a bearer token.
+        let (status, h, json) = call(&app, tool(Some(&bound), r#"{"text":"x"}"#)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            challenges(&h),
+            [
+                format!(
+                    "Bearer error=\"invalid_token\", error_description=\"DPoP-bound token presented as a bearer token\", resource_metadata=\"{META}\""
+                ),
+                format!("DPoP algs=\"ES256\", resource_metadata=\"{META}\"")
+            ]
+        );
+        assert_eq!(json["error"], "invalid_token");
+
+        // An unbound token with the DPoP scheme, even with a good proof.
+        let unbound = key.sign(&claims(json!({})));
+        let p = holder.proof("POST", &htu, Some(&unbound)).unwrap();
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &unbound, &[&p])).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            challenge(&h).starts_with(
+                "DPoP error=\"invalid_token\", error_description=\"token is not DPoP-bound"
+            ),
+            "{h:?}"
+        );
+        assert_eq!(json["error"], "invalid_token");
+
+        // An invalid token with the DPoP scheme: invalid_token in the DPoP challenge.
+        let expired = key.sign(&claims(json!({
+            "exp": now() - 3600, "iat": now() - 4000, "cnf": {"jkt": holder.thumbprint()}
+        })));
+        let p = holder.proof("POST", &htu, Some(&expired)).unwrap();
+        let (status, h, _) = call(&app, dpop_call(TOOL_PATH, &expired, &[&p])).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            challenge(&h)
+                .starts_with("DPoP error=\"invalid_token\", error_description=\"token expired\""),
+            "{h:?}"
+        );
+
+        // A bound token without the scope, with a good proof: 403 in the DPoP scheme.
+        let narrow = key.sign(&claims(json!({
+            "scope": "tools:read", "cnf": {"jkt": holder.thumbprint()}
+        })));
+        let p = holder.proof("POST", &htu, Some(&narrow)).unwrap();
+        let (status, h, _) = call(&app, dpop_call(TOOL_PATH, &narrow, &[&p])).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            challenge(&h).starts_with("DPoP error=\"insufficient_scope\", scope=\"tools:run\""),
+            "{h:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dpop_htu_is_the_public_url() {
+        let key = TestKey::new("k1");
+        let state = AppState::new(verifier(&key), RESOURCE, SCOPE)
+            .with_public_url("https://tools.test/mcp/");
+        assert_eq!(state.public_url(), "https://tools.test/mcp");
+        let app = router(Arc::new(state));
+        let holder = DpopKey::generate().unwrap();
+        let bound = key.sign(&claims(json!({"cnf": {"jkt": holder.thumbprint()}})));
+        let p = holder
+            .proof("POST", "https://tools.test/mcp/tools/echo", Some(&bound))
+            .unwrap();
+        let (status, _, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p])).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        // The listen address is not what the client addressed.
+        let p = holder
+            .proof("POST", &format!("{RESOURCE}{TOOL_PATH}"), Some(&bound))
+            .unwrap();
+        let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p])).await;
+        assert_bad_proof(status, &h, &json, "claim htu");
+    }
+
     #[tokio::test]
     async fn routes() {
         let key = TestKey::new("k1");
@@ -1575,6 +2153,7 @@ mod tests {
                 "resource": RESOURCE, "authorization_servers": [ISS],
                 "scopes_supported": [SCOPE], "bearer_methods_supported": ["header"],
                 "resource_signing_alg_values_supported": ["ES256"],
+                "dpop_signing_alg_values_supported": ["ES256"],
                 "resource_name": "Quorate example tool",
             })
         );
@@ -1583,8 +2162,11 @@ mod tests {
         let (status, h, json) = call(&app, tool(None, body)).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(
-            challenge(&h),
-            format!("Bearer resource_metadata=\"{META}\"")
+            challenges(&h),
+            [
+                format!("Bearer resource_metadata=\"{META}\""),
+                format!("DPoP algs=\"ES256\", resource_metadata=\"{META}\"")
+            ]
         );
         assert_eq!(json["resource_metadata"], META);
 
@@ -1619,6 +2201,7 @@ mod tests {
             json!({
                 "echo": "hi", "agent": "spiffe://quorate.test/agent/test/a1",
                 "task_id": null, "scope": "tools:read tools:run", "jti": "j-1",
+                "token_type": "Bearer",
             })
         );
 

@@ -1,7 +1,9 @@
 //! The example resource server against a real cluster (node and coordinator processes):
 //! it discovers the coordinator's issuer over HTTPS with the cluster CA, and protects its
 //! tool with tokens the cluster signs by threshold — challenges, scope, audience, altered
-//! signatures, and key rotation reaching it through a JWKS refetch on an unknown `kid`.
+//! signatures, key rotation reaching it through a JWKS refetch on an unknown `kid`, and
+//! RFC 9449 DPoP: a token the cluster binds to a client key is usable only with fresh
+//! proofs by that key.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -18,6 +20,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use quorate_proto::api;
+use quorate_proto::dpop::DpopKey;
 use quorate_tests::{Proc, TempDir, TestCluster, TestIssuer, spawn_ready};
 use serde_json::{Value, json};
 
@@ -44,12 +47,26 @@ struct Reply {
     json: Value,
 }
 
-/// One HTTP/1.1 request on a fresh connection.
+/// One HTTP/1.1 request on a fresh connection, with a bearer token if given.
 async fn call(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
+    body: &str,
+) -> Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    call_with(addr, method, path, auth.as_deref(), &[], body).await
+}
+
+/// One HTTP/1.1 request on a fresh connection, with an `Authorization` value and one
+/// `DPoP` header per proof.
+async fn call_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    proofs: &[&str],
     body: &str,
 ) -> Reply {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -62,8 +79,11 @@ async fn call(
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(t) = token {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    if let Some(a) = authorization {
+        req = req.header(hyper::header::AUTHORIZATION, a);
+    }
+    for p in proofs {
+        req = req.header("DPoP", *p);
     }
     let req = req
         .body(Full::new(Bytes::from(body.as_bytes().to_vec())))
@@ -94,6 +114,29 @@ async fn echo(rs: &Proc, token: Option<&str>, text: &str) -> Reply {
     .await
 }
 
+/// The tool called with `Authorization: DPoP <token>` and the given proofs.
+async fn echo_dpop(rs: &Proc, token: &str, proofs: &[&str], text: &str) -> Reply {
+    call_with(
+        rs.addr,
+        "POST",
+        "/tools/echo",
+        Some(&format!("DPoP {token}")),
+        proofs,
+        &json!({ "text": text }).to_string(),
+    )
+    .await
+}
+
+fn token_request(attestation: &str, audience: &str, scopes: &[&str]) -> api::IssueTokenRequest {
+    api::IssueTokenRequest {
+        attestation: attestation.into(),
+        audience: audience.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: 300,
+        ..Default::default()
+    }
+}
+
 async fn issue(
     cluster: &TestCluster,
     attestation: &str,
@@ -103,17 +146,132 @@ async fn issue(
     cluster
         .identity_api()
         .await
-        .issue_token(api::IssueTokenRequest {
-            attestation: attestation.into(),
-            audience: audience.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            ttl_seconds: 300,
-            task_id: String::new(),
-            context: Default::default(),
-        })
+        .issue_token(token_request(attestation, audience, scopes))
         .await
         .unwrap()
         .into_inner()
+}
+
+/// The claims of a JWT (no verification: the resource server does that).
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// Asserts a `401` with a DPoP `invalid_dpop_proof` challenge naming `want`.
+fn assert_bad_proof(r: &Reply, want: &str) {
+    assert_eq!(r.status, 401, "{r:?}");
+    let c = r.challenge.as_deref().unwrap();
+    assert!(c.starts_with("DPoP error=\"invalid_dpop_proof\""), "{r:?}");
+    assert!(c.contains("algs=\"ES256\""), "{r:?}");
+    assert_eq!(r.json["error"], "invalid_dpop_proof");
+    assert!(
+        r.json["error_description"].as_str().unwrap().contains(want),
+        "{r:?} (want {want})"
+    );
+}
+
+/// RFC 9449 against the cluster: the coordinator binds a token to the key of the proof
+/// sent with the token request (`cnf.jkt`, `token_type` DPoP), and the resource server
+/// accepts it only with a fresh proof by that key.
+async fn dpop_bound_token_against_cluster(cluster: &TestCluster, rs: &Proc, agent: &str) {
+    let holder = DpopKey::generate().unwrap();
+    let token_url = format!("{}/token", cluster.issuer());
+    let proof = holder.proof("POST", &token_url, None).unwrap();
+    let mut req = token_request(agent, "dev", &["tools:run"]);
+    req.dpop_proof = proof.clone();
+    let bound = cluster
+        .identity_api()
+        .await
+        .issue_token(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bound.token_type, "DPoP");
+    assert_eq!(
+        claims_of(&bound.access_token)["cnf"],
+        json!({"jkt": holder.thumbprint()})
+    );
+    let token = bound.access_token.as_str();
+
+    // The coordinator refuses the same token-request proof twice.
+    let replayed = cluster.identity_api().await.issue_token(req).await;
+    let status = replayed.expect_err("a replayed token-request proof is refused");
+    assert!(status.message().contains("DPoP"), "{status:?}");
+
+    let htu = format!("http://{}/tools/echo", rs.addr);
+    let proof = holder.proof("POST", &htu, Some(token)).unwrap();
+    let r = echo_dpop(rs, token, &[&proof], "bound").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json["echo"], "bound");
+    assert_eq!(r.json["token_type"], "DPoP");
+    assert_eq!(r.json["agent"], bound.subject);
+    assert_eq!(r.json["jti"], bound.jti);
+
+    // The same proof again: a replay.
+    assert_bad_proof(
+        &echo_dpop(rs, token, &[&proof], "again").await,
+        "already used",
+    );
+
+    // No proof.
+    assert_bad_proof(
+        &echo_dpop(rs, token, &[], "no proof").await,
+        "missing DPoP proof header",
+    );
+
+    // As a bearer token (a stolen token without its key).
+    let r = echo(rs, Some(token), "as bearer").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(
+        r.challenge.as_deref().unwrap().starts_with(
+            "Bearer error=\"invalid_token\", error_description=\"DPoP-bound token presented as a bearer token\""
+        ),
+        "{r:?}"
+    );
+
+    // A proof by another key.
+    let thief = DpopKey::generate().unwrap();
+    let p = thief.proof("POST", &htu, Some(token)).unwrap();
+    assert_bad_proof(
+        &echo_dpop(rs, token, &[&p], "other key").await,
+        "does not match the token's key",
+    );
+
+    // A proof for another token of the same key (ath), and for another URL (htu).
+    let p = holder
+        .proof("POST", &htu, Some("another.access.token"))
+        .unwrap();
+    assert_bad_proof(&echo_dpop(rs, token, &[&p], "ath").await, "claim ath");
+    let p = holder
+        .proof(
+            "POST",
+            &format!("http://{}/tools/other", rs.addr),
+            Some(token),
+        )
+        .unwrap();
+    assert_bad_proof(&echo_dpop(rs, token, &[&p], "htu").await, "claim htu");
+
+    // A fresh proof still works.
+    let p = holder.proof("POST", &htu, Some(token)).unwrap();
+    let r = echo_dpop(rs, token, &[&p], "fresh").await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // An unbound token is refused with the DPoP scheme.
+    let plain = issue(cluster, agent, "dev", &["tools:run"]).await;
+    assert_eq!(plain.token_type, "Bearer");
+    let p = holder
+        .proof("POST", &htu, Some(&plain.access_token))
+        .unwrap();
+    let r = echo_dpop(rs, &plain.access_token, &[&p], "unbound").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(
+        r.challenge
+            .as_deref()
+            .unwrap()
+            .starts_with("DPoP error=\"invalid_token\""),
+        "{r:?}"
+    );
 }
 
 /// `token` with one bit of its signature flipped.
@@ -187,6 +345,10 @@ async fn resource_server_against_cluster() {
         meta.json["resource_signing_alg_values_supported"],
         json!(["ES256"])
     );
+    assert_eq!(
+        meta.json["dpop_signing_alg_values_supported"],
+        json!(["ES256"])
+    );
 
     // No token: 401 pointing at the metadata (how an MCP client finds the issuer).
     let r = echo(&rs, None, "hi").await;
@@ -251,6 +413,8 @@ async fn resource_server_against_cluster() {
         "{r:?}"
     );
     assert_eq!(r.json["error"], "invalid_token");
+
+    dpop_bound_token_against_cluster(&cluster, &rs, &agent).await;
 
     // Rotation: the new key version signs from now on; the server learns its kid by
     // refetching the JWKS (at most once per 10 s since its last fetch, so allow for that).
