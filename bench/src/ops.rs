@@ -60,7 +60,7 @@ pub fn token_request(target: &Target) -> Result<TokenRequest, String> {
         scopes: vec![TOKEN_SCOPE.to_owned()],
         ttl_seconds: TOKEN_TTL,
         task_id: None,
-        context: Default::default(),
+        ..TokenRequest::default()
     })
 }
 
@@ -144,6 +144,8 @@ pub fn jwt_worker(w: usize) -> Result<Worker, String> {
                 sub: "bench-agent".to_owned(),
                 method: "oidc".to_owned(),
             },
+            act: None,
+            cnf: None,
         };
         let input = token::signing_input("tokens-v1-0123456789abcdef", &claims)?;
         let sig = key

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use quorate_client::dev_issuer;
-use quorate_client::{Error, Result, RevokeTarget, TokenRequest};
+use quorate_client::{Error, ExchangeRequest, Result, RevokeTarget, TokenRequest};
 
 use crate::{ConnArgs, out, read_input};
 
@@ -25,6 +25,31 @@ pub enum TokenCommand {
     },
     /// Revoke one token, an agent's tokens (and its future issuance), or a task's
     Revoke(RevokeArgs),
+    /// RFC 8693 token exchange: a token for a sub-agent, scopes only narrowing, with
+    /// the delegation chain in `act`; prints the token alone on stdout
+    Exchange(ExchangeArgs),
+}
+
+/// `quorate token exchange`
+#[derive(Debug, Args)]
+pub struct ExchangeArgs {
+    /// The delegating agent's Quorate token: a file, or `-` for stdin
+    #[arg(long, value_name = "FILE")]
+    subject_token: PathBuf,
+    /// The sub-agent's attestation: a file holding its OIDC JWT
+    #[arg(long, value_name = "FILE")]
+    actor_attestation: PathBuf,
+    /// Space-separated scopes, a subset of the subject token's (default: all of them)
+    #[arg(long, default_value = "", value_name = "\"A B\"")]
+    scope: String,
+    /// Lifetime (capped by the subject token's expiry)
+    #[arg(long, default_value = "5m", value_name = "TTL")]
+    ttl: String,
+    /// Policy context, KEY=VALUE; repeatable
+    #[arg(long = "context", value_name = "K=V")]
+    context: Vec<String>,
+    #[command(flatten)]
+    conn: ConnArgs,
 }
 
 /// `quorate token issue`
@@ -48,6 +73,13 @@ pub struct IssueArgs {
     /// Policy context, KEY=VALUE (environment, tool, data_sensitivity); repeatable
     #[arg(long = "context", value_name = "K=V")]
     context: Vec<String>,
+    /// If policy asks for human approval, wait this long for it (at most 5m); without
+    /// it, a pending request prints its approval id and exits 5
+    #[arg(long, value_name = "TTL")]
+    wait: Option<String>,
+    /// Poll a pending approval: the same request again, with its id
+    #[arg(long, value_name = "ID")]
+    approval: Option<String>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -164,7 +196,7 @@ pub fn parse_ttl(flag: &str, s: &str) -> Result<u64> {
     }
 }
 
-fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
+pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
     items
         .iter()
         .map(|kv| {
@@ -176,7 +208,7 @@ fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn read_text(flag: &str, path: &Path) -> Result<String> {
+pub(crate) fn read_text(flag: &str, path: &Path) -> Result<String> {
     let bytes = read_input(path).map_err(|e| Error::Usage(format!("{flag}: {e}")))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::Usage(format!("{flag} {}: not UTF-8 text", path.display())))?;
@@ -206,9 +238,23 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                 context: pairs("--context", &a.context)?
                     .into_iter()
                     .collect::<HashMap<_, _>>(),
+                wait_seconds: match &a.wait {
+                    Some(w) => u32_ttl("--wait", w)?,
+                    None => 0,
+                },
+                approval_id: a.approval,
+                dpop_proof: None,
             };
             let client = a.conn.connect().await?;
             let reply = client.issue_token(req).await?;
+            if !reply.pending_approval.is_empty() {
+                eprintln!(
+                    "waiting for approval {id} (expires at {}): an approver runs `quorate approval approve {id}`; then run this again with --approval {id}",
+                    reply.approval_expires_at,
+                    id = reply.pending_approval
+                );
+                return Err(Error::Pending(reply.pending_approval));
+            }
             eprintln!(
                 "token for {} (jti {}, kid {}), expires at {}, allowed by {}",
                 reply.subject,
@@ -244,6 +290,27 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
             let client = a.conn.connect().await?;
             let what = client.revoke(target).await?;
             out(&format!("{what}\n"))
+        }
+        TokenCommand::Exchange(a) => {
+            let req = ExchangeRequest {
+                subject_token: read_text("--subject-token", &a.subject_token)?,
+                actor_attestation: read_text("--actor-attestation", &a.actor_attestation)?,
+                audience: String::new(),
+                scopes: a.scope.split_whitespace().map(str::to_owned).collect(),
+                ttl_seconds: u32_ttl("--ttl", &a.ttl)?,
+                dpop_proof: None,
+                context: pairs("--context", &a.context)?.into_iter().collect(),
+            };
+            let client = a.conn.connect().await?;
+            let reply = client.exchange_token(req).await?;
+            eprintln!(
+                "delegated token for {} (jti {}), expires at {}, allowed by {}",
+                reply.subject,
+                reply.jti,
+                reply.expires_at,
+                reply.policy_ids.join(", ")
+            );
+            out(&format!("{}\n", reply.access_token))
         }
     }
 }

@@ -10,6 +10,8 @@ use quorate_crypto::keys::KeyPurpose;
 use quorate_crypto::tdh::{self, Credential, DhResponse, Requester};
 use quorate_crypto::wire::Wire as _;
 use quorate_proto::api;
+use quorate_proto::api::approval_service_client::ApprovalServiceClient;
+use quorate_proto::api::audit_service_client::AuditServiceClient;
 use quorate_proto::api::cluster_service_client::ClusterServiceClient;
 use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
@@ -145,6 +147,8 @@ pub struct Client {
     keys: KeyServiceClient<Channel>,
     cluster: ClusterServiceClient<Channel>,
     identity: IdentityServiceClient<Channel>,
+    approvals: ApprovalServiceClient<Channel>,
+    audit: AuditServiceClient<Channel>,
     channel: Channel,
     timeout: Duration,
 }
@@ -200,6 +204,9 @@ impl Client {
                 .max_decoding_message_size(MAX_REPLY),
             identity: IdentityServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_REPLY),
+            approvals: ApprovalServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_REPLY),
+            audit: AuditServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
             channel,
             timeout: DEFAULT_TIMEOUT,
         })
@@ -475,7 +482,20 @@ impl Client {
         op: &'static str,
         call: impl Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     ) -> Result<R> {
-        let limit = self.timeout.saturating_add(Duration::from_secs(1));
+        self.call_long(op, Duration::ZERO, call).await
+    }
+
+    /// [`Self::call`] for a call that may legitimately take `extra` longer.
+    async fn call_long<R>(
+        &self,
+        op: &'static str,
+        extra: Duration,
+        call: impl Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    ) -> Result<R> {
+        let limit = self
+            .timeout
+            .saturating_add(extra)
+            .saturating_add(Duration::from_secs(1));
         match tokio::time::timeout(limit, call).await {
             Err(_elapsed) => Err(Error::timeout(op, self.addr, self.timeout)),
             Ok(Err(status)) => Err(Error::from_status(op, self.addr, &status)),
@@ -535,7 +555,7 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
     })
 }
 
-fn unmask(requester: &Requester, masked: &[u8], op: &str) -> Result<tdh::SharedPoint> {
+pub(crate) fn unmask(requester: &Requester, masked: &[u8], op: &str) -> Result<tdh::SharedPoint> {
     let resp = DhResponse::from_bytes(masked)
         .map_err(|e| malformed(op, &format!("a masked response that does not decode ({e})")))?;
     requester.unmask(&resp).map_err(bug)
@@ -547,12 +567,12 @@ fn malformed(op: &str, what: &str) -> Error {
     ))
 }
 
-fn bug(e: quorate_crypto::Error) -> Error {
+pub(crate) fn bug(e: quorate_crypto::Error) -> Error {
     Error::Other(format!("internal error in the client: {e}"))
 }
 
 /// A fresh CSPRNG seeded from the operating system.
-fn rng() -> Result<rand::rngs::StdRng> {
+pub(crate) fn rng() -> Result<rand::rngs::StdRng> {
     use rand::SeedableRng as _;
     rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| Error::Other(format!("the system random number generator failed: {e}")))

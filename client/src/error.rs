@@ -46,6 +46,12 @@ pub enum Error {
     /// ended, or not ours). Exit code 4.
     #[error("the token is not active")]
     Inactive,
+    /// The request waits for a human approval (its id). Exit code 5.
+    #[error("the request waits for approval {0}")]
+    Pending(String),
+    /// A check failed: an audit chain is broken (what and where). Exit code 4.
+    #[error("{0}")]
+    Failed(String),
     /// Anything else: local I/O, a malformed reply, a failed decryption. Exit code 1.
     #[error("{0}")]
     Other(String),
@@ -53,12 +59,14 @@ pub enum Error {
 
 impl Error {
     /// The process exit code for this error: 2 for usage and configuration errors, 3
-    /// when the cluster is unreachable, 4 when it refused the request, 1 otherwise.
+    /// when the cluster is unreachable, 4 when it refused the request (or a check
+    /// failed), 5 when the request waits for approval, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config(_) => 2,
             Error::Unreachable { .. } => 3,
-            Error::Refused { .. } | Error::Inactive => 4,
+            Error::Refused { .. } | Error::Inactive | Error::Failed(_) => 4,
+            Error::Pending(_) => 5,
             Error::Other(_) => 1,
         }
     }
@@ -76,7 +84,7 @@ impl Error {
     /// `Unavailable` and `DeadlineExceeded`, and statuses tonic synthesised from a
     /// transport failure (they carry a source error; statuses sent by the server do
     /// not), mean the cluster could not be reached; every other status is a refusal.
-    pub(crate) fn from_status(op: &'static str, addr: SocketAddr, status: &tonic::Status) -> Self {
+    pub fn from_status(op: &'static str, addr: SocketAddr, status: &tonic::Status) -> Self {
         use std::error::Error as _;
         let transport = status.source().is_some()
             && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal);

@@ -43,7 +43,9 @@ pub mod dev_issuer;
 mod error;
 pub mod keyfmt;
 
-pub use client::identity::{RevokeTarget, TokenRequest};
+pub use client::identity::{
+    CredentialFor, CredentialGrant, ExchangeRequest, RevokeTarget, TokenRequest,
+};
 pub use client::{
     Client, ClusterStatus, DEFAULT_TIMEOUT, Format, KeyInfo, NodeStatus, PoolStatus, PublicKey,
     SignInput, Signature,

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod governance;
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -67,6 +68,15 @@ enum Command {
     /// Cedar policy: check a directory, apply it, show the active set
     #[command(subcommand)]
     Policy(agent::PolicyCommand),
+    /// The audit trail: follow it live, verify a chain offline
+    #[command(subcommand)]
+    Audit(governance::AuditCommand),
+    /// Human approval of requests that policy marks @approval("required")
+    #[command(subcommand)]
+    Approval(governance::ApprovalCommand),
+    /// Confidential per-task credentials (threshold DH, unmasked locally)
+    #[command(subcommand)]
+    Credential(governance::CredentialCommand),
     /// Run a fragment node (what `quorate-node` runs; used by `quorate dev`)
     #[command(hide = true)]
     Node(quorate_node::config::Args),
@@ -423,6 +433,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Token(c) => agent::token(c).await,
         Command::Task(c) => agent::task(c).await,
         Command::Policy(c) => agent::policy(c).await,
+        Command::Audit(c) => governance::audit(c).await,
+        Command::Approval(c) => governance::approval(c).await,
+        Command::Credential(c) => governance::credential(c).await,
         Command::Admin(AdminCommand::Init(args)) => admin_init(&args),
         Command::Status { conn } => {
             let client = conn.connect().await?;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
+use crate::audit::{self, AuditLog};
 use crate::authn::{Authenticator, AuthnConfig};
 use crate::cluster::Cluster;
 use crate::config::{Args, Config};
@@ -14,6 +15,8 @@ use crate::policy::PolicyEngine;
 use crate::pools;
 use crate::service::Api;
 use crate::store::Store;
+use quorate_proto::api::approval_service_server::ApprovalServiceServer;
+use quorate_proto::api::audit_service_server::AuditServiceServer;
 use quorate_proto::api::cluster_service_server::ClusterServiceServer;
 use quorate_proto::api::identity_service_server::IdentityServiceServer;
 use quorate_proto::api::key_service_server::KeyServiceServer;
@@ -57,6 +60,10 @@ async fn run(cfg: Config) -> Result<(), String> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
     let store = Store::open(&cfg.data_dir.join("coordinator.redb")).map_err(|e| e.to_string())?;
+    let audit = Arc::new(AuditLog::open(
+        &cfg.data_dir.join("audit.redb"),
+        &cfg.audit_sinks,
+    )?);
     let client_tls = tls::client_config(&identity, &trust).map_err(|e| e.to_string())?;
     let mut channels = Vec::new();
     for (i, addr) in &cfg.nodes {
@@ -81,7 +88,15 @@ async fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
         tracing::info!(%at, "metrics at http://{at}/metrics");
     }
-    let (http_task, issuer) = start_identity_http(&cfg, &trust, cluster.clone()).await?;
+    let (http_task, issuer) =
+        start_identity_http(&cfg, &trust, cluster.clone(), Arc::clone(&audit)).await?;
+    let checkpoints = audit::checkpoint::spawn(
+        Arc::clone(&audit),
+        cluster.clone(),
+        cfg.audit_key.clone(),
+        issuer.url.clone(),
+        cfg.audit_checkpoint,
+    );
     let server_tls =
         tls::server_config(&identity, &trust, &[RoleKind::Client]).map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)
@@ -97,6 +112,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         cluster,
         cfg.domain.clone(),
         Arc::clone(issuer.plane.policy()),
+        audit,
     );
     let agent_task = match cfg.agent_listen {
         Some(at) => Some(start_agent_listener(at, &identity, Arc::clone(&issuer.plane)).await?),
@@ -116,12 +132,15 @@ async fn run(cfg: Config) -> Result<(), String> {
         .add_service(health)
         .add_service(KeyServiceServer::new(api.clone()))
         .add_service(ClusterServiceServer::new(api))
-        .add_service(IdentityServiceServer::new(identity_api))
+        .add_service(IdentityServiceServer::new(identity_api.clone()))
+        .add_service(ApprovalServiceServer::new(identity_api.clone()))
+        .add_service(AuditServiceServer::new(identity_api))
         .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
             let _ = stop_rx.await;
         });
     let result = quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await;
     http_task.abort();
+    checkpoints.abort();
     if let Some(t) = agent_task {
         t.abort();
     }
@@ -166,6 +185,7 @@ async fn start_identity_http(
     cfg: &Config,
     trust: &Trust,
     cluster: Arc<Cluster>,
+    audit: Arc<AuditLog>,
 ) -> Result<(tokio::task::JoinHandle<()>, IssuerHandle), String> {
     let policy = match &cfg.policy_dir {
         Some(dir) => PolicyEngine::from_dir(dir)
@@ -208,8 +228,21 @@ async fn start_identity_http(
             issuer: url.clone(),
             domain: cfg.domain.clone(),
             signing_key: cfg.token_key.clone(),
+            credential_key: cfg.credential_key.clone(),
+            approval_ttl_seconds: cfg.approval_ttl_seconds,
         },
+        audit,
     )?);
+    let sweeper = Arc::clone(&plane);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper.sweep_approvals().await {
+                tracing::warn!(error = %e, "expiring approval requests failed");
+            }
+        }
+    });
     let purger = Arc::clone(&plane);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));

@@ -1080,7 +1080,7 @@ impl Cluster {
     /// pooled presignature; verifies the result; on failure names the culprit, excludes
     /// it and retries with another presignature. A token-signing key refuses: it signs
     /// only through [`Cluster::sign_jws`].
-    pub async fn sign(&self, name: &str, digest: [u8; 32]) -> Result<Signature> {
+    pub async fn sign(&self, name: &str, digest: [u8; 32]) -> Result<(Signature, Vec<u16>)> {
         let current = self.current_version(name)?;
         current
             .public
@@ -1107,13 +1107,14 @@ impl Cluster {
     /// [`CoordError::Rotated`]: rebuild the header and call again. The signing input
     /// travels to every node of the signing set; for a token-signing key each node checks
     /// it against the key's rules, and a refusal is final ([`CoordError::Refused`], with
-    /// the nodes' reasons). Returns the signature and the key that made it.
+    /// the nodes' reasons). Returns the signature, the key that made it and the nodes
+    /// that signed.
     pub async fn sign_jws(
         &self,
         name: &str,
         expected: KeyId,
         signing_input: &[u8],
-    ) -> Result<(Signature, KeyPublic)> {
+    ) -> Result<(Signature, KeyPublic, Vec<u16>)> {
         let current = self.current_version(name)?;
         current
             .public
@@ -1135,20 +1136,20 @@ impl Cluster {
             )));
         }
         let digest = quorate_crypto::hash::sha256(signing_input);
-        let sig = self
+        let (sig, nodes) = self
             .sign_attempts(&current.public, digest, signing_input)
             .await?;
-        Ok((sig, current.public))
+        Ok((sig, current.public, nodes))
     }
 
     /// Up to three attempts, each with another presignature; a usage-rules refusal ends
-    /// them at once.
+    /// them at once. Returns the signature and the signing set.
     async fn sign_attempts(
         &self,
         key: &KeyPublic,
         digest: [u8; 32],
         signing_input: &[u8],
-    ) -> Result<Signature> {
+    ) -> Result<(Signature, Vec<u16>)> {
         let mut last = None;
         for _attempt in 0..3 {
             let presig = self.take_presig(key.key_id).await?;
@@ -1166,7 +1167,8 @@ impl Cluster {
             match signed {
                 Ok(sig) => {
                     self.metrics.signatures.inc();
-                    return Ok(sig);
+                    let nodes = presig.sset.members().iter().map(|p| p.get()).collect();
+                    return Ok((sig, nodes));
                 }
                 Err(e @ CoordError::Refused(_)) => {
                     self.metrics.sign_attempt_failures.inc();
@@ -1268,13 +1270,14 @@ impl Cluster {
     }
 
     /// Threshold DH for derivation or decryption over `t + 1` usable nodes, retrying
-    /// once with another quorum if a node fails or misbehaves.
+    /// once with another quorum if a node fails or misbehaves. Returns the masked
+    /// response and the quorum that answered.
     pub async fn dh(
         &self,
         name: &str,
         input: tdh::DhInput,
         requester: quorate_crypto::Point,
-    ) -> Result<DhResponse> {
+    ) -> Result<(DhResponse, Vec<u16>)> {
         let key = self.key(name)?;
         let needed = match input {
             tdh::DhInput::Derive { .. } => KeyPurpose::Derive,
@@ -1308,6 +1311,7 @@ impl Cluster {
             let call = fragment::DhCall {
                 request: req.to_bytes(),
             };
+            self.record_relay(std::slice::from_ref(&call.request));
             let res = self
                 .round(&quorum, "threshold DH", |mut c| {
                     let call = call.clone();
@@ -1326,12 +1330,20 @@ impl Cluster {
                 .iter()
                 .map(|r| tdh::DhPartial::from_bytes(&r.partial).map_err(crypto))
                 .collect::<Result<Vec<_>>>()?;
+            self.record_relay(
+                &replies
+                    .iter()
+                    .map(|r| r.partial.clone())
+                    .collect::<Vec<_>>(),
+            );
+            let nodes: Vec<u16> = quorum.iter().map(|p| p.get()).collect();
             let set = PartySet::new(quorum).map_err(crypto)?;
             let mut r = rng()?;
             match tdh::combine(&mut r, &key, &req, &set, &partials) {
                 Ok(resp) => {
                     self.metrics.dh_responses.inc();
-                    return Ok(resp);
+                    self.record_relay(&[resp.to_bytes()]);
+                    return Ok((resp, nodes));
                 }
                 Err(e) => last = Some(self.blame(e)),
             }

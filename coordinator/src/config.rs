@@ -110,6 +110,27 @@ pub struct Args {
     /// (trust bundles from `--trust-config`) and get tokens for themselves.
     #[arg(long, env = "QUORATE_AGENT_LISTEN")]
     pub agent_listen: Option<SocketAddr>,
+    /// Where audit events go besides the chain in the store: `file:PATH` (JSON lines),
+    /// `stdout`, `syslog+udp://HOST:PORT` or `syslog+unix:PATH` (RFC 5424). Repeat or
+    /// separate with commas. A sink that fails makes requests fail.
+    #[arg(
+        long = "audit-sink",
+        env = "QUORATE_AUDIT_SINKS",
+        value_delimiter = ','
+    )]
+    pub audit_sinks: Vec<String>,
+    /// Seconds between threshold-signed checkpoints of the audit chain head.
+    #[arg(long, default_value_t = 60)]
+    pub audit_checkpoint_secs: u64,
+    /// The name of the signing key for audit checkpoints (created on first use).
+    #[arg(long, env = "QUORATE_AUDIT_KEY", default_value = "audit")]
+    pub audit_key: String,
+    /// The name of the derivation key for confidential credentials.
+    #[arg(long, env = "QUORATE_CREDENTIAL_KEY", default_value = "credentials")]
+    pub credential_key: String,
+    /// Seconds a request that needs human approval waits before it expires.
+    #[arg(long, default_value_t = 600)]
+    pub approval_ttl_secs: u64,
 }
 
 /// A validated configuration.
@@ -159,6 +180,16 @@ pub struct Config {
     pub allow_classic_token_endpoints: bool,
     /// The agent (X.509-SVID) listener.
     pub agent_listen: Option<SocketAddr>,
+    /// Audit sinks.
+    pub audit_sinks: Vec<crate::audit::SinkSpec>,
+    /// Checkpoint interval.
+    pub audit_checkpoint: std::time::Duration,
+    /// The audit checkpoint key.
+    pub audit_key: String,
+    /// The credential derivation key.
+    pub credential_key: String,
+    /// Approval lifetime.
+    pub approval_ttl_seconds: i64,
 }
 
 impl Args {
@@ -278,6 +309,19 @@ impl Args {
         if self.policy_poll_ms < 50 {
             errors.push("--policy-poll-ms must be at least 50".into());
         }
+        let mut audit_sinks = Vec::new();
+        for spec in &self.audit_sinks {
+            match spec.parse::<crate::audit::SinkSpec>() {
+                Ok(s) => audit_sinks.push(s),
+                Err(e) => errors.push(format!("--audit-sink: {e}")),
+            }
+        }
+        if self.audit_checkpoint_secs == 0 {
+            errors.push("--audit-checkpoint-secs must be at least 1".into());
+        }
+        if self.approval_ttl_secs == 0 || self.approval_ttl_secs > 7 * 24 * 3600 {
+            errors.push("--approval-ttl-secs must be 1 s to 7 days".into());
+        }
         match (errors.is_empty(), params) {
             (true, Some(params)) => Ok(Config {
                 listen: self.listen,
@@ -307,6 +351,11 @@ impl Args {
                 token_key: self.token_key,
                 allow_classic_token_endpoints: self.allow_classic_token_endpoints,
                 agent_listen: self.agent_listen,
+                audit_sinks,
+                audit_checkpoint: std::time::Duration::from_secs(self.audit_checkpoint_secs),
+                audit_key: self.audit_key,
+                credential_key: self.credential_key,
+                approval_ttl_seconds: i64::try_from(self.approval_ttl_secs).unwrap_or(600),
             }),
             _ => Err(errors),
         }

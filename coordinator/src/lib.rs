@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod audit;
 pub mod authn;
 pub mod cluster;
 pub mod config;

@@ -12,7 +12,7 @@
 //! decision is the smallest cap among the permits that allowed it
 //! ([`Decision::max_ttl_seconds`]), and the caller refuses longer lifetimes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -48,6 +48,10 @@ pub const ID_ANNOTATION: &str = "id";
 
 /// The annotation capping the token lifetime a permit allows: `@max_ttl_seconds("900")`.
 pub const MAX_TTL_ANNOTATION: &str = "max_ttl_seconds";
+
+/// The annotation marking a permit whose requests wait for a human approver:
+/// `@approval("required")`.
+pub const APPROVAL_ANNOTATION: &str = "approval";
 
 /// The context keys a caller may set with `--context k=v` ([`PolicyContext::with_pairs`]).
 pub const CONTEXT_KEYS: [&str; 3] = ["data_sensitivity", "environment", "tool"];
@@ -174,6 +178,12 @@ pub enum Action {
     Decrypt,
     /// Administer the cluster or a key (`admin`).
     Admin,
+    /// RFC 8693 token exchange: delegate a token to a sub-agent (`exchange_token`).
+    ExchangeToken,
+    /// Get a confidential per-task credential (`request_credential`).
+    RequestCredential,
+    /// Approve or reject a pending request (`approve`).
+    Approve,
 }
 
 impl Action {
@@ -185,6 +195,9 @@ impl Action {
             Self::Sign => "sign",
             Self::Decrypt => "decrypt",
             Self::Admin => "admin",
+            Self::ExchangeToken => "exchange_token",
+            Self::RequestCredential => "request_credential",
+            Self::Approve => "approve",
         }
     }
 }
@@ -204,6 +217,8 @@ pub enum Resource {
     Key(String),
     /// The cluster (Cedar `Cluster::"cluster"`).
     Cluster,
+    /// A credential target (Cedar `Target::"orders-db"`).
+    Target(String),
 }
 
 impl Resource {
@@ -213,6 +228,7 @@ impl Resource {
             Self::Audience(a) => ("Audience", a),
             Self::Key(k) => ("Key", k),
             Self::Cluster => ("Cluster", "cluster"),
+            Self::Target(t) => ("Target", t),
         }
     }
 }
@@ -241,6 +257,12 @@ pub struct PolicyContext {
     pub data_sensitivity: Option<String>,
     /// The current time, unix seconds.
     pub now: i64,
+    /// Token exchange: the subject of the delegated token.
+    pub on_behalf_of: Option<String>,
+    /// Token exchange: every agent of the delegation chain, the new actor included.
+    pub actors: Option<Vec<String>>,
+    /// A resource client's credential request: the agent whose credential it derives.
+    pub agent: Option<String>,
 }
 
 impl PolicyContext {
@@ -297,6 +319,9 @@ pub struct Decision {
     pub policy_ids: Vec<String>,
     /// The smallest `@max_ttl_seconds` among the determining permits that carry one.
     pub max_ttl_seconds: Option<u64>,
+    /// Allowed only once a human approves: every determining permit carries
+    /// `@approval("required")`.
+    pub approval_required: bool,
     /// Errors from building the request or evaluating policies; an erroring policy is
     /// skipped, so an error never allows anything.
     pub errors: Vec<String>,
@@ -306,6 +331,7 @@ impl Decision {
     fn refused(error: String) -> Self {
         Self {
             allowed: false,
+            approval_required: false,
             policy_ids: Vec::new(),
             max_ttl_seconds: None,
             errors: vec![error],
@@ -335,6 +361,8 @@ struct ActiveSet {
     schema: Schema,
     /// `@max_ttl_seconds` of the permits that carry it.
     ttl_caps: HashMap<String, u64>,
+    /// The permits marked `@approval("required")`.
+    approval: HashSet<String>,
     info: PolicyInfo,
 }
 
@@ -476,6 +504,7 @@ fn compile(files: PolicySetFiles, origin: &str) -> Result<ActiveSet, PolicyError
 
     let mut set = PolicySet::new();
     let mut ttl_caps = HashMap::new();
+    let mut approval = HashSet::new();
     // Policy id -> the file that defines it, and the ids in load order.
     let mut defined_in: HashMap<String, String> = HashMap::new();
     let mut policy_ids = Vec::new();
@@ -547,6 +576,19 @@ fn compile(files: PolicySetFiles, origin: &str) -> Result<ActiveSet, PolicyError
                     ))),
                 }
             }
+            if let Some(value) = policy.annotation(APPROVAL_ANNOTATION) {
+                match (policy.effect(), value.trim()) {
+                    (Effect::Forbid, _) => problems.push(problem(format!(
+                        "@{APPROVAL_ANNOTATION} only applies to permit policies"
+                    ))),
+                    (Effect::Permit, "required") => {
+                        approval.insert(id.clone());
+                    }
+                    (Effect::Permit, _) => problems.push(problem(format!(
+                        "@{APPROVAL_ANNOTATION}({value:?}): the only value is \"required\""
+                    ))),
+                }
+            }
             if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
                 problems.push(problem(e.to_string()));
                 continue;
@@ -603,6 +645,7 @@ fn compile(files: PolicySetFiles, origin: &str) -> Result<ActiveSet, PolicyError
         policies: set,
         schema,
         ttl_caps,
+        approval,
         info: PolicyInfo {
             digest: files.digest,
             policy_ids,
@@ -786,8 +829,12 @@ impl PolicyEngine {
         } else {
             None
         };
+        let approval_required = allowed
+            && !policy_ids.is_empty()
+            && policy_ids.iter().all(|id| set.approval.contains(id));
         Decision {
             allowed,
+            approval_required,
             policy_ids: policy_ids.into_iter().collect(),
             max_ttl_seconds,
             errors: diagnostics.errors().map(|e| e.to_string()).collect(),
@@ -933,10 +980,18 @@ fn build_request(req: &PolicyRequest, schema: &Schema) -> Result<(Request, Entit
         ("environment", &c.environment),
         ("tool", &c.tool),
         ("data_sensitivity", &c.data_sensitivity),
+        ("on_behalf_of", &c.on_behalf_of),
+        ("agent", &c.agent),
     ] {
         if let Some(value) = value {
             pairs.push((key.to_owned(), string(value)));
         }
+    }
+    if let Some(actors) = &c.actors {
+        pairs.push((
+            "actors".to_owned(),
+            RestrictedExpression::new_set(actors.iter().map(|s| string(s))),
+        ));
     }
     let context = Context::from_pairs(pairs).map_err(|e| format!("bad request context: {e}"))?;
 
@@ -1031,10 +1086,19 @@ mod tests {
     #[test]
     fn schema_and_dev_policy_load() {
         let (schema, _) = Schema::from_cedarschema_str(DEFAULT_SCHEMA).unwrap();
-        assert_eq!(schema.actions().count(), 5);
+        assert_eq!(schema.actions().count(), 8);
         let engine = PolicyEngine::dev().unwrap();
         let info = engine.info();
-        assert_eq!(info.policy_ids, ["dev-agents", "admin-client"]);
+        assert_eq!(
+            info.policy_ids,
+            [
+                "dev-agents",
+                "prod-needs-approval",
+                "dev-delegation",
+                "dev-credentials",
+                "admin-client"
+            ]
+        );
         assert_eq!(info.digest.len(), 64);
     }
 
@@ -1052,8 +1116,9 @@ mod tests {
     #[test]
     fn dev_policy_denies_other_audience() {
         let engine = PolicyEngine::dev().unwrap();
-        let d = engine.decide(&token_request(agent(&[]), "prod", 600));
+        let d = engine.decide(&token_request(agent(&[]), "staging", 600));
         assert!(!d.allowed);
+        assert!(!d.approval_required);
         assert!(d.policy_ids.is_empty());
         assert_eq!(d.max_ttl_seconds, None);
         assert_eq!(d.explain(), "denied: no policy permits this request");
@@ -1190,7 +1255,7 @@ mod tests {
         let engine = PolicyEngine::dev().unwrap();
         let before = engine.info();
         let dev = token_request(agent(&[]), "dev", 600);
-        let prod = token_request(agent(&[]), "prod", 600);
+        let prod = token_request(agent(&[]), "staging", 600);
 
         let syntax = "@id(\"oops\") permit (principal, action, resource) when { ;";
         let e = engine
@@ -1222,6 +1287,47 @@ mod tests {
         assert_eq!(engine.info(), before);
         assert!(engine.decide(&dev).allowed);
         assert!(!engine.decide(&prod).allowed);
+    }
+
+    #[test]
+    fn approval_is_required_only_when_every_deciding_permit_asks_for_it() {
+        let engine = PolicyEngine::dev().unwrap();
+        let d = engine.decide(&token_request(agent(&[]), "prod", 60));
+        assert!(d.allowed && d.approval_required, "{d:?}");
+        assert_eq!(d.policy_ids, ["prod-needs-approval"]);
+        assert!(
+            !engine
+                .decide(&token_request(agent(&[]), "dev", 60))
+                .approval_required
+        );
+        let both = r#"
+            @id("needs") @approval("required")
+            permit (principal is Agent, action == Action::"issue_token", resource);
+            @id("plain")
+            permit (principal is Agent, action == Action::"issue_token", resource == Audience::"dev");
+        "#;
+        engine
+            .apply_files(files(&[("a.cedar", both)]), "test")
+            .unwrap();
+        let d = engine.decide(&token_request(agent(&[]), "dev", 60));
+        assert!(d.allowed && !d.approval_required, "{d:?}");
+        let d = engine.decide(&token_request(agent(&[]), "ops", 60));
+        assert!(d.allowed && d.approval_required, "{d:?}");
+        for (bad, needle) in [
+            (
+                r#"@id("f") @approval("required") forbid (principal, action, resource);"#,
+                "@approval only applies to permit",
+            ),
+            (
+                r#"@id("p") @approval("yes") permit (principal, action, resource);"#,
+                "the only value is \"required\"",
+            ),
+        ] {
+            let e = engine
+                .apply_files(files(&[("b.cedar", bad)]), "test")
+                .unwrap_err();
+            assert!(e.to_string().contains(needle), "{e}");
+        }
     }
 
     #[test]
@@ -1344,7 +1450,14 @@ mod tests {
         let info = engine.reload_dir(&dir.0).unwrap().unwrap();
         assert_eq!(
             info.policy_ids,
-            ["dev-agents", "admin-client", "no-prod-tools"]
+            [
+                "dev-agents",
+                "prod-needs-approval",
+                "dev-delegation",
+                "dev-credentials",
+                "admin-client",
+                "no-prod-tools"
+            ]
         );
         assert_eq!(engine.decide(&req).policy_ids, ["no-prod-tools"]);
         assert_eq!(engine.reload_dir(&dir.0).unwrap(), None);
@@ -1391,7 +1504,10 @@ mod tests {
         assert!(write_dev_dir(&sub).unwrap());
         assert!(!write_dev_dir(&sub).unwrap());
         let engine = PolicyEngine::from_dir(&sub).unwrap();
-        assert_eq!(engine.info().policy_ids, ["dev-agents", "admin-client"]);
+        assert_eq!(
+            engine.info().policy_ids,
+            PolicyEngine::dev().unwrap().info().policy_ids
+        );
     }
 
     #[tokio::test]

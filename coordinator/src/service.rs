@@ -16,6 +16,8 @@ use quorate_proto::tls::Role;
 use sha2::Digest;
 use tonic::{Request, Response, Status};
 
+use crate::audit::AuditLog;
+use crate::audit::record::{Fields, Outcome};
 use crate::cluster::{Cluster, KeyVersionInfo, TokenRules};
 use crate::policy::{Action, PolicyContext, PolicyEngine, PolicyRequest, Principal, Resource};
 
@@ -25,21 +27,39 @@ pub struct Api {
     cluster: Arc<Cluster>,
     domain: String,
     policy: Arc<PolicyEngine>,
+    audit: Arc<AuditLog>,
 }
 
 impl Api {
-    /// Wraps the cluster; `policy` decides which client may use which key.
-    pub fn new(cluster: Arc<Cluster>, domain: String, policy: Arc<PolicyEngine>) -> Self {
+    /// Wraps the cluster; `policy` decides which client may use which key, and every
+    /// decision goes to `audit` before its answer.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        domain: String,
+        policy: Arc<PolicyEngine>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
         Api {
             cluster,
             domain,
             policy,
+            audit,
         }
     }
 
     /// Asks policy whether client `caller` may do `action` on key `name`
-    /// (`Client::"<name>"`, e.g. `admin` for key creation and rotation).
-    fn authorize(&self, caller: &str, action: Action, name: &str) -> Result<(), Status> {
+    /// (`Client::"<name>"`, e.g. `admin` for key creation and rotation), runs `op` if so,
+    /// and records the decision and the outcome in the audit trail before answering.
+    async fn audited<T, F>(
+        &self,
+        caller: &str,
+        action: Action,
+        name: &str,
+        op: F,
+    ) -> Result<T, Status>
+    where
+        F: Future<Output = Result<(T, Vec<u16>), Status>>,
+    {
         let d = self.policy.decide(&PolicyRequest {
             principal: Principal::Client {
                 name: caller.to_owned(),
@@ -51,13 +71,43 @@ impl Api {
                 ..PolicyContext::default()
             },
         });
-        if d.allowed {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
+        let fields = |reason: Option<String>, nodes: Vec<u16>| Fields {
+            kind: "key".into(),
+            action: action.as_str().into(),
+            caller: Some(caller.to_owned()),
+            resource: Some(Resource::Key(name.to_owned()).to_string()),
+            policy_ids: d.policy_ids.clone(),
+            reason,
+            key: Some(name.to_owned()),
+            nodes,
+            ..Fields::default()
+        };
+        if !d.allowed {
+            let why = format!(
                 "client {caller} may not {action} key {name}: {}",
                 d.explain()
-            )))
+            );
+            self.audit
+                .append(Outcome::Deny, fields(Some(why.clone()), Vec::new()))
+                .await?;
+            return Err(Status::permission_denied(why));
+        }
+        match op.await {
+            Ok((value, nodes)) => {
+                self.audit
+                    .append(Outcome::Allow, fields(None, nodes))
+                    .await?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.audit
+                    .append(
+                        Outcome::Error,
+                        fields(Some(e.message().to_owned()), Vec::new()),
+                    )
+                    .await?;
+                Err(e)
+            }
         }
     }
 
@@ -178,8 +228,19 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
-        self.authorize(&caller, Action::Admin, &r.name)?;
-        let version = self.cluster.rotate_key(&r.name).await?;
+        let all = self
+            .cluster
+            .params()
+            .all_parties()
+            .members()
+            .iter()
+            .map(|p| p.get())
+            .collect();
+        let version = self
+            .audited(&caller, Action::Admin, &r.name, async {
+                Ok((self.cluster.rotate_key(&r.name).await?, all))
+            })
+            .await?;
         tracing::info!(%caller, key = r.name, version = version.version, "RotateKey");
         Ok(Response::new(key_info(&version)))
     }
@@ -192,11 +253,22 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
-        self.authorize(&caller, Action::Admin, &r.name)?;
         let purpose = purpose_from_api(r.purpose)?;
         let rules = token_rules_from_api(r.token_rules.as_ref(), purpose)?;
-        self.cluster.create_key(&r.name, purpose, rules).await?;
-        let version = self.cluster.current_version(&r.name)?;
+        let all = self
+            .cluster
+            .params()
+            .all_parties()
+            .members()
+            .iter()
+            .map(|p| p.get())
+            .collect();
+        let version = self
+            .audited(&caller, Action::Admin, &r.name, async {
+                self.cluster.create_key(&r.name, purpose, rules).await?;
+                Ok((self.cluster.current_version(&r.name)?, all))
+            })
+            .await?;
         tracing::info!(%caller, key = r.name, "CreateKey");
         Ok(Response::new(key_info(&version)))
     }
@@ -233,7 +305,6 @@ impl KeyService for Api {
     ) -> Result<Response<api::SignReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
-        self.authorize(&caller, Action::Sign, &r.name)?;
         let digest: [u8; 32] = match r.input {
             Some(api::sign_request::Input::Message(m)) => sha2::Sha256::digest(&m).into(),
             Some(api::sign_request::Input::Digest(d)) => d.as_slice().try_into().map_err(|_| {
@@ -248,7 +319,11 @@ impl KeyService for Api {
                 ));
             }
         };
-        let sig = self.cluster.sign(&r.name, digest).await?;
+        let sig = self
+            .audited(&caller, Action::Sign, &r.name, async {
+                Ok(self.cluster.sign(&r.name, digest).await?)
+            })
+            .await?;
         let signature = match api::SignatureFormat::try_from(r.format) {
             Ok(api::SignatureFormat::Der) => {
                 sig.to_der().map_err(|e| Status::internal(e.to_string()))?
@@ -271,12 +346,15 @@ impl KeyService for Api {
     ) -> Result<Response<api::DeriveReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
-        self.authorize(&caller, Action::Derive, &r.name)?;
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
         let resp = self
-            .cluster
-            .dh(&r.name, DhInput::Derive { context: r.context }, a)
+            .audited(&caller, Action::Derive, &r.name, async {
+                Ok(self
+                    .cluster
+                    .dh(&r.name, DhInput::Derive { context: r.context }, a)
+                    .await?)
+            })
             .await?;
         tracing::info!(%caller, key = r.name, "Derive");
         Ok(Response::new(api::DeriveReply {
@@ -291,20 +369,23 @@ impl KeyService for Api {
     ) -> Result<Response<api::DecryptReply>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
-        self.authorize(&caller, Action::Decrypt, &r.name)?;
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
         let ct = quorate_crypto::ecies::EciesCiphertext::from_bytes(&r.ciphertext)
             .map_err(|e| Status::invalid_argument(format!("ciphertext: {e}")))?;
         let resp = self
-            .cluster
-            .dh(
-                &r.name,
-                DhInput::Decrypt {
-                    point: ct.ephemeral,
-                },
-                a,
-            )
+            .audited(&caller, Action::Decrypt, &r.name, async {
+                Ok(self
+                    .cluster
+                    .dh(
+                        &r.name,
+                        DhInput::Decrypt {
+                            point: ct.ephemeral,
+                        },
+                        a,
+                    )
+                    .await?)
+            })
             .await?;
         tracing::info!(%caller, key = r.name, "Decrypt");
         Ok(Response::new(api::DecryptReply {

@@ -58,7 +58,7 @@ fn request(att: &str, ttl: u32) -> api::IssueTokenRequest {
         scopes: vec!["tools:read".into(), "tools:write".into()],
         ttl_seconds: ttl,
         task_id: String::new(),
-        context: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -500,7 +500,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     assert_eq!(key.key_id, v1.key_id);
     let t0 = now();
     let good = token("at+jwt", ISSUER, t0, t0 + 600);
-    let (sig, signer) = cluster.sign_jws("tokens", key.key_id, &good).await.unwrap();
+    let (sig, signer, _) = cluster.sign_jws("tokens", key.key_id, &good).await.unwrap();
     assert_eq!(signer.key_id, v1.key_id);
     assert!(verify_aws(
         &v1.public_key().to_bytes(),
@@ -546,7 +546,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     let key = cluster.current_signing_key("tokens").unwrap();
     assert_eq!(key.key_id, v2.public.key_id);
     let fresh = token("at+jwt", ISSUER, now(), now() + 300);
-    let (sig, signer) = cluster
+    let (sig, signer, _) = cluster
         .sign_jws("tokens", key.key_id, &fresh)
         .await
         .unwrap();

@@ -5,7 +5,11 @@ use std::collections::HashMap;
 
 use quorate_proto::api;
 
-use super::Client;
+use std::time::Duration;
+
+use quorate_crypto::tdh::{self, Requester};
+
+use super::{Client, bug, rng, unmask};
 use crate::error::Result;
 
 /// What to revoke.
@@ -36,6 +40,66 @@ pub struct TokenRequest {
     pub task_id: Option<String>,
     /// Policy context (`environment`, `tool`, `data_sensitivity`).
     pub context: HashMap<String, String>,
+    /// An RFC 9449 DPoP proof (`POST <issuer>/token`): binds the token to its key.
+    pub dpop_proof: Option<String>,
+    /// If policy asks for human approval: seconds to wait for it (at most 300).
+    pub wait_seconds: u32,
+    /// Polls a pending approval (the same request, with its id).
+    pub approval_id: Option<String>,
+}
+
+/// An RFC 8693 token exchange: a token for a sub-agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExchangeRequest {
+    /// The delegating agent's Quorate token.
+    pub subject_token: String,
+    /// The sub-agent's attestation.
+    pub actor_attestation: String,
+    /// Empty: the subject token's audience.
+    pub audience: String,
+    /// A subset of the subject token's scopes; empty: all of them.
+    pub scopes: Vec<String>,
+    /// Lifetime in seconds (capped by the subject token's expiry).
+    pub ttl_seconds: u32,
+    /// A DPoP proof, required when the subject token is DPoP-bound.
+    pub dpop_proof: Option<String>,
+    /// Policy context.
+    pub context: HashMap<String, String>,
+}
+
+/// Who asks for a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFor {
+    /// An agent, by its attestation.
+    Agent {
+        /// The OIDC JWT.
+        attestation: String,
+    },
+    /// A resource client that derives an agent's credential to check it.
+    Resource {
+        /// The agent's Quorate subject.
+        agent: String,
+    },
+}
+
+/// A confidential credential, unmasked here. The credential itself is zeroized on drop
+/// and never printed by `Debug`.
+#[derive(Debug)]
+pub struct CredentialGrant {
+    /// The credential.
+    pub credential: tdh::Credential,
+    /// The canonical context it is bound to.
+    pub context: Vec<u8>,
+    /// Start of its validity window (the task's start), unix seconds.
+    pub not_before: i64,
+    /// End of the window (the task's end).
+    pub not_after: i64,
+    /// The derivation key.
+    pub key: String,
+    /// The fragment nodes that answered.
+    pub nodes: Vec<u32>,
+    /// The policies that allowed it.
+    pub policy_ids: Vec<String>,
 }
 
 impl Client {
@@ -48,10 +112,123 @@ impl Client {
             ttl_seconds: r.ttl_seconds,
             task_id: r.task_id.unwrap_or_default(),
             context: r.context,
+            dpop_proof: r.dpop_proof.unwrap_or_default(),
+            wait_seconds: r.wait_seconds,
+            approval_id: r.approval_id.unwrap_or_default(),
         };
         let mut c = self.identity.clone();
-        self.call("issue a token", c.issue_token(self.request(req)))
+        // A call that waits for an approval may take that long.
+        let mut call = self.request(req);
+        call.set_timeout(self.timeout + Duration::from_secs(u64::from(r.wait_seconds)));
+        self.call_long(
+            "issue a token",
+            Duration::from_secs(u64::from(r.wait_seconds)),
+            c.issue_token(call),
+        )
+        .await
+    }
+
+    /// RFC 8693 token exchange: a token for a sub-agent, scopes only narrowing, with the
+    /// actor chain in `act`.
+    pub async fn exchange_token(&self, r: ExchangeRequest) -> Result<api::IssueTokenReply> {
+        let req = api::ExchangeTokenRequest {
+            subject_token: r.subject_token,
+            actor_attestation: r.actor_attestation,
+            audience: r.audience,
+            scopes: r.scopes,
+            ttl_seconds: r.ttl_seconds,
+            dpop_proof: r.dpop_proof.unwrap_or_default(),
+            context: r.context,
+        };
+        let mut c = self.identity.clone();
+        self.call("exchange the token", c.exchange_token(self.request(req)))
             .await
+    }
+
+    /// A confidential per-task credential for `target`: the reply is masked to a fresh
+    /// key made here and unmasked here; the coordinator never sees the credential.
+    pub async fn request_credential(
+        &self,
+        who: CredentialFor,
+        target: &str,
+        task_id: &str,
+        context: HashMap<String, String>,
+    ) -> Result<CredentialGrant> {
+        let requester = Requester::new(&mut rng()?).map_err(bug)?;
+        let (attestation, agent) = match who {
+            CredentialFor::Agent { attestation } => (attestation, String::new()),
+            CredentialFor::Resource { agent } => (String::new(), agent),
+        };
+        let req = api::CredentialRequest {
+            attestation,
+            target: target.to_owned(),
+            task_id: task_id.to_owned(),
+            requester_public: requester.public().to_bytes().to_vec(),
+            context,
+            agent,
+        };
+        let mut c = self.identity.clone();
+        let reply = self
+            .call(
+                "request the credential",
+                c.request_credential(self.request(req)),
+            )
+            .await?;
+        let shared = unmask(&requester, &reply.masked, "request the credential")?;
+        let credential = tdh::derive_credential(&shared, &reply.context).map_err(bug)?;
+        Ok(CredentialGrant {
+            credential,
+            context: reply.context,
+            not_before: reply.not_before,
+            not_after: reply.not_after,
+            key: reply.key,
+            nodes: reply.nodes,
+            policy_ids: reply.policy_ids,
+        })
+    }
+
+    /// Approval requests: pending ones, or with `all` also decided and expired ones.
+    pub async fn list_approvals(&self, all: bool) -> Result<Vec<api::Approval>> {
+        let mut c = self.approvals.clone();
+        Ok(self
+            .call(
+                "list approvals",
+                c.list_approvals(self.request(api::ListApprovalsRequest { all })),
+            )
+            .await?
+            .approvals)
+    }
+
+    /// Approves or rejects a pending request (approvers only).
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<api::Approval> {
+        let req = api::DecideApprovalRequest {
+            id: id.to_owned(),
+            approve,
+            reason: reason.unwrap_or_default(),
+        };
+        let mut c = self.approvals.clone();
+        self.call("decide the approval", c.decide_approval(self.request(req)))
+            .await
+    }
+
+    /// Streams audit events: stored ones from `from` (if given), then new ones while
+    /// `follow`. Not bounded by the client's timeout.
+    pub async fn audit_tail(
+        &self,
+        from: Option<u64>,
+        follow: bool,
+    ) -> Result<tonic::Streaming<api::AuditRecord>> {
+        let mut c = self.audit.clone();
+        let req = tonic::Request::new(api::TailRequest {
+            from_seq: from,
+            follow,
+        });
+        self.call("tail the audit trail", c.tail(req)).await
     }
 
     /// RFC 7662 introspection: whether the token is active, and the response JSON.

@@ -222,7 +222,7 @@ async fn revoke(
         Ok(ct) => ct,
         Err(r) => return *r,
     };
-    match s.plane.revoke_token(&caller, token) {
+    match s.plane.revoke_token(&caller, token).await {
         // RFC 7009 §2.2: invalid tokens also get 200.
         Ok(_) | Err(IdentityError::Invalid(_)) => StatusCode::OK.into_response(),
         Err(e) => oauth_error(

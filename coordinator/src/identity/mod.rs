@@ -5,6 +5,7 @@
 //! [`IdentityPlane`] holds the logic; [`service`] serves it over gRPC and [`http`] serves
 //! discovery, the JWKS, introspection and revocation over HTTPS.
 
+pub mod approval;
 pub mod http;
 pub mod service;
 pub mod store;
@@ -14,14 +15,17 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use quorate_crypto::keys::KeyPublic;
+use sha2::Digest as _;
 
+use crate::audit::AuditLog;
+use crate::audit::record::{Fields, Outcome};
 use crate::authn::{Attestation, Authenticator, AuthnError};
 use crate::cluster::{Cluster, CoordError};
 use crate::policy::{
     Action, Decision, PolicyContext, PolicyEngine, PolicyRequest, Principal, Resource,
 };
 use store::{IdentityStore, Task};
-use token::{AccessClaims, AttestationClaim, TokenError};
+use token::{AccessClaims, Actor, AttestationClaim, Confirmation, TokenError};
 
 /// Longest token lifetime the service ever issues, whatever policy says (24 h).
 pub const HARD_MAX_TTL_SECONDS: u64 = 24 * 3600;
@@ -29,6 +33,10 @@ pub const HARD_MAX_TTL_SECONDS: u64 = 24 * 3600;
 pub const MAX_TASK_TTL_SECONDS: u64 = 7 * 24 * 3600;
 /// Most scopes in one request.
 pub const MAX_SCOPES: usize = 32;
+/// Most actors in a delegation chain.
+pub const MAX_DELEGATION_DEPTH: usize = 8;
+/// How old a DPoP proof may be (RFC 9449 §11.1).
+pub const DPOP_MAX_AGE_SECONDS: i64 = 60;
 
 /// Identity-plane settings.
 #[derive(Clone, Debug)]
@@ -39,6 +47,10 @@ pub struct IdentityConfig {
     pub domain: String,
     /// The name of the signing key for tokens.
     pub signing_key: String,
+    /// The name of the derivation key for confidential credentials.
+    pub credential_key: String,
+    /// How long a request waits for a human approval before it expires.
+    pub approval_ttl_seconds: i64,
 }
 
 /// Why a request was refused.
@@ -65,6 +77,32 @@ pub enum IdentityError {
     /// Local storage failed.
     #[error("{0}")]
     Store(String),
+    /// The audit trail refused the event: the request fails closed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl IdentityError {
+    /// The audit outcome of a refusal: `deny` for the caller's fault or policy's, `error`
+    /// for the service's.
+    fn outcome(&self) -> Outcome {
+        match self {
+            IdentityError::Unauthenticated(_)
+            | IdentityError::Denied(_)
+            | IdentityError::Invalid(_)
+            | IdentityError::NotFound(_) => Outcome::Deny,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+impl From<approval::ApprovalError> for IdentityError {
+    fn from(e: approval::ApprovalError) -> Self {
+        match e {
+            approval::ApprovalError::Unknown(_) => IdentityError::NotFound(e.to_string()),
+            _ => IdentityError::Denied(e.to_string()),
+        }
+    }
 }
 
 impl From<store::IdentityStoreError> for IdentityError {
@@ -83,7 +121,7 @@ impl From<IdentityError> for tonic::Status {
             IdentityError::NotFound(_) => tonic::Status::not_found(msg),
             IdentityError::Precondition(_) => tonic::Status::failed_precondition(msg),
             IdentityError::Cluster(c) => c.into(),
-            IdentityError::Store(_) => tonic::Status::unavailable(msg),
+            IdentityError::Store(_) | IdentityError::Audit(_) => tonic::Status::unavailable(msg),
         }
     }
 }
@@ -105,6 +143,99 @@ pub struct TokenRequest {
     pub task_id: Option<String>,
     /// Extra policy context (`environment`, `tool`, `data_sensitivity`).
     pub context: BTreeMap<String, String>,
+    /// The cluster client that asked, if any (for the audit trail).
+    pub caller: Option<String>,
+    /// An RFC 9449 DPoP proof for the token endpoint: the token is bound to its key.
+    pub dpop_proof: Option<String>,
+    /// How long to wait for a human approval, if policy asks for one.
+    pub wait: std::time::Duration,
+    /// Polls this pending approval.
+    pub approval_id: Option<String>,
+}
+
+/// What an issuance request came to.
+#[derive(Debug)]
+pub enum IssueOutcome {
+    /// A token.
+    Issued(Box<Issued>),
+    /// Waiting for a human approval: poll with the id.
+    Pending {
+        /// The approval id.
+        id: String,
+        /// When the approval request expires (unix seconds).
+        expires_at: i64,
+    },
+}
+
+/// A token exchange (RFC 8693) after the actor is authenticated.
+#[derive(Debug)]
+pub struct ExchangeRequest {
+    /// The delegating agent's Quorate token.
+    pub subject_token: String,
+    /// The sub-agent.
+    pub actor: Attestation,
+    /// The audience (empty: the subject token's).
+    pub audience: String,
+    /// Scopes (empty: all of the subject token's).
+    pub scopes: Vec<String>,
+    /// Requested lifetime.
+    pub ttl_seconds: u64,
+    /// A DPoP proof; required if the subject token is DPoP-bound.
+    pub dpop_proof: Option<String>,
+    /// Extra policy context.
+    pub context: BTreeMap<String, String>,
+    /// The cluster client that asked, if any.
+    pub caller: Option<String>,
+}
+
+/// Who asks for a credential.
+#[derive(Debug)]
+pub enum CredentialRequester {
+    /// The agent itself.
+    Agent(Attestation),
+    /// A resource client that derives an agent's credential to check it.
+    Resource {
+        /// The client's name.
+        client: String,
+        /// The agent's subject.
+        agent: String,
+    },
+}
+
+/// A confidential credential request.
+#[derive(Debug)]
+pub struct CredentialAsk {
+    /// Who asks.
+    pub requester: CredentialRequester,
+    /// The cluster client that made the call, if any.
+    pub caller: Option<String>,
+    /// The target.
+    pub target: String,
+    /// The task.
+    pub task_id: String,
+    /// The requester's ephemeral key `A`.
+    pub requester_public: quorate_crypto::Point,
+    /// Extra policy context.
+    pub context: BTreeMap<String, String>,
+}
+
+/// A credential, masked to the requester.
+#[derive(Debug)]
+pub struct CredentialGrant {
+    /// The masked DH response (`DhResponse` encoding).
+    pub masked: Vec<u8>,
+    /// The canonical context: the HKDF info.
+    pub context: Vec<u8>,
+    /// Validity window (the task's), unix seconds.
+    pub not_before: i64,
+    /// End of the window.
+    pub not_after: i64,
+    /// The derivation key.
+    pub key: String,
+    /// The nodes that answered.
+    pub nodes: Vec<u16>,
+    /// The policies that allowed it.
+    pub policy_ids: Vec<String>,
 }
 
 /// An issued token.
@@ -118,6 +249,8 @@ pub struct Issued {
     pub kid: String,
     /// The policies that permitted it.
     pub policy_ids: Vec<String>,
+    /// The fragment nodes that signed it.
+    pub nodes: Vec<u16>,
 }
 
 /// The identity plane.
@@ -128,6 +261,9 @@ pub struct IdentityPlane {
     store: IdentityStore,
     cfg: IdentityConfig,
     rng: Mutex<rand::rngs::StdRng>,
+    audit: Arc<AuditLog>,
+    approvals: approval::Approvals,
+    dpop_seen: quorate_proto::dpop::ReplayCache,
 }
 
 /// Unix seconds now.
@@ -146,6 +282,7 @@ impl IdentityPlane {
         authn: Arc<Authenticator>,
         store: IdentityStore,
         cfg: IdentityConfig,
+        audit: Arc<AuditLog>,
     ) -> std::result::Result<Self, String> {
         use rand::SeedableRng as _;
         let rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
@@ -157,7 +294,15 @@ impl IdentityPlane {
             store,
             cfg,
             rng: Mutex::new(rng),
+            audit,
+            approvals: approval::Approvals::default(),
+            dpop_seen: quorate_proto::dpop::ReplayCache::default(),
         })
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// Our issuer URL.
@@ -193,6 +338,16 @@ impl IdentityPlane {
         Ok(token::new_jti(&mut *rng))
     }
 
+    fn random_bytes(&self) -> Result<[u8; 16]> {
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| IdentityError::Store("RNG lock poisoned".into()))?;
+        let mut b = [0u8; 16];
+        rand::Rng::fill_bytes(&mut *rng, &mut b);
+        Ok(b)
+    }
+
     /// Every signing key version a verifier may meet: current ones and those retired
     /// less than their maximum token lifetime ago.
     fn verification_keys(&self) -> Result<Vec<KeyPublic>> {
@@ -225,17 +380,131 @@ impl IdentityPlane {
         }
     }
 
+    /// Decides `req` and notes the deciding policies in `trail`, whatever the outcome.
+    fn decide_noted(&self, req: &PolicyRequest, trail: &mut Fields) -> Result<Decision> {
+        let d = self.policy.decide(req);
+        trail.policy_ids = d.policy_ids.clone();
+        if d.allowed {
+            Ok(d)
+        } else {
+            let mut why = d.explain();
+            if !d.errors.is_empty() {
+                why.push_str(&format!(" ({})", d.errors.join("; ")));
+            }
+            Err(IdentityError::Denied(why))
+        }
+    }
+
+    /// Appends the outcome of a request to the audit trail before it is answered: the
+    /// result passes through only if the event is durable (fail closed).
+    async fn record<T: Audited>(&self, result: Result<T>, mut trail: Fields) -> Result<T> {
+        let outcome = match &result {
+            Ok(v) => v.outcome(),
+            Err(e) => {
+                trail.reason = Some(e.to_string());
+                e.outcome()
+            }
+        };
+        if let Ok(v) = &result {
+            v.note(&mut trail);
+        }
+        self.audit.append(outcome, trail).await?;
+        result
+    }
+
+    /// Records a refusal that happened before a request reached the plane (an
+    /// attestation that did not verify, a caller that may not use this API) and returns
+    /// it.
+    pub async fn refuse(
+        &self,
+        kind: &str,
+        action: Action,
+        caller: Option<&str>,
+        error: IdentityError,
+    ) -> IdentityError {
+        let trail = Fields {
+            kind: kind.to_owned(),
+            action: action.as_str().to_owned(),
+            caller: caller.map(str::to_owned),
+            ..Fields::default()
+        };
+        match self.record::<()>(Err(error), trail).await {
+            Err(e) => e,
+            Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
+        }
+    }
+
+    /// The audit fields every agent request starts with.
+    fn trail(
+        &self,
+        kind: &str,
+        action: Action,
+        caller: Option<&str>,
+        agent: &Attestation,
+    ) -> Fields {
+        Fields {
+            kind: kind.to_owned(),
+            action: action.as_str().to_owned(),
+            subject: Some(agent.subject.clone()),
+            caller: caller.map(str::to_owned),
+            authn_method: Some(agent.method.to_string()),
+            attestation_issuer: Some(agent.issuer.clone()),
+            ..Fields::default()
+        }
+    }
+
     /// Admin actions by a cluster client: allowed only if policy permits `admin` on the
-    /// cluster for `Client::"<name>"`.
-    pub fn require_admin(&self, client: &str) -> Result<Decision> {
-        self.decide(&PolicyRequest {
+    /// cluster for `Client::"<name>"`. A refusal is audited as `what`.
+    pub async fn require_admin(&self, client: &str, what: &str) -> Result<Decision> {
+        self.require_client(client, Action::Admin, what).await
+    }
+
+    async fn require_client(&self, client: &str, action: Action, what: &str) -> Result<Decision> {
+        let req = PolicyRequest {
             principal: Principal::Client {
                 name: client.to_owned(),
             },
-            action: Action::Admin,
+            action,
             resource: Resource::Cluster,
             context: base_context(now()),
-        })
+        };
+        match self.decide(&req) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                let trail = Fields {
+                    kind: "admin".into(),
+                    action: what.to_owned(),
+                    caller: Some(client.to_owned()),
+                    resource: Some(Resource::Cluster.to_string()),
+                    policy_ids: self.policy.decide(&req).policy_ids,
+                    ..Fields::default()
+                };
+                Err(match self.record::<()>(Err(e), trail).await {
+                    Err(e) => e,
+                    Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
+                })
+            }
+        }
+    }
+
+    /// Records an administrative decision (a policy change).
+    pub async fn record_admin(
+        &self,
+        kind: &str,
+        action: &str,
+        caller: &str,
+        outcome: Outcome,
+        fill: impl FnOnce(&mut Fields),
+    ) -> Result<()> {
+        let mut trail = Fields {
+            kind: kind.to_owned(),
+            action: action.to_owned(),
+            caller: Some(caller.to_owned()),
+            ..Fields::default()
+        };
+        fill(&mut trail);
+        self.audit.append(outcome, trail).await?;
+        Ok(())
     }
 
     /// Authenticates an OIDC attestation JWT.
@@ -248,63 +517,84 @@ impl IdentityPlane {
         Ok(self.authn.verify_jwt(attestation.trim()).await?)
     }
 
-    /// Issues a token: checks deprovisioning and the task, asks policy, caps the
-    /// lifetime (policy, key rules, task end), and has the cluster sign it.
-    pub async fn issue(&self, req: TokenRequest) -> Result<Issued> {
+    /// Issues a token: checks deprovisioning and the task, asks policy (waiting for a
+    /// human if policy says so), caps the lifetime (policy, key rules, task end), binds
+    /// it to a DPoP key if asked, has the cluster sign it, and records the decision in
+    /// the audit trail before answering.
+    pub async fn issue(&self, req: TokenRequest) -> Result<IssueOutcome> {
+        let mut trail = self.trail(
+            "token",
+            Action::IssueToken,
+            req.caller.as_deref(),
+            &req.agent,
+        );
+        trail.resource = Some(Resource::Audience(req.audience.clone()).to_string());
+        trail.context = request_context(&req.scopes, req.ttl_seconds, &req.context);
+        trail.task_id = req.task_id.clone();
+        trail.approval_id = req.approval_id.clone();
+        let result = self.issue_inner(&req, &mut trail).await;
+        self.record(result, trail).await
+    }
+
+    async fn issue_inner(&self, req: &TokenRequest, trail: &mut Fields) -> Result<IssueOutcome> {
         let now = now();
         let agent = &req.agent;
-        if let Some(at) = self.store.agent_revoked_at(&agent.subject)? {
-            return Err(IdentityError::Denied(format!(
-                "agent {} was deprovisioned at {at}; it gets no tokens",
-                agent.subject
-            )));
-        }
+        self.not_deprovisioned(&agent.subject)?;
         validate_audience(&req.audience)?;
-        if req.scopes.len() > MAX_SCOPES {
-            return Err(IdentityError::Invalid(format!(
-                "{} scopes requested; at most {MAX_SCOPES}",
-                req.scopes.len()
-            )));
-        }
-        for s in &req.scopes {
-            if !token::valid_scope(s) {
-                return Err(IdentityError::Invalid(format!(
-                    "scope {s:?} is not a valid OAuth scope token (printable ASCII, no space, quote or backslash, at most 128 characters)"
-                )));
-            }
-        }
-        if req.ttl_seconds == 0 || req.ttl_seconds > HARD_MAX_TTL_SECONDS {
-            return Err(IdentityError::Invalid(format!(
-                "ttl {} s: must be 1 s to {HARD_MAX_TTL_SECONDS} s",
-                req.ttl_seconds
-            )));
-        }
+        validate_scopes(&req.scopes)?;
+        validate_ttl(req.ttl_seconds)?;
         let task = match &req.task_id {
             None => None,
             Some(id) => Some(self.running_task(id, &agent.subject, now)?),
         };
-        let context = base_context(now);
+        let jkt = match &req.dpop_proof {
+            Some(proof) => Some(self.check_dpop(proof, now, None)?),
+            None => None,
+        };
         let context = PolicyContext {
             scopes: req.scopes.clone(),
             ttl_seconds: req.ttl_seconds,
             task: req.task_id.clone(),
-            ..context
+            ..base_context(now)
         }
         .with_pairs(&req.context)
         .map_err(IdentityError::Invalid)?;
-        let decision = self.decide(&PolicyRequest {
-            principal: principal_of(agent),
-            action: Action::IssueToken,
-            resource: Resource::Audience(req.audience.clone()),
-            context,
-        })?;
-        if let Some(cap) = decision.max_ttl_seconds
-            && req.ttl_seconds > cap
-        {
-            return Err(IdentityError::Denied(format!(
-                "requested ttl {} s exceeds the {cap} s cap set by policy {}",
-                req.ttl_seconds,
-                decision.policy_ids.join(", ")
+        let resource = Resource::Audience(req.audience.clone());
+        let decision = self.decide_noted(
+            &PolicyRequest {
+                principal: principal_of(agent),
+                action: Action::IssueToken,
+                resource: resource.clone(),
+                context,
+            },
+            trail,
+        )?;
+        check_ttl_cap(&decision, req.ttl_seconds)?;
+        if decision.approval_required {
+            let pending = approval::Request {
+                agent: agent.subject.clone(),
+                action: Action::IssueToken.as_str().to_owned(),
+                resource: resource.to_string(),
+                scopes: req.scopes.clone(),
+                ttl_seconds: req.ttl_seconds,
+                task_id: req.task_id.clone(),
+                context: req.context.clone(),
+                jkt: jkt.clone(),
+            };
+            let id = match &req.approval_id {
+                Some(id) => id.clone(),
+                None => {
+                    self.open_approval(pending.clone(), &decision, req.caller.as_deref())
+                        .await?
+                }
+            };
+            trail.approval_id = Some(id.clone());
+            if let Some(expires_at) = self.await_approval(&id, &pending, req.wait).await? {
+                return Ok(IssueOutcome::Pending { id, expires_at });
+            }
+        } else if let Some(id) = &req.approval_id {
+            return Err(IdentityError::Invalid(format!(
+                "approval {id} given, but policy does not ask for approval of this request"
             )));
         }
         let ttl = i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX);
@@ -313,7 +603,6 @@ impl IdentityPlane {
             // A token never outlives its task.
             exp = exp.min(t.expires_at);
         }
-        let jti = self.random_id()?;
         let claims = AccessClaims {
             iss: self.cfg.issuer.clone(),
             sub: agent.subject.clone(),
@@ -322,33 +611,432 @@ impl IdentityPlane {
             iat: now,
             nbf: now,
             exp,
-            jti,
+            jti: self.random_id()?,
             scope: req.scopes.join(" "),
             task_id: req.task_id.clone(),
-            attestation: AttestationClaim {
-                iss: agent.issuer.clone(),
-                sub: agent.external_subject.clone(),
-                method: agent.method.to_string(),
+            attestation: attestation_claim(agent),
+            act: None,
+            cnf: jkt.map(|jkt| Confirmation { jkt }),
+        };
+        if decision.approval_required
+            && let Some(id) = &trail.approval_id
+        {
+            // Spent before signing, so that two polls cannot both get a token.
+            self.approvals.take(id)?;
+        }
+        Ok(IssueOutcome::Issued(Box::new(
+            self.sign(claims, decision.policy_ids).await?,
+        )))
+    }
+
+    fn not_deprovisioned(&self, subject: &str) -> Result<()> {
+        match self.store.agent_revoked_at(subject)? {
+            Some(at) => Err(IdentityError::Denied(format!(
+                "agent {subject} was deprovisioned at {at}; it gets nothing"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Verifies a DPoP proof for the token endpoint (`POST <issuer>/token`), or for the
+    /// token `ath` names, refuses a replayed one, and returns its key's thumbprint.
+    fn check_dpop(&self, proof: &str, now: i64, access_token: Option<&str>) -> Result<String> {
+        let htu = format!("{}/token", self.cfg.issuer);
+        let p = quorate_proto::dpop::verify(
+            proof.trim(),
+            &quorate_proto::dpop::Expect {
+                htm: "POST",
+                htu: &htu,
+                now,
+                max_age_seconds: DPOP_MAX_AGE_SECONDS,
+                access_token,
+            },
+        )
+        .map_err(|e| IdentityError::Invalid(format!("DPoP proof refused: {e}")))?;
+        let until = p.iat.saturating_add(DPOP_MAX_AGE_SECONDS);
+        if !self.dpop_seen.check_and_insert(&p.jkt, &p.jti, until, now) {
+            return Err(IdentityError::Invalid(
+                "DPoP proof refused: its jti was already used (RFC 9449 §11.1); make a fresh proof"
+                    .into(),
+            ));
+        }
+        Ok(p.jkt)
+    }
+
+    async fn open_approval(
+        &self,
+        request: approval::Request,
+        decision: &Decision,
+        caller: Option<&str>,
+    ) -> Result<String> {
+        let id = format!("apr-{}", hex::encode(self.random_bytes()?));
+        let p = self.approvals.open(
+            id.clone(),
+            request,
+            decision.policy_ids.clone(),
+            now(),
+            self.cfg.approval_ttl_seconds,
+        );
+        self.audit
+            .append(Outcome::Pending, approval_fields(&p, "request", caller))
+            .await?;
+        tracing::info!(approval = %id, agent = %p.request.agent, "request waits for approval");
+        Ok(id)
+    }
+
+    /// Waits up to `wait` for approval `id`: `None` once approved, `Some(expiry)` if
+    /// still pending; an error if it was rejected, expired or used.
+    async fn await_approval(
+        &self,
+        id: &str,
+        request: &approval::Request,
+        wait: std::time::Duration,
+    ) -> Result<Option<i64>> {
+        let deadline = tokio::time::Instant::now() + wait.min(approval::MAX_WAIT);
+        loop {
+            self.sweep_approvals().await?;
+            let (p, changed) = self.approvals.get(id, request)?;
+            match p.state {
+                approval::State::Approved => return Ok(None),
+                approval::State::Pending => {}
+                approval::State::Rejected => {
+                    return Err(IdentityError::Denied(format!(
+                        "approval {id} was rejected by {}{}",
+                        p.decided_by.as_deref().unwrap_or("an approver"),
+                        p.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    )));
+                }
+                approval::State::Expired => {
+                    return Err(IdentityError::Denied(format!(
+                        "approval {id} expired at {} before an approver decided",
+                        p.expires_at
+                    )));
+                }
+                approval::State::Used => {
+                    return Err(IdentityError::Denied(format!(
+                        "approval {id} was already used"
+                    )));
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(Some(p.expires_at));
+            }
+            let step = left.min(std::time::Duration::from_millis(250));
+            let _ = tokio::time::timeout(step, changed.notified()).await;
+        }
+    }
+
+    /// Expires due approval requests and records each in the audit trail.
+    pub async fn sweep_approvals(&self) -> Result<()> {
+        for p in self.approvals.expire_due(now()) {
+            self.audit
+                .append(Outcome::Expired, approval_fields(&p, "expire", None))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Approval requests (pending only unless `all`), for an approver.
+    pub async fn list_approvals(&self, caller: &str, all: bool) -> Result<Vec<approval::Pending>> {
+        self.require_client(caller, Action::Approve, "list_approvals")
+            .await?;
+        self.sweep_approvals().await?;
+        Ok(self.approvals.list(all))
+    }
+
+    /// An approver approves or rejects a pending request.
+    pub async fn decide_approval(
+        &self,
+        caller: &str,
+        id: &str,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<approval::Pending> {
+        let what = if approve { "approve" } else { "reject" };
+        let d = self.require_client(caller, Action::Approve, what).await?;
+        self.sweep_approvals().await?;
+        let p = match self.approvals.decide(id, approve, caller, reason) {
+            Ok(p) => p,
+            Err(e) => {
+                let trail = Fields {
+                    kind: "approval".into(),
+                    action: what.into(),
+                    caller: Some(caller.to_owned()),
+                    approval_id: Some(id.to_owned()),
+                    policy_ids: d.policy_ids,
+                    ..Fields::default()
+                };
+                return self.record(Err(e.into()), trail).await;
+            }
+        };
+        let mut fields = approval_fields(&p, what, Some(caller));
+        fields.policy_ids = d.policy_ids;
+        let outcome = if approve {
+            Outcome::Approved
+        } else {
+            Outcome::Rejected
+        };
+        self.audit.append(outcome, fields).await?;
+        tracing::info!(approval = %id, approver = %caller, approve, "approval decided");
+        Ok(p)
+    }
+
+    /// RFC 8693 token exchange: a token for a sub-agent, on behalf of the subject token's
+    /// subject, with scopes that only narrow, a lifetime within the subject token's, and
+    /// the actor chain nested in `act`. Policy decides `exchange_token` for the actor
+    /// and sees the chain (`context.on_behalf_of`, `context.actors`).
+    pub async fn exchange(&self, req: ExchangeRequest) -> Result<Issued> {
+        let mut trail = self.trail(
+            "exchange",
+            Action::ExchangeToken,
+            req.caller.as_deref(),
+            &req.actor,
+        );
+        trail.authn_method = Some(format!("token-exchange+{}", req.actor.method));
+        trail.context = request_context(&req.scopes, req.ttl_seconds, &req.context);
+        let result = self.exchange_inner(&req, &mut trail).await;
+        if let Ok(i) = &result {
+            trail.context.insert(
+                "actors".into(),
+                i.claims
+                    .act
+                    .as_ref()
+                    .map(|a| a.chain().join(" "))
+                    .unwrap_or_default(),
+            );
+            trail
+                .context
+                .insert("on_behalf_of".into(), i.claims.sub.clone());
+        }
+        self.record(result, trail).await
+    }
+
+    async fn exchange_inner(&self, req: &ExchangeRequest, trail: &mut Fields) -> Result<Issued> {
+        let now = now();
+        let subject = token::verify(
+            req.subject_token.trim(),
+            &self.verification_keys()?,
+            &self.cfg.issuer,
+        )
+        .map_err(|e| IdentityError::Denied(format!("subject token refused: {e}")))?;
+        trail.jti = Some(subject.jti.clone());
+        if let Some(why) = self.why_revoked(&subject, now)? {
+            return Err(IdentityError::Denied(format!(
+                "subject token refused: {why}"
+            )));
+        }
+        let actor = &req.actor;
+        self.not_deprovisioned(&actor.subject)?;
+        self.not_deprovisioned(&subject.sub)?;
+        let audience = if req.audience.is_empty() {
+            subject.aud.clone()
+        } else {
+            req.audience.clone()
+        };
+        trail.resource = Some(Resource::Audience(audience.clone()).to_string());
+        trail.task_id = subject.task_id.clone();
+        if audience != subject.aud {
+            return Err(IdentityError::Denied(format!(
+                "audience {audience:?} differs from the subject token's {:?}: a delegated token cannot widen its audience",
+                subject.aud
+            )));
+        }
+        let held: Vec<&str> = subject.scope.split(' ').filter(|s| !s.is_empty()).collect();
+        let scopes: Vec<String> = if req.scopes.is_empty() {
+            held.iter().map(|s| (*s).to_owned()).collect()
+        } else {
+            req.scopes.clone()
+        };
+        validate_scopes(&scopes)?;
+        if let Some(wider) = scopes.iter().find(|s| !held.contains(&s.as_str())) {
+            return Err(IdentityError::Denied(format!(
+                "scope {wider:?} is not in the subject token's scopes ({}): a delegated token can only narrow",
+                subject.scope
+            )));
+        }
+        validate_ttl(req.ttl_seconds)?;
+        let mut chain = subject.act.as_ref().map(Actor::chain).unwrap_or_default();
+        chain.insert(0, actor.subject.clone());
+        if chain.len() > MAX_DELEGATION_DEPTH {
+            return Err(IdentityError::Denied(format!(
+                "delegation chain of {} actors; at most {MAX_DELEGATION_DEPTH}",
+                chain.len()
+            )));
+        }
+        let jkt = match (&subject.cnf, &req.dpop_proof) {
+            (Some(cnf), Some(proof)) => {
+                let jkt = self.check_dpop(proof, now, None)?;
+                if jkt != cnf.jkt {
+                    return Err(IdentityError::Denied(
+                        "the DPoP proof is not by the key the subject token is bound to".into(),
+                    ));
+                }
+                Some(jkt)
+            }
+            (Some(_), None) => {
+                return Err(IdentityError::Denied(
+                    "the subject token is DPoP-bound: prove possession of its key with a DPoP proof".into(),
+                ));
+            }
+            (None, Some(proof)) => Some(self.check_dpop(proof, now, None)?),
+            (None, None) => None,
+        };
+        let context = PolicyContext {
+            scopes: scopes.clone(),
+            ttl_seconds: req.ttl_seconds,
+            task: subject.task_id.clone(),
+            on_behalf_of: Some(subject.sub.clone()),
+            actors: Some(chain),
+            ..base_context(now)
+        }
+        .with_pairs(&req.context)
+        .map_err(IdentityError::Invalid)?;
+        let decision = self.decide_noted(
+            &PolicyRequest {
+                principal: principal_of(actor),
+                action: Action::ExchangeToken,
+                resource: Resource::Audience(audience.clone()),
+                context,
+            },
+            trail,
+        )?;
+        if decision.approval_required {
+            return Err(IdentityError::Denied(format!(
+                "policy {} asks for approval, which token exchange does not support: ask for a token with IssueToken",
+                decision.policy_ids.join(", ")
+            )));
+        }
+        check_ttl_cap(&decision, req.ttl_seconds)?;
+        let ttl = i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX);
+        let claims = AccessClaims {
+            iss: self.cfg.issuer.clone(),
+            sub: subject.sub.clone(),
+            aud: audience,
+            client_id: actor.subject.clone(),
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(ttl).min(subject.exp),
+            jti: self.random_id()?,
+            scope: scopes.join(" "),
+            task_id: subject.task_id.clone(),
+            attestation: attestation_claim(actor),
+            act: Some(Actor {
+                sub: actor.subject.clone(),
+                act: subject.act.clone().map(Box::new),
+            }),
+            cnf: jkt.map(|jkt| Confirmation { jkt }),
+        };
+        self.sign(claims, decision.policy_ids).await
+    }
+
+    /// A confidential credential (DESIGN.md §4.6) for (key, target, agent, task, the
+    /// task's window): policy decides `request_credential` on `Target::"<target>"`, the
+    /// cluster answers a threshold DH masked to the requester's key. The coordinator
+    /// never sees the credential; the audit names it by a fingerprint of its context.
+    pub async fn request_credential(&self, ask: CredentialAsk) -> Result<CredentialGrant> {
+        let mut trail = match &ask.requester {
+            CredentialRequester::Agent(a) => self.trail(
+                "credential",
+                Action::RequestCredential,
+                ask.caller.as_deref(),
+                a,
+            ),
+            CredentialRequester::Resource { client, agent } => Fields {
+                kind: "credential".into(),
+                action: Action::RequestCredential.as_str().into(),
+                subject: Some(agent.clone()),
+                caller: Some(client.clone()),
+                authn_method: Some("client-certificate".into()),
+                ..Fields::default()
             },
         };
-        let (token, kid) = self.sign(&claims).await?;
-        tracing::info!(
-            sub = %claims.sub, aud = %claims.aud, jti = %claims.jti, exp = claims.exp,
-            task = claims.task_id.as_deref().unwrap_or("-"),
-            policies = %decision.policy_ids.join(","),
-            "token issued"
-        );
-        Ok(Issued {
-            token,
-            claims,
-            kid,
+        trail.resource = Some(Resource::Target(ask.target.clone()).to_string());
+        trail.task_id = Some(ask.task_id.clone());
+        trail.context = ask.context.clone();
+        let result = self.credential_inner(&ask, &mut trail).await;
+        self.record(result, trail).await
+    }
+
+    async fn credential_inner(
+        &self,
+        ask: &CredentialAsk,
+        trail: &mut Fields,
+    ) -> Result<CredentialGrant> {
+        let now = now();
+        validate_target(&ask.target)?;
+        let (principal, agent) = match &ask.requester {
+            CredentialRequester::Agent(a) => (principal_of(a), a.subject.clone()),
+            CredentialRequester::Resource { client, agent } => (
+                Principal::Client {
+                    name: client.clone(),
+                },
+                agent.clone(),
+            ),
+        };
+        self.not_deprovisioned(&agent)?;
+        let task = self.running_task(&ask.task_id, &agent, now)?;
+        let resource_agent = match &ask.requester {
+            CredentialRequester::Resource { agent, .. } => Some(agent.clone()),
+            CredentialRequester::Agent(_) => None,
+        };
+        let context = PolicyContext {
+            task: Some(task.id.clone()),
+            agent: resource_agent,
+            ..base_context(now)
+        }
+        .with_pairs(&ask.context)
+        .map_err(IdentityError::Invalid)?;
+        let decision = self.decide_noted(
+            &PolicyRequest {
+                principal,
+                action: Action::RequestCredential,
+                resource: Resource::Target(ask.target.clone()),
+                context,
+            },
+            trail,
+        )?;
+        if decision.approval_required {
+            return Err(IdentityError::Denied(format!(
+                "policy {} asks for approval, which credential requests do not support yet",
+                decision.policy_ids.join(", ")
+            )));
+        }
+        let name = &self.cfg.credential_key;
+        let key = self.cluster.key(name).map_err(|e| match e {
+            CoordError::NotFound(_) => IdentityError::Precondition(format!(
+                "no credential key named {name}: create it with `quorate key create {name} --purpose derive`"
+            )),
+            other => other.into(),
+        })?;
+        let ctx = credential_context(name, &key.key_id.to_string(), &ask.target, &agent, &task);
+        trail.credential = Some(credential_fingerprint(&ctx));
+        trail.key = Some(name.clone());
+        let (resp, nodes) = self
+            .cluster
+            .dh(
+                name,
+                quorate_crypto::tdh::DhInput::Derive {
+                    context: ctx.clone(),
+                },
+                ask.requester_public,
+            )
+            .await?;
+        use quorate_crypto::wire::Wire as _;
+        Ok(CredentialGrant {
+            masked: resp.to_bytes(),
+            context: ctx,
+            not_before: task.created_at,
+            not_after: task.expires_at,
+            key: name.clone(),
+            nodes,
             policy_ids: decision.policy_ids,
         })
     }
 
     /// Threshold-signs `claims` under the current version of the token key (one retry
     /// if the key rotates between building the header and signing).
-    async fn sign(&self, claims: &AccessClaims) -> Result<(String, String)> {
+    async fn sign(&self, claims: AccessClaims, policy_ids: Vec<String>) -> Result<Issued> {
         let name = &self.cfg.signing_key;
         let mut last = None;
         for _ in 0..2 {
@@ -381,13 +1069,27 @@ impl IdentityPlane {
                     )));
                 }
             }
-            let input = token::signing_input(&kid, claims).map_err(IdentityError::Invalid)?;
+            let input = token::signing_input(&kid, &claims).map_err(IdentityError::Invalid)?;
             match self
                 .cluster
                 .sign_jws(name, key.public.key_id, input.as_bytes())
                 .await
             {
-                Ok((sig, _)) => return Ok((token::assemble(&input, &sig.to_raw()), kid)),
+                Ok((sig, _, nodes)) => {
+                    tracing::info!(
+                        sub = %claims.sub, aud = %claims.aud, jti = %claims.jti, exp = claims.exp,
+                        task = claims.task_id.as_deref().unwrap_or("-"),
+                        policies = %policy_ids.join(","),
+                        "token issued"
+                    );
+                    return Ok(Issued {
+                        token: token::assemble(&input, &sig.to_raw()),
+                        claims,
+                        kid,
+                        policy_ids,
+                        nodes,
+                    });
+                }
                 Err(CoordError::Rotated(why)) => last = Some(CoordError::Rotated(why)),
                 Err(e) => return Err(e.into()),
             }
@@ -470,44 +1172,92 @@ impl IdentityPlane {
 
     /// RFC 7009 revocation of a whole token (its jti). A token that is not ours is
     /// `Invalid` (the HTTP endpoint answers 200 anyway, as the RFC asks).
-    pub fn revoke_token(&self, caller: &str, token: &str) -> Result<String> {
-        let claims = token::verify(token.trim(), &self.verification_keys()?, &self.cfg.issuer)
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        self.store.revoke_jti(&claims.jti, claims.exp)?;
-        tracing::info!(%caller, jti = %claims.jti, "token revoked");
-        Ok(format!("token {} revoked", claims.jti))
+    pub async fn revoke_token(&self, caller: &str, token: &str) -> Result<String> {
+        let mut trail = self.admin_trail("revocation", "revoke_token", caller);
+        let result = match token::verify(token.trim(), &self.verification_keys()?, &self.cfg.issuer)
+        {
+            Err(e) => Err(IdentityError::Invalid(e.to_string())),
+            Ok(claims) => {
+                trail.jti = Some(claims.jti.clone());
+                trail.subject = Some(claims.sub.clone());
+                self.store
+                    .revoke_jti(&claims.jti, claims.exp)
+                    .map(|()| format!("token {} revoked", claims.jti))
+                    .map_err(IdentityError::from)
+            }
+        };
+        self.record_string(result, trail).await
     }
 
     /// Revokes a token id.
-    pub fn revoke_jti(&self, caller: &str, jti: &str) -> Result<String> {
-        if jti.is_empty() || jti.len() > 64 {
-            return Err(IdentityError::Invalid("jti must be 1-64 characters".into()));
-        }
-        // Kept until the longest lifetime a token could have.
-        let until = now().saturating_add(i64::try_from(HARD_MAX_TTL_SECONDS).unwrap_or(0));
-        self.store.revoke_jti(jti, until)?;
-        tracing::info!(%caller, %jti, "token id revoked");
-        Ok(format!("token {jti} revoked"))
+    pub async fn revoke_jti(&self, caller: &str, jti: &str) -> Result<String> {
+        let mut trail = self.admin_trail("revocation", "revoke_jti", caller);
+        trail.jti = Some(jti.chars().take(64).collect());
+        let result = if jti.is_empty() || jti.len() > 64 {
+            Err(IdentityError::Invalid("jti must be 1-64 characters".into()))
+        } else {
+            // Kept until the longest lifetime a token could have.
+            let until = now().saturating_add(i64::try_from(HARD_MAX_TTL_SECONDS).unwrap_or(0));
+            self.store
+                .revoke_jti(jti, until)
+                .map(|()| format!("token {jti} revoked"))
+                .map_err(IdentityError::from)
+        };
+        self.record_string(result, trail).await
     }
 
     /// Deprovisions an agent: its tokens stop introspecting as active and it gets no new
     /// ones.
-    pub fn revoke_agent(&self, caller: &str, subject: &str) -> Result<String> {
-        if !subject.starts_with("spiffe://") {
-            return Err(IdentityError::Invalid(format!(
+    pub async fn revoke_agent(&self, caller: &str, subject: &str) -> Result<String> {
+        let mut trail = self.admin_trail("revocation", "revoke_agent", caller);
+        trail.subject = Some(subject.chars().take(512).collect());
+        let result = if subject.starts_with("spiffe://") {
+            self.store
+                .revoke_agent(subject, now())
+                .map(|at| format!("agent {subject} deprovisioned at {at}"))
+                .map_err(IdentityError::from)
+        } else {
+            Err(IdentityError::Invalid(format!(
                 "agent {subject:?}: give the agent's subject, spiffe://{}/agent/<issuer>/<subject>",
                 self.cfg.domain
-            )));
+            )))
+        };
+        self.record_string(result, trail).await
+    }
+
+    fn admin_trail(&self, kind: &str, action: &str, caller: &str) -> Fields {
+        Fields {
+            kind: kind.to_owned(),
+            action: action.to_owned(),
+            caller: Some(caller.to_owned()),
+            ..Fields::default()
         }
-        let at = self.store.revoke_agent(subject, now())?;
-        tracing::info!(%caller, agent = %subject, at, "agent deprovisioned");
-        Ok(format!("agent {subject} deprovisioned at {at}"))
+    }
+
+    async fn record_string(&self, result: Result<String>, mut trail: Fields) -> Result<String> {
+        if let Ok(what) = &result {
+            tracing::info!(caller = trail.caller.as_deref().unwrap_or("-"), %what, "revocation");
+            trail.reason = Some(what.clone());
+        }
+        self.record(result.map(Said), trail).await.map(|s| s.0)
     }
 
     /// Starts a task, optionally bound to the attested agent.
-    pub fn start_task(
+    pub async fn start_task(
         &self,
         caller: &str,
+        agent: Option<String>,
+        ttl_seconds: u64,
+        description: String,
+    ) -> Result<Task> {
+        let mut trail = self.admin_trail("task", "start_task", caller);
+        trail.subject = agent.clone();
+        let result = self.start_task_inner(agent, ttl_seconds, description);
+        self.record(result, trail).await
+    }
+
+    fn start_task_inner(
+        &self,
         agent: Option<String>,
         ttl_seconds: u64,
         description: String,
@@ -526,31 +1276,205 @@ impl IdentityPlane {
         let ttl = i64::try_from(ttl_seconds).unwrap_or(i64::MAX);
         let task = store::new_task(id, agent, now(), ttl, description);
         self.store.put_task(&task)?;
-        tracing::info!(%caller, task = %task.id, exp = task.expires_at, "task started");
+        tracing::info!(task = %task.id, exp = task.expires_at, "task started");
         Ok(task)
     }
 
-    /// Ends a task: its tokens stop introspecting as active, no new ones are issued.
-    pub fn end_task(&self, caller: &str, id: &str) -> Result<Task> {
-        let task = self
+    /// Ends a task: its tokens stop introspecting as active, no new ones are issued, and
+    /// its credentials are refused.
+    pub async fn end_task(&self, caller: &str, id: &str) -> Result<Task> {
+        let mut trail = self.admin_trail("task", "end_task", caller);
+        trail.task_id = Some(id.chars().take(128).collect());
+        let result = self
             .store
-            .end_task(id, now())?
-            .ok_or_else(|| IdentityError::NotFound(format!("no task {id}")))?;
-        tracing::info!(%caller, task = %id, "task ended");
-        Ok(task)
+            .end_task(id, now())
+            .map_err(IdentityError::from)
+            .and_then(|t| t.ok_or_else(|| IdentityError::NotFound(format!("no task {id}"))));
+        self.record(result, trail).await
     }
 }
 
+/// A plain confirmation the audit trail records as the event's reason.
+struct Said(String);
+
+impl Audited for Said {}
+
 fn base_context(now: i64) -> PolicyContext {
     PolicyContext {
-        scopes: Vec::new(),
-        ttl_seconds: 0,
-        task: None,
-        environment: None,
-        tool: None,
-        data_sensitivity: None,
         now,
+        ..PolicyContext::default()
     }
+}
+
+/// A result the audit trail records: its outcome and what it adds to the event.
+trait Audited {
+    fn outcome(&self) -> Outcome {
+        Outcome::Allow
+    }
+    fn note(&self, _trail: &mut Fields) {}
+}
+
+impl Audited for () {}
+
+impl Audited for Issued {
+    fn note(&self, trail: &mut Fields) {
+        trail.jti = Some(self.claims.jti.clone());
+        trail.nodes = self.nodes.clone();
+        trail.key = Some(self.kid.clone());
+        if let Some(cnf) = &self.claims.cnf {
+            trail.context.insert("dpop_jkt".into(), cnf.jkt.clone());
+        }
+    }
+}
+
+impl Audited for IssueOutcome {
+    fn outcome(&self) -> Outcome {
+        match self {
+            IssueOutcome::Issued(_) => Outcome::Allow,
+            IssueOutcome::Pending { .. } => Outcome::Pending,
+        }
+    }
+    fn note(&self, trail: &mut Fields) {
+        match self {
+            IssueOutcome::Issued(i) => i.note(trail),
+            IssueOutcome::Pending { id, .. } => trail.approval_id = Some(id.clone()),
+        }
+    }
+}
+
+impl Audited for CredentialGrant {
+    fn note(&self, trail: &mut Fields) {
+        trail.nodes = self.nodes.clone();
+    }
+}
+
+impl Audited for approval::Pending {}
+
+impl Audited for Task {
+    fn note(&self, trail: &mut Fields) {
+        trail.task_id = Some(self.id.clone());
+    }
+}
+
+/// The audit context of a token request: scopes, lifetime and the caller's facts.
+fn request_context(
+    scopes: &[String],
+    ttl_seconds: u64,
+    extra: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut c = extra.clone();
+    c.insert("scopes".into(), scopes.join(" "));
+    c.insert("ttl_seconds".into(), ttl_seconds.to_string());
+    c
+}
+
+fn approval_fields(p: &approval::Pending, action: &str, caller: Option<&str>) -> Fields {
+    Fields {
+        kind: "approval".into(),
+        action: action.to_owned(),
+        subject: Some(p.request.agent.clone()),
+        caller: caller.map(str::to_owned),
+        resource: Some(p.request.resource.clone()),
+        context: request_context(&p.request.scopes, p.request.ttl_seconds, &p.request.context),
+        policy_ids: p.policy_ids.clone(),
+        reason: p.reason.clone(),
+        task_id: p.request.task_id.clone(),
+        approval_id: Some(p.id.clone()),
+        ..Fields::default()
+    }
+}
+
+fn attestation_claim(a: &Attestation) -> AttestationClaim {
+    AttestationClaim {
+        iss: a.issuer.clone(),
+        sub: a.external_subject.clone(),
+        method: a.method.to_string(),
+    }
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<()> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(IdentityError::Invalid(format!(
+            "{} scopes requested; at most {MAX_SCOPES}",
+            scopes.len()
+        )));
+    }
+    for s in scopes {
+        if !token::valid_scope(s) {
+            return Err(IdentityError::Invalid(format!(
+                "scope {s:?} is not a valid OAuth scope token (printable ASCII, no space, quote or backslash, at most 128 characters)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn validate_ttl(ttl_seconds: u64) -> Result<()> {
+    if ttl_seconds == 0 || ttl_seconds > HARD_MAX_TTL_SECONDS {
+        return Err(IdentityError::Invalid(format!(
+            "ttl {ttl_seconds} s: must be 1 s to {HARD_MAX_TTL_SECONDS} s"
+        )));
+    }
+    Ok(())
+}
+
+fn check_ttl_cap(decision: &Decision, ttl_seconds: u64) -> Result<()> {
+    match decision.max_ttl_seconds {
+        Some(cap) if ttl_seconds > cap => Err(IdentityError::Denied(format!(
+            "requested ttl {ttl_seconds} s exceeds the {cap} s cap set by policy {}",
+            decision.policy_ids.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn validate_target(target: &str) -> Result<()> {
+    let ok = !target.is_empty()
+        && target.len() <= 256
+        && target
+            .chars()
+            .all(|c| !c.is_control() && !c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Invalid(
+            "credential target must be 1-256 characters without spaces".into(),
+        ))
+    }
+}
+
+/// The canonical, versioned context of a credential (DESIGN.md §4.6): every field
+/// length-prefixed, so no two field lists encode alike.
+pub fn credential_context(
+    key_name: &str,
+    key_id: &str,
+    target: &str,
+    agent: &str,
+    task: &Task,
+) -> Vec<u8> {
+    let mut out = b"QUORATE-CREDENTIAL-V1".to_vec();
+    let not_before = task.created_at.to_string();
+    let not_after = task.expires_at.to_string();
+    for field in [
+        key_name,
+        key_id,
+        target,
+        agent,
+        task.id.as_str(),
+        not_before.as_str(),
+        not_after.as_str(),
+    ] {
+        out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+/// Names a credential in the audit trail without revealing it: a digest of its public
+/// context (the coordinator never holds the credential itself).
+pub fn credential_fingerprint(context: &[u8]) -> String {
+    let d = sha2::Sha256::digest(context);
+    format!("cred-{}", hex::encode(d.get(..16).unwrap_or(&[])))
 }
 
 fn principal_of(a: &Attestation) -> Principal {

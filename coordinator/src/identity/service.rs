@@ -4,11 +4,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quorate_proto::api::{self, identity_service_server::IdentityService, revoke_request::Target};
+use quorate_proto::api::{
+    self, approval_service_server::ApprovalService, audit_service_server::AuditService,
+    identity_service_server::IdentityService, revoke_request::Target,
+};
 use quorate_proto::tls::Role;
 use tonic::{Request, Response, Status};
 
-use super::{IdentityPlane, TokenRequest};
+use std::time::Duration;
+
+use super::{
+    CredentialAsk, CredentialRequester, ExchangeRequest, IdentityError, IdentityPlane,
+    IssueOutcome, Issued, TokenRequest,
+};
+use crate::audit::record::Outcome;
+use crate::authn::Attestation;
+use crate::policy::Action;
 
 /// The gRPC face of the identity plane.
 #[derive(Clone)]
@@ -55,10 +66,55 @@ impl IdentityApi {
         }
     }
 
-    fn admin<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    async fn admin<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
         let caller = self.caller(req)?;
-        self.plane.require_admin(&caller)?;
+        self.plane.require_admin(&caller, what).await?;
         Ok(caller)
+    }
+
+    /// The agent behind a request: its X.509-SVID on the agent listener (where the
+    /// attestation field must be empty), else the attestation JWT from a cluster client.
+    /// A refusal is audited.
+    async fn agent<T>(
+        &self,
+        request: &Request<T>,
+        attestation: &str,
+        kind: &str,
+        action: Action,
+    ) -> Result<(Option<String>, Attestation), Status> {
+        if self.agents {
+            let verified = match quorate_proto::transport::peer_chain_of(request) {
+                None => Err(IdentityError::Invalid("no X.509-SVID on this connection".into())),
+                Some(chain) => self
+                    .plane
+                    .authn()
+                    .verify_svid(&chain)
+                    .map_err(IdentityError::from),
+            }
+            .and_then(|a| {
+                if attestation.is_empty() {
+                    Ok(a)
+                } else {
+                    Err(IdentityError::Invalid(
+                        "on the agent listener the X.509-SVID is the attestation: leave the attestation field empty".into(),
+                    ))
+                }
+            });
+            match verified {
+                Ok(a) => Ok((None, a)),
+                Err(e) => Err(self.plane.refuse(kind, action, None, e).await.into()),
+            }
+        } else {
+            let caller = self.caller(request)?;
+            match self.plane.authenticate(attestation).await {
+                Ok(a) => Ok((Some(caller), a)),
+                Err(e) => Err(self
+                    .plane
+                    .refuse(kind, action, Some(&caller), e)
+                    .await
+                    .into()),
+            }
+        }
     }
 }
 
@@ -68,6 +124,28 @@ fn policy_info(i: crate::policy::PolicyInfo) -> api::PolicyInfo {
         policy_ids: i.policy_ids,
         activated_at: i.activated_at,
         source: i.source,
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn token_reply(issued: Issued) -> api::IssueTokenReply {
+    let token_type = if issued.claims.cnf.is_some() {
+        "DPoP"
+    } else {
+        "Bearer"
+    };
+    api::IssueTokenReply {
+        access_token: issued.token,
+        jti: issued.claims.jti,
+        expires_at: issued.claims.exp,
+        subject: issued.claims.sub,
+        kid: issued.kid,
+        policy_ids: issued.policy_ids,
+        token_type: token_type.into(),
+        ..Default::default()
     }
 }
 
@@ -88,48 +166,116 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::IssueTokenRequest>,
     ) -> Result<Response<api::IssueTokenReply>, Status> {
-        let (caller, agent) = if self.agents {
-            let chain = quorate_proto::transport::peer_chain_of(&request)
-                .ok_or_else(|| Status::unauthenticated("no X.509-SVID on this connection"))?;
-            let agent = self
-                .plane
-                .authn()
-                .verify_svid(&chain)
-                .map_err(|e| Status::from(super::IdentityError::from(e)))?;
-            if !request.get_ref().attestation.is_empty() {
-                return Err(Status::invalid_argument(
-                    "on the agent listener the X.509-SVID is the attestation: leave `attestation` empty",
-                ));
-            }
-            (agent.subject.clone(), agent)
-        } else {
-            let caller = self.caller(&request)?;
-            let agent = self
-                .plane
-                .authenticate(&request.get_ref().attestation)
-                .await?;
-            (caller, agent)
-        };
+        let attestation = request.get_ref().attestation.clone();
+        let (caller, agent) = self
+            .agent(&request, &attestation, "token", Action::IssueToken)
+            .await?;
         let r = request.into_inner();
-        let issued = self
+        let outcome = self
             .plane
             .issue(TokenRequest {
                 agent,
                 audience: r.audience,
                 scopes: r.scopes,
                 ttl_seconds: u64::from(r.ttl_seconds),
-                task_id: (!r.task_id.is_empty()).then_some(r.task_id),
+                task_id: non_empty(r.task_id),
                 context: r.context.into_iter().collect::<BTreeMap<_, _>>(),
+                caller,
+                dpop_proof: non_empty(r.dpop_proof),
+                wait: Duration::from_secs(u64::from(r.wait_seconds)),
+                approval_id: non_empty(r.approval_id),
             })
             .await?;
-        tracing::debug!(%caller, jti = %issued.claims.jti, "IssueToken");
-        Ok(Response::new(api::IssueTokenReply {
-            access_token: issued.token,
-            jti: issued.claims.jti,
-            expires_at: issued.claims.exp,
-            subject: issued.claims.sub,
-            kid: issued.kid,
-            policy_ids: issued.policy_ids,
+        Ok(Response::new(match outcome {
+            IssueOutcome::Issued(issued) => token_reply(*issued),
+            IssueOutcome::Pending { id, expires_at } => api::IssueTokenReply {
+                pending_approval: id,
+                approval_expires_at: expires_at,
+                ..Default::default()
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn exchange_token(
+        &self,
+        request: Request<api::ExchangeTokenRequest>,
+    ) -> Result<Response<api::IssueTokenReply>, Status> {
+        let attestation = request.get_ref().actor_attestation.clone();
+        let (caller, actor) = self
+            .agent(&request, &attestation, "exchange", Action::ExchangeToken)
+            .await?;
+        let r = request.into_inner();
+        let issued = self
+            .plane
+            .exchange(ExchangeRequest {
+                subject_token: r.subject_token,
+                actor,
+                audience: r.audience,
+                scopes: r.scopes,
+                ttl_seconds: u64::from(r.ttl_seconds),
+                dpop_proof: non_empty(r.dpop_proof),
+                context: r.context.into_iter().collect(),
+                caller,
+            })
+            .await?;
+        Ok(Response::new(token_reply(issued)))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn request_credential(
+        &self,
+        request: Request<api::CredentialRequest>,
+    ) -> Result<Response<api::CredentialReply>, Status> {
+        let requester_public =
+            quorate_crypto::Point::from_bytes(&request.get_ref().requester_public)
+                .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
+        let (caller, requester) = if !self.agents && !request.get_ref().agent.is_empty() {
+            if !request.get_ref().attestation.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either an attestation (an agent asks) or an agent (a resource derives the agent's credential), not both",
+                ));
+            }
+            let client = self.caller(&request)?;
+            (
+                Some(client.clone()),
+                CredentialRequester::Resource {
+                    client,
+                    agent: request.get_ref().agent.clone(),
+                },
+            )
+        } else {
+            let attestation = request.get_ref().attestation.clone();
+            let (caller, agent) = self
+                .agent(
+                    &request,
+                    &attestation,
+                    "credential",
+                    Action::RequestCredential,
+                )
+                .await?;
+            (caller, CredentialRequester::Agent(agent))
+        };
+        let r = request.into_inner();
+        let grant = self
+            .plane
+            .request_credential(CredentialAsk {
+                requester,
+                caller,
+                target: r.target,
+                task_id: r.task_id,
+                requester_public,
+                context: r.context.into_iter().collect(),
+            })
+            .await?;
+        Ok(Response::new(api::CredentialReply {
+            masked: grant.masked,
+            context: grant.context,
+            not_before: grant.not_before,
+            not_after: grant.not_after,
+            key: grant.key,
+            nodes: grant.nodes.into_iter().map(u32::from).collect(),
+            policy_ids: grant.policy_ids,
         }))
     }
 
@@ -151,15 +297,15 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::RevokeRequest>,
     ) -> Result<Response<api::RevokeReply>, Status> {
-        let caller = self.admin(&request)?;
+        let caller = self.admin(&request, "revoke").await?;
         let revoked = match request.into_inner().target {
-            Some(Target::Jti(j)) => self.plane.revoke_jti(&caller, &j)?,
-            Some(Target::Agent(a)) => self.plane.revoke_agent(&caller, &a)?,
+            Some(Target::Jti(j)) => self.plane.revoke_jti(&caller, &j).await?,
+            Some(Target::Agent(a)) => self.plane.revoke_agent(&caller, &a).await?,
             Some(Target::TaskId(t)) => {
-                let task = self.plane.end_task(&caller, &t)?;
+                let task = self.plane.end_task(&caller, &t).await?;
                 format!("task {} ended", task.id)
             }
-            Some(Target::Token(t)) => self.plane.revoke_token(&caller, &t)?,
+            Some(Target::Token(t)) => self.plane.revoke_token(&caller, &t).await?,
             None => {
                 return Err(Status::invalid_argument(
                     "name what to revoke: a jti, an agent, a task id or a token",
@@ -174,16 +320,17 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::StartTaskRequest>,
     ) -> Result<Response<api::TaskInfo>, Status> {
-        let caller = self.admin(&request)?;
+        let caller = self.admin(&request, "start_task").await?;
         let r = request.into_inner();
         let agent = if r.attestation.trim().is_empty() {
             None
         } else {
             Some(self.plane.authenticate(&r.attestation).await?.subject)
         };
-        let task =
-            self.plane
-                .start_task(&caller, agent, u64::from(r.ttl_seconds), r.description)?;
+        let task = self
+            .plane
+            .start_task(&caller, agent, u64::from(r.ttl_seconds), r.description)
+            .await?;
         Ok(Response::new(task_info(task)))
     }
 
@@ -192,10 +339,11 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::EndTaskRequest>,
     ) -> Result<Response<api::TaskInfo>, Status> {
-        let caller = self.admin(&request)?;
+        let caller = self.admin(&request, "end_task").await?;
         let task = self
             .plane
-            .end_task(&caller, &request.into_inner().task_id)?;
+            .end_task(&caller, &request.into_inner().task_id)
+            .await?;
         Ok(Response::new(task_info(task)))
     }
 
@@ -204,20 +352,32 @@ impl IdentityService for IdentityApi {
         &self,
         request: Request<api::ApplyPolicyRequest>,
     ) -> Result<Response<api::PolicyInfo>, Status> {
-        let caller = self.admin(&request)?;
+        let caller = self.admin(&request, "apply_policy").await?;
         let files = request
             .into_inner()
             .files
             .into_iter()
             .map(|f| (f.name, f.text))
             .collect();
-        let info = self
+        let applied = self
             .plane
             .policy()
-            .apply_files(files, &format!("ApplyPolicy by {caller}"))
-            .map_err(|e| {
-                Status::invalid_argument(format!("policy set refused, the active one stays: {e}"))
-            })?;
+            .apply_files(files, &format!("ApplyPolicy by {caller}"));
+        let (outcome, reason) = match &applied {
+            Ok(info) => (
+                Outcome::Allow,
+                format!("policy set {} activated", info.digest),
+            ),
+            Err(e) => (Outcome::Deny, format!("policy set refused: {e}")),
+        };
+        self.plane
+            .record_admin("policy", "apply_policy", &caller, outcome, |f| {
+                f.reason = Some(reason);
+            })
+            .await?;
+        let info = applied.map_err(|e| {
+            Status::invalid_argument(format!("policy set refused, the active one stays: {e}"))
+        })?;
         tracing::info!(%caller, digest = %info.digest, "policy applied");
         Ok(Response::new(policy_info(info)))
     }
@@ -228,5 +388,133 @@ impl IdentityService for IdentityApi {
     ) -> Result<Response<api::PolicyInfo>, Status> {
         self.caller(&request)?;
         Ok(Response::new(policy_info(self.plane.policy().info())))
+    }
+}
+
+fn approval_info(p: super::approval::Pending) -> api::Approval {
+    api::Approval {
+        id: p.id,
+        agent: p.request.agent,
+        action: p.request.action,
+        resource: p.request.resource,
+        scopes: p.request.scopes,
+        ttl_seconds: u32::try_from(p.request.ttl_seconds).unwrap_or(u32::MAX),
+        task_id: p.request.task_id.unwrap_or_default(),
+        context: p.request.context.into_iter().collect(),
+        policy_ids: p.policy_ids,
+        created_at: p.created_at,
+        expires_at: p.expires_at,
+        state: p.state.as_str().into(),
+        decided_by: p.decided_by.unwrap_or_default(),
+        reason: p.reason.unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl ApprovalService for IdentityApi {
+    async fn list_approvals(
+        &self,
+        request: Request<api::ListApprovalsRequest>,
+    ) -> Result<Response<api::ListApprovalsReply>, Status> {
+        let caller = self.caller(&request)?;
+        let all = request.into_inner().all;
+        let approvals = self.plane.list_approvals(&caller, all).await?;
+        Ok(Response::new(api::ListApprovalsReply {
+            approvals: approvals.into_iter().map(approval_info).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn decide_approval(
+        &self,
+        request: Request<api::DecideApprovalRequest>,
+    ) -> Result<Response<api::Approval>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        if r.reason.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "the reason is longer than 1024 bytes",
+            ));
+        }
+        let p = self
+            .plane
+            .decide_approval(&caller, &r.id, r.approve, non_empty(r.reason))
+            .await?;
+        Ok(Response::new(approval_info(p)))
+    }
+}
+
+type TailStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<api::AuditRecord, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditService for IdentityApi {
+    type TailStream = TailStream;
+
+    async fn tail(
+        &self,
+        request: Request<api::TailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        self.admin(&request, "audit_tail").await?;
+        let r = request.into_inner();
+        let audit = std::sync::Arc::clone(self.plane.audit());
+        // Subscribe first, then read the store up to where the feed starts: no gap.
+        let (mut feed, start) = audit.subscribe()?;
+        let backlog = match r.from_seq {
+            Some(from) if from < start => audit.lines(from, start)?,
+            _ => Vec::new(),
+        };
+        let mut next = r.from_seq.map_or(start, |f| f.max(start));
+        let first = r.from_seq.unwrap_or(start);
+        let follow = r.follow;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for (i, json) in backlog.into_iter().enumerate() {
+                let rec = api::AuditRecord {
+                    seq: first + i as u64,
+                    json,
+                };
+                if tx.send(Ok(rec)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                match feed.recv().await {
+                    Ok(ev) if ev.seq < next => {}
+                    Ok(ev) => {
+                        next = ev.seq + 1;
+                        let json = match ev.to_line() {
+                            Ok(j) => j,
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::internal(e))).await;
+                                return;
+                            }
+                        };
+                        if tx
+                            .send(Ok(api::AuditRecord { seq: ev.seq, json }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "the tail fell behind the audit trail; resume with --from {next}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

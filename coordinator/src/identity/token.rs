@@ -51,6 +51,42 @@ pub struct AccessClaims {
     pub task_id: Option<String>,
     /// The attestation the agent presented.
     pub attestation: AttestationClaim,
+    /// RFC 8693 §4.1: the acting party of a delegated token, nesting earlier actors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// RFC 9449 §6: the DPoP key the token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// An `act` claim: the current actor, and the actor before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor's subject.
+    pub sub: String,
+    /// The previous actor, if the token was delegated more than once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The chain's subjects, newest actor first.
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = vec![self.sub.clone()];
+        let mut at = self.act.as_deref();
+        while let Some(a) = at {
+            out.push(a.sub.clone());
+            at = a.act.as_deref();
+        }
+        out
+    }
+}
+
+/// A `cnf` claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// RFC 7638 SHA-256 thumbprint of the DPoP public key.
+    pub jkt: String,
 }
 
 #[derive(Serialize)]
@@ -197,6 +233,8 @@ mod tests {
                 sub: "a".into(),
                 method: "oidc".into(),
             },
+            act: None,
+            cnf: None,
         };
         let input = signing_input("abc", &c).unwrap();
         let (h, p) = input.split_once('.').unwrap();

@@ -1,0 +1,123 @@
+//! Threshold-signed checkpoints of the audit chain head.
+//!
+//! Every interval, if events were appended since the last checkpoint, the coordinator
+//! has the cluster sign `{iss, seq, head, iat}` as a compact JWS (ES256, typ
+//! [`record::CHECKPOINT_TYP`]) with the audit key — a plain signing key without token
+//! rules, created by DKG on first use — and appends the signature as a `checkpoint`
+//! event. The audit key's public JWK is in the cluster's JWKS, so `quorate audit verify
+//! --jwks` checks checkpoints offline with any JOSE library.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quorate_crypto::keys::KeyPurpose;
+
+use super::AuditLog;
+use super::record::{self, Checkpoint, CheckpointClaims, Fields, Outcome};
+use crate::cluster::{Cluster, CoordError};
+
+/// Signs the current head if no checkpoint covers it yet. Returns the checkpoint event,
+/// or `None` when there was nothing new.
+pub async fn checkpoint(
+    log: &Arc<AuditLog>,
+    cluster: &Cluster,
+    key_name: &str,
+    issuer: &str,
+) -> Result<Option<record::Event>, String> {
+    let Some((seq, head, covered)) = log.head() else {
+        return Ok(None);
+    };
+    // The newest event is itself the last checkpoint: nothing new to sign.
+    if covered.is_some_and(|c| c.saturating_add(1) >= seq) {
+        return Ok(None);
+    }
+    let key = match cluster.current_signing_key(key_name) {
+        Ok(k) => k,
+        Err(CoordError::NotFound(_)) => {
+            let k = cluster
+                .create_key(key_name, KeyPurpose::Sign, None)
+                .await
+                .map_err(|e| format!("creating audit key {key_name}: {e}"))?;
+            log.append(
+                Outcome::Allow,
+                Fields {
+                    kind: "key".into(),
+                    action: "admin".into(),
+                    caller: Some("coordinator".into()),
+                    reason: Some("audit checkpoint key created".into()),
+                    key: Some(key_name.to_owned()),
+                    nodes: cluster
+                        .params()
+                        .all_parties()
+                        .members()
+                        .iter()
+                        .map(|p| p.get())
+                        .collect(),
+                    ..Fields::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            k
+        }
+        Err(e) => return Err(format!("audit key {key_name}: {e}")),
+    };
+    let claims = CheckpointClaims {
+        iss: issuer.to_owned(),
+        seq,
+        head: head.clone(),
+        iat: crate::identity::now(),
+    };
+    let kid = key.key_id.to_string();
+    let input = record::checkpoint_signing_input(&kid, &claims)?;
+    let (sig, _, nodes) = cluster
+        .sign_jws(key_name, key.key_id, input.as_bytes())
+        .await
+        .map_err(|e| format!("signing the audit checkpoint: {e}"))?;
+    let jws = format!(
+        "{input}.{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            sig.to_raw()
+        )
+    );
+    let ev = log
+        .append(
+            Outcome::Signed,
+            Fields {
+                kind: "checkpoint".into(),
+                action: "checkpoint".into(),
+                caller: Some("coordinator".into()),
+                key: Some(key_name.to_owned()),
+                nodes,
+                checkpoint: Some(Checkpoint { seq, head, jws }),
+                ..Fields::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(ev))
+}
+
+/// Checkpoints every `every` until the process ends; failures are logged and retried.
+pub fn spawn(
+    log: Arc<AuditLog>,
+    cluster: Arc<Cluster>,
+    key_name: String,
+    issuer: String,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match checkpoint(&log, &cluster, &key_name, &issuer).await {
+                Ok(Some(ev)) => tracing::debug!(seq = ev.seq, "audit checkpoint signed"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "audit checkpoint failed; will retry"),
+            }
+        }
+    })
+}

@@ -1,0 +1,438 @@
+//! The audit trail (DESIGN.md §1 invariant 6, §7): every decision — allow, deny,
+//! pending, approval, revocation, key operation — is an [`record::Event`] appended to a
+//! hash chain in `audit.redb` and written to every configured sink *before* the effect
+//! is returned. If the store or any sink fails, [`AuditLog::append`] fails and so does
+//! the request (fail closed).
+//!
+//! Sinks ([`SinkSpec`]):
+//! - **file**: JSON lines, appended and flushed per event. The file follows the store:
+//!   if it missed events (it failed, or was added later), the missing ones are written
+//!   first, so the file is always a whole chain that `quorate audit verify` can check;
+//! - **stdout**: JSON lines;
+//! - **syslog**: RFC 5424 over UDP or a Unix datagram socket; the message is the JSON
+//!   line, with `[quorate@32473 seq= outcome= kind=]` structured data (32473 is the
+//!   example enterprise number of RFC 5612: replace it when registering one).
+//!
+//! Checkpoints ([`AuditLog::checkpoint`]) sign the chain head with the threshold cluster.
+//! Secrets and whole tokens never enter an event: tokens appear by `jti`, credentials by
+//! a fingerprint of their public context.
+
+pub mod checkpoint;
+pub mod record;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::broadcast;
+
+use record::{Event, Fields, GENESIS, Outcome};
+
+const EVENTS: TableDefinition<u64, &str> = TableDefinition::new("audit_events");
+
+/// Why the audit trail could not take an event.
+#[derive(Debug, thiserror::Error)]
+#[error("audit trail unavailable, request refused: {0}")]
+pub struct AuditError(pub String);
+
+impl From<AuditError> for tonic::Status {
+    fn from(e: AuditError) -> Self {
+        tonic::Status::unavailable(e.to_string())
+    }
+}
+
+/// Where events go besides the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// A JSON-lines file.
+    File(PathBuf),
+    /// Standard output.
+    Stdout,
+    /// RFC 5424 over UDP (`udp://host:port`).
+    SyslogUdp(std::net::SocketAddr),
+    /// RFC 5424 over a Unix datagram socket (`unix:/dev/log`).
+    SyslogUnix(PathBuf),
+}
+
+impl std::str::FromStr for SinkSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "stdout" || s == "-" {
+            Ok(Self::Stdout)
+        } else if let Some(a) = s.strip_prefix("syslog+udp://") {
+            a.parse()
+                .map(Self::SyslogUdp)
+                .map_err(|e| format!("audit sink {s:?}: {e} (want syslog+udp://HOST:PORT)"))
+        } else if let Some(p) = s.strip_prefix("syslog+unix:") {
+            Ok(Self::SyslogUnix(PathBuf::from(p)))
+        } else if let Some(p) = s.strip_prefix("file:") {
+            Ok(Self::File(PathBuf::from(p)))
+        } else {
+            Err(format!(
+                "audit sink {s:?}: use file:PATH, stdout, syslog+udp://HOST:PORT or syslog+unix:PATH"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for SinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "file:{}", p.display()),
+            Self::Stdout => f.write_str("stdout"),
+            Self::SyslogUdp(a) => write!(f, "syslog+udp://{a}"),
+            Self::SyslogUnix(p) => write!(f, "syslog+unix:{}", p.display()),
+        }
+    }
+}
+
+enum Sink {
+    File {
+        path: PathBuf,
+        file: std::fs::File,
+        /// The next sequence number the file needs.
+        next: u64,
+    },
+    Stdout,
+    SyslogUdp {
+        to: std::net::SocketAddr,
+        socket: std::net::UdpSocket,
+    },
+    SyslogUnix {
+        path: PathBuf,
+        socket: std::os::unix::net::UnixDatagram,
+    },
+}
+
+impl Sink {
+    fn open(spec: &SinkSpec) -> Result<Self, String> {
+        Ok(match spec {
+            SinkSpec::File(path) => {
+                let next = match std::fs::metadata(path) {
+                    Ok(m) if m.is_file() => last_seq_in(path)?.map_or(0, |s| s.saturating_add(1)),
+                    _ => 0,
+                };
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("audit file {}: {e}", path.display()))?;
+                Sink::File {
+                    path: path.clone(),
+                    file,
+                    next,
+                }
+            }
+            SinkSpec::Stdout => Sink::Stdout,
+            SinkSpec::SyslogUdp(to) => {
+                let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let socket = std::net::UdpSocket::bind(bind)
+                    .map_err(|e| format!("audit syslog socket: {e}"))?;
+                Sink::SyslogUdp { to: *to, socket }
+            }
+            SinkSpec::SyslogUnix(path) => {
+                let socket = std::os::unix::net::UnixDatagram::unbound()
+                    .map_err(|e| format!("audit syslog socket: {e}"))?;
+                Sink::SyslogUnix {
+                    path: path.clone(),
+                    socket,
+                }
+            }
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Sink::File { path, .. } => format!("file {}", path.display()),
+            Sink::Stdout => "stdout".into(),
+            Sink::SyslogUdp { to, .. } => format!("syslog udp {to}"),
+            Sink::SyslogUnix { path, .. } => format!("syslog {}", path.display()),
+        }
+    }
+
+    /// Writes `ev`; a file first catches up on the events it missed (from `db`).
+    fn write(&mut self, ev: &Event, line: &str, db: &Database) -> Result<(), String> {
+        let name = self.name();
+        let fail = |e: std::io::Error| format!("audit sink {name} failed: {e}");
+        match self {
+            Sink::File { file, next, .. } => {
+                if *next > ev.seq {
+                    return Err(format!(
+                        "audit sink {name} already holds event {} and later: it belongs to another chain",
+                        ev.seq
+                    ));
+                }
+                let mut buf = String::new();
+                if *next < ev.seq {
+                    for l in read_range(db, *next, ev.seq)? {
+                        buf.push_str(&l);
+                        buf.push('\n');
+                    }
+                }
+                buf.push_str(line);
+                buf.push('\n');
+                file.write_all(buf.as_bytes()).map_err(fail)?;
+                file.flush().map_err(fail)?;
+                *next = ev.seq.saturating_add(1);
+            }
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}").map_err(fail)?;
+                out.flush().map_err(fail)?;
+            }
+            Sink::SyslogUdp { to, socket } => {
+                socket
+                    .send_to(syslog_message(ev, line).as_bytes(), *to)
+                    .map_err(fail)?;
+            }
+            Sink::SyslogUnix { path, socket } => {
+                socket
+                    .send_to(syslog_message(ev, line).as_bytes(), &*path)
+                    .map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sequence number of the last event in a JSON-lines file, if any.
+fn last_seq_in(path: &Path) -> Result<Option<u64>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("audit file {}: {e}", path.display()))?;
+    let Some(last) = text.lines().rev().find(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let ev: Event = serde_json::from_str(last).map_err(|e| {
+        format!(
+            "audit file {}: its last line is not an audit event ({e}); move it aside",
+            path.display()
+        )
+    })?;
+    Ok(Some(ev.seq))
+}
+
+fn read_range(db: &Database, from: u64, to: u64) -> Result<Vec<String>, String> {
+    let store = |e: redb::Error| format!("audit store: {e}");
+    let tx = db.begin_read().map_err(|e| store(e.into()))?;
+    let table = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+    let mut out = Vec::new();
+    for row in table.range(from..to).map_err(|e| store(e.into()))? {
+        let (_, v) = row.map_err(|e| store(e.into()))?;
+        out.push(v.value().to_owned());
+    }
+    Ok(out)
+}
+
+/// An RFC 5424 message: facility `authpriv` (10); severity notice for refusals and
+/// errors, informational otherwise.
+fn syslog_message(ev: &Event, line: &str) -> String {
+    let severity = match ev.outcome {
+        Outcome::Deny | Outcome::Rejected | Outcome::Expired | Outcome::Error => 5,
+        _ => 6,
+    };
+    let pri = 10 * 8 + severity;
+    let host = hostname();
+    format!(
+        "<{pri}>1 {} {host} quorate-coordinator {} {} [quorate@32473 seq=\"{}\" outcome=\"{}\" kind=\"{}\"] {line}",
+        ev.time,
+        std::process::id(),
+        sd_safe(&ev.fields.action),
+        ev.seq,
+        ev.outcome.as_str(),
+        sd_escape(&ev.fields.kind),
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| sd_safe(h.trim()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// PRINTUSASCII without spaces, at most 32 characters (MSGID, HOSTNAME).
+fn sd_safe(s: &str) -> String {
+    let v: String = s
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(32)
+        .collect();
+    if v.is_empty() { "-".into() } else { v }
+}
+
+/// Escapes `"`, `\` and `]` in a structured-data value.
+fn sd_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '"' | '\\' | ']') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+struct Head {
+    next: u64,
+    prev: String,
+    sinks: Vec<Sink>,
+    /// The newest event a checkpoint covers.
+    checkpointed: Option<u64>,
+}
+
+/// The audit trail: the chain store, the sinks and the live feed.
+pub struct AuditLog {
+    db: Database,
+    head: Mutex<Head>,
+    feed: broadcast::Sender<Arc<Event>>,
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the chain at `path`, checks its last link, and opens `sinks`.
+    pub fn open(path: &Path, sinks: &[SinkSpec]) -> Result<Self, String> {
+        use rand::SeedableRng as _;
+        let db =
+            Database::create(path).map_err(|e| format!("audit store {}: {e}", path.display()))?;
+        let store = |e: redb::Error| format!("audit store {}: {e}", path.display());
+        let tx = db.begin_write().map_err(|e| store(e.into()))?;
+        tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+        tx.commit().map_err(|e| store(e.into()))?;
+        let (next, prev, checkpointed) = {
+            let tx = db.begin_read().map_err(|e| store(e.into()))?;
+            let table = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+            match table.last().map_err(|e| store(e.into()))? {
+                None => (0, GENESIS.to_owned(), None),
+                Some((k, v)) => {
+                    let ev: Event = serde_json::from_str(v.value())
+                        .map_err(|e| format!("audit store: last event does not parse: {e}"))?;
+                    if ev.seq != k.value() || ev.compute_hash()? != ev.hash {
+                        return Err(format!(
+                            "audit store {}: the last event (seq {}) does not match its hash",
+                            path.display(),
+                            k.value()
+                        ));
+                    }
+                    let covered = ev.fields.checkpoint.as_ref().map(|c| c.seq);
+                    (ev.seq.saturating_add(1), ev.hash, covered)
+                }
+            }
+        };
+        let sinks = sinks
+            .iter()
+            .map(Sink::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
+            .map_err(|e| format!("system RNG failed: {e}"))?;
+        let (feed, _) = broadcast::channel(4096);
+        Ok(AuditLog {
+            db,
+            head: Mutex::new(Head {
+                next,
+                prev,
+                sinks,
+                checkpointed,
+            }),
+            feed,
+            rng: Mutex::new(rng),
+        })
+    }
+
+    fn event_id(&self) -> Result<String, AuditError> {
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| AuditError("RNG lock poisoned".into()))?;
+        let mut b = [0u8; 12];
+        rand::Rng::fill_bytes(&mut *rng, &mut b);
+        Ok(format!("ev-{}", hex::encode(b)))
+    }
+
+    /// Chains an event, commits it durably, writes it to every sink and publishes it to
+    /// tails. Any failure is returned: the caller must then not let the effect through.
+    pub fn append_blocking(&self, outcome: Outcome, fields: Fields) -> Result<Event, AuditError> {
+        let id = self.event_id()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut head = self
+            .head
+            .lock()
+            .map_err(|_| AuditError("audit lock poisoned".into()))?;
+        let ev = Event::chain(
+            head.next,
+            id,
+            record::rfc3339_millis(now),
+            outcome,
+            fields,
+            &head.prev,
+        )
+        .map_err(AuditError)?;
+        let line = ev.to_line().map_err(AuditError)?;
+        let store = |e: redb::Error| AuditError(format!("audit store: {e}"));
+        let tx = self.db.begin_write().map_err(|e| store(e.into()))?;
+        {
+            let mut t = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+            t.insert(ev.seq, line.as_str())
+                .map_err(|e| store(e.into()))?;
+        }
+        tx.commit().map_err(|e| store(e.into()))?;
+        head.next = ev.seq.saturating_add(1);
+        head.prev = ev.hash.clone();
+        let mut failed = Vec::new();
+        for s in &mut head.sinks {
+            if let Err(e) = s.write(&ev, &line, &self.db) {
+                failed.push(e);
+            }
+        }
+        if let Some(cp) = &ev.fields.checkpoint {
+            head.checkpointed = Some(cp.seq);
+        }
+        drop(head);
+        let ev = Arc::new(ev);
+        let _ = self.feed.send(Arc::clone(&ev));
+        if !failed.is_empty() {
+            tracing::error!(seq = ev.seq, errors = %failed.join("; "), "audit sink failed");
+            return Err(AuditError(failed.join("; ")));
+        }
+        Ok((*ev).clone())
+    }
+
+    /// [`Self::append_blocking`] off the async workers.
+    pub async fn append(
+        self: &Arc<Self>,
+        outcome: Outcome,
+        fields: Fields,
+    ) -> Result<Event, AuditError> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.append_blocking(outcome, fields))
+            .await
+            .map_err(|e| AuditError(format!("audit task failed: {e}")))?
+    }
+
+    /// The sequence number and hash of the newest event, and the newest event a
+    /// checkpoint covers.
+    pub fn head(&self) -> Option<(u64, String, Option<u64>)> {
+        let h = self.head.lock().ok()?;
+        let last = h.next.checked_sub(1)?;
+        Some((last, h.prev.clone(), h.checkpointed))
+    }
+
+    /// Stored events `from..to` as JSON lines.
+    pub fn lines(&self, from: u64, to: u64) -> Result<Vec<String>, AuditError> {
+        read_range(&self.db, from, to).map_err(AuditError)
+    }
+
+    /// Subscribes to new events, returning the next sequence number not yet published
+    /// (events below it are in the store).
+    pub fn subscribe(&self) -> Result<(broadcast::Receiver<Arc<Event>>, u64), AuditError> {
+        let h = self
+            .head
+            .lock()
+            .map_err(|_| AuditError("audit lock poisoned".into()))?;
+        Ok((self.feed.subscribe(), h.next))
+    }
+}
