@@ -366,11 +366,40 @@ impl TestCluster {
 
     /// A channel to the coordinator's public API as `client-admin`.
     pub async fn api_channel(&self) -> Channel {
-        let (id, trust) = self.identity("client-admin");
+        self.channel_as("admin").await
+    }
+
+    /// Issues a certificate for client `name` from the cluster CA
+    /// (`client-<name>.pem`), for tests of what a client other than `admin` may do.
+    pub fn add_client(&self, name: &str) {
+        let d = &self.dir.0;
+        let ca = quorate_proto::pki::ClusterCa::from_pem(
+            &std::fs::read_to_string(d.join("ca.pem")).unwrap(),
+            &std::fs::read_to_string(d.join("ca-key.pem")).unwrap(),
+            DOMAIN,
+        )
+        .unwrap();
+        let issued = ca.issue(&Role::Client(name.to_owned())).unwrap();
+        std::fs::write(d.join(format!("client-{name}.pem")), &issued.cert_pem).unwrap();
+        std::fs::write(
+            d.join(format!("client-{name}-key.pem")),
+            issued.key_pem.as_bytes(),
+        )
+        .unwrap();
+    }
+
+    /// A channel to the coordinator's public API as `client-<name>`.
+    pub async fn channel_as(&self, name: &str) -> Channel {
+        let (id, trust) = self.identity(&format!("client-{name}"));
         let cfg = tls::client_config(&id, &trust).unwrap();
         transport::connect(self.coordinator_addr, &Role::Coordinator, DOMAIN, cfg)
             .await
             .unwrap()
+    }
+
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.dir.0.join("coordinator")
     }
 
     /// The issuer URL (`https://localhost:<metadata port>`).
