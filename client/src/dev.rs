@@ -63,6 +63,11 @@ pub const DEFAULT_KEY: &str = "default";
 /// The token-signing key `quorate dev` creates: its fragment nodes sign only `at+jwt`
 /// tokens from the dev issuer URL living at most [`DEV_TOKEN_MAX_TTL`] seconds.
 pub const TOKEN_KEY: &str = "tokens";
+/// The JSON-lines audit file `quorate dev` writes in its directory.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// The derivation key of confidential credentials (`quorate credential get`).
+pub const CREDENTIAL_KEY: &str = "credentials";
 
 /// The token key's node-enforced maximum lifetime (the dev policy caps lower, 15 min).
 pub const DEV_TOKEN_MAX_TTL: u32 = 3600;
@@ -357,7 +362,9 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         .arg("--policy-dir")
         .arg(crate::dev_issuer::policy_dir(&dir))
         .arg("--trust-config")
-        .arg(crate::dev_issuer::trust_config_path(&dir));
+        .arg(crate::dev_issuer::trust_config_path(&dir))
+        .arg("--audit-sink")
+        .arg(format!("file:{}", dir.join(AUDIT_FILE).display()));
     for (i, addr) in &node_addrs {
         cmd.arg("--node").arg(format!("{i}={addr}"));
     }
@@ -371,10 +378,27 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     eprintln!("coordinator listening on {addr}; issuer {issuer}");
 
     let client = Client::connect(&ClientConfig::admin(&dir, addr, &opts.domain)).await?;
-    ensure_key(&client, opts, procs, DEFAULT_KEY, None).await?;
+    ensure_key(&client, opts, procs, DEFAULT_KEY, KeyPurpose::Sign, None).await?;
     let rules = TokenRules::new(DEV_TOKEN_MAX_TTL, issuer.clone(), "at+jwt")
         .map_err(|e| Error::Other(format!("dev token rules: {e}")))?;
-    ensure_key(&client, opts, procs, TOKEN_KEY, Some(&rules)).await?;
+    ensure_key(
+        &client,
+        opts,
+        procs,
+        TOKEN_KEY,
+        KeyPurpose::Sign,
+        Some(&rules),
+    )
+    .await?;
+    ensure_key(
+        &client,
+        opts,
+        procs,
+        CREDENTIAL_KEY,
+        KeyPurpose::Derive,
+        None,
+    )
+    .await?;
     let pools_filled = fill_pools(&client, opts, procs).await?;
     write_env_file(&env_file, addr, &dir, &opts.domain, &issuer)?;
     Ok(Up {
@@ -510,6 +534,7 @@ async fn ensure_key(
     opts: &DevOptions,
     procs: &mut Procs,
     name: &str,
+    purpose: KeyPurpose,
     rules: Option<&TokenRules>,
 ) -> Result<()> {
     let deadline = Instant::now() + CREATE_KEY_TIMEOUT;
@@ -528,7 +553,7 @@ async fn ensure_key(
                 announced = true;
             }
             client
-                .create_key_with_rules(name, KeyPurpose::Sign, rules)
+                .create_key_with_rules(name, purpose, rules)
                 .await
                 .map(|_| true)
         };

@@ -436,3 +436,104 @@ impl AuditLog {
         Ok((self.feed.subscribe(), h.next))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn dir(label: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("quorate-audit-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn fields(action: &str) -> Fields {
+        Fields {
+            kind: "test".into(),
+            action: action.into(),
+            ..Fields::default()
+        }
+    }
+    fn none() -> jsonwebtoken::jwk::JwkSet {
+        jsonwebtoken::jwk::JwkSet { keys: vec![] }
+    }
+
+    #[test]
+    fn a_sink_that_cannot_write_fails_the_append_and_the_store_keeps_the_event() {
+        let d = dir("full");
+        let log =
+            AuditLog::open(&d.0.join("a.redb"), &[SinkSpec::File("/dev/full".into())]).unwrap();
+        let e = log
+            .append_blocking(Outcome::Allow, fields("x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("/dev/full"), "{e}");
+        assert_eq!(log.head().unwrap().0, 0);
+        assert_eq!(log.lines(0, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_file_added_later_is_backfilled_and_the_chain_survives_a_restart() {
+        let d = dir("backfill");
+        let db = d.0.join("a.redb");
+        let file = d.0.join("audit.jsonl");
+        {
+            let log = AuditLog::open(&db, &[]).unwrap();
+            log.append_blocking(Outcome::Allow, fields("a")).unwrap();
+            log.append_blocking(Outcome::Deny, fields("b")).unwrap();
+        }
+        {
+            let log = AuditLog::open(&db, &[SinkSpec::File(file.clone())]).unwrap();
+            log.append_blocking(Outcome::Pending, fields("c")).unwrap();
+        }
+        let log = AuditLog::open(&db, &[SinkSpec::File(file.clone())]).unwrap();
+        log.append_blocking(Outcome::Allow, fields("d")).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let v = record::verify_chain(&text, &none()).unwrap();
+        assert_eq!(v.events, 4);
+        assert_eq!(text, log.lines(0, 4).unwrap().join("\n") + "\n");
+    }
+
+    #[test]
+    fn syslog_over_udp_is_rfc_5424() {
+        let d = dir("udp");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let spec: SinkSpec = format!("syslog+udp://{}", rx.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let log = AuditLog::open(&d.0.join("a.redb"), &[spec]).unwrap();
+        log.append_blocking(Outcome::Deny, fields("issue_token"))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = rx.recv(&mut buf).unwrap();
+        let msg = std::str::from_utf8(&buf[..n]).unwrap();
+        // <authpriv.notice>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG
+        let parts: Vec<&str> = msg.splitn(8, ' ').collect();
+        assert_eq!(parts[0], "<85>1");
+        assert!(parts[1].ends_with('Z') && parts[1].contains('T'), "{msg}");
+        assert_eq!(parts[3], "quorate-coordinator");
+        assert_eq!(parts[5], "issue_token");
+        assert!(parts[6].starts_with("[quorate@32473"), "{msg}");
+        assert!(msg.ends_with(&log.lines(0, 1).unwrap()[0]), "{msg}");
+    }
+
+    #[test]
+    fn sink_specs_parse_and_name_the_bad_ones() {
+        assert_eq!("stdout".parse::<SinkSpec>().unwrap(), SinkSpec::Stdout);
+        assert_eq!(
+            "file:/var/log/q.jsonl".parse::<SinkSpec>().unwrap(),
+            SinkSpec::File("/var/log/q.jsonl".into())
+        );
+        assert!("syslog+udp://nohost".parse::<SinkSpec>().is_err());
+        let e = "kafka://x".parse::<SinkSpec>().unwrap_err();
+        assert!(e.contains("file:PATH"), "{e}");
+    }
+}

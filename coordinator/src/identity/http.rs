@@ -120,6 +120,8 @@ async fn metadata(State(s): State<Http>) -> Response {
         "id_token_signing_alg_values_supported": ["ES256"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
         "access_token_signing_alg_values_supported": ["ES256"],
+        // DPoP proofs at issuance name `POST <issuer>/token` (the gRPC IssueToken call).
+        "dpop_signing_alg_values_supported": ["ES256"],
         "scopes_supported": [],
         "service_documentation": "https://github.com/quorate/quorate",
     });
