@@ -383,6 +383,70 @@ async fn governance_end_to_end() {
         ["no-helper3"]
     );
 
+    // A DPoP-bound token is delegated only by its key holder, and stays bound.
+    let key = quorate_proto::dpop::DpopKey::generate().unwrap();
+    let token_url = format!("{}/token", g.cluster.issuer());
+    let mut bound = token_request(&blue, "tools", &["tools:read"], 300);
+    bound.dpop_proof = key.proof("POST", &token_url, None).unwrap();
+    let bound = id.issue_token(bound).await.unwrap().into_inner();
+    assert_eq!(bound.token_type, "DPoP");
+    assert_eq!(
+        claims_of(&bound.access_token)["cnf"]["jkt"],
+        key.thumbprint().as_str()
+    );
+    assert_eq!(
+        last(&g.audit_file, "token", "issue_token")["context"]["dpop_jkt"],
+        key.thumbprint().as_str()
+    );
+    let other_key = quorate_proto::dpop::DpopKey::generate().unwrap();
+    for (proof, words) in [
+        (String::new(), "DPoP-bound"),
+        (
+            other_key.proof("POST", &token_url, None).unwrap(),
+            "not by the key",
+        ),
+    ] {
+        let s = id
+            .exchange_token(api::ExchangeTokenRequest {
+                subject_token: bound.access_token.clone(),
+                actor_attestation: helper.clone(),
+                ttl_seconds: 60,
+                dpop_proof: proof,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(s.message().contains(words), "{}", s.message());
+    }
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let hop = id
+        .exchange_token(api::ExchangeTokenRequest {
+            subject_token: bound.access_token.clone(),
+            actor_attestation: helper.clone(),
+            ttl_seconds: 60,
+            dpop_proof: proof.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        claims_of(&hop.access_token)["cnf"]["jkt"],
+        key.thumbprint().as_str()
+    );
+    // The same proof twice is a replay.
+    let s = id
+        .exchange_token(api::ExchangeTokenRequest {
+            subject_token: bound.access_token.clone(),
+            actor_attestation: helper.clone(),
+            ttl_seconds: 60,
+            dpop_proof: proof,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("already used"), "{}", s.message());
+
     // --- Human approval.
     let agent = blue.clone();
     let mut waiting_client = g.identity().await;
@@ -451,15 +515,35 @@ async fn governance_end_to_end() {
         last(&g.audit_file, "token", "issue_token")["outcome"],
         "pending"
     );
-    g.approvals_as("admin")
-        .await
-        .decide_approval(api::DecideApprovalRequest {
-            id: first.pending_approval.clone(),
-            approve: false,
-            reason: "not today".into(),
-        })
-        .await
+    // (The approver uses the CLI here.)
+    let listed = cli(&g)
+        .args(["approval", "list"])
+        .env("QUORATE_ADDR", g.cluster.coordinator_addr.to_string())
+        .output()
         .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&first.pending_approval));
+    let denied = cli(&g)
+        .args([
+            "approval",
+            "deny",
+            &first.pending_approval,
+            "--reason",
+            "not today",
+        ])
+        .env("QUORATE_ADDR", g.cluster.coordinator_addr.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        denied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("rejected by admin"));
     r.approval_id = first.pending_approval.clone();
     let s = id.issue_token(r.clone()).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
@@ -536,6 +620,31 @@ async fn governance_end_to_end() {
         .await
         .unwrap();
     assert_eq!(c1, c3);
+    // The CLI unmasks the same credential locally.
+    let d = g.cluster.coordinator_dir();
+    let dir = d.parent().unwrap();
+    let got = cli(&g)
+        .args([
+            "credential",
+            "get",
+            "--target",
+            "orders-db",
+            "--task",
+            &task,
+            "--agent",
+        ])
+        .arg(format!("{SUBJECT_PREFIX}blue"))
+        .env("QUORATE_ADDR", g.cluster.coordinator_addr.to_string())
+        .env("QUORATE_CERT", dir.join("client-db.pem"))
+        .env("QUORATE_KEY", dir.join("client-db-key.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), hex::encode(c1));
     assert_eq!(
         policy_ids(&last(&g.audit_file, "credential", "request_credential")),
         ["db-verifies"]
