@@ -397,6 +397,16 @@ impl Cluster {
         }
     }
 
+    /// Every node's index (the nodes a DKG runs on).
+    pub fn all_nodes(&self) -> Vec<u16> {
+        self.params
+            .all_parties()
+            .members()
+            .iter()
+            .map(|p| p.get())
+            .collect()
+    }
+
     /// Whether `i` may be given new work now.
     pub fn usable(&self, i: PartyIndex) -> bool {
         self.state()

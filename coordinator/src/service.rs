@@ -50,10 +50,12 @@ impl Api {
     /// Asks policy whether client `caller` may do `action` on key `name`
     /// (`Client::"<name>"`, e.g. `admin` for key creation and rotation), runs `op` if so,
     /// and records the decision and the outcome in the audit trail before answering.
+    /// The audit event names the operation `what` (`create_key`, `sign`, ...).
     async fn audited<T, F>(
         &self,
         caller: &str,
         action: Action,
+        what: &str,
         name: &str,
         op: F,
     ) -> Result<T, Status>
@@ -73,7 +75,7 @@ impl Api {
         });
         let fields = |reason: Option<String>, nodes: Vec<u16>| Fields {
             kind: "key".into(),
-            action: action.as_str().into(),
+            action: what.into(),
             caller: Some(caller.to_owned()),
             resource: Some(Resource::Key(name.to_owned()).to_string()),
             policy_ids: d.policy_ids.clone(),
@@ -228,16 +230,9 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
-        let all = self
-            .cluster
-            .params()
-            .all_parties()
-            .members()
-            .iter()
-            .map(|p| p.get())
-            .collect();
+        let all = self.cluster.all_nodes();
         let version = self
-            .audited(&caller, Action::Admin, &r.name, async {
+            .audited(&caller, Action::Admin, "rotate_key", &r.name, async {
                 Ok((self.cluster.rotate_key(&r.name).await?, all))
             })
             .await?;
@@ -255,16 +250,9 @@ impl KeyService for Api {
         check_name(&r.name)?;
         let purpose = purpose_from_api(r.purpose)?;
         let rules = token_rules_from_api(r.token_rules.as_ref(), purpose)?;
-        let all = self
-            .cluster
-            .params()
-            .all_parties()
-            .members()
-            .iter()
-            .map(|p| p.get())
-            .collect();
+        let all = self.cluster.all_nodes();
         let version = self
-            .audited(&caller, Action::Admin, &r.name, async {
+            .audited(&caller, Action::Admin, "create_key", &r.name, async {
                 self.cluster.create_key(&r.name, purpose, rules).await?;
                 Ok((self.cluster.current_version(&r.name)?, all))
             })
@@ -320,7 +308,7 @@ impl KeyService for Api {
             }
         };
         let sig = self
-            .audited(&caller, Action::Sign, &r.name, async {
+            .audited(&caller, Action::Sign, "sign", &r.name, async {
                 Ok(self.cluster.sign(&r.name, digest).await?)
             })
             .await?;
@@ -349,7 +337,7 @@ impl KeyService for Api {
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
         let resp = self
-            .audited(&caller, Action::Derive, &r.name, async {
+            .audited(&caller, Action::Derive, "derive", &r.name, async {
                 Ok(self
                     .cluster
                     .dh(&r.name, DhInput::Derive { context: r.context }, a)
@@ -374,7 +362,7 @@ impl KeyService for Api {
         let ct = quorate_crypto::ecies::EciesCiphertext::from_bytes(&r.ciphertext)
             .map_err(|e| Status::invalid_argument(format!("ciphertext: {e}")))?;
         let resp = self
-            .audited(&caller, Action::Decrypt, &r.name, async {
+            .audited(&caller, Action::Decrypt, "decrypt", &r.name, async {
                 Ok(self
                     .cluster
                     .dh(

@@ -301,7 +301,7 @@ async fn governance_end_to_end() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
-    let e = last(&g.audit_file, "key", "admin");
+    let e = last(&g.audit_file, "key", "create_key");
     assert_eq!(
         (e["outcome"].as_str(), e["caller"].as_str()),
         (Some("deny"), Some("ops"))
@@ -920,7 +920,7 @@ async fn a_failing_audit_sink_fails_requests() {
     );
     let json = &msg[msg.find("] {").unwrap() + 2..];
     let ev: Value = serde_json::from_str(json).unwrap();
-    assert_eq!(ev["action"], "admin");
+    assert_eq!(ev["action"], "create_key");
     assert_eq!(ev["key"], "k1");
 
     // The collector goes away: requests fail closed, naming the audit trail.

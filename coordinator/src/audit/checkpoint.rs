@@ -42,17 +42,11 @@ pub async fn checkpoint(
                 Outcome::Allow,
                 Fields {
                     kind: "key".into(),
-                    action: "admin".into(),
+                    action: "create_key".into(),
                     caller: Some("coordinator".into()),
                     reason: Some("audit checkpoint key created".into()),
                     key: Some(key_name.to_owned()),
-                    nodes: cluster
-                        .params()
-                        .all_parties()
-                        .members()
-                        .iter()
-                        .map(|p| p.get())
-                        .collect(),
+                    nodes: cluster.all_nodes(),
                     ..Fields::default()
                 },
             )

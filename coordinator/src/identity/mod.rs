@@ -366,33 +366,12 @@ impl IdentityPlane {
         Ok(serde_json::json!({ "keys": keys }))
     }
 
-    /// Decides a request; refusals name the deciding policies.
-    pub fn decide(&self, req: &PolicyRequest) -> Result<Decision> {
-        let d = self.policy.decide(req);
-        if d.allowed {
-            Ok(d)
-        } else {
-            let mut why = d.explain();
-            if !d.errors.is_empty() {
-                why.push_str(&format!(" ({})", d.errors.join("; ")));
-            }
-            Err(IdentityError::Denied(why))
-        }
-    }
-
-    /// Decides `req` and notes the deciding policies in `trail`, whatever the outcome.
+    /// Decides `req` and notes the deciding policies in `trail`, whatever the outcome;
+    /// a refusal names them.
     fn decide_noted(&self, req: &PolicyRequest, trail: &mut Fields) -> Result<Decision> {
         let d = self.policy.decide(req);
         trail.policy_ids = d.policy_ids.clone();
-        if d.allowed {
-            Ok(d)
-        } else {
-            let mut why = d.explain();
-            if !d.errors.is_empty() {
-                why.push_str(&format!(" ({})", d.errors.join("; ")));
-            }
-            Err(IdentityError::Denied(why))
-        }
+        if d.allowed { Ok(d) } else { Err(denial(&d)) }
     }
 
     /// Appends the outcome of a request to the audit trail before it is answered: the
@@ -468,22 +447,19 @@ impl IdentityPlane {
             resource: Resource::Cluster,
             context: base_context(now()),
         };
-        match self.decide(&req) {
+        let mut trail = Fields {
+            kind: "admin".into(),
+            action: what.to_owned(),
+            caller: Some(client.to_owned()),
+            resource: Some(Resource::Cluster.to_string()),
+            ..Fields::default()
+        };
+        match self.decide_noted(&req, &mut trail) {
             Ok(d) => Ok(d),
-            Err(e) => {
-                let trail = Fields {
-                    kind: "admin".into(),
-                    action: what.to_owned(),
-                    caller: Some(client.to_owned()),
-                    resource: Some(Resource::Cluster.to_string()),
-                    policy_ids: self.policy.decide(&req).policy_ids,
-                    ..Fields::default()
-                };
-                Err(match self.record::<()>(Err(e), trail).await {
-                    Err(e) => e,
-                    Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
-                })
-            }
+            Err(e) => Err(match self.record::<()>(Err(e), trail).await {
+                Err(e) => e,
+                Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
+            }),
         }
     }
 
@@ -543,10 +519,9 @@ impl IdentityPlane {
         validate_audience(&req.audience)?;
         validate_scopes(&req.scopes)?;
         validate_ttl(req.ttl_seconds)?;
-        let task = match &req.task_id {
-            None => None,
-            Some(id) => Some(self.running_task(id, &agent.subject, now)?),
-        };
+        if let Some(id) = &req.task_id {
+            self.running_task(id, &agent.subject, now)?;
+        }
         let jkt = match &req.dpop_proof {
             Some(proof) => Some(self.check_dpop(proof, now, None)?),
             None => None,
@@ -592,11 +567,34 @@ impl IdentityPlane {
             if let Some(expires_at) = self.await_approval(&id, &pending, req.wait).await? {
                 return Ok(IssueOutcome::Pending { id, expires_at });
             }
+            // The wait may have been long: the agent (and, in `issue_signed`, its task)
+            // must still be live, and the token's lifetime starts now.
+            self.not_deprovisioned(&agent.subject)?;
+            let now = self::now();
+            return self.issue_signed(req, &decision, trail, now, jkt).await;
         } else if let Some(id) = &req.approval_id {
             return Err(IdentityError::Invalid(format!(
                 "approval {id} given, but policy does not ask for approval of this request"
             )));
         }
+        self.issue_signed(req, &decision, trail, now, jkt).await
+    }
+
+    /// Builds the claims of an allowed request (lifetime capped by its task), spends its
+    /// approval if it had one, and has the cluster sign them.
+    async fn issue_signed(
+        &self,
+        req: &TokenRequest,
+        decision: &Decision,
+        trail: &Fields,
+        now: i64,
+        jkt: Option<String>,
+    ) -> Result<IssueOutcome> {
+        let agent = &req.agent;
+        let task = match &req.task_id {
+            None => None,
+            Some(id) => Some(self.running_task(id, &agent.subject, now)?),
+        };
         let ttl = i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX);
         let mut exp = now.saturating_add(ttl);
         if let Some(t) = &task {
@@ -625,7 +623,7 @@ impl IdentityPlane {
             self.approvals.take(id)?;
         }
         Ok(IssueOutcome::Issued(Box::new(
-            self.sign(claims, decision.policy_ids).await?,
+            self.sign(claims, decision.policy_ids.clone()).await?,
         )))
     }
 
@@ -1298,6 +1296,15 @@ impl IdentityPlane {
 struct Said(String);
 
 impl Audited for Said {}
+
+/// A policy refusal naming the deciding policies (and evaluation errors).
+fn denial(d: &Decision) -> IdentityError {
+    let mut why = d.explain();
+    if !d.errors.is_empty() {
+        why.push_str(&format!(" ({})", d.errors.join("; ")));
+    }
+    IdentityError::Denied(why)
+}
 
 fn base_context(now: i64) -> PolicyContext {
     PolicyContext {
