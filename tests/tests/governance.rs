@@ -399,6 +399,13 @@ async fn governance_end_to_end() {
         key.thumbprint().as_str()
     );
     let other_key = quorate_proto::dpop::DpopKey::generate().unwrap();
+    let delegate = |proof: String| api::ExchangeTokenRequest {
+        subject_token: bound.access_token.clone(),
+        actor_attestation: helper.clone(),
+        ttl_seconds: 60,
+        dpop_proof: proof,
+        ..Default::default()
+    };
     for (proof, words) in [
         (String::new(), "DPoP-bound"),
         (
@@ -406,27 +413,12 @@ async fn governance_end_to_end() {
             "not by the key",
         ),
     ] {
-        let s = id
-            .exchange_token(api::ExchangeTokenRequest {
-                subject_token: bound.access_token.clone(),
-                actor_attestation: helper.clone(),
-                ttl_seconds: 60,
-                dpop_proof: proof,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let s = id.exchange_token(delegate(proof)).await.unwrap_err();
         assert!(s.message().contains(words), "{}", s.message());
     }
     let proof = key.proof("POST", &token_url, None).unwrap();
     let hop = id
-        .exchange_token(api::ExchangeTokenRequest {
-            subject_token: bound.access_token.clone(),
-            actor_attestation: helper.clone(),
-            ttl_seconds: 60,
-            dpop_proof: proof.clone(),
-            ..Default::default()
-        })
+        .exchange_token(delegate(proof.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -435,16 +427,7 @@ async fn governance_end_to_end() {
         key.thumbprint().as_str()
     );
     // The same proof twice is a replay.
-    let s = id
-        .exchange_token(api::ExchangeTokenRequest {
-            subject_token: bound.access_token.clone(),
-            actor_attestation: helper.clone(),
-            ttl_seconds: 60,
-            dpop_proof: proof,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let s = id.exchange_token(delegate(proof)).await.unwrap_err();
     assert!(s.message().contains("already used"), "{}", s.message());
 
     // --- Human approval.
