@@ -274,18 +274,33 @@ fn sd_escape(s: &str) -> String {
     o
 }
 
-struct Head {
+/// The chain as events are appended: the next sequence number, the newest hash, and
+/// the chained events waiting for the next group commit.
+struct Chain {
     next: u64,
     prev: String,
+    queue: Vec<(Event, String)>,
+    /// Set when a commit failed: the in-memory chain then runs ahead of the store, so
+    /// every later append fails until a restart reloads the head from the store.
+    broken: Option<String>,
+}
+
+/// What is durable, and the sinks (written by one committer at a time, in order).
+struct Committed {
+    next: u64,
+    head: String,
     sinks: Vec<Sink>,
     /// The newest event a checkpoint covers.
     checkpointed: Option<u64>,
+    /// Outcomes of committed events whose appenders have not collected them yet.
+    results: std::collections::HashMap<u64, Result<(), String>>,
 }
 
 /// The audit trail: the chain store, the sinks and the live feed.
 pub struct AuditLog {
     db: Database,
-    head: Mutex<Head>,
+    chain: Mutex<Chain>,
+    committed: Mutex<Committed>,
     feed: broadcast::Sender<Arc<Event>>,
     rng: Mutex<rand::rngs::StdRng>,
 }
@@ -329,11 +344,18 @@ impl AuditLog {
         let (feed, _) = broadcast::channel(4096);
         Ok(AuditLog {
             db,
-            head: Mutex::new(Head {
+            chain: Mutex::new(Chain {
                 next,
-                prev,
+                prev: prev.clone(),
+                queue: Vec::new(),
+                broken: None,
+            }),
+            committed: Mutex::new(Committed {
+                next,
+                head: prev,
                 sinks,
                 checkpointed,
+                results: std::collections::HashMap::new(),
             }),
             feed,
             rng: Mutex::new(rng),
@@ -352,53 +374,101 @@ impl AuditLog {
 
     /// Chains an event, commits it durably, writes it to every sink and publishes it to
     /// tails. Any failure is returned: the caller must then not let the effect through.
+    ///
+    /// Group commit: concurrent appends are chained in order under a short lock, and
+    /// whichever appender next holds the commit lock writes every waiting event in one
+    /// store transaction (one fsync) and to the sinks, in sequence order.
     pub fn append_blocking(&self, outcome: Outcome, fields: Fields) -> Result<Event, AuditError> {
         let id = self.event_id()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        let mut head = self
-            .head
+        let ev = {
+            let mut chain = self.lock_chain()?;
+            if let Some(why) = &chain.broken {
+                return Err(AuditError(format!(
+                    "the audit store failed earlier ({why}); restart the coordinator"
+                )));
+            }
+            let ev = Event::chain(
+                chain.next,
+                id,
+                record::rfc3339_millis(now),
+                outcome,
+                fields,
+                &chain.prev,
+            )
+            .map_err(AuditError)?;
+            let line = ev.to_line().map_err(AuditError)?;
+            chain.next = ev.seq.saturating_add(1);
+            chain.prev = ev.hash.clone();
+            chain.queue.push((ev.clone(), line));
+            ev
+        };
+        let mut committed = self
+            .committed
             .lock()
             .map_err(|_| AuditError("audit lock poisoned".into()))?;
-        let ev = Event::chain(
-            head.next,
-            id,
-            record::rfc3339_millis(now),
-            outcome,
-            fields,
-            &head.prev,
-        )
-        .map_err(AuditError)?;
-        let line = ev.to_line().map_err(AuditError)?;
+        if let Some(result) = committed.results.remove(&ev.seq) {
+            return result.map(|()| ev).map_err(AuditError);
+        }
+        let batch = std::mem::take(&mut self.lock_chain()?.queue);
+        if let Err(e) = self.commit(&batch) {
+            let why = e.to_string();
+            self.lock_chain()?.broken = Some(why.clone());
+            for (queued, _) in &batch {
+                committed.results.insert(queued.seq, Err(why.clone()));
+            }
+        } else {
+            for (queued, line) in batch {
+                let mut failed = Vec::new();
+                for s in &mut committed.sinks {
+                    if let Err(e) = s.write(&queued, &line, &self.db) {
+                        failed.push(e);
+                    }
+                }
+                if let Some(cp) = &queued.fields.checkpoint {
+                    committed.checkpointed = Some(cp.seq);
+                }
+                committed.next = queued.seq.saturating_add(1);
+                committed.head = queued.hash.clone();
+                let result = if failed.is_empty() {
+                    Ok(())
+                } else {
+                    let why = failed.join("; ");
+                    tracing::error!(seq = queued.seq, errors = %why, "audit sink failed");
+                    Err(why)
+                };
+                committed.results.insert(queued.seq, result);
+                let _ = self.feed.send(Arc::new(queued));
+            }
+        }
+        let result = committed
+            .results
+            .remove(&ev.seq)
+            .unwrap_or_else(|| Err("internal error: an audit event was not committed".to_owned()));
+        result.map(|()| ev).map_err(AuditError)
+    }
+
+    fn lock_chain(&self) -> Result<std::sync::MutexGuard<'_, Chain>, AuditError> {
+        self.chain
+            .lock()
+            .map_err(|_| AuditError("audit lock poisoned".into()))
+    }
+
+    /// Writes a batch of chained events in one durable transaction.
+    fn commit(&self, batch: &[(Event, String)]) -> Result<(), AuditError> {
         let store = |e: redb::Error| AuditError(format!("audit store: {e}"));
         let tx = self.db.begin_write().map_err(|e| store(e.into()))?;
         {
             let mut t = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
-            t.insert(ev.seq, line.as_str())
-                .map_err(|e| store(e.into()))?;
-        }
-        tx.commit().map_err(|e| store(e.into()))?;
-        head.next = ev.seq.saturating_add(1);
-        head.prev = ev.hash.clone();
-        let mut failed = Vec::new();
-        for s in &mut head.sinks {
-            if let Err(e) = s.write(&ev, &line, &self.db) {
-                failed.push(e);
+            for (ev, line) in batch {
+                t.insert(ev.seq, line.as_str())
+                    .map_err(|e| store(e.into()))?;
             }
         }
-        if let Some(cp) = &ev.fields.checkpoint {
-            head.checkpointed = Some(cp.seq);
-        }
-        drop(head);
-        let ev = Arc::new(ev);
-        let _ = self.feed.send(Arc::clone(&ev));
-        if !failed.is_empty() {
-            tracing::error!(seq = ev.seq, errors = %failed.join("; "), "audit sink failed");
-            return Err(AuditError(failed.join("; ")));
-        }
-        Ok((*ev).clone())
+        tx.commit().map_err(|e| store(e.into()))
     }
 
     /// [`Self::append_blocking`] off the async workers.
@@ -413,12 +483,12 @@ impl AuditLog {
             .map_err(|e| AuditError(format!("audit task failed: {e}")))?
     }
 
-    /// The sequence number and hash of the newest event, and the newest event a
+    /// The sequence number and hash of the newest durable event, and the newest event a
     /// checkpoint covers.
     pub fn head(&self) -> Option<(u64, String, Option<u64>)> {
-        let h = self.head.lock().ok()?;
-        let last = h.next.checked_sub(1)?;
-        Some((last, h.prev.clone(), h.checkpointed))
+        let c = self.committed.lock().ok()?;
+        let last = c.next.checked_sub(1)?;
+        Some((last, c.head.clone(), c.checkpointed))
     }
 
     /// Stored events `from..to` as JSON lines.
@@ -429,11 +499,11 @@ impl AuditLog {
     /// Subscribes to new events, returning the next sequence number not yet published
     /// (events below it are in the store).
     pub fn subscribe(&self) -> Result<(broadcast::Receiver<Arc<Event>>, u64), AuditError> {
-        let h = self
-            .head
+        let c = self
+            .committed
             .lock()
             .map_err(|_| AuditError("audit lock poisoned".into()))?;
-        Ok((self.feed.subscribe(), h.next))
+        Ok((self.feed.subscribe(), c.next))
     }
 }
 
@@ -498,6 +568,34 @@ mod tests {
         let v = record::verify_chain(&text, &none()).unwrap();
         assert_eq!(v.events, 4);
         assert_eq!(text, log.lines(0, 4).unwrap().join("\n") + "\n");
+    }
+
+    #[test]
+    fn concurrent_appends_form_one_chain_in_the_store_and_the_file() {
+        let d = dir("concurrent");
+        let file = d.0.join("audit.jsonl");
+        let log =
+            Arc::new(AuditLog::open(&d.0.join("a.redb"), &[SinkSpec::File(file.clone())]).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let ev = log
+                            .append_blocking(Outcome::Allow, fields(&format!("t{t}-{i}")))
+                            .unwrap();
+                        assert_eq!(ev.fields.action, format!("t{t}-{i}"));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(record::verify_chain(&text, &none()).unwrap().events, 320);
+        assert_eq!(text, log.lines(0, 320).unwrap().join("\n") + "\n");
+        assert_eq!(log.head().unwrap().0, 319);
     }
 
     #[test]

@@ -465,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_verifies_and_every_byte_flip_is_caught_at_or_before_its_line() {
+    fn a_chain_verifies_and_every_byte_flip_is_caught_at_its_line_or_the_next() {
         let text = chain(4);
         let ok = verify_chain(&text, &empty()).unwrap();
         assert_eq!(ok.events, 4);
