@@ -152,17 +152,17 @@ impl Approvals {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a new pending request.
-    pub fn open(
-        &self,
+    /// A new pending entry, not yet listed: record it in the audit trail, then
+    /// [`Self::insert`] it, so no approver sees a request before its event exists.
+    pub fn pending(
         id: String,
         request: Request,
         policy_ids: Vec<String>,
         now: i64,
         ttl_seconds: i64,
     ) -> Pending {
-        let p = Pending {
-            id: id.clone(),
+        Pending {
+            id,
             digest: request.digest(),
             request,
             policy_ids,
@@ -172,9 +172,12 @@ impl Approvals {
             decided_by: None,
             reason: None,
             changed: Arc::new(Notify::new()),
-        };
-        self.lock().insert(id, p.clone());
-        p
+        }
+    }
+
+    /// Lists a pending entry.
+    pub fn insert(&self, p: Pending) {
+        self.lock().insert(p.id.clone(), p);
     }
 
     /// Marks pending entries past their expiry as expired, forgets long-decided ones,
@@ -209,14 +212,17 @@ impl Approvals {
         v
     }
 
-    /// An approver's decision on a pending entry.
-    pub fn decide(
+    /// An approver's decision on a pending entry. `record` sees the decided entry
+    /// before anyone else can: only if it succeeds (the audit event is durable) does the
+    /// decision take effect and wake the waiting request.
+    pub fn decide<E: From<ApprovalError>>(
         &self,
         id: &str,
         approve: bool,
         approver: &str,
         reason: Option<String>,
-    ) -> Result<Pending, ApprovalError> {
+        record: impl FnOnce(&Pending) -> Result<(), E>,
+    ) -> Result<Pending, E> {
         let mut m = self.lock();
         let p = m
             .get_mut(id)
@@ -225,17 +231,21 @@ impl Approvals {
             return Err(ApprovalError::NotPending {
                 id: id.to_owned(),
                 state: p.state.as_str(),
-            });
+            }
+            .into());
         }
-        p.state = if approve {
+        let mut decided = p.clone();
+        decided.state = if approve {
             State::Approved
         } else {
             State::Rejected
         };
-        p.decided_by = Some(approver.to_owned());
-        p.reason = reason;
+        decided.decided_by = Some(approver.to_owned());
+        decided.reason = reason;
+        record(&decided)?;
+        *p = decided.clone();
         p.changed.notify_waiters();
-        Ok(p.clone())
+        Ok(decided)
     }
 
     /// The entry `id` for `request`, and a handle that is notified when it changes.
@@ -292,7 +302,13 @@ mod tests {
     #[test]
     fn an_approval_is_bound_to_its_request_and_used_once() {
         let a = Approvals::default();
-        a.open("apr-1".into(), req("read"), vec!["p".into()], 100, 60);
+        a.insert(Approvals::pending(
+            "apr-1".into(),
+            req("read"),
+            vec!["p".into()],
+            100,
+            60,
+        ));
         assert_eq!(
             a.get("apr-1", &req("write")).unwrap_err(),
             ApprovalError::Mismatch("apr-1".into())
@@ -301,8 +317,24 @@ mod tests {
             a.get("apr-1", &req("read")).unwrap().0.state,
             State::Pending
         );
-        a.decide("apr-1", true, "admin", None).unwrap();
-        assert!(a.decide("apr-1", false, "admin", None).is_err());
+        let fail = |_: &Pending| Err(ApprovalError::Unknown("audit".into()));
+        assert!(a.decide("apr-1", true, "admin", None, fail).is_err());
+        assert_eq!(
+            a.get("apr-1", &req("read")).unwrap().0.state,
+            State::Pending
+        );
+        a.decide("apr-1", true, "admin", None, |_| Ok::<_, ApprovalError>(()))
+            .unwrap();
+        assert!(
+            a.decide(
+                "apr-1",
+                false,
+                "admin",
+                None,
+                |_| Ok::<_, ApprovalError>(())
+            )
+            .is_err()
+        );
         a.take("apr-1").unwrap();
         assert!(a.take("apr-1").is_err());
     }
@@ -310,14 +342,23 @@ mod tests {
     #[test]
     fn pending_requests_expire() {
         let a = Approvals::default();
-        a.open("apr-1".into(), req("read"), vec![], 100, 60);
+        a.insert(Approvals::pending(
+            "apr-1".into(),
+            req("read"),
+            vec![],
+            100,
+            60,
+        ));
         assert!(a.expire_due(159).is_empty());
         assert_eq!(a.expire_due(160).len(), 1);
         assert_eq!(
             a.get("apr-1", &req("read")).unwrap().0.state,
             State::Expired
         );
-        assert!(a.decide("apr-1", true, "admin", None).is_err());
+        assert!(
+            a.decide("apr-1", true, "admin", None, |_| Ok::<_, ApprovalError>(()))
+                .is_err()
+        );
         assert!(a.list(false).is_empty());
         assert_eq!(a.list(true).len(), 1);
     }

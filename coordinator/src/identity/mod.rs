@@ -407,6 +407,11 @@ impl IdentityPlane {
             caller: caller.map(str::to_owned),
             ..Fields::default()
         };
+        self.record_refusal(error, trail).await
+    }
+
+    /// Records a refusal; returns it, or the audit failure if it could not be recorded.
+    async fn record_refusal(&self, error: IdentityError, trail: Fields) -> IdentityError {
         match self.record::<()>(Err(error), trail).await {
             Err(e) => e,
             Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
@@ -456,10 +461,7 @@ impl IdentityPlane {
         };
         match self.decide_noted(&req, &mut trail) {
             Ok(d) => Ok(d),
-            Err(e) => Err(match self.record::<()>(Err(e), trail).await {
-                Err(e) => e,
-                Ok(()) => IdentityError::Store("internal error: a refusal passed".into()),
-            }),
+            Err(e) => Err(self.record_refusal(e, trail).await),
         }
     }
 
@@ -668,7 +670,7 @@ impl IdentityPlane {
         caller: Option<&str>,
     ) -> Result<String> {
         let id = format!("apr-{}", hex::encode(self.random_bytes()?));
-        let p = self.approvals.open(
+        let p = approval::Approvals::pending(
             id.clone(),
             request,
             decision.policy_ids.clone(),
@@ -678,6 +680,7 @@ impl IdentityPlane {
         self.audit
             .append(Outcome::Pending, approval_fields(&p, "request", caller))
             .await?;
+        self.approvals.insert(p.clone());
         tracing::info!(approval = %id, agent = %p.request.agent, "request waits for approval");
         Ok(id)
     }
@@ -754,8 +757,24 @@ impl IdentityPlane {
         let what = if approve { "approve" } else { "reject" };
         let d = self.require_client(caller, Action::Approve, what).await?;
         self.sweep_approvals().await?;
-        let p = match self.approvals.decide(id, approve, caller, reason) {
+        let outcome = if approve {
+            Outcome::Approved
+        } else {
+            Outcome::Rejected
+        };
+        // The event is appended (a short blocking commit, under the approvals lock)
+        // before the decision wakes the waiting request.
+        let decided = self.approvals.decide(id, approve, caller, reason, |p| {
+            let mut fields = approval_fields(p, what, Some(caller));
+            fields.policy_ids = d.policy_ids.clone();
+            self.audit
+                .append_blocking(outcome, fields)
+                .map(|_| ())
+                .map_err(IdentityError::from)
+        });
+        let p = match decided {
             Ok(p) => p,
+            Err(e @ IdentityError::Audit(_)) => return Err(e),
             Err(e) => {
                 let trail = Fields {
                     kind: "approval".into(),
@@ -765,17 +784,9 @@ impl IdentityPlane {
                     policy_ids: d.policy_ids,
                     ..Fields::default()
                 };
-                return self.record(Err(e.into()), trail).await;
+                return Err(self.record_refusal(e, trail).await);
             }
         };
-        let mut fields = approval_fields(&p, what, Some(caller));
-        fields.policy_ids = d.policy_ids;
-        let outcome = if approve {
-            Outcome::Approved
-        } else {
-            Outcome::Rejected
-        };
-        self.audit.append(outcome, fields).await?;
         tracing::info!(approval = %id, approver = %caller, approve, "approval decided");
         Ok(p)
     }
