@@ -48,8 +48,9 @@ pub struct TokenRequest {
     pub approval_id: Option<String>,
 }
 
-/// An RFC 8693 token exchange: a token for a sub-agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// An RFC 8693 token exchange: a token for a sub-agent. Its `Debug` leaves the token
+/// and the attestation out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ExchangeRequest {
     /// The delegating agent's Quorate token.
     pub subject_token: String,
@@ -65,6 +66,18 @@ pub struct ExchangeRequest {
     pub dpop_proof: Option<String>,
     /// Policy context.
     pub context: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for ExchangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("subject_token", &"<redacted>")
+            .field("actor_attestation", &"<redacted>")
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who asks for a credential.

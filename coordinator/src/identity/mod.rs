@@ -167,8 +167,8 @@ pub enum IssueOutcome {
     },
 }
 
-/// A token exchange (RFC 8693) after the actor is authenticated.
-#[derive(Debug)]
+/// A token exchange (RFC 8693) after the actor is authenticated. Its `Debug` leaves
+/// the subject token out.
 pub struct ExchangeRequest {
     /// The delegating agent's Quorate token.
     pub subject_token: String,
@@ -186,6 +186,19 @@ pub struct ExchangeRequest {
     pub context: BTreeMap<String, String>,
     /// The cluster client that asked, if any.
     pub caller: Option<String>,
+}
+
+impl std::fmt::Debug for ExchangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("subject_token", &"<redacted>")
+            .field("actor", &self.actor.subject)
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who asks for a credential.
