@@ -11,11 +11,11 @@
 
 pub mod app;
 pub mod audit;
-pub mod authn;
+pub use quorate_authz::authn;
 pub mod cluster;
 pub mod config;
 pub mod identity;
-pub mod policy;
+pub use quorate_authz::policy;
 pub mod pools;
 pub mod service;
 pub mod store;

@@ -1,0 +1,15 @@
+//! # quorate-authz
+//!
+//! What decides whether a key may be used for an agent (DESIGN.md §7, §9), in one
+//! implementation that the coordinator and every fragment node link, so that both decide
+//! a request the same way:
+//! - [`authn`]: verifying agent attestations (OIDC JWTs, X.509-SVIDs) against a trust
+//!   configuration;
+//! - [`policy`]: the Cedar policy engine, its schema and the default policy set.
+//!
+//! Nodes and coordinator still meet only over gRPC; this crate holds no network service.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod authn;
+pub mod policy;
