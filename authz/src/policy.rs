@@ -11,6 +11,15 @@
 //! A permit may cap the token lifetime with `@max_ttl_seconds("900")`; the cap of a
 //! decision is the smallest cap among the permits that allowed it
 //! ([`Decision::max_ttl_seconds`]), and the caller refuses longer lifetimes.
+//!
+//! Evaluation errors fail closed (DESIGN.md §9: "Cedar evaluation errors are denials
+//! everywhere"). Cedar itself skips a policy whose condition errors (an overflow, a
+//! missing tag read without `hasTag` guard that the validator could not rule out), so a
+//! forbid that errors would let a permit win. [`PolicyEngine::decide`] instead denies any
+//! request for which a policy that applies to it errors, whether permit or forbid, and
+//! names that policy and its error in the [`Decision`] (and so in the refusal and the
+//! audit event). Only policies whose scope matches the request are evaluated, so a
+//! policy for another action or resource never denies by erroring.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -314,16 +323,18 @@ pub struct PolicyRequest {
 pub struct Decision {
     /// Whether the request is allowed.
     pub allowed: bool,
-    /// The determining policies: the permits that allowed, or the forbids that denied;
-    /// empty when denied because nothing permits. Sorted.
+    /// The determining policies: the permits that allowed; or the forbids that denied
+    /// together with the policies whose evaluation failed; empty when denied because
+    /// nothing permits (or the request did not fit the schema). Sorted.
     pub policy_ids: Vec<String>,
     /// The smallest `@max_ttl_seconds` among the determining permits that carry one.
     pub max_ttl_seconds: Option<u64>,
     /// Allowed only once a human approves: every determining permit carries
     /// `@approval("required")`.
     pub approval_required: bool,
-    /// Errors from building the request or evaluating policies; an erroring policy is
-    /// skipped, so an error never allows anything.
+    /// Errors from building the request or evaluating policies, each naming its policy
+    /// (`error while evaluating policy `x`: ...`). Any error denies the request (fail
+    /// closed); an erroring policy is also in [`Self::policy_ids`].
     pub errors: Vec<String>,
 }
 
@@ -339,19 +350,31 @@ impl Decision {
     }
 
     /// One line for users and audit logs: `allowed by policy dev-agents`,
-    /// `denied by policy forbid-prod-writes`, `denied: no policy permits this request`.
+    /// `denied by policy forbid-prod-writes`, `denied: no policy permits this request`,
+    /// or, when something failed, `denied by policy x: evaluation failed, which denies
+    /// (error while evaluating policy `x`: ...)` and `denied: the request could not be
+    /// evaluated (...)`.
     pub fn explain(&self) -> String {
         let verdict = if self.allowed { "allowed" } else { "denied" };
-        let mut line = match self.policy_ids.as_slice() {
+        if !self.errors.is_empty() {
+            let errors = self.errors.join("; ");
+            return match self.policy_ids.as_slice() {
+                [] => format!("denied: the request could not be evaluated ({errors})"),
+                [one] => {
+                    format!("denied by policy {one}: evaluation failed, which denies ({errors})")
+                }
+                many => format!(
+                    "denied by policies {}: evaluation failed, which denies ({errors})",
+                    many.join(", ")
+                ),
+            };
+        }
+        match self.policy_ids.as_slice() {
             [] if self.allowed => "allowed".to_owned(),
             [] => "denied: no policy permits this request".to_owned(),
             [one] => format!("{verdict} by policy {one}"),
             many => format!("{verdict} by policies {}", many.join(", ")),
-        };
-        if !self.errors.is_empty() {
-            line.push_str(&format!(" (errors: {})", self.errors.join("; ")));
         }
-        line
     }
 }
 
@@ -815,12 +838,20 @@ impl PolicyEngine {
         let response = self
             .authorizer
             .is_authorized(&request, &set.policies, &entities);
-        let allowed = response.decision() == cedar_policy::Decision::Allow;
         let diagnostics = response.diagnostics();
-        let policy_ids: BTreeSet<String> = diagnostics
-            .reason()
-            .map(|id| id_str(id).to_owned())
-            .collect();
+        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        // Fail closed: Cedar skips a policy whose evaluation errors; here any error of a
+        // policy that applies to the request denies it.
+        let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        let mut policy_ids: BTreeSet<String> = BTreeSet::new();
+        if allowed || response.decision() == cedar_policy::Decision::Deny {
+            policy_ids.extend(diagnostics.reason().map(|id| id_str(id).to_owned()));
+        }
+        policy_ids.extend(diagnostics.errors().map(|e| match e {
+            cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                id_str(e.policy_id()).to_owned()
+            }
+        }));
         let max_ttl_seconds = if allowed {
             policy_ids
                 .iter()
@@ -837,7 +868,7 @@ impl PolicyEngine {
             approval_required,
             policy_ids: policy_ids.into_iter().collect(),
             max_ttl_seconds,
-            errors: diagnostics.errors().map(|e| e.to_string()).collect(),
+            errors,
         }
     }
 
@@ -1158,7 +1189,13 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.errors.len(), 1, "{d:?}");
         assert!(d.errors[0].contains("schema"), "{d:?}");
-        assert!(d.explain().starts_with("denied: no policy permits"));
+        assert!(
+            d.explain()
+                .starts_with("denied: the request could not be evaluated"),
+            "{}",
+            d.explain()
+        );
+        assert!(d.explain().contains("schema"), "{}", d.explain());
     }
 
     #[test]
@@ -1235,8 +1272,8 @@ mod tests {
 
     #[test]
     fn evaluation_error_denies_and_is_reported() {
-        // Overflow is a runtime error the validator cannot rule out; the policy is
-        // skipped.
+        // Overflow is a runtime error the validator cannot rule out; the erroring permit
+        // allows nothing, and the denial names it.
         let policy = r#"
             @id("overflows")
             permit (principal is Agent, action == Action::"issue_token", resource)
@@ -1245,9 +1282,101 @@ mod tests {
         let engine = PolicyEngine::from_files(files(&[("p.cedar", policy)]), "test").unwrap();
         let d = engine.decide(&token_request(agent(&[]), "dev", 60));
         assert!(!d.allowed);
+        assert_eq!(d.policy_ids, ["overflows"]);
         assert_eq!(d.errors.len(), 1);
         assert!(d.errors[0].contains("overflows"), "{d:?}");
-        assert!(d.explain().contains("errors:"), "{}", d.explain());
+        assert!(d.errors[0].contains("overflow"), "{d:?}");
+        let why = d.explain();
+        assert!(why.starts_with("denied by policy overflows"), "{why}");
+        assert!(why.contains("evaluation failed, which denies"), "{why}");
+    }
+
+    /// The issue's pair: a permit and a forbid whose condition overflows for most
+    /// lifetimes. Cedar alone skips the erroring forbid and allows; here it denies.
+    const OVERFLOWING_FORBID: &str = r#"
+        @id("tools")
+        permit (principal is Agent, action == Action::"issue_token", resource == Audience::"x");
+        @id("ttl-overflow")
+        forbid (principal is Agent, action == Action::"issue_token", resource == Audience::"x")
+        when { context.ttl_seconds * 9223372036854775807 > 0 };
+    "#;
+
+    #[test]
+    fn an_erroring_forbid_denies_instead_of_being_skipped() {
+        let engine =
+            PolicyEngine::from_files(files(&[("p.cedar", OVERFLOWING_FORBID)]), "test").unwrap();
+        // ttl 300: the forbid overflows. Cedar alone would allow by `tools`.
+        let d = engine.decide(&token_request(agent(&[]), "x", 300));
+        assert!(!d.allowed, "{d:?}");
+        assert!(!d.approval_required && d.max_ttl_seconds.is_none(), "{d:?}");
+        assert_eq!(d.policy_ids, ["ttl-overflow"], "the permit did not decide");
+        assert_eq!(d.errors.len(), 1, "{d:?}");
+        assert!(d.errors[0].contains("ttl-overflow"), "{d:?}");
+        assert!(
+            d.errors[0].contains("overflow while attempting to multiply"),
+            "{d:?}"
+        );
+        let why = d.explain();
+        assert!(
+            why.contains("ttl-overflow") && why.contains("overflow"),
+            "{why}"
+        );
+        // ttl 1: no overflow; the forbid holds and denies as written.
+        let d = engine.decide(&token_request(agent(&[]), "x", 1));
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.policy_ids, ["ttl-overflow"]);
+        assert!(d.errors.is_empty(), "{d:?}");
+        assert_eq!(d.explain(), "denied by policy ttl-overflow");
+        // ttl 0: the forbid is false without error; the permit allows.
+        let d = engine.decide(&token_request(agent(&[]), "x", 0));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policy_ids, ["tools"]);
+    }
+
+    #[test]
+    fn an_erroring_policy_that_does_not_apply_denies_nothing() {
+        // The forbid's scope names another audience and another action: it is never
+        // evaluated for these requests, so it cannot deny them by erroring.
+        let policy = format!(
+            "{OVERFLOWING_FORBID}
+            @id(\"y\")
+            permit (principal is Agent, action == Action::\"issue_token\", resource == Audience::\"y\");
+            @id(\"exchange-overflow\")
+            forbid (principal, action == Action::\"exchange_token\", resource)
+            when {{ context.ttl_seconds * 9223372036854775807 > 0 }};"
+        );
+        let engine = PolicyEngine::from_files(files(&[("p.cedar", &policy)]), "test").unwrap();
+        let d = engine.decide(&token_request(agent(&[]), "y", 300));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policy_ids, ["y"]);
+        assert!(d.errors.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn errors_and_satisfied_forbids_are_all_named() {
+        let policy = format!(
+            "{OVERFLOWING_FORBID}
+            @id(\"no-x\")
+            forbid (principal, action, resource == Audience::\"x\");"
+        );
+        let engine = PolicyEngine::from_files(files(&[("p.cedar", &policy)]), "test").unwrap();
+        let d = engine.decide(&token_request(agent(&[]), "x", 300));
+        assert!(!d.allowed);
+        assert_eq!(d.policy_ids, ["no-x", "ttl-overflow"]);
+        assert_eq!(d.errors.len(), 1, "{d:?}");
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_the_schema_explains_itself() {
+        let engine = PolicyEngine::dev().unwrap();
+        let d = engine.decide(&token_request(agent(&[]), "dev", u64::MAX));
+        assert!(!d.allowed && d.policy_ids.is_empty(), "{d:?}");
+        let why = d.explain();
+        assert!(
+            why.starts_with("denied: the request could not be evaluated"),
+            "{why}"
+        );
+        assert!(why.contains("too large"), "{why}");
     }
 
     #[test]

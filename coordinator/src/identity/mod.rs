@@ -1321,13 +1321,10 @@ struct Said(String);
 
 impl Audited for Said {}
 
-/// A policy refusal naming the deciding policies (and evaluation errors).
+/// A policy refusal naming the deciding policies and, when a policy failed to evaluate
+/// (which denies), the policy and its error ([`Decision::explain`]).
 fn denial(d: &Decision) -> IdentityError {
-    let mut why = d.explain();
-    if !d.errors.is_empty() {
-        why.push_str(&format!(" ({})", d.errors.join("; ")));
-    }
-    IdentityError::Denied(why)
+    IdentityError::Denied(d.explain())
 }
 
 fn base_context(now: i64) -> PolicyContext {
