@@ -35,7 +35,12 @@
 //!
 //! # JWT verification order
 //!
-//! 1. Size and shape (three base64url segments; JWE and `crit` refused).
+//! 1. Size and shape: three base64url segments (JWE and `crit` refused); header and
+//!    payload are JSON objects in which no object, nested ones included, names a member
+//!    twice ([`quorate_proto::json::parse_object_unique`]: parsers differ on which
+//!    duplicate wins, and a duplicated claim would otherwise become a policy tag with the
+//!    last value); registered claims have their RFC 7519 types — `iat`, `exp`, `nbf`
+//!    JSON numbers, `iss`, `sub`, `jti` strings, `aud` a string or an array of strings.
 //! 2. The header's `alg`: `none` and `HS*` are refused **before any key is looked at**, so
 //!    the classic confusion attack (an HMAC keyed with the issuer's public key) cannot
 //!    work. Header keys (`jwk`, `jku`, `x5c`, `x5u`) are ignored: keys come only from the
@@ -47,6 +52,16 @@
 //!    given) must equal the header's.
 //! 5. jsonwebtoken verifies the signature with `Validation` pinned to that one `alg`, then
 //!    `exp`, `iss`, `aud`, `sub` (all required) and `nbf`, with 60 s of leeway.
+//! 6. `iat`, if present, is not more than the leeway in the future.
+//!
+//! # X.509-SVID verification
+//!
+//! [`Authenticator::verify_svid`] checks the leaf against the X.509-SVID profile (SPIFFE
+//! X.509-SVID §4, §5.2) before its chain: exactly one `spiffe://` URI SAN naming a
+//! workload in a configured trust domain (never the cluster's own), not a CA
+//! (`basicConstraints` without `cA`), and a `keyUsage` extension that asserts
+//! `digitalSignature` and neither `keyCertSign` nor `cRLSign`. Each refusal names what is
+//! wrong.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -766,6 +781,19 @@ pub enum AuthnError {
     /// A required claim is missing.
     #[error("attestation lacks the required claim `{0}` (exp, iss, aud and sub are required)")]
     MissingClaim(String),
+    /// A registered claim (RFC 7519 §4.1) has the wrong JSON type.
+    #[error("attestation claim `{claim}` must be {expected} (RFC 7519 §4.1)")]
+    WrongClaimType {
+        /// The claim, e.g. `iat`.
+        claim: String,
+        /// What it must be, e.g. `a JSON number (NumericDate)`.
+        expected: &'static str,
+    },
+    /// The token's `iat` is in the future (beyond the leeway).
+    #[error(
+        "attestation was issued in the future (iat is more than {LEEWAY_SECONDS} s ahead of this server's clock): check the issuer's clock"
+    )]
+    IssuedInFuture,
     /// The signature does not verify with the issuer's key.
     #[error("attestation signature does not verify with the issuer's key")]
     BadSignature,
@@ -1472,6 +1500,12 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation)
             .map_err(|e| map_jwt_error(&e, issuer, &key, alg, &unverified.iss))?;
         let claims = data.claims;
+        // `check_claim_types` made `iat` a number if present.
+        if let Some(iat) = claims.get("iat").and_then(Value::as_f64)
+            && iat > unix_now_f64() + LEEWAY_SECONDS as f64
+        {
+            return Err(AuthnError::IssuedInFuture);
+        }
 
         let sub = match claims.get("sub") {
             Some(Value::String(sub)) if !sub.is_empty() && sub.len() <= MAX_SUBJECT_LEN => {
@@ -1554,6 +1588,7 @@ impl Authenticator {
             }
         };
         let trust_domain = parse_spiffe_id(id).map_err(|e| svid(format!("`{id}` {e}")))?;
+        check_leaf_profile(&cert).map_err(|e| svid(format!("`{id}`: {e}")))?;
         if trust_domain == self.domain {
             return Err(svid(format!(
                 "`{id}` is in the cluster's own trust domain; Quorate's own certificates are not agent identities"
@@ -1594,6 +1629,52 @@ impl Authenticator {
             expires_at: Some(cert.validity().not_after.timestamp()),
         })
     }
+}
+
+/// Checks what the X.509-SVID profile asks of a leaf beyond its SPIFFE ID (SPIFFE
+/// X.509-SVID §4.1, §4.3, §5.2): it is not a CA, and its `keyUsage` extension is present,
+/// asserts `digitalSignature`, and asserts neither `keyCertSign` nor `cRLSign`.
+fn check_leaf_profile(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<(), String> {
+    let constraints = cert.basic_constraints().map_err(|e| {
+        format!("the X.509-SVID leaf's basicConstraints extension is malformed: {e}")
+    })?;
+    if constraints.is_some_and(|c| c.value.ca) {
+        return Err(
+            "the X.509-SVID leaf is a CA certificate (basicConstraints cA is set)".to_owned(),
+        );
+    }
+    let usage = cert
+        .key_usage()
+        .map_err(|e| format!("the X.509-SVID leaf's keyUsage extension is malformed: {e}"))?
+        .ok_or_else(|| {
+            "the X.509-SVID leaf has no keyUsage extension; it must have one asserting digitalSignature"
+                .to_owned()
+        })?;
+    let usage = usage.value;
+    if usage.key_cert_sign() {
+        return Err(
+            "the X.509-SVID leaf's keyUsage asserts keyCertSign, which only a signing certificate may"
+                .to_owned(),
+        );
+    }
+    if usage.crl_sign() {
+        return Err(
+            "the X.509-SVID leaf's keyUsage asserts cRLSign, which only a signing certificate may"
+                .to_owned(),
+        );
+    }
+    if !usage.digital_signature() {
+        let asserted = usage.to_string();
+        return Err(format!(
+            "the X.509-SVID leaf's keyUsage lacks digitalSignature (it asserts {})",
+            if asserted.is_empty() {
+                "nothing"
+            } else {
+                &asserted
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a SPIFFE ID (SPIFFE ID spec §2) of a workload: scheme `spiffe`, a trust domain of
@@ -1647,12 +1728,11 @@ impl Unverified {
             let bytes = URL_SAFE_NO_PAD
                 .decode(part)
                 .map_err(|_| AuthnError::Malformed(format!("the {what} is not base64url")))?;
-            match serde_json::from_slice(&bytes) {
-                Ok(Value::Object(map)) => Ok(map),
-                _ => Err(AuthnError::Malformed(format!(
-                    "the {what} is not a JSON object"
-                ))),
-            }
+            quorate_proto::json::parse_object_unique(&bytes).map_err(|e| {
+                AuthnError::Malformed(format!(
+                    "the {what} is not a JSON object with unique member names: {e}"
+                ))
+            })
         };
         let header = decode(header, "header")?;
         let alg = match header.get("alg") {
@@ -1677,6 +1757,7 @@ impl Unverified {
             Some(_) => return Err(malformed("the header's `kid` is not a string")),
         };
         let payload = decode(payload, "payload")?;
+        check_claim_types(&payload)?;
         let iss = match payload.get("iss") {
             Some(Value::String(iss)) => iss.clone(),
             Some(_) => return Err(malformed("the `iss` claim is not a string")),
@@ -1684,6 +1765,51 @@ impl Unverified {
         };
         Ok(Self { alg, kid, iss })
     }
+}
+
+/// Refuses a payload whose registered claims (RFC 7519 §4.1) have the wrong JSON type:
+/// `iat`, `exp`, `nbf` numbers (NumericDate), `iss`, `sub`, `jti` strings, `aud` a string
+/// or an array of strings. Absent claims are left to the later checks.
+fn check_claim_types(payload: &Map<String, Value>) -> Result<(), AuthnError> {
+    const NUMBER: &str = "a JSON number (NumericDate)";
+    const STRING: &str = "a JSON string";
+    const AUDIENCE: &str = "a JSON string or an array of strings";
+    for (claim, expected) in [
+        ("iat", NUMBER),
+        ("exp", NUMBER),
+        ("nbf", NUMBER),
+        ("iss", STRING),
+        ("sub", STRING),
+        ("jti", STRING),
+        ("aud", AUDIENCE),
+    ] {
+        let ok = match payload.get(claim) {
+            None => true,
+            Some(value) => match expected {
+                NUMBER => value.is_number(),
+                STRING => value.is_string(),
+                _ => match value {
+                    Value::String(_) => true,
+                    Value::Array(items) => items.iter().all(Value::is_string),
+                    _ => false,
+                },
+            },
+        };
+        if !ok {
+            return Err(AuthnError::WrongClaimType {
+                claim: claim.to_owned(),
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Unix seconds now, as a float (NumericDate may have fractions).
+fn unix_now_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn map_jwt_error(
@@ -1880,6 +2006,25 @@ mod tests {
             b64(header.to_string().as_bytes()),
             b64(claims.to_string().as_bytes()),
             b64(signature)
+        )
+    }
+
+    /// A token signed over exactly the given header and payload bytes (duplicate member
+    /// names survive, as they would from a hostile or sloppy issuer).
+    fn sign_raw(key: &IssuerKey, header: &str, payload: &str) -> String {
+        let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+        let sig =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key.encoding, Algorithm::ES256).unwrap();
+        format!("{input}.{sig}")
+    }
+
+    /// The registered claims of [`claims`] as JSON text, valid now, with `extra` (raw JSON
+    /// members) appended.
+    fn raw_payload(extra: &str) -> String {
+        let now = now();
+        format!(
+            r#"{{"iss":"{ISS}","sub":"agent-1","aud":"quorate","exp":{},"iat":{now},"nbf":{now}{extra}}}"#,
+            now + 300
         )
     }
 
@@ -2330,6 +2475,109 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn duplicate_member_names_are_refused_anywhere() {
+        let f = fixture(vec![]).await;
+        let header = r#"{"alg":"ES256","kid":"k1"}"#;
+        // The baseline is accepted, so each refusal below is about its duplicate.
+        let ok = f
+            .auth
+            .verify_jwt(&sign_raw(&f.key, header, &raw_payload(r#","team":"a""#)))
+            .await
+            .unwrap();
+        assert_eq!(ok.claims["team"], "a");
+        for (header, payload, name) in [
+            // Today's attack: the last value would become the Cedar tag.
+            (
+                header.to_owned(),
+                raw_payload(r#","team":"a","team":"admin""#),
+                "team",
+            ),
+            (
+                header.to_owned(),
+                raw_payload(r#","org":{"team":"a","team":"admin"}"#),
+                "team",
+            ),
+            (
+                header.to_owned(),
+                raw_payload(r#","list":[{"k":1,"k":2}]"#),
+                "k",
+            ),
+            (header.to_owned(), raw_payload(r#","sub":"agent-2""#), "sub"),
+            (
+                r#"{"alg":"ES256","kid":"k1","kid":"k2"}"#.to_owned(),
+                raw_payload(""),
+                "kid",
+            ),
+        ] {
+            let e = f
+                .auth
+                .verify_jwt(&sign_raw(&f.key, &header, &payload))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AuthnError::Malformed(_)), "{payload}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("member \"{name}\" appears twice")),
+                "{payload}: {msg}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn registered_claims_must_have_their_types() {
+        let f = fixture(vec![]).await;
+        let now = now();
+        let cases = [
+            ("iat", json!(now.to_string()), "a JSON number"),
+            ("exp", json!((now + 300).to_string()), "a JSON number"),
+            ("nbf", json!(true), "a JSON number"),
+            ("iss", json!([ISS]), "a JSON string"),
+            ("sub", json!(7), "a JSON string"),
+            ("jti", json!({"id": "x"}), "a JSON string"),
+            (
+                "aud",
+                json!(["quorate", 1]),
+                "a JSON string or an array of strings",
+            ),
+            ("aud", json!(null), "a JSON string or an array of strings"),
+        ];
+        for (claim, value, expected) in cases {
+            let token = sign(&f.key, &with(claims(), claim, value.clone()));
+            let e = f.auth.verify_jwt(&token).await.unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(&e, AuthnError::WrongClaimType { claim: c, .. } if c == claim),
+                "{claim}={value}: {msg}"
+            );
+            assert!(
+                msg.contains(&format!("claim `{claim}` must be {expected}")),
+                "{claim}={value}: {msg}"
+            );
+        }
+        // The right types pass: fractional NumericDates, `aud` as an array, no `jti`.
+        let mut c = with(claims(), "iat", json!(now as f64 + 0.5));
+        c = with(c, "aud", json!(["other", "quorate"]));
+        c.as_object_mut().unwrap().remove("jti");
+        f.auth.verify_jwt(&sign(&f.key, &c)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn iat_in_the_future_is_refused_beyond_the_leeway() {
+        let f = fixture(vec![]).await;
+        let now = now();
+        let leeway = i64::try_from(LEEWAY_SECONDS).unwrap();
+        for iat in [now + 3600, now + leeway + 5] {
+            let c = with(claims(), "iat", json!(iat));
+            let e = f.auth.verify_jwt(&sign(&f.key, &c)).await.unwrap_err();
+            assert!(matches!(e, AuthnError::IssuedInFuture), "{iat}: {e}");
+            assert!(e.to_string().contains("iat is more than 60 s ahead"), "{e}");
+        }
+        // Within the leeway (clock skew) is fine.
+        let c = with(claims(), "iat", json!(now + leeway - 5));
+        f.auth.verify_jwt(&sign(&f.key, &c)).await.unwrap();
+    }
+
     // --- X.509-SVID --------------------------------------------------------------------
 
     struct Ca {
@@ -2350,15 +2598,67 @@ mod tests {
     }
 
     fn svid(ca: &Ca, uris: &[&str]) -> CertificateDer<'static> {
+        svid_with(ca, uris, vec![KeyUsagePurpose::DigitalSignature])
+    }
+
+    /// An SVID with the given key usages (none: no keyUsage extension at all).
+    fn svid_with(ca: &Ca, uris: &[&str], usages: Vec<KeyUsagePurpose>) -> CertificateDer<'static> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = uris
             .iter()
             .map(|u| SanType::URI((*u).try_into().unwrap()))
             .collect();
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = usages;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.signed_by(&key, &ca.issuer).unwrap().der().clone()
+    }
+
+    #[tokio::test]
+    async fn svid_leaf_key_usage_follows_the_profile() {
+        let ca = ca();
+        let (_dir, auth) = svid_authenticator(&ca).await;
+        let id = ["spiffe://example.org/agent/a"];
+        use KeyUsagePurpose::*;
+        let cases = [
+            (vec![KeyCertSign], "keyUsage asserts keyCertSign"),
+            (vec![DigitalSignature, CrlSign], "keyUsage asserts cRLSign"),
+            (
+                vec![KeyEncipherment, KeyAgreement],
+                "keyUsage lacks digitalSignature (it asserts Key Encipherment, Key Agreement)",
+            ),
+            (vec![], "has no keyUsage extension"),
+        ];
+        for (usages, needle) in cases {
+            let err = auth
+                .verify_svid(&[svid_with(&ca, &id, usages.clone())])
+                .unwrap_err();
+            assert!(matches!(err, AuthnError::Svid(_)), "{err}");
+            assert!(
+                err.to_string().contains(needle),
+                "{usages:?}: `{needle}` not in {err}"
+            );
+            assert!(err.to_string().contains(id[0]), "{err}");
+        }
+        // digitalSignature with other usages that do not sign certificates is fine.
+        auth.verify_svid(&[svid_with(&ca, &id, vec![DigitalSignature, KeyAgreement])])
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn svid_leaf_must_not_be_a_ca() {
+        let ca = ca();
+        let (_dir, auth) = svid_authenticator(&ca).await;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://example.org/agent/a".try_into().unwrap(),
+        )];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let leaf = params.signed_by(&key, &ca.issuer).unwrap().der().clone();
+        let err = auth.verify_svid(&[leaf]).unwrap_err();
+        assert!(err.to_string().contains("is a CA certificate"), "{err}");
     }
 
     async fn svid_authenticator(ca: &Ca) -> (tempfile::TempDir, Authenticator) {

@@ -11,9 +11,10 @@
 //! verifier will read:
 //! - the signing input is exactly `BASE64URL(header) "." BASE64URL(payload)`, unpadded,
 //!   canonical base64url (RFC 7515 §2, §7.1), at most [`MAX_SIGNING_INPUT`] bytes;
-//! - header and payload are JSON objects with no member name twice (RFC 7515 §5.2 lets
-//!   parsers pick either duplicate, so a duplicate `iss` or `exp` would let the node and
-//!   a verifier read different tokens);
+//! - header and payload are JSON objects with no member name twice, at any depth
+//!   ([`quorate_proto::json::parse_object_unique`]; RFC 7515 §5.2 lets parsers pick
+//!   either duplicate, so a duplicate `iss` or `exp` would let the node and a verifier
+//!   read different tokens);
 //! - the header must not carry `crit` or `b64`: an extension such as RFC 7797's unencoded
 //!   payload would change what the payload bytes mean;
 //! - `alg` is exactly `ES256`, `typ` and `iss` compare exactly (no case folding);
@@ -23,37 +24,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 pub use quorate_proto::rules::TokenRules;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT};
-use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::{Map, Value};
-
-/// A JSON object whose member names are unique.
-struct Object(Map<String, Value>);
-
-impl<'de> Deserialize<'de> for Object {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Unique;
-        impl<'de> Visitor<'de> for Unique {
-            type Value = Object;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Object, A::Error> {
-                let mut m = Map::new();
-                while let Some((k, v)) = a.next_entry::<String, Value>()? {
-                    if m.contains_key(&k) {
-                        return Err(A::Error::custom(format!(
-                            "member \"{}\" appears twice",
-                            k.escape_debug()
-                        )));
-                    }
-                    m.insert(k, v);
-                }
-                Ok(Object(m))
-            }
-        }
-        d.deserialize_map(Unique)
-    }
-}
 
 fn part(name: &str, b64: &str) -> Result<Map<String, Value>, String> {
     if b64.is_empty() {
@@ -62,8 +33,7 @@ fn part(name: &str, b64: &str) -> Result<Map<String, Value>, String> {
     let raw = URL_SAFE_NO_PAD
         .decode(b64)
         .map_err(|e| format!("the JWS {name} is not unpadded, canonical base64url ({e})"))?;
-    serde_json::from_slice::<Object>(&raw)
-        .map(|o| o.0)
+    quorate_proto::json::parse_object_unique(&raw)
         .map_err(|e| format!("the JWS {name} is not a JSON object with unique member names: {e}"))
 }
 
@@ -381,6 +351,12 @@ mod tests {
             ),
             "appears twice",
         );
+        // Nested objects too: a verifier reading `act` or `cnf` must see what the node saw.
+        let p = format!(
+            r#"{{"iss":"https://issuer.test","iat":{NOW},"exp":{},"cnf":{{"jkt":"a","jkt":"b"}}}}"#,
+            NOW + 60
+        );
+        refused(&input(HEADER, &p), "member \"jkt\" appears twice");
     }
 
     #[test]

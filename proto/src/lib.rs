@@ -5,6 +5,7 @@
 //! - [`api`]: the public KeyService and ClusterService (clients → coordinator);
 //! - [`convert`]: conversions between wire messages and `quorate-crypto` domain types;
 //! - [`dpop`]: RFC 9449 DPoP keys, proofs, proof verification and the replay cache;
+//! - [`json`]: JSON objects with unique member names at every depth (JWS parts);
 //! - [`rules`]: token rules of token-signing keys (coordinator and nodes share them);
 //! - [`tls`]: the only place rustls configurations are built — TLS 1.3 only, key
 //!   exchange X25519MLKEM768 only, mutual TLS, peer roles read from certificates;
@@ -40,6 +41,7 @@ pub mod api {
 pub mod convert;
 pub mod dpop;
 pub mod https;
+pub mod json;
 pub mod metrics;
 pub mod pki;
 pub mod process;
