@@ -15,6 +15,7 @@ use quorate_proto::api::audit_service_client::AuditServiceClient;
 use quorate_proto::api::cluster_service_client::ClusterServiceClient;
 use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
+use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
 use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
 use quorate_proto::transport;
@@ -72,8 +73,8 @@ pub struct KeyInfo {
     pub epoch: u32,
     /// The public key.
     pub public_key: Point,
-    /// For a token-signing key: what its fragment nodes agree to sign.
-    pub token_rules: Option<TokenRules>,
+    /// What the key may be used for; a token key carries its rules.
+    pub profile: KeyProfile,
     /// 1 for a new key, +1 per rotation.
     pub version: u32,
     /// The JWS `kid` of this version.
@@ -243,23 +244,27 @@ impl Client {
         self.addr
     }
 
-    /// Creates a key with a fresh distributed key generation across all nodes.
+    /// Creates a key with a fresh distributed key generation across all nodes: a signing
+    /// key of the raw profile, or a derive or decrypt key.
     pub async fn create_key(&self, name: &str, purpose: KeyPurpose) -> Result<KeyInfo> {
-        self.create_key_with_rules(name, purpose, None).await
+        self.create_key_with_profile(name, &KeyProfile::legacy(purpose, None))
+            .await
     }
 
-    /// Creates a key; with `token_rules`, a signing key whose fragment nodes sign only
-    /// JWS tokens within the rules (fixed for the key's lifetime, every version).
-    pub async fn create_key_with_rules(
+    /// Creates a key of `profile` (DESIGN.md §9), fixed for the key's lifetime and every
+    /// version; every fragment node refuses any other use. A token key's rules must fit
+    /// every node's ceiling.
+    pub async fn create_key_with_profile(
         &self,
         name: &str,
-        purpose: KeyPurpose,
-        token_rules: Option<&TokenRules>,
+        profile: &KeyProfile,
     ) -> Result<KeyInfo> {
+        let (wire, rules) = profile.to_api();
         let req = api::CreateKeyRequest {
             name: name.to_owned(),
-            purpose: purpose_to_wire(purpose) as i32,
-            token_rules: token_rules.map(TokenRules::to_api),
+            purpose: purpose_to_wire(profile.purpose()) as i32,
+            token_rules: rules,
+            profile: wire as i32,
         };
         let mut keys = self.keys.clone();
         let info = self
@@ -541,6 +546,16 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
                 &format!("key `{}` with invalid token rules ({e})", k.name),
             )
         })?;
+    let profile = KeyProfile::from_api(
+        k.profile,
+        token_rules.as_ref().map(TokenRules::to_api).as_ref(),
+    )
+    .map_err(|e| {
+        malformed(
+            "describe the key",
+            &format!("key `{}` with an invalid profile ({e})", k.name),
+        )
+    })?;
     Ok(KeyInfo {
         name: k.name,
         key_id: k.key_id,
@@ -549,7 +564,7 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
         t: k.t,
         epoch: k.epoch,
         public_key,
-        token_rules,
+        profile,
         version: k.version,
         kid: k.kid,
     })

@@ -32,8 +32,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use quorate_crypto::ThresholdParams;
-use quorate_crypto::keys::KeyPurpose;
+
 use quorate_proto::pki;
+use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
 use quorate_proto::tls::{Identity, Role};
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
@@ -71,6 +72,9 @@ pub const CREDENTIAL_KEY: &str = "credentials";
 
 /// The token key's node-enforced maximum lifetime (the dev policy caps lower, 15 min).
 pub const DEV_TOKEN_MAX_TTL: u32 = 3600;
+
+/// The nodes' ceiling file in the dev directory (`quorate_node::ceiling`).
+pub const NODE_CEILING_FILE: &str = "node-ceiling.json";
 
 /// How long each process may take to report that it listens.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -309,6 +313,16 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         .map_err(|e| Error::Config(format!("cannot create {}: {e}", logs.display())))?;
 
     let ca = dir.join("ca.pem");
+    // Each node's own ceiling for token keys (DESIGN.md §9): the dev issuer, at+jwt,
+    // tokens of at most an hour. Rewritten on every start (the issuer port may change).
+    let ceiling = dir.join(NODE_CEILING_FILE);
+    let ceiling_json = serde_json::json!({
+        "token_issuers": [issuer],
+        "token_typs": ["at+jwt"],
+        "max_token_ttl_seconds": DEV_TOKEN_MAX_TTL,
+    });
+    std::fs::write(&ceiling, format!("{ceiling_json:#}\n"))
+        .map_err(|e| Error::Config(format!("cannot write {}: {e}", ceiling.display())))?;
     for i in 1..=opts.nodes {
         let name = format!("node-{i}");
         let mut cmd = node_bin.command();
@@ -324,6 +338,8 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
             .arg(&ca)
             .arg("--domain")
             .arg(&opts.domain)
+            .arg("--ceiling")
+            .arg(&ceiling)
             .arg("--init-kek");
         procs.nodes.push(Proc::spawn(name, cmd, &logs)?);
     }
@@ -378,27 +394,11 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     eprintln!("coordinator listening on {addr}; issuer {issuer}");
 
     let client = Client::connect(&ClientConfig::admin(&dir, addr, &opts.domain)).await?;
-    ensure_key(&client, opts, procs, DEFAULT_KEY, KeyPurpose::Sign, None).await?;
+    ensure_key(&client, opts, procs, DEFAULT_KEY, &KeyProfile::Raw).await?;
     let rules = TokenRules::new(DEV_TOKEN_MAX_TTL, issuer.clone(), "at+jwt")
         .map_err(|e| Error::Other(format!("dev token rules: {e}")))?;
-    ensure_key(
-        &client,
-        opts,
-        procs,
-        TOKEN_KEY,
-        KeyPurpose::Sign,
-        Some(&rules),
-    )
-    .await?;
-    ensure_key(
-        &client,
-        opts,
-        procs,
-        CREDENTIAL_KEY,
-        KeyPurpose::Derive,
-        None,
-    )
-    .await?;
+    ensure_key(&client, opts, procs, TOKEN_KEY, &KeyProfile::Token(rules)).await?;
+    ensure_key(&client, opts, procs, CREDENTIAL_KEY, &KeyProfile::Derive).await?;
     let pools_filled = fill_pools(&client, opts, procs).await?;
     write_env_file(&env_file, addr, &dir, &opts.domain, &issuer)?;
     Ok(Up {
@@ -527,15 +527,14 @@ fn prepare_certificates(dir: &Path, domain: &str, n: u16) -> Result<()> {
     Ok(())
 }
 
-/// Creates the key `name` (with token rules, if given) unless it exists, retrying
-/// while the cluster is still coming up.
+/// Creates the key `name` of `profile` unless it exists, retrying while the cluster is
+/// still coming up.
 async fn ensure_key(
     client: &Client,
     opts: &DevOptions,
     procs: &mut Procs,
     name: &str,
-    purpose: KeyPurpose,
-    rules: Option<&TokenRules>,
+    profile: &KeyProfile,
 ) -> Result<()> {
     let deadline = Instant::now() + CREATE_KEY_TIMEOUT;
     let mut announced = false;
@@ -553,7 +552,7 @@ async fn ensure_key(
                 announced = true;
             }
             client
-                .create_key_with_rules(name, purpose, rules)
+                .create_key_with_profile(name, profile)
                 .await
                 .map(|_| true)
         };

@@ -56,4 +56,5 @@ pub use config::{
 pub use error::{Error, Result};
 pub use quorate_crypto::keys::KeyPurpose;
 pub use quorate_crypto::tdh::Credential;
+pub use quorate_proto::profile::KeyProfile;
 pub use quorate_proto::rules::TokenRules;

@@ -17,7 +17,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use quorate_client::dev::{self, DevCluster, DevOptions, WaitOutcome, shell_quote};
 use quorate_client::{
-    Client, ClientConfig, ClusterStatus, Error, Format, KeyInfo, KeyPurpose, Result, SignInput,
+    Client, ClientConfig, ClusterStatus, Error, Format, KeyInfo, KeyProfile, KeyPurpose, Result,
+    SignInput,
 };
 use quorate_crypto::ThresholdParams;
 use quorate_proto::pki;
@@ -160,7 +161,12 @@ enum KeyCommand {
     Create {
         /// Key name: 1-64 of letters, digits, '-', '_', '.'
         name: String,
-        /// What the key is for (fixed at creation)
+        /// What the key may be used for (fixed at creation, enforced by every node): raw
+        /// (signs any digest), token (signs only access tokens; needs the token rules),
+        /// derive, decrypt. Default: from --purpose (sign: raw, or token with token rules)
+        #[arg(long, value_enum)]
+        profile: Option<ProfileArg>,
+        /// What the key is for (older spelling of --profile; sign means raw)
         #[arg(long, value_enum, default_value_t = PurposeArg::Sign)]
         purpose: PurposeArg,
         #[command(flatten)]
@@ -210,13 +216,23 @@ struct TokenRulesArgs {
 }
 
 impl TokenRulesArgs {
+    /// The key profile of `key create`.
+    fn profile(self, profile: Option<ProfileArg>, purpose: PurposeArg) -> Result<KeyProfile> {
+        let rules = self.rules(purpose)?;
+        let name = match profile {
+            Some(p) => p.name(),
+            None => return Ok(KeyProfile::legacy(purpose.into(), rules)),
+        };
+        KeyProfile::from_name(name, rules).map_err(|e| Error::Usage(e.to_string()))
+    }
+
     fn rules(self, purpose: PurposeArg) -> Result<Option<quorate_client::TokenRules>> {
         match (self.token_issuer, self.token_max_ttl, self.token_typ) {
             (None, None, None) => Ok(None),
             (Some(issuer), Some(ttl), Some(typ)) => {
                 if purpose != PurposeArg::Sign {
                     return Err(Error::Usage(
-                        "token rules apply only to signing keys: drop --purpose or use --purpose sign"
+                        "token rules apply only to token keys: drop --purpose or use --profile token"
                             .into(),
                     ));
                 }
@@ -238,9 +254,9 @@ impl TokenRulesArgs {
 /// What `key create` and `key rotate` print.
 fn describe_key(verb: &str, key: &KeyInfo) -> String {
     let mut s = format!(
-        "{verb} key `{}`: purpose {}, {} nodes, t = {}, key id {}",
+        "{verb} key `{}`: profile {}, {} nodes, t = {}, key id {}",
         key.name,
-        key.purpose.name(),
+        key.profile.name(),
         key.n,
         key.t,
         key.key_id
@@ -248,7 +264,7 @@ fn describe_key(verb: &str, key: &KeyInfo) -> String {
     if key.version > 1 {
         s.push_str(&format!(", version {} (JWS kid {})", key.version, key.kid));
     }
-    if let Some(r) = &key.token_rules {
+    if let Some(r) = key.profile.token_rules() {
         s.push_str(&format!(
             "\ntoken rules: typ {}, issuer {}, tokens of at most {} s",
             r.typ(),
@@ -363,6 +379,31 @@ enum PurposeArg {
     Decrypt,
 }
 
+/// `--profile` of `key create` (checkpoint keys are the coordinator's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProfileArg {
+    /// Signs any 32-byte digest (HSM-style); never published as a token key
+    Raw,
+    /// Signs only access tokens issued by the identity service (needs --token-issuer,
+    /// --token-max-ttl, --token-typ); published in the issuer JWKS
+    Token,
+    /// Confidential credential derivation
+    Derive,
+    /// Decryption of data encrypted with `quorate encrypt`
+    Decrypt,
+}
+
+impl ProfileArg {
+    fn name(self) -> &'static str {
+        match self {
+            ProfileArg::Raw => "raw",
+            ProfileArg::Token => "token",
+            ProfileArg::Derive => "derive",
+            ProfileArg::Decrypt => "decrypt",
+        }
+    }
+}
+
 impl From<PurposeArg> for KeyPurpose {
     fn from(p: PurposeArg) -> Self {
         match p {
@@ -444,15 +485,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Key(KeyCommand::Create {
             name,
+            profile,
             purpose,
             rules,
             conn,
         }) => {
-            let rules = rules.rules(purpose)?;
+            let profile = rules.profile(profile, purpose)?;
             let client = conn.connect().await?;
-            let key = client
-                .create_key_with_rules(&name, purpose.into(), rules.as_ref())
-                .await?;
+            let key = client.create_key_with_profile(&name, &profile).await?;
             out(&describe_key("created", &key))
         }
         Command::Key(KeyCommand::Rotate { name, conn }) => {

@@ -341,6 +341,7 @@ fn default_key() -> api::KeyInfo {
         token_rules: None,
         version: 1,
         kid: "kid-default".into(),
+        profile: api::KeyProfile::Raw as i32,
     }
 }
 
@@ -381,6 +382,7 @@ impl KeyService for Fake {
             name: req.name,
             purpose: req.purpose,
             token_rules: req.token_rules,
+            profile: req.profile,
             ..default_key()
         }))
     }

@@ -35,10 +35,9 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
+pub use quorate_proto::profile::KeyProfile;
 pub use quorate_proto::rules::TokenRules;
-use quorate_proto::rules::{
-    CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, MAX_TTL_LIMIT_SECONDS, REFUSAL_PREFIX,
-};
+use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, REFUSAL_PREFIX};
 
 use crate::store::{KeyVersion, NamedKey, Store, StoreError, StoredVersion};
 
@@ -156,8 +155,8 @@ pub struct KeyVersionInfo {
     pub version: u32,
     /// The version's public data.
     pub public: KeyPublic,
-    /// Its token rules (the same for every version of a name).
-    pub rules: Option<TokenRules>,
+    /// Its profile (the same for every version of a name).
+    pub profile: KeyProfile,
     /// Unix seconds.
     pub created_at: i64,
     /// When a newer version replaced it; `None` for the current version.
@@ -170,7 +169,7 @@ impl KeyVersionInfo {
             name: name.to_string(),
             version: v.version.version,
             public: v.public.clone(),
-            rules: v.rules.clone(),
+            profile: v.profile.clone(),
             created_at: v.version.created_at,
             retired_at: v.version.retired_at,
         }
@@ -500,20 +499,9 @@ impl Cluster {
     }
 
     /// Runs a DKG for a new key (all `n` nodes must be up) and activates it as version
-    /// 1 of `name`. With `rules`, a signing key becomes a token-signing key: every node
-    /// records the rules and signs only JWS signing inputs that pass them.
-    pub async fn create_key(
-        &self,
-        name: &str,
-        purpose: KeyPurpose,
-        rules: Option<TokenRules>,
-    ) -> Result<KeyPublic> {
-        if rules.is_some() && purpose != KeyPurpose::Sign {
-            return Err(CoordError::Invalid(format!(
-                "token rules apply only to signing keys; a {} key cannot have them",
-                purpose.name()
-            )));
-        }
+    /// 1 of `name`. Every node records `profile` and refuses any other use of the key
+    /// (DESIGN.md §9); a token key's rules must fit every node's ceiling.
+    pub async fn create_key(&self, name: &str, profile: KeyProfile) -> Result<KeyPublic> {
         let _admin = self.admin.lock().await;
         if self.state()?.keys.contains_key(name) {
             return Err(CoordError::Precondition(format!(
@@ -521,7 +509,13 @@ impl Cluster {
             )));
         }
         let public = self
-            .run_dkg(fresh_key_id()?, DkgMode::NewKey { purpose }, rules.as_ref())
+            .run_dkg(
+                fresh_key_id()?,
+                DkgMode::NewKey {
+                    purpose: profile.purpose(),
+                },
+                Some(&profile),
+            )
             .await?;
         let version = KeyVersion {
             version: 1,
@@ -530,7 +524,7 @@ impl Cluster {
             retired_at: None,
         };
         self.store
-            .put_version(name, &public, rules.as_ref(), &[version])?;
+            .put_version(name, &public, &profile, &[version])?;
         {
             let mut s = self.state()?;
             s.names.insert(public.key_id, name.to_string());
@@ -542,12 +536,12 @@ impl Cluster {
                     versions: vec![StoredVersion {
                         version,
                         public: public.clone(),
-                        rules: rules.clone(),
+                        profile: profile.clone(),
                     }],
                 },
             );
         }
-        tracing::info!(key = name, id = %public.key_id, token_rules = rules.is_some(), "key created");
+        tracing::info!(key = name, id = %public.key_id, profile = %profile, "key created");
         Ok(public)
     }
 
@@ -558,13 +552,17 @@ impl Cluster {
     /// dropped. Returns the new version.
     pub async fn rotate_key(&self, name: &str) -> Result<KeyVersionInfo> {
         let _admin = self.admin.lock().await;
-        let (mut versions, rules, purpose) = {
+        let (mut versions, profile, purpose) = {
             let s = self.state()?;
             let k = s.keys.get(name).ok_or_else(|| no_such_key(name))?;
-            let rules = k.versions.last().and_then(|v| v.rules.clone());
+            let profile = k
+                .versions
+                .last()
+                .map(|v| v.profile.clone())
+                .ok_or_else(|| CoordError::Internal(format!("key {name} has no versions")))?;
             (
                 k.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
-                rules,
+                profile,
                 k.public.purpose,
             )
         };
@@ -575,7 +573,7 @@ impl Cluster {
             )));
         }
         let public = self
-            .run_dkg(fresh_key_id()?, DkgMode::NewKey { purpose }, rules.as_ref())
+            .run_dkg(fresh_key_id()?, DkgMode::NewKey { purpose }, Some(&profile))
             .await?;
         let now = unix_now();
         let last = versions
@@ -591,12 +589,11 @@ impl Cluster {
             retired_at: None,
         };
         versions.push(version);
-        self.store
-            .put_version(name, &public, rules.as_ref(), &versions)?;
+        self.store.put_version(name, &public, &profile, &versions)?;
         let stored = StoredVersion {
             version,
             public: public.clone(),
-            rules,
+            profile,
         };
         let dropped: Vec<_> = {
             let mut s = self.state()?;
@@ -632,7 +629,7 @@ impl Cluster {
         &self,
         key_id: KeyId,
         mode: DkgMode,
-        rules: Option<&TokenRules>,
+        profile: Option<&KeyProfile>,
     ) -> Result<KeyPublic> {
         let (roster, verified) = self.roster().await?;
         let mut r = rng()?;
@@ -657,7 +654,9 @@ impl Cluster {
             purpose: convert::purpose_to_wire(purpose) as i32,
             refresh_prior: prior,
             roster: Some(roster),
-            token_rules: rules.map(TokenRules::to_fragment),
+            token_rules: profile.and_then(|p| p.to_fragment().1),
+            profile: profile.map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0)
+                as i32,
         };
         let commits = self
             .round(&all, "DKG commit", |mut c| {
@@ -933,34 +932,92 @@ impl Cluster {
         Ok(key)
     }
 
-    /// The signing-key versions a verifier must know at `now` (unix seconds), by name
-    /// and newest version first: every current version, and every retired one whose
-    /// tokens may still be valid — retired less than its rules' maximum token lifetime
-    /// (24 h for a key without rules) plus the clock skew the nodes allow ago.
+    /// The token-key versions a verifier must know at `now` (unix seconds), by name and
+    /// newest version first — what the issuer JWKS publishes, and nothing else (DESIGN.md
+    /// invariant 7): every current token key, and every retired one whose tokens may
+    /// still be valid (retired less than its rules' maximum token lifetime plus the
+    /// clock skew the nodes allow ago).
     pub fn jwks_keys(&self, now: i64) -> Result<Vec<KeyVersionInfo>> {
+        self.published(|v| {
+            let KeyProfile::Token(rules) = &v.profile else {
+                return false;
+            };
+            v.version.retired_at.is_none_or(|retired| {
+                now < retired
+                    .saturating_add(i64::from(rules.max_ttl_seconds()))
+                    .saturating_add(CLOCK_SKEW_SECONDS)
+            })
+        })
+    }
+
+    /// Every version of every checkpoint key, by name and newest version first: what the
+    /// checkpoint JWKS publishes. Retired versions stay, so old checkpoints verify.
+    pub fn checkpoint_jwks_keys(&self) -> Result<Vec<KeyVersionInfo>> {
+        self.published(|v| v.profile == KeyProfile::Checkpoint)
+    }
+
+    fn published(&self, keep: impl Fn(&StoredVersion) -> bool) -> Result<Vec<KeyVersionInfo>> {
         let s = self.state()?;
-        let mut out = Vec::new();
-        for (name, k) in &s.keys {
-            for v in k.versions.iter().rev() {
-                if v.public.purpose != KeyPurpose::Sign {
-                    continue;
-                }
-                let lifetime = v
-                    .rules
-                    .as_ref()
-                    .map_or(MAX_TTL_LIMIT_SECONDS, TokenRules::max_ttl_seconds);
-                let live = v.version.retired_at.is_none_or(|retired| {
-                    now < retired
-                        .saturating_add(i64::from(lifetime))
-                        .saturating_add(CLOCK_SKEW_SECONDS)
-                });
-                if live {
-                    out.push(KeyVersionInfo::of(name, v));
-                }
-            }
-        }
+        let mut out: Vec<_> = s
+            .keys
+            .iter()
+            .flat_map(|(name, k)| {
+                k.versions
+                    .iter()
+                    .filter(|v| keep(v))
+                    .map(|v| KeyVersionInfo::of(name, v))
+            })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(b.version.cmp(&a.version)));
         Ok(out)
+    }
+
+    /// Narrows every version of the raw key `name` to the checkpoint profile: every node
+    /// first (each refuses anything but raw → checkpoint), then this store. How a store
+    /// written before profiles gets its audit key back under the checkpoint profile.
+    /// A no-op for a key that is already a checkpoint key.
+    pub async fn narrow_to_checkpoint(&self, name: &str) -> Result<()> {
+        let done = |v: &[KeyVersionInfo]| v.iter().all(|v| v.profile == KeyProfile::Checkpoint);
+        if done(&self.key_versions(name)?) {
+            return Ok(());
+        }
+        let _admin = self.admin.lock().await;
+        let versions = self.key_versions(name)?;
+        if done(&versions) {
+            return Ok(());
+        }
+        if let Some(v) = versions
+            .iter()
+            .find(|v| !v.profile.may_narrow_to(&KeyProfile::Checkpoint))
+        {
+            return Err(CoordError::Precondition(format!(
+                "key {name} has the {} profile and cannot serve as the audit checkpoint key; \
+                 name another --audit-key",
+                v.profile.name()
+            )));
+        }
+        let all: Vec<PartyIndex> = self.params.all_parties().members().to_vec();
+        let ids: Vec<KeyId> = versions.iter().map(|v| v.public.key_id).collect();
+        for id in &ids {
+            let req = fragment::NarrowProfileRequest {
+                key_id: id.0.to_vec(),
+                profile: fragment::KeyProfile::Checkpoint as i32,
+            };
+            self.round(&all, "narrow key profile", |mut c| {
+                let r = req.clone();
+                async move { c.narrow_profile(r).await }
+            })
+            .await?;
+        }
+        self.store.put_profile(&ids, &KeyProfile::Checkpoint)?;
+        let mut s = self.state()?;
+        if let Some(k) = s.keys.get_mut(name) {
+            for v in &mut k.versions {
+                v.profile = KeyProfile::Checkpoint;
+            }
+        }
+        tracing::info!(key = name, "key narrowed to the checkpoint profile");
+        Ok(())
     }
 
     /// Pool depths: `(key name, signing set, depth)`.
@@ -1097,14 +1154,16 @@ impl Cluster {
             .purpose
             .require(KeyPurpose::Sign)
             .map_err(crypto)?;
-        if let Some(rules) = &current.rules {
+        if current.profile.signs_jws_only() {
             return Err(CoordError::Refused(format!(
-                "key {name} is a token-signing key (typ {}, issuer {}, tokens of at most {} s): \
-                 its fragment nodes sign only JWS tokens issued by the identity service, not raw \
-                 messages or digests",
-                rules.typ(),
-                rules.issuer(),
-                rules.max_ttl_seconds()
+                "key {name} has the {} profile: its fragment nodes sign only {}, not raw \
+                 messages or digests; use a key of the raw profile",
+                current.profile,
+                if matches!(current.profile, KeyProfile::Checkpoint) {
+                    "the coordinator's audit checkpoints"
+                } else {
+                    "JWS tokens issued by the identity service"
+                }
             )));
         }
         self.sign_attempts(&current.public, digest, &[]).await

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::AuditLog;
 use crate::audit::record::{Fields, Outcome};
-use crate::cluster::{Cluster, KeyVersionInfo, TokenRules};
+use crate::cluster::{Cluster, KeyProfile, KeyVersionInfo, TokenRules};
 use crate::policy::{Action, PolicyContext, PolicyEngine, PolicyRequest, Principal, Resource};
 
 /// The service state.
@@ -167,32 +167,48 @@ fn key_info(v: &KeyVersionInfo) -> api::KeyInfo {
         t: u32::from(k.params.t()),
         epoch: k.epoch,
         public_key: k.public_key().to_bytes().to_vec(),
-        token_rules: v.rules.as_ref().map(TokenRules::to_api),
+        token_rules: v.profile.token_rules().map(TokenRules::to_api),
         version: v.version,
         kid: v.kid(),
+        profile: v.profile.to_api().0 as i32,
     }
 }
 
-/// The token rules of a CreateKey request: only for signing keys, validated.
-fn token_rules_from_api(
-    rules: Option<&api::TokenRules>,
-    purpose: KeyPurpose,
-) -> Result<Option<TokenRules>, Status> {
-    let Some(wire) = rules else {
-        return Ok(None);
+/// The profile of a CreateKey request: `profile` (with token rules for a token key), or,
+/// when it is unspecified, the legacy `purpose` (sign → raw, or token with rules). A
+/// checkpoint key is refused: the coordinator creates its own (`--audit-key`), so that
+/// no client can add a key to the checkpoint JWKS.
+fn profile_from_api(r: &api::CreateKeyRequest) -> Result<KeyProfile, Status> {
+    let profile = if r.profile == api::KeyProfile::Unspecified as i32 {
+        let purpose = purpose_from_api(r.purpose)?;
+        let rules = r
+            .token_rules
+            .as_ref()
+            .map(|w| {
+                TokenRules::try_from(w).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "{e} (token rules need all three: max_ttl_seconds, issuer, typ)"
+                    ))
+                })
+            })
+            .transpose()?;
+        if rules.is_some() && purpose != KeyPurpose::Sign {
+            return Err(Status::invalid_argument(format!(
+                "token rules apply only to token keys, not to a {} key",
+                purpose.name()
+            )));
+        }
+        KeyProfile::legacy(purpose, rules)
+    } else {
+        KeyProfile::from_api(r.profile, r.token_rules.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
     };
-    if purpose != KeyPurpose::Sign {
-        return Err(Status::invalid_argument(format!(
-            "token rules apply only to signing keys (purpose sign), not to a {} key",
-            purpose.name()
-        )));
+    if profile == KeyProfile::Checkpoint {
+        return Err(Status::invalid_argument(
+            "checkpoint keys are created by the coordinator for its audit trail (--audit-key), not through the API",
+        ));
     }
-    let rules = TokenRules::try_from(wire).map_err(|e| {
-        Status::invalid_argument(format!(
-            "{e} (token rules need all three: max_ttl_seconds, issuer, typ)"
-        ))
-    })?;
-    Ok(Some(rules))
+    Ok(profile)
 }
 
 /// The SPKI PEM of a public key.
@@ -248,12 +264,11 @@ impl KeyService for Api {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         check_name(&r.name)?;
-        let purpose = purpose_from_api(r.purpose)?;
-        let rules = token_rules_from_api(r.token_rules.as_ref(), purpose)?;
+        let profile = profile_from_api(&r)?;
         let all = self.cluster.all_nodes();
         let version = self
             .audited(&caller, Action::Admin, "create_key", &r.name, async {
-                self.cluster.create_key(&r.name, purpose, rules).await?;
+                self.cluster.create_key(&r.name, profile).await?;
                 Ok((self.cluster.current_version(&r.name)?, all))
             })
             .await?;

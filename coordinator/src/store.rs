@@ -7,8 +7,11 @@
 //! - `key_versions`: name → the name's versions, oldest first ([`KeyVersion`]; own
 //!   versioned encoding). A store written before versions existed has no entry: its
 //!   names load as version 1, created at time 0, never retired;
-//! - `token_rules`: key id → [`TokenRules`] of token-signing keys (versioned encoding);
-//!   a key without an entry signs digests;
+//! - `profiles`: key id → [`KeyProfile`] (versioned encoding). A key written before
+//!   profiles existed has no entry and loads with its legacy profile
+//!   ([`KeyProfile::legacy`], from `token_rules`: key id → [`TokenRules`], which is only
+//!   read); the audit key is then narrowed to the checkpoint profile by the coordinator
+//!   at start ([`Store::put_profile`]);
 //! - `pool`: presignature id → `PresignaturePublic`.
 
 use std::path::Path;
@@ -16,6 +19,7 @@ use std::path::Path;
 use quorate_crypto::keys::{KeyId, KeyPublic};
 use quorate_crypto::presign::{PresigId, PresignaturePublic};
 use quorate_crypto::wire::Wire;
+use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -23,6 +27,7 @@ const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("key_names");
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
 const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_versions");
 const RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
+const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
 const POOL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pool");
 
 /// Encoding version of a `key_versions` entry.
@@ -64,8 +69,8 @@ pub struct StoredVersion {
     pub version: KeyVersion,
     /// Public key data.
     pub public: KeyPublic,
-    /// Token rules, for a token-signing key.
-    pub rules: Option<TokenRules>,
+    /// What the key may be used for.
+    pub profile: KeyProfile,
 }
 
 /// A named key.
@@ -143,20 +148,21 @@ impl Store {
             tx.open_table(KEYS)?;
             tx.open_table(VERSIONS)?;
             tx.open_table(RULES)?;
+            tx.open_table(PROFILES)?;
             tx.open_table(POOL)?;
         }
         tx.commit()?;
         Ok(Store { db })
     }
 
-    /// Records a new version of `name` in one transaction: its public data, its token
-    /// rules, the name's whole version list `versions` (whose last entry is `key`'s),
+    /// Records a new version of `name` in one transaction: its public data, its
+    /// profile, the name's whole version list `versions` (whose last entry is `key`'s),
     /// and `key` as the name's current key.
     pub fn put_version(
         &self,
         name: &str,
         key: &KeyPublic,
-        rules: Option<&TokenRules>,
+        profile: &KeyProfile,
         versions: &[KeyVersion],
     ) -> Result<()> {
         if versions.last().map(|v| v.key_id) != Some(key.key_id) {
@@ -169,10 +175,8 @@ impl Store {
         {
             let mut k = tx.open_table(KEYS)?;
             k.insert(&key.key_id.0[..], key.to_bytes().as_slice())?;
-            if let Some(r) = rules {
-                let mut t = tx.open_table(RULES)?;
-                t.insert(&key.key_id.0[..], r.to_bytes().as_slice())?;
-            }
+            let mut p = tx.open_table(PROFILES)?;
+            p.insert(&key.key_id.0[..], profile.to_bytes().as_slice())?;
             let mut v = tx.open_table(VERSIONS)?;
             v.insert(name, encode_versions(versions).as_slice())?;
             let mut n = tx.open_table(NAMES)?;
@@ -196,6 +200,20 @@ impl Store {
         Ok(())
     }
 
+    /// Records the profile of existing key versions (the narrowing raw → checkpoint,
+    /// after every node has made it).
+    pub fn put_profile(&self, ids: &[KeyId], profile: &KeyProfile) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut p = tx.open_table(PROFILES)?;
+            for id in ids {
+                p.insert(&id.0[..], profile.to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Every named key, with all its versions.
     pub fn keys(&self) -> Result<Vec<NamedKey>> {
         let tx = self.db.begin_read()?;
@@ -203,6 +221,7 @@ impl Store {
         let keys = tx.open_table(KEYS)?;
         let versions = tx.open_table(VERSIONS)?;
         let rules = tx.open_table(RULES)?;
+        let profiles = tx.open_table(PROFILES)?;
         let mut out = Vec::new();
         for e in names.iter()? {
             let (name, id) = e?;
@@ -235,17 +254,24 @@ impl Store {
                 };
                 let public = KeyPublic::from_bytes(bytes.value())
                     .map_err(|e| corrupt(&format!("version {}: {e}", v.version)))?;
-                let rules = match rules.get(&v.key_id.0[..])? {
-                    None => None,
-                    Some(r) => Some(
-                        TokenRules::from_bytes(r.value())
-                            .map_err(|e| corrupt(&format!("version {}: {e}", v.version)))?,
-                    ),
+                let bad = |e: quorate_proto::convert::ConvertError| {
+                    corrupt(&format!("version {}: {e}", v.version))
+                };
+                let profile = match profiles.get(&v.key_id.0[..])? {
+                    Some(p) => KeyProfile::from_bytes(p.value()).map_err(bad)?,
+                    // Written before profiles existed.
+                    None => {
+                        let r = match rules.get(&v.key_id.0[..])? {
+                            None => None,
+                            Some(r) => Some(TokenRules::from_bytes(r.value()).map_err(bad)?),
+                        };
+                        KeyProfile::legacy(public.purpose, r)
+                    }
                 };
                 stored.push(StoredVersion {
                     version: v,
                     public,
-                    rules,
+                    profile,
                 });
             }
             let public = stored

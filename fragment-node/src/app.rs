@@ -59,6 +59,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         identity.cert_chain().to_vec(),
         trust.clone(),
         store,
+        cfg.ceiling.clone(),
         cfg.fail_point,
     )
     .map_err(|e| e.to_string())?;

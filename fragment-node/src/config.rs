@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::ceiling::Ceiling;
 use crate::service::FailPoint;
 
 /// Command line of `quorate-node`.
@@ -45,6 +46,10 @@ pub struct Args {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub grace_secs: u64,
+    /// The node's ceiling for token keys (JSON; see `quorate_node::ceiling`). Without
+    /// it the node takes part in no token key.
+    #[arg(long, env = "QUORATE_NODE_CEILING")]
+    pub ceiling: Option<PathBuf>,
     /// Serve Prometheus metrics (plain HTTP `GET /metrics`) on this address.
     #[arg(long, env = "QUORATE_NODE_METRICS")]
     pub metrics_listen: Option<SocketAddr>,
@@ -81,6 +86,8 @@ pub struct Config {
     pub fail_point: Option<FailPoint>,
     /// Metrics address.
     pub metrics_listen: Option<SocketAddr>,
+    /// The token-key ceiling, if configured.
+    pub ceiling: Option<Ceiling>,
 }
 
 impl Args {
@@ -118,6 +125,16 @@ impl Args {
                 self.log_format
             ));
         }
+        let ceiling = match &self.ceiling {
+            None => None,
+            Some(p) => match Ceiling::from_file(p) {
+                Ok(c) => Some(c),
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    None
+                }
+            },
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -134,6 +151,7 @@ impl Args {
             grace: std::time::Duration::from_secs(self.grace_secs),
             fail_point,
             metrics_listen: self.metrics_listen,
+            ceiling,
         })
     }
 }

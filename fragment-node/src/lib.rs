@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod ceiling;
 pub mod config;
 pub mod rules;
 pub mod service;

@@ -22,6 +22,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use quorate_proto::profile::CHECKPOINT_TYP;
 pub use quorate_proto::rules::TokenRules;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT};
 use serde_json::{Map, Value};
@@ -163,6 +164,76 @@ pub fn check(
             return Err(format!("nbf ({nbf}) is after exp ({exp})"));
         }
     }
+    Ok(())
+}
+
+/// Checks that `signing_input` is an audit checkpoint statement, the only JWS a key of
+/// the checkpoint profile signs (DESIGN.md §9), and that it hashes to `digest`: header
+/// `{"alg":"ES256","typ":CHECKPOINT_TYP}` (plus an optional string `kid`, nothing
+/// else), payload exactly `{iss, seq, head, iat}` with a string `iss`, a non-negative
+/// integer `seq`, a 64-hex-digit `head` and an integer `iat`. Such a statement has no
+/// `sub`, `aud`, `exp` or `scope`, and its `typ` is not `at+jwt`, so no verifier of
+/// access tokens can take it for one.
+pub fn check_checkpoint(signing_input: &[u8], digest: &[u8; 32]) -> Result<(), String> {
+    if signing_input.len() > MAX_SIGNING_INPUT {
+        return Err(format!(
+            "the signing input is {} bytes; a checkpoint may be at most {MAX_SIGNING_INPUT} bytes",
+            signing_input.len()
+        ));
+    }
+    if quorate_crypto::hash::sha256(signing_input) != *digest {
+        return Err(
+            "the signing input does not hash (SHA-256) to the digest the request signs".into(),
+        );
+    }
+    let text = std::str::from_utf8(signing_input)
+        .map_err(|_| "the signing input is not ASCII text".to_string())?;
+    let (Some((h, p)), false) = (text.split_once('.'), text.matches('.').count() != 1) else {
+        return Err("the signing input must be BASE64URL(header).BASE64URL(payload)".into());
+    };
+    let header = part("header", h)?;
+    let payload = part("payload", p)?;
+    if exact_string(&header, "header", "alg")? != "ES256" {
+        return Err("a checkpoint's alg must be ES256".into());
+    }
+    let typ = exact_string(&header, "header", "typ")?;
+    if typ != CHECKPOINT_TYP {
+        return Err(format!(
+            "the JWS header's typ is \"{}\"; this key signs only audit checkpoints (typ \"{CHECKPOINT_TYP}\")",
+            typ.escape_debug()
+        ));
+    }
+    if let Some(extra) = header
+        .keys()
+        .find(|k| !["alg", "typ", "kid"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "a checkpoint header has only alg, typ and kid, not \"{}\"",
+            extra.escape_debug()
+        ));
+    }
+    if header.contains_key("kid") {
+        exact_string(&header, "header", "kid")?;
+    }
+    if let Some(extra) = payload
+        .keys()
+        .find(|k| !["iss", "seq", "head", "iat"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "a checkpoint statement has only iss, seq, head and iat, not \"{}\"",
+            extra.escape_debug()
+        ));
+    }
+    exact_string(&payload, "payload", "iss")?;
+    let head = exact_string(&payload, "payload", "head")?;
+    if head.len() != 64 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a checkpoint's head must be 64 hexadecimal digits (a SHA-256)".into());
+    }
+    match payload.get("seq").and_then(Value::as_u64) {
+        Some(_) => {}
+        None => return Err("a checkpoint's seq must be a non-negative integer".into()),
+    }
+    integer(&payload, "iat")?.ok_or("a checkpoint has no \"iat\"")?;
     Ok(())
 }
 
@@ -401,5 +472,41 @@ mod tests {
             "x".repeat(8 * 1024)
         );
         refused(&input(HEADER, &big), "at most 8192 bytes");
+    }
+
+    #[test]
+    fn checkpoint_statements_only() {
+        let head = "ab".repeat(32);
+        let ok_payload = format!(r#"{{"iss":"https://i.test","seq":7,"head":"{head}","iat":1}}"#);
+        let ck = r#"{"alg":"ES256","typ":"quorate-audit-checkpoint+jwt","kid":"00"}"#;
+        let check = |h: &str, p: &str| {
+            let inp = input(h, p);
+            check_checkpoint(&inp, &quorate_crypto::hash::sha256(&inp))
+        };
+        assert!(check(ck, &ok_payload).is_ok());
+        // An access token is not a checkpoint, whatever its typ.
+        for (h, p, words) in [
+            (HEADER, ok_payload.as_str(), "typ"),
+            (
+                ck,
+                r#"{"iss":"https://i.test","sub":"x","aud":"dev","exp":9999999999,"iat":1}"#,
+                "a checkpoint statement has only iss, seq, head and iat",
+            ),
+            (ck, r#"{"iss":"i","seq":-1,"head":"00","iat":1}"#, "head"),
+            (
+                r#"{"alg":"ES256","typ":"quorate-audit-checkpoint+jwt","crit":["x"]}"#,
+                ok_payload.as_str(),
+                "crit",
+            ),
+        ] {
+            let e = check(h, p).unwrap_err();
+            assert!(e.contains(words), "{e}");
+        }
+        let inp = input(ck, &ok_payload);
+        assert!(
+            check_checkpoint(&inp, &[0; 32])
+                .unwrap_err()
+                .contains("hash")
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
 use quorate_crypto::identity::IdentityKey;
-use quorate_crypto::keys::{KeyPublic, KeyPurpose, KeyShare};
+use quorate_crypto::keys::{KeyPublic, KeyShare};
 use quorate_crypto::params::{PartyIndex, SessionId, ThresholdParams};
 use quorate_crypto::presign::{self, PresignConfig};
 use quorate_crypto::seal::KemSecretKey;
@@ -22,12 +22,14 @@ use quorate_crypto::tdh::{self, DhRequest};
 use quorate_crypto::wire::Wire;
 use quorate_proto::convert;
 use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
+use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::REFUSAL_PREFIX;
 use quorate_proto::tls::{Role, Trust};
 use rustls::pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use crate::rules::{self, TokenRules};
+use crate::ceiling::Ceiling;
+use crate::rules;
 use crate::store::{Release, Store, StoreError, request_rng};
 
 /// How long an unfinished protocol session is kept.
@@ -132,6 +134,8 @@ pub struct Node {
     cert_chain: Vec<CertificateDer<'static>>,
     trust: Trust,
     store: Store,
+    /// What token keys may be on this node (`--ceiling`); `None`: no token keys at all.
+    ceiling: Option<Ceiling>,
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
     metrics: Arc<NodeMetrics>,
@@ -171,6 +175,7 @@ impl Node {
         cert_chain: Vec<CertificateDer<'static>>,
         trust: Trust,
         store: Store,
+        ceiling: Option<Ceiling>,
         failpoint: Option<FailPoint>,
     ) -> Result<Self, StoreError> {
         let kem = store.kem_key()?;
@@ -182,6 +187,7 @@ impl Node {
             cert_chain,
             trust,
             store,
+            ceiling,
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
@@ -263,26 +269,40 @@ impl Node {
                     "key id {key_id} is already in use on this node; a new key needs a fresh id"
                 )));
             }
-            if let Some(wire) = &req.token_rules {
-                let rules = TokenRules::try_from(wire)?;
-                if purpose != KeyPurpose::Sign {
-                    return Err(Status::invalid_argument(format!(
-                        "token rules apply only to signing keys, not to a {} key",
-                        purpose.name()
-                    )));
-                }
-                // First writer wins: a later DKG cannot replace a key's rules.
-                if !self
-                    .store
-                    .put_token_rules_once(&key_id, &rules)
-                    .map_err(store_err)?
-                {
-                    return Err(Status::failed_precondition(format!(
-                        "key id {key_id} already has token rules; rules are fixed when a key is created"
-                    )));
-                }
-                tracing::info!(key = %key_id, max_ttl = rules.max_ttl_seconds(), issuer = rules.issuer(), typ = rules.typ(), "token rules recorded");
+            let profile = KeyProfile::from_fragment(req.profile, req.token_rules.as_ref())?;
+            if profile.purpose() != purpose {
+                return Err(Status::invalid_argument(format!(
+                    "a {} key has purpose {}, not {}",
+                    profile.name(),
+                    profile.purpose().name(),
+                    purpose.name()
+                )));
             }
+            if let Some(rules) = profile.token_rules() {
+                let ceiling = self.ceiling.as_ref().ok_or_else(|| {
+                    Status::permission_denied(format!(
+                        "node {}: this node has no token ceiling (--ceiling FILE), so it takes part in no token key",
+                        self.index
+                    ))
+                })?;
+                ceiling.admits(rules).map_err(|why| {
+                    Status::permission_denied(format!(
+                        "node {}: token key refused: {why}",
+                        self.index
+                    ))
+                })?;
+            }
+            // First writer wins: a later DKG cannot replace a key's profile.
+            if !self
+                .store
+                .put_profile_once(&key_id, &profile)
+                .map_err(store_err)?
+            {
+                return Err(Status::failed_precondition(format!(
+                    "key id {key_id} already has a profile; profiles are fixed when a key is created"
+                )));
+            }
+            tracing::info!(key = %key_id, profile = %profile, "key profile recorded");
             DkgMode::NewKey { purpose }
         } else {
             // Refresh: the rules recorded at creation stay; any in the request are ignored.
@@ -528,27 +548,69 @@ impl Node {
             .collect())
     }
 
-    /// The node-side usage rules of a sign request: a key with token rules signs only
-    /// a JWS signing input that passes [`rules::check`]; for any key, a signing input
-    /// that is given must be what the request's digest hashes.
+    /// The key profile of a sign request (DESIGN.md §9): a raw key signs any digest (a
+    /// signing input, if given, must hash to it); a token key signs only a JWS that
+    /// passes its rules and this node's ceiling ([`rules::check`]); a checkpoint key only
+    /// a checkpoint statement ([`rules::check_checkpoint`]); derive and decrypt keys
+    /// never sign.
     fn check_usage(&self, r: &SignRequest, input: &[u8], now_unix: i64) -> Result<(), String> {
         let refused = |why: String| format!("{REFUSAL_PREFIX}{why}");
-        match self
+        let profile = self
             .store
-            .token_rules(&r.key_id)
+            .profile(&r.key_id)
             .map_err(|e| e.to_string())?
-        {
-            Some(rules) if input.is_empty() => Err(refused(format!(
-                "key {} signs only JWS tokens (typ {}, issuer {}), and this request carries no signing input",
+            .ok_or_else(|| format!("no profile recorded for key {}", r.key_id))?;
+        if profile.signs_jws_only() && input.is_empty() {
+            return Err(refused(format!(
+                "key {} has the {} profile: it signs only JWS statements of its profile, and this request carries no signing input (a raw digest)",
+                r.key_id, profile
+            )));
+        }
+        match &profile {
+            KeyProfile::Token(rules) => {
+                let ceiling = self.ceiling.as_ref().ok_or_else(|| {
+                    refused(
+                        "this node has no token ceiling (--ceiling FILE), so it signs no tokens"
+                            .into(),
+                    )
+                })?;
+                ceiling.admits(rules).map_err(|why| {
+                    refused(format!("the key's rules exceed this node's ceiling: {why}"))
+                })?;
+                rules::check(rules, input, &r.digest, now_unix).map_err(refused)
+            }
+            KeyProfile::Checkpoint => rules::check_checkpoint(input, &r.digest).map_err(refused),
+            KeyProfile::Raw
+                if !input.is_empty() && quorate_crypto::hash::sha256(input) != r.digest =>
+            {
+                Err(
+                    "the signing input does not hash (SHA-256) to the digest the request signs"
+                        .into(),
+                )
+            }
+            KeyProfile::Raw => Ok(()),
+            KeyProfile::Derive | KeyProfile::Decrypt => Err(refused(format!(
+                "key {} has the {} profile and signs nothing",
                 r.key_id,
-                rules.typ(),
-                rules.issuer()
+                profile.name()
             ))),
-            Some(rules) => rules::check(&rules, input, &r.digest, now_unix).map_err(refused),
-            None if !input.is_empty() && quorate_crypto::hash::sha256(input) != r.digest => Err(
-                "the signing input does not hash (SHA-256) to the digest the request signs".into(),
-            ),
-            None => Ok(()),
+        }
+    }
+
+    fn narrow_profile(&self, req: fragment::NarrowProfileRequest) -> Result<(), Status> {
+        let key_id = convert::key_id(&req.key_id)?;
+        let to = KeyProfile::from_fragment(req.profile, None)?;
+        match self.store.narrow_profile(&key_id, &to).map_err(store_err)? {
+            Ok(before) => {
+                if before != to {
+                    tracing::info!(key = %key_id, from = before.name(), to = to.name(), "key profile narrowed");
+                }
+                Ok(())
+            }
+            Err(why) => Err(Status::failed_precondition(format!(
+                "node {}: {why}",
+                self.index
+            ))),
         }
     }
 
@@ -579,12 +641,20 @@ impl Node {
         Ok(fragment::InventoryReply {
             keys: keys
                 .iter()
-                .map(|k| fragment::KeyHolding {
-                    key_id: k.public.key_id.0.to_vec(),
-                    epoch: k.public.epoch,
-                    active: true,
+                .map(|k| {
+                    let profile = self
+                        .store
+                        .profile(&k.public.key_id)
+                        .map_err(store_err)?
+                        .map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0);
+                    Ok(fragment::KeyHolding {
+                        key_id: k.public.key_id.0.to_vec(),
+                        epoch: k.public.epoch,
+                        active: true,
+                        profile: profile as i32,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, Status>>()?,
             unused_presignatures: self.store.unused_presignatures().map_err(store_err)?,
         })
     }
@@ -771,5 +841,16 @@ impl FragmentNode for Service {
         request: Request<fragment::InventoryRequest>,
     ) -> Result<Response<fragment::InventoryReply>, Status> {
         self.run(request, |n, _| n.inventory()).await
+    }
+
+    async fn narrow_profile(
+        &self,
+        request: Request<fragment::NarrowProfileRequest>,
+    ) -> Result<Response<fragment::NarrowProfileReply>, Status> {
+        self.run(request, |n, r| {
+            n.narrow_profile(r)
+                .map(|()| fragment::NarrowProfileReply {})
+        })
+        .await
     }
 }

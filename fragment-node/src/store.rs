@@ -14,9 +14,13 @@
 //! - `presigs`: presignature records — unused (secret `w_j, v_j`) or consumed (the one
 //!   digest and the released share, public);
 //! - `released`: append-only log of every share this node released;
-//! - `token_rules`: the token rules of token-signing keys, by key id. Rules are not
-//!   secret, so they are stored unsealed (their encoding carries a version); they are
-//!   written once, when the key's DKG starts, and never replaced.
+//! - `profiles`: each key's [`KeyProfile`] (DESIGN.md §9), by key id, unsealed (public;
+//!   versioned encoding). Written once, when the key's DKG starts; the only later change
+//!   is the narrowing raw → checkpoint ([`Store::narrow_profile`]);
+//! - `token_rules`: read only to migrate a store written before profiles existed: at
+//!   [`Store::open`] every active key without a profile gets one (a key with token rules
+//!   becomes a token key, any other signing key raw, derive and decrypt keys keep their
+//!   purpose).
 
 use std::path::Path;
 
@@ -28,6 +32,7 @@ use quorate_crypto::presign::{PresigId, PresignatureShare};
 use quorate_crypto::seal::KemSecretKey;
 use quorate_crypto::sign::{ConsumedPresig, PresigRecord};
 use quorate_crypto::wire::Wire;
+use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
 use rand::TryRng;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -45,6 +50,7 @@ const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
 const PRESIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("presigs");
 const RELEASED: TableDefinition<u64, &[u8]> = TableDefinition::new("released");
 const TOKEN_RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
+const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
 
 const REC_UNUSED: u8 = 1;
 const REC_CONSUMED: u8 = 2;
@@ -202,12 +208,56 @@ impl Store {
             tx.open_table(PRESIGS)?;
             tx.open_table(RELEASED)?;
             tx.open_table(TOKEN_RULES)?;
+            tx.open_table(PROFILES)?;
         }
         tx.commit()?;
-        Ok(Store {
+        let store = Store {
             db,
             cipher: kek.cipher()?,
-        })
+        };
+        store.migrate_profiles()?;
+        Ok(store)
+    }
+
+    /// Gives every active key without a profile its legacy profile (module docs), in one
+    /// transaction. Returns how many keys were migrated.
+    fn migrate_profiles(&self) -> Result<usize> {
+        let missing: Vec<KeyShare> = {
+            let tx = self.db.begin_read()?;
+            let profiles = tx.open_table(PROFILES)?;
+            let mut out = Vec::new();
+            for share in self.keys()? {
+                if profiles.get(&share.public.key_id.0[..])?.is_none() {
+                    out.push(share);
+                }
+            }
+            out
+        };
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let rules = tx.open_table(TOKEN_RULES)?;
+            let mut profiles = tx.open_table(PROFILES)?;
+            for share in &missing {
+                let id = &share.public.key_id.0[..];
+                let r = match rules.get(id)? {
+                    None => None,
+                    Some(v) => Some(TokenRules::from_bytes(v.value()).map_err(|e| {
+                        StoreError::Corrupt {
+                            table: "token_rules",
+                            detail: e.to_string(),
+                        }
+                    })?),
+                };
+                let profile = KeyProfile::legacy(share.public.purpose, r);
+                tracing::info!(key = %share.public.key_id, profile = profile.name(), "key profile migrated from a store written before profiles");
+                profiles.insert(id, profile.to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(missing.len())
     }
 
     fn seal(&self, table: &str, key: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
@@ -362,37 +412,69 @@ impl Store {
         Ok(out)
     }
 
-    /// Durably records the token rules of `key` unless it already has rules (first
-    /// writer wins: rules are fixed when a key is created). Returns `false`, writing
-    /// nothing, if the key already has rules.
-    pub fn put_token_rules_once(&self, key: &KeyId, rules: &TokenRules) -> Result<bool> {
+    /// Durably records the profile of a new key unless it already has one (first writer
+    /// wins: profiles are fixed when a key is created). Returns `false`, writing nothing,
+    /// if the key already has a profile.
+    pub fn put_profile_once(&self, key: &KeyId, profile: &KeyProfile) -> Result<bool> {
         let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(TOKEN_RULES)?;
+            let mut t = tx.open_table(PROFILES)?;
             if t.get(&key.0[..])?.is_some() {
                 return Ok(false);
             }
-            t.insert(&key.0[..], rules.to_bytes().as_slice())?;
+            t.insert(&key.0[..], profile.to_bytes().as_slice())?;
         }
         tx.commit()?;
         Ok(true)
     }
 
-    /// The token rules of `key`, if it has any.
-    pub fn token_rules(&self, key: &KeyId) -> Result<Option<TokenRules>> {
+    /// The profile of `key`, if one is recorded.
+    pub fn profile(&self, key: &KeyId) -> Result<Option<KeyProfile>> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(TOKEN_RULES)?;
+        let t = tx.open_table(PROFILES)?;
         match t.get(&key.0[..])? {
             None => Ok(None),
             Some(v) => {
-                TokenRules::from_bytes(v.value())
+                KeyProfile::from_bytes(v.value())
                     .map(Some)
                     .map_err(|e| StoreError::Corrupt {
-                        table: "token_rules",
+                        table: "profiles",
                         detail: e.to_string(),
                     })
             }
         }
+    }
+
+    /// Narrows the profile of `key` to `to` if [`KeyProfile::may_narrow_to`] allows it
+    /// (raw → checkpoint only). Returns the profile before the change; `Err` with a
+    /// sentence if the key has no profile or the change would widen it.
+    pub fn narrow_profile(
+        &self,
+        key: &KeyId,
+        to: &KeyProfile,
+    ) -> Result<Result<KeyProfile, String>> {
+        let tx = self.db.begin_write()?;
+        let before = {
+            let mut t = tx.open_table(PROFILES)?;
+            let before = match t.get(&key.0[..])? {
+                None => return Ok(Err(format!("this node holds no key {key}"))),
+                Some(v) => KeyProfile::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "profiles",
+                    detail: e.to_string(),
+                })?,
+            };
+            if !before.may_narrow_to(to) {
+                return Ok(Err(format!(
+                    "key {key} has profile {}; it cannot become {} (the only change allowed is raw -> checkpoint)",
+                    before.name(),
+                    to.name()
+                )));
+            }
+            t.insert(&key.0[..], to.to_bytes().as_slice())?;
+            before
+        };
+        tx.commit()?;
+        Ok(Ok(before))
     }
 
     /// Durably stores new presignature shares (one transaction).
@@ -552,25 +634,108 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn token_rules_are_written_once() {
-        let dir = std::env::temp_dir().join(format!("quorate-node-store-{}", std::process::id()));
+    fn temp(label: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("quorate-node-store-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn profiles_are_written_once_and_only_narrow() {
+        let dir = temp("profiles");
         let kek = Kek::load(&dir.join("kek"), true).unwrap();
         let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
         let key = KeyId([5; 16]);
-        let first = TokenRules::new(900, "https://issuer.test", "at+jwt").unwrap();
-        let second = TokenRules::new(86_400, "https://evil.test", "JWT").unwrap();
-        assert_eq!(store.token_rules(&key).unwrap(), None);
-        assert!(store.put_token_rules_once(&key, &first).unwrap());
-        assert!(!store.put_token_rules_once(&key, &second).unwrap());
-        assert_eq!(store.token_rules(&key).unwrap(), Some(first.clone()));
+        let token =
+            KeyProfile::Token(TokenRules::new(900, "https://issuer.test", "at+jwt").unwrap());
+        assert_eq!(store.profile(&key).unwrap(), None);
+        assert!(store.put_profile_once(&key, &token).unwrap());
+        assert!(!store.put_profile_once(&key, &KeyProfile::Raw).unwrap());
+        assert_eq!(store.profile(&key).unwrap(), Some(token.clone()));
+        // A token key never becomes anything else.
+        let e = store
+            .narrow_profile(&key, &KeyProfile::Raw)
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("cannot become raw"), "{e}");
+        let e = store
+            .narrow_profile(&key, &KeyProfile::Checkpoint)
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("cannot become checkpoint"), "{e}");
+        // A raw key narrows to checkpoint, and not back.
+        let raw = KeyId([6; 16]);
+        assert!(store.put_profile_once(&raw, &KeyProfile::Raw).unwrap());
+        assert_eq!(
+            store.narrow_profile(&raw, &KeyProfile::Checkpoint).unwrap(),
+            Ok(KeyProfile::Raw)
+        );
+        assert!(
+            store
+                .narrow_profile(&raw, &KeyProfile::Raw)
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            store
+                .narrow_profile(&KeyId([7; 16]), &KeyProfile::Checkpoint)
+                .unwrap()
+                .is_err()
+        );
         // Durable across reopening.
         drop(store);
         let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
-        assert_eq!(store.token_rules(&key).unwrap(), Some(first));
-        assert_eq!(store.token_rules(&KeyId([6; 16])).unwrap(), None);
+        assert_eq!(store.profile(&key).unwrap(), Some(token));
+        assert_eq!(store.profile(&raw).unwrap(), Some(KeyProfile::Checkpoint));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store written before profiles existed (key shares and a `token_rules` table, no
+    /// `profiles`) migrates when it is opened: the key with rules becomes a token key,
+    /// the other signing key raw, the derive key derive.
+    #[test]
+    fn a_store_from_before_profiles_migrates() {
+        use quorate_crypto::keys::KeyPurpose;
+        use quorate_crypto::sim::{Attack, Cluster, test_rng};
+        let dir = temp("legacy");
+        let kek = Kek::load(&dir.join("kek"), true).unwrap();
+        let mut sim = Cluster::new(3, 1, test_rng("node-store-legacy")).unwrap();
+        let tokens = sim.dkg(KeyPurpose::Sign, Attack::None).unwrap().key_id;
+        let audit = sim.dkg(KeyPurpose::Sign, Attack::None).unwrap().key_id;
+        let creds = sim.dkg(KeyPurpose::Derive, Attack::None).unwrap().key_id;
+        let rules = TokenRules::new(900, "https://issuer.test", "at+jwt").unwrap();
+        {
+            // Written the way the store did before profiles: sealed shares in `keys`,
+            // unsealed rules in `token_rules`, and no `profiles` table at all.
+            let store = Store {
+                db: Database::create(dir.join("node.redb")).unwrap(),
+                cipher: kek.cipher().unwrap(),
+            };
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut k = tx.open_table(KEYS).unwrap();
+                for id in [tokens, audit, creds] {
+                    let share = sim.nodes[0].shares.get(&id).unwrap();
+                    let sealed = store.seal("keys", &id.0, &share.secret_bytes()).unwrap();
+                    k.insert(&id.0[..], sealed.as_slice()).unwrap();
+                }
+                let mut r = tx.open_table(TOKEN_RULES).unwrap();
+                r.insert(&tokens.0[..], rules.to_bytes().as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
+        assert_eq!(
+            store.profile(&tokens).unwrap(),
+            Some(KeyProfile::Token(rules))
+        );
+        assert_eq!(store.profile(&audit).unwrap(), Some(KeyProfile::Raw));
+        assert_eq!(store.profile(&creds).unwrap(), Some(KeyProfile::Derive));
+        assert_eq!(store.migrate_profiles().unwrap(), 0, "migration runs once");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

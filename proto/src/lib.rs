@@ -6,7 +6,8 @@
 //! - [`convert`]: conversions between wire messages and `quorate-crypto` domain types;
 //! - [`dpop`]: RFC 9449 DPoP keys, proofs, proof verification and the replay cache;
 //! - [`json`]: JSON objects with unique member names at every depth (JWS parts);
-//! - [`rules`]: token rules of token-signing keys (coordinator and nodes share them);
+//! - [`profile`]: key profiles (raw, token, checkpoint, derive, decrypt) that nodes enforce;
+//! - [`rules`]: token rules of token keys (coordinator and nodes share them);
 //! - [`tls`]: the only place rustls configurations are built — TLS 1.3 only, key
 //!   exchange X25519MLKEM768 only, mutual TLS, peer roles read from certificates;
 //! - [`pki`]: the cluster CA and certificate issuance (rcgen);
@@ -45,6 +46,7 @@ pub mod json;
 pub mod metrics;
 pub mod pki;
 pub mod process;
+pub mod profile;
 pub mod rules;
 pub mod tls;
 pub mod transport;

@@ -34,6 +34,9 @@ pub const DOMAIN: &str = "quorate.test";
 /// The issuer URL of [`TestIssuer`]'s attestations.
 pub const TEST_ISS: &str = "https://issuer.test";
 
+/// A token issuer every test node's default ceiling admits besides the cluster's own.
+pub const CEILING_TEST_ISSUER: &str = "https://issuer.test";
+
 /// The audience of [`TestIssuer`]'s attestations (what `trust.json` accepts).
 pub const TEST_AUD: &str = "quorate";
 
@@ -95,6 +98,26 @@ impl TestIssuer {
     /// A signed attestation for `sub` with `extra` claims.
     pub fn attest(&self, sub: &str, extra: serde_json::Value) -> String {
         self.sign(&self.claims(sub, extra))
+    }
+
+    /// A JWT signed (ES256, the issuer's key) over exactly these header and payload
+    /// bytes: for attestations no JSON serialiser would produce, such as a member name
+    /// given twice.
+    pub fn sign_raw(&self, header: &str, payload: &str) -> String {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let sig = jsonwebtoken::crypto::sign(
+            input.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.der),
+            jsonwebtoken::Algorithm::ES256,
+        )
+        .unwrap();
+        format!("{input}.{sig}")
     }
 }
 
@@ -273,9 +296,29 @@ impl TestCluster {
         c
     }
 
+    /// The ceiling file of node `i` (`quorate_node::ceiling`). [`TestCluster::spawn_node`]
+    /// writes [`TestCluster::default_ceiling`] there unless a test wrote its own first.
+    pub fn ceiling_path(&self, i: u16) -> PathBuf {
+        self.dir.0.join(format!("node-{i}-ceiling.json"))
+    }
+
+    /// The test nodes' ceiling: this cluster's issuer and [`CEILING_TEST_ISSUER`], typ
+    /// `at+jwt`, tokens of at most 24 h.
+    pub fn default_ceiling(&self) -> serde_json::Value {
+        serde_json::json!({
+            "token_issuers": [self.issuer(), CEILING_TEST_ISSUER],
+            "token_typs": ["at+jwt"],
+            "max_token_ttl_seconds": 86_400,
+        })
+    }
+
     /// Spawns node `i` on `addr`, optionally with a fail-point.
     pub fn spawn_node(&self, i: u16, addr: SocketAddr, fail_point: Option<&str>) -> Proc {
         let d = &self.dir.0;
+        let ceiling = self.ceiling_path(i);
+        if !ceiling.exists() {
+            std::fs::write(&ceiling, self.default_ceiling().to_string()).unwrap();
+        }
         let mut cmd = Command::new(binary("quorate-node"));
         cmd.arg("--listen")
             .arg(addr.to_string())
@@ -289,6 +332,8 @@ impl TestCluster {
             .arg(d.join("ca.pem"))
             .arg("--domain")
             .arg(DOMAIN)
+            .arg("--ceiling")
+            .arg(&ceiling)
             .arg("--init-kek")
             .env("QUORATE_LOG", "warn");
         if let Some(fp) = fail_point {
@@ -422,6 +467,7 @@ impl TestCluster {
                     issuer: self.issuer(),
                     typ: "at+jwt".into(),
                 }),
+                profile: api::KeyProfile::Token as i32,
             })
             .await
             .unwrap();

@@ -33,6 +33,7 @@ async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::
             name: name.into(),
             purpose: purpose as i32,
             token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await
         .unwrap()

@@ -297,6 +297,7 @@ async fn governance_end_to_end() {
             name: "ops-key".into(),
             purpose: api::Purpose::Sign as i32,
             token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await
         .unwrap_err();
@@ -565,6 +566,7 @@ async fn governance_end_to_end() {
         name: "credentials".into(),
         purpose: api::Purpose::Derive as i32,
         token_rules: None,
+        profile: api::KeyProfile::Unspecified as i32,
     })
     .await
     .unwrap();
@@ -814,6 +816,248 @@ async fn governance_end_to_end() {
     let _ = g.cluster.cluster().await;
 }
 
+/// Cedar skips a policy whose evaluation errors, so an erroring forbid would let a
+/// permit win. Here it denies, and the refusal and the audit event name the policy and
+/// the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_fails_to_evaluate_denies() {
+    let g = start().await;
+    let mut id = g.identity().await;
+    let pair = r#"
+@id("x-agents")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"x");
+
+@id("ttl-overflow")
+forbid (principal is Agent, action == Action::"issue_token", resource == Audience::"x")
+when { context.ttl_seconds * 9223372036854775807 > 0 };
+"#;
+    id.apply_policy(api::ApplyPolicyRequest {
+        files: vec![
+            api::PolicyFile {
+                name: "pair.cedar".into(),
+                text: pair.into(),
+            },
+            // Keeps the cluster administrable; it says nothing about agents.
+            api::PolicyFile {
+                name: "admin.cedar".into(),
+                text: r#"@id("admin-client") permit (principal == Client::"admin", action, resource);"#
+                    .into(),
+            },
+        ],
+    })
+    .await
+    .unwrap();
+    let agent = g.issuer.attest("agent-x", json!({}));
+
+    // ttl 300 s: the forbid overflows. Cedar alone would skip it and allow by x-agents.
+    let s = id
+        .issue_token(token_request(&agent, "x", &[], 300))
+        .await
+        .expect_err("an erroring forbid must deny");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    for words in [
+        "ttl-overflow",
+        "overflow while attempting to multiply",
+        "evaluation failed",
+    ] {
+        assert!(
+            s.message().contains(words),
+            "`{words}` not in {}",
+            s.message()
+        );
+    }
+    let e = last(&g.audit_file, "token", "issue_token");
+    assert_eq!(e["outcome"], "deny", "{e}");
+    assert_eq!(policy_ids(&e), ["ttl-overflow"], "{e}");
+    let reason = e["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("ttl-overflow") && reason.contains("overflow while attempting"),
+        "{reason}"
+    );
+    assert!(e["jti"].is_null(), "no token: {e}");
+
+    // ttl 1 s: no overflow; the forbid holds and denies as written.
+    let s = id
+        .issue_token(token_request(&agent, "x", &[], 1))
+        .await
+        .expect_err("the forbid denies");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("denied by policy ttl-overflow")
+            && !s.message().contains("evaluation failed"),
+        "{}",
+        s.message()
+    );
+    let e = last(&g.audit_file, "token", "issue_token");
+    assert_eq!(
+        (e["outcome"].as_str(), policy_ids(&e)),
+        (Some("deny"), vec!["ttl-overflow".to_owned()])
+    );
+}
+
+/// Revocation by agent deprovisions it: every path refuses it, naming the
+/// deprovisioning — token issuance, task start, approval of its pending request,
+/// credentials (its own and a resource client's for it), and token exchange with it as
+/// the subject or the actor. Other agents are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deprovisioned_agents_get_nothing() {
+    let g = start().await;
+    let mut id = g.identity().await;
+    let gone = g.issuer.attest("gone", json!({"team": "blue"}));
+    let gone_subject = format!("{SUBJECT_PREFIX}gone");
+    let other = g.issuer.attest("other", json!({"team": "blue"}));
+    let helper = g.issuer.attest("helper", json!({}));
+    let mut keys = g.cluster.keys().await;
+    keys.create_key(api::CreateKeyRequest {
+        name: "credentials".into(),
+        purpose: api::Purpose::Derive as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Before: every path works for `gone`.
+    let held = id
+        .issue_token(token_request(&gone, "tools", &["tools:read"], 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let start_task = |att: &str| api::StartTaskRequest {
+        attestation: att.into(),
+        ttl_seconds: 600,
+        description: String::new(),
+    };
+    let task = id
+        .start_task(start_task(&gone))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    g.credential(Some(&gone), None, "admin", &task)
+        .await
+        .unwrap();
+    g.credential(None, Some(&gone_subject), "db", &task)
+        .await
+        .unwrap();
+    let exchange = |subject_token: &str, actor: &str| api::ExchangeTokenRequest {
+        subject_token: subject_token.into(),
+        actor_attestation: actor.into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    };
+    id.exchange_token(exchange(&held.access_token, &helper))
+        .await
+        .unwrap();
+    let others = id
+        .issue_token(token_request(&other, "tools", &["tools:read"], 300))
+        .await
+        .unwrap()
+        .into_inner();
+    id.exchange_token(exchange(&others.access_token, &gone))
+        .await
+        .unwrap();
+    // A request of `gone` waits for approval (approvals expire after 5 s here).
+    let pending = id
+        .issue_token(token_request(&gone, "prod", &["deploy"], 120))
+        .await
+        .unwrap()
+        .into_inner()
+        .pending_approval;
+    assert!(!pending.is_empty());
+
+    let revoked = id
+        .revoke(api::RevokeRequest {
+            target: Some(api::revoke_request::Target::Agent(gone_subject.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked;
+    assert!(revoked.contains("deprovisioned"), "{revoked}");
+
+    // Approving its pending request is refused, saying why; the request stays
+    // undecided (an approver may still reject it).
+    let s = g
+        .approvals_as("admin")
+        .await
+        .decide_approval(api::DecideApprovalRequest {
+            id: pending.clone(),
+            approve: true,
+            reason: String::new(),
+        })
+        .await
+        .expect_err("a deprovisioned agent's request cannot be approved");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    for words in ["cannot be approved", "deprovisioned", gone_subject.as_str()] {
+        assert!(
+            s.message().contains(words),
+            "`{words}` not in {}",
+            s.message()
+        );
+    }
+    let e = last(&g.audit_file, "approval", "approve");
+    assert_eq!(e["outcome"], "deny", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("deprovisioned"),
+        "{e}"
+    );
+
+    let refused = |r: Result<(), tonic::Status>, what: &str| {
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s:?}");
+        assert!(
+            s.message().contains("deprovisioned"),
+            "{what}: {}",
+            s.message()
+        );
+    };
+    refused(
+        id.issue_token(token_request(&gone, "tools", &["tools:read"], 60))
+            .await
+            .map(drop),
+        "issue token",
+    );
+    refused(
+        id.start_task(start_task(&gone)).await.map(drop),
+        "start a task bound to it",
+    );
+    refused(
+        g.credential(Some(&gone), None, "admin", &task)
+            .await
+            .map(drop),
+        "its credential",
+    );
+    refused(
+        g.credential(None, Some(&gone_subject), "db", &task)
+            .await
+            .map(drop),
+        "a resource client's credential for it",
+    );
+    refused(
+        id.exchange_token(exchange(&held.access_token, &helper))
+            .await
+            .map(drop),
+        "exchange with it as the subject",
+    );
+    refused(
+        id.exchange_token(exchange(&others.access_token, &gone))
+            .await
+            .map(drop),
+        "exchange with it as the actor",
+    );
+    let e = last(&g.audit_file, "exchange", "exchange_token");
+    assert_eq!(e["outcome"], "deny", "{e}");
+
+    // Everyone else is unaffected.
+    id.issue_token(token_request(&other, "tools", &["tools:read"], 60))
+        .await
+        .unwrap();
+    id.start_task(start_task(&other)).await.unwrap();
+    id.exchange_token(exchange(&others.access_token, &helper))
+        .await
+        .unwrap();
+}
+
 async fn wait_pending(g: &Gov, n: usize) -> Vec<api::Approval> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -890,6 +1134,7 @@ async fn a_failing_audit_sink_fails_requests() {
         name: name.into(),
         purpose: api::Purpose::Derive as i32,
         token_rules: None,
+        profile: api::KeyProfile::Unspecified as i32,
     };
     keys.create_key(create("k1")).await.unwrap();
     let mut buf = vec![0u8; 65536];

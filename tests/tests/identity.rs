@@ -664,11 +664,17 @@ impl SvidCa {
 
     /// (certificate PEM, key PEM) of an SVID for `id`.
     fn svid(&self, id: &str) -> (String, String) {
+        self.svid_with(id, vec![rcgen::KeyUsagePurpose::DigitalSignature])
+    }
+
+    /// (certificate PEM, key PEM) of an SVID for `id` with these key usages (none: no
+    /// keyUsage extension).
+    fn svid_with(&self, id: &str, usages: Vec<rcgen::KeyUsagePurpose>) -> (String, String) {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.key_usages = usages;
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.cert_der.clone().into(), &self.key).unwrap();
         let cert = p.signed_by(&key, &issuer).unwrap();
@@ -766,6 +772,30 @@ permit (principal == Client::"admin", action, resource);
         .expect_err("the SVID is the only attestation here");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 
+    // Leaves outside the X.509-SVID profile's key usage (SPIFFE X.509-SVID §4.3, §5.2):
+    // the trusted CA signed them and TLS lets them in, but the service refuses them,
+    // naming the key usage.
+    use rcgen::KeyUsagePurpose as Ku;
+    for (usages, words) in [
+        (vec![Ku::KeyCertSign], "keyUsage asserts keyCertSign"),
+        (vec![Ku::CrlSign], "keyUsage asserts cRLSign"),
+        (
+            vec![Ku::KeyEncipherment, Ku::KeyAgreement],
+            "keyUsage lacks digitalSignature",
+        ),
+        (vec![], "has no keyUsage extension"),
+    ] {
+        let (cert, key) = ca.svid_with("spiffe://agents.test/ci/job-ku", usages.clone());
+        let ch = connect(cert, key).await.unwrap();
+        let mut agent = api::identity_service_client::IdentityServiceClient::new(ch);
+        let s = agent
+            .issue_token(request("", 60))
+            .await
+            .expect_err("a leaf outside the SVID profile must be refused");
+        assert_eq!(s.code(), Code::Unauthenticated, "{usages:?}: {s:?}");
+        assert!(s.message().contains(words), "{usages:?}: {}", s.message());
+    }
+
     // An SVID from a CA the cluster does not trust, and the cluster's own admin
     // certificate, are refused during the handshake (or the first call).
     let other = SvidCa::new();
@@ -777,6 +807,53 @@ permit (principal == Client::"admin", action, resource);
         std::fs::read_to_string(d.join("client-admin-key.pem")).unwrap(),
     );
     refused(connect(admin.0, admin.1).await).await;
+}
+
+/// Attestations that verify cryptographically but break the JWT rules are refused,
+/// naming what is wrong: `iat` in the future, `iat` not a number, a claim given twice
+/// (whose last value would otherwise become the policy tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_attestations_are_refused_naming_the_problem() {
+    let env = Env::start().await;
+    let header = r#"{"alg":"ES256","kid":"k1"}"#;
+    let payload = |extra: &str| {
+        let now = now();
+        format!(
+            r#"{{"iss":"{TEST_ISS}","sub":"agent-x","aud":"quorate","iat":{now},"nbf":{now},"exp":{}{extra}}}"#,
+            now + 600
+        )
+    };
+    // The baseline, made the same way, gets a token: each refusal below is about its
+    // one defect.
+    let good = env.issuer.sign_raw(header, &payload(r#","team":"blue""#));
+    env.issue(request(&good, 60)).await.unwrap();
+
+    let future = env
+        .issuer
+        .attest("agent-x", json!({"team": "blue", "iat": now() + 3600}));
+    denied(
+        env.issue(request(&future, 60)).await,
+        Code::Unauthenticated,
+        &["issued in the future", "iat"],
+    );
+    let string_iat = env
+        .issuer
+        .attest("agent-x", json!({"team": "blue", "iat": now().to_string()}));
+    denied(
+        env.issue(request(&string_iat, 60)).await,
+        Code::Unauthenticated,
+        &["claim `iat` must be a JSON number"],
+    );
+    // `red` would not get a token; with the last value winning it would have been
+    // `blue`.
+    let twice = env
+        .issuer
+        .sign_raw(header, &payload(r#","team":"red","team":"blue""#));
+    denied(
+        env.issue(request(&twice, 60)).await,
+        Code::Unauthenticated,
+        &["member \"team\" appears twice"],
+    );
 }
 
 async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsError>) {

@@ -35,6 +35,7 @@ async fn create_sign_key(c: &TestCluster, name: &str) {
             name: name.into(),
             purpose: api::Purpose::Sign as i32,
             token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await
         .unwrap();
@@ -360,6 +361,7 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
             name: "d".into(),
             purpose: api::Purpose::Derive as i32,
             token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await
         .unwrap();
@@ -449,6 +451,7 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
             name: "bad name!".into(),
             purpose: api::Purpose::Sign as i32,
             token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await,
         tonic::Code::InvalidArgument,

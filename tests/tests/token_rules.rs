@@ -51,6 +51,8 @@ async fn create_key(
             name: name.into(),
             purpose: purpose as i32,
             token_rules,
+            // Unspecified: the profile follows from the purpose and the rules.
+            profile: api::KeyProfile::Unspecified as i32,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -215,7 +217,7 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
 
     // Bad rules are refused with the field named.
     for (purpose, r, words) in [
-        (api::Purpose::Derive, rules(), "only to signing keys"),
+        (api::Purpose::Derive, rules(), "only to token keys"),
         (
             api::Purpose::Sign,
             api::TokenRules {
@@ -245,13 +247,13 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     // The public Sign API does not sign raw messages with a token key.
     let s = sign(&c, "tokens", b"not a token").await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
-    assert!(s.message().contains("token-signing key"), "{s:?}");
+    assert!(s.message().contains("has the token profile"), "{s:?}");
 
     // From here on the test is the coordinator.
     let (named, presigs) = stop_and_read(&mut c, "tokens");
     assert_eq!(named.versions.len(), 1);
     assert_eq!(
-        named.versions[0].rules.as_ref().map(|r| r.to_api()),
+        named.versions[0].profile.token_rules().map(|r| r.to_api()),
         Some(rules())
     );
     let key = named.public;
@@ -395,7 +397,7 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
         named
             .versions
             .iter()
-            .all(|v| v.rules.as_ref().map(|r| r.to_api()) == Some(rules()))
+            .all(|v| v.profile.token_rules().map(|r| r.to_api()) == Some(rules()))
     );
     // Only the current version has pooled presignatures.
     assert!(!presigs.is_empty());
@@ -422,7 +424,7 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
     let v = &keys[0].versions;
     assert_eq!(v.len(), 1);
     assert_eq!((v[0].version.version, v[0].version.retired_at), (1, None));
-    assert!(v[0].rules.is_none());
+    assert_eq!(v[0].profile, quorate_proto::profile::KeyProfile::Raw);
 }
 
 /// The coordinator's own JWS path, in process against the test cluster's real nodes:
@@ -432,8 +434,7 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
 /// JWKS set keeps the retired version for its tokens' lifetime only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
-    use quorate_coordinator::cluster::{Cluster, CoordError, TokenRules};
-    use quorate_crypto::keys::KeyPurpose;
+    use quorate_coordinator::cluster::{Cluster, CoordError, KeyProfile, TokenRules};
     use quorate_crypto::params::{PartyIndex, ThresholdParams};
     use quorate_proto::tls::{self, Role};
 
@@ -467,15 +468,11 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     .unwrap();
 
     let rules = TokenRules::new(900, ISSUER, "at+jwt").unwrap();
+    // (A derive key with token rules cannot even be written down: `KeyProfile`.)
     let v1 = cluster
-        .create_key("tokens", KeyPurpose::Sign, Some(rules.clone()))
+        .create_key("tokens", KeyProfile::Token(rules.clone()))
         .await
         .unwrap();
-    let e = cluster
-        .create_key("creds", KeyPurpose::Derive, Some(rules.clone()))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, CoordError::Invalid(_)), "{e:?}");
     let fill = |key: KeyPublic| {
         let cluster = cluster.clone();
         async move {
@@ -534,7 +531,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     // retired version for max_ttl + skew.
     let v2 = cluster.rotate_key("tokens").await.unwrap();
     assert_eq!(v2.version, 2);
-    assert_eq!(v2.rules.as_ref(), Some(&rules));
+    assert_eq!(v2.profile.token_rules(), Some(&rules));
     assert_eq!(depth(), 0, "the retired version's pools are dropped");
     let e = cluster
         .sign_jws("tokens", v1.key_id, &good)

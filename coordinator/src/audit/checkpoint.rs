@@ -10,11 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quorate_crypto::keys::KeyPurpose;
-
 use super::AuditLog;
 use super::record::{self, Checkpoint, CheckpointClaims, Fields, Outcome};
-use crate::cluster::{Cluster, CoordError};
+use crate::cluster::{Cluster, CoordError, KeyProfile};
 
 /// Signs the current head if no checkpoint covers it yet. Returns the checkpoint event,
 /// or `None` when there was nothing new.
@@ -32,10 +30,17 @@ pub async fn checkpoint(
         return Ok(None);
     }
     let key = match cluster.current_signing_key(key_name) {
-        Ok(k) => k,
+        Ok(k) => {
+            // A store from before key profiles holds the audit key as a raw key.
+            cluster
+                .narrow_to_checkpoint(key_name)
+                .await
+                .map_err(|e| format!("audit key {key_name}: {e}"))?;
+            k
+        }
         Err(CoordError::NotFound(_)) => {
             let k = cluster
-                .create_key(key_name, KeyPurpose::Sign, None)
+                .create_key(key_name, KeyProfile::Checkpoint)
                 .await
                 .map_err(|e| format!("creating audit key {key_name}: {e}"))?;
             log.append(

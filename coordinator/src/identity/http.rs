@@ -54,6 +54,7 @@ pub fn serve(
         .route("/.well-known/openid-configuration", get(metadata))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/jwks.json", get(jwks))
+        .route(super::CHECKPOINT_JWKS_PATH, get(checkpoint_jwks))
         .route("/introspect", post(introspect))
         .route("/revoke", post(revoke))
         .with_state(state);
@@ -109,6 +110,9 @@ async fn metadata(State(s): State<Http>) -> Response {
     let body = serde_json::json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/jwks.json"),
+        // Not an OAuth field: the keys of the audit trail's signed checkpoints, kept
+        // apart from the token keys so that no token verifier trusts them.
+        "quorate_checkpoint_jwks_uri": format!("{iss}{}", super::CHECKPOINT_JWKS_PATH),
         "introspection_endpoint": format!("{iss}/introspect"),
         "revocation_endpoint": format!("{iss}/revoke"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
@@ -134,7 +138,15 @@ async fn metadata(State(s): State<Http>) -> Response {
 }
 
 async fn jwks(State(s): State<Http>) -> Response {
-    match s.plane.jwks() {
+    key_set(s.plane.jwks())
+}
+
+async fn checkpoint_jwks(State(s): State<Http>) -> Response {
+    key_set(s.plane.checkpoint_jwks())
+}
+
+fn key_set(keys: super::Result<serde_json::Value>) -> Response {
+    match keys {
         Ok(keys) => {
             // Short cache: a rotated key must reach verifiers well within a token TTL.
             let mut r = (StatusCode::OK, Json(keys)).into_response();

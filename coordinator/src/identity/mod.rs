@@ -4,6 +4,25 @@
 //!
 //! [`IdentityPlane`] holds the logic; [`service`] serves it over gRPC and [`http`] serves
 //! discovery, the JWKS, introspection and revocation over HTTPS.
+//!
+//! # Deprovisioning
+//!
+//! Revocation by agent (`quorate token revoke --agent S`, [`IdentityPlane::revoke_agent`])
+//! deprovisions the agent subject `S` at a time `T`, durably, the way deleting a SPIRE
+//! registration entry or disabling a Vault entity does: the identity is gone, not just
+//! its current tokens.
+//! - Every token in which `S` takes part and that was issued at or before `T` — as `sub`,
+//!   as `client_id`, or anywhere in the `act` chain — is dead: introspection answers
+//!   `active: false` and token exchange refuses it as a subject token.
+//! - From `T` on, every request from or for `S` is refused, naming the deprovisioning:
+//!   issuing a token; starting a task bound to `S`; approving `S`'s pending request (an
+//!   approver may still reject it); a confidential credential, whether `S` asks or a
+//!   resource client derives `S`'s; token exchange with `S` as the subject, the actor, or
+//!   an earlier actor of the chain. A request that was waiting for approval is checked
+//!   again once approved.
+//! - It does not lapse: there is no expiry, and a coordinator restart keeps it. This
+//!   version has no way to lift it; an agent that is to come back gets a new identity
+//!   (another OIDC `sub` or SPIFFE ID), which is what a compromised identity needs anyway.
 
 pub mod approval;
 pub mod http;
@@ -37,6 +56,9 @@ pub const MAX_SCOPES: usize = 32;
 pub const MAX_DELEGATION_DEPTH: usize = 8;
 /// How old a DPoP proof may be (RFC 9449 §11.1).
 pub const DPOP_MAX_AGE_SECONDS: i64 = 60;
+
+/// Where the HTTPS listener serves the checkpoint JWKS (below the issuer URL).
+pub const CHECKPOINT_JWKS_PATH: &str = "/checkpoint-jwks.json";
 
 /// Identity-plane settings.
 #[derive(Clone, Debug)]
@@ -361,7 +383,7 @@ impl IdentityPlane {
         Ok(b)
     }
 
-    /// Every signing key version a verifier may meet: current ones and those retired
+    /// Every token key version a verifier may meet: current ones and those retired
     /// less than their maximum token lifetime ago.
     fn verification_keys(&self) -> Result<Vec<KeyPublic>> {
         Ok(self
@@ -372,10 +394,23 @@ impl IdentityPlane {
             .collect())
     }
 
-    /// The JWKS document.
+    /// The issuer's JWKS document: token keys only (DESIGN.md invariant 7).
     pub fn jwks(&self) -> Result<serde_json::Value> {
         let keys: Vec<serde_json::Value> =
             self.verification_keys()?.iter().map(token::jwk).collect();
+        Ok(serde_json::json!({ "keys": keys }))
+    }
+
+    /// The checkpoint JWKS document ([`CHECKPOINT_JWKS_PATH`]): every version of every
+    /// checkpoint key, for `quorate audit verify`. Never the issuer's JWKS, so that no
+    /// token verifier trusts a checkpoint key.
+    pub fn checkpoint_jwks(&self) -> Result<serde_json::Value> {
+        let keys: Vec<serde_json::Value> = self
+            .cluster
+            .checkpoint_jwks_keys()?
+            .iter()
+            .map(|k| token::jwk(&k.public))
+            .collect();
         Ok(serde_json::json!({ "keys": keys }))
     }
 
@@ -642,6 +677,7 @@ impl IdentityPlane {
         )))
     }
 
+    /// Refuses a deprovisioned agent (see the [module docs](self#deprovisioning)).
     fn not_deprovisioned(&self, subject: &str) -> Result<()> {
         match self.store.agent_revoked_at(subject)? {
             Some(at) => Err(IdentityError::Denied(format!(
@@ -778,6 +814,13 @@ impl IdentityPlane {
         // The event is appended (a short blocking commit, under the approvals lock)
         // before the decision wakes the waiting request.
         let decided = self.approvals.decide(id, approve, caller, reason, |p| {
+            if approve {
+                // A deprovisioned agent gets nothing, approved or not; rejecting its
+                // request stays possible.
+                self.not_deprovisioned(&p.request.agent).map_err(|e| {
+                    IdentityError::Denied(format!("approval {id} cannot be approved: {e}"))
+                })?;
+            }
             let mut fields = approval_fields(p, what, Some(caller));
             fields.policy_ids = d.policy_ids.clone();
             self.audit
@@ -851,6 +894,9 @@ impl IdentityPlane {
         let actor = &req.actor;
         self.not_deprovisioned(&actor.subject)?;
         self.not_deprovisioned(&subject.sub)?;
+        for earlier in subject.act.as_ref().map(Actor::chain).unwrap_or_default() {
+            self.not_deprovisioned(&earlier)?;
+        }
         let audience = if req.audience.is_empty() {
             subject.aud.clone()
         } else {
@@ -1069,13 +1115,16 @@ impl IdentityPlane {
                 )),
                 other => other.into(),
             })?;
-            if key.public.purpose != quorate_crypto::keys::KeyPurpose::Sign {
-                return Err(IdentityError::Precondition(format!(
-                    "key {name} is not a signing key"
-                )));
-            }
             let kid = key.kid();
-            if let Some(rules) = &key.rules {
+            let Some(rules) = key.profile.token_rules() else {
+                return Err(IdentityError::Precondition(format!(
+                    "key {name} has the {} profile; tokens are signed only by a key of the token profile \
+                     (`quorate key create {name} --profile token --token-issuer {} --token-max-ttl 1h --token-typ at+jwt`)",
+                    key.profile.name(),
+                    self.cfg.issuer
+                )));
+            };
+            {
                 if rules.issuer() != self.cfg.issuer {
                     return Err(IdentityError::Precondition(format!(
                         "token key {name} is bound to issuer {} but this coordinator issues as {}: the nodes would refuse every token",
@@ -1163,16 +1212,21 @@ impl IdentityPlane {
         Ok(body)
     }
 
-    /// Why a valid token is nevertheless dead: revoked by jti, its agent deprovisioned
-    /// at or after issuance, or its task ended.
+    /// Why a valid token is nevertheless dead: revoked by jti, an agent in it (`sub`,
+    /// `client_id` or an actor of `act`) deprovisioned at or after issuance, or its task
+    /// ended.
     fn why_revoked(&self, c: &AccessClaims, now: i64) -> Result<Option<String>> {
         if self.store.jti_revoked(&c.jti)? {
             return Ok(Some(format!("token {} revoked", c.jti)));
         }
-        if let Some(at) = self.store.agent_revoked_at(&c.sub)?
-            && at >= c.iat
-        {
-            return Ok(Some(format!("agent {} deprovisioned at {at}", c.sub)));
+        let mut agents = vec![c.sub.clone(), c.client_id.clone()];
+        agents.extend(c.act.as_ref().map(Actor::chain).unwrap_or_default());
+        for agent in agents {
+            if let Some(at) = self.store.agent_revoked_at(&agent)?
+                && at >= c.iat
+            {
+                return Ok(Some(format!("agent {agent} deprovisioned at {at}")));
+            }
         }
         if let Some(id) = &c.task_id {
             match self.store.task(id)? {
@@ -1228,8 +1282,8 @@ impl IdentityPlane {
         self.record_string(result, trail).await
     }
 
-    /// Deprovisions an agent: its tokens stop introspecting as active and it gets no new
-    /// ones.
+    /// Deprovisions an agent: its tokens stop introspecting as active and every later
+    /// request from or for it is refused (see the [module docs](self#deprovisioning)).
     pub async fn revoke_agent(&self, caller: &str, subject: &str) -> Result<String> {
         let mut trail = self.admin_trail("revocation", "revoke_agent", caller);
         trail.subject = Some(subject.chars().take(512).collect());
@@ -1274,7 +1328,11 @@ impl IdentityPlane {
     ) -> Result<Task> {
         let mut trail = self.admin_trail("task", "start_task", caller);
         trail.subject = agent.clone();
-        let result = self.start_task_inner(agent, ttl_seconds, description);
+        let result = match &agent {
+            Some(subject) => self.not_deprovisioned(subject),
+            None => Ok(()),
+        }
+        .and_then(|()| self.start_task_inner(agent, ttl_seconds, description));
         self.record(result, trail).await
     }
 
