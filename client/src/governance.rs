@@ -29,7 +29,7 @@ pub enum AuditCommand {
     Verify {
         /// A JSON-lines audit file (an `--audit-sink file:` or `audit tail --from 0`)
         file: PathBuf,
-        /// The cluster's JWKS: a file, or an https URL (`<issuer>/jwks.json`)
+        /// The cluster's checkpoint JWKS: a file, or an https URL (`<issuer>/checkpoint-jwks.json`)
         #[arg(long, value_name = "URL|FILE")]
         jwks: String,
         /// CA certificate (PEM) for an https JWKS URL

@@ -481,6 +481,8 @@ impl Cluster {
             Some(tonic::Code::InvalidArgument) => CoordError::Invalid(msg),
             Some(tonic::Code::NotFound) => CoordError::NotFound(msg),
             Some(tonic::Code::Aborted) => CoordError::Misbehaved(msg),
+            // A node's own limit (its ceiling, a key's profile): final, say so.
+            Some(tonic::Code::PermissionDenied) => CoordError::Refused(msg),
             Some(_) => CoordError::Internal(msg),
         })
     }

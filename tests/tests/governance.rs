@@ -124,12 +124,22 @@ impl Gov {
         ApprovalServiceClient::new(self.cluster.channel_as(client).await)
     }
 
+    /// The issuer's JWKS (token keys).
     async fn jwks(&self) -> (String, jsonwebtoken::jwk::JwkSet) {
+        self.key_set("/jwks.json").await
+    }
+
+    /// The checkpoint JWKS (the audit key, never in the issuer's).
+    async fn checkpoint_jwks(&self) -> (String, jsonwebtoken::jwk::JwkSet) {
+        self.key_set("/checkpoint-jwks.json").await
+    }
+
+    async fn key_set(&self, path: &str) -> (String, jsonwebtoken::jwk::JwkSet) {
         let (_, trust) = self.cluster.identity("client-admin");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(trust.ca_der().clone()).unwrap();
         let tls = https::public_client_config(roots).unwrap();
-        let r = https::get(&format!("{}/jwks.json", self.cluster.issuer()), tls)
+        let r = https::get(&format!("{}{path}", self.cluster.issuer()), tls)
             .await
             .unwrap();
         assert_eq!(r.status, 200);
@@ -699,7 +709,16 @@ async fn governance_end_to_end() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (jwks_text, jwks) = g.jwks().await;
+    let (jwks_text, jwks) = g.checkpoint_jwks().await;
+    let (_, issuer_jwks) = g.jwks().await;
+    let kid = jsonwebtoken::decode_header(checkpoint["checkpoint"]["jws"].as_str().unwrap())
+        .unwrap()
+        .kid
+        .unwrap();
+    assert!(
+        issuer_jwks.find(&kid).is_none(),
+        "the checkpoint key is in the issuer's JWKS"
+    );
     let claims =
         record::verify_checkpoint(checkpoint["checkpoint"]["jws"].as_str().unwrap(), &jwks)
             .unwrap();

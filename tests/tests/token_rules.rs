@@ -202,6 +202,119 @@ fn stop_and_read(
     (key, presigs)
 }
 
+/// Key profiles and node ceilings against a compromised coordinator (DESIGN.md §9):
+/// a token key outside any node's own ceiling is refused at DKG by that node, naming
+/// the ceiling; the audit checkpoint key signs neither a raw digest nor an access
+/// token, node by node, and no presignature is used by the refusals; a token key cannot
+/// be narrowed into a checkpoint key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_and_ceilings_hold_whatever_the_coordinator_asks() {
+    let mut flags = POOL_FLAGS.to_vec();
+    flags.extend(["--audit-checkpoint-secs", "1"]);
+    let mut c = TestCluster::start("profiles", 3, 1, &flags);
+
+    // Node 3's operator allows tokens of at most 10 minutes.
+    let mut ceiling = c.default_ceiling();
+    ceiling["max_token_ttl_seconds"] = 600.into();
+    std::fs::write(c.ceiling_path(3), ceiling.to_string()).unwrap();
+    c.restart_node(3, None);
+
+    let s = create_key(&c, "long", api::Purpose::Sign, Some(rules()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("node 3")
+            && s.message()
+                .contains("900 s exceeds this node's ceiling of 600 s"),
+        "{s:?}"
+    );
+    let foreign = api::TokenRules {
+        issuer: "https://evil.test".into(),
+        max_ttl_seconds: 300,
+        ..rules()
+    };
+    let s = create_key(&c, "foreign", api::Purpose::Sign, Some(foreign))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message()
+            .contains("issuer \"https://evil.test\" is not among this node's token issuers"),
+        "{s:?}"
+    );
+    let fits = api::TokenRules {
+        max_ttl_seconds: 600,
+        ..rules()
+    };
+    let info = create_key(&c, "tokens", api::Purpose::Sign, Some(fits))
+        .await
+        .unwrap();
+    assert_eq!(info.profile, api::KeyProfile::Token as i32);
+    let token_key = info.key_id;
+
+    // The coordinator creates its checkpoint key at the first checkpoint.
+    c.wait_pools("audit", 1, Duration::from_secs(120)).await;
+    // The public API: no raw signature with it.
+    let s = sign(&c, "audit", b"anything").await.unwrap_err();
+    assert!(s.message().contains("checkpoint profile"), "{s:?}");
+
+    // From here on the test is the coordinator.
+    let (named, presigs) = stop_and_read(&mut c, "audit");
+    assert_eq!(
+        named.versions[0].profile,
+        quorate_proto::profile::KeyProfile::Checkpoint
+    );
+    let key = named.public;
+    let p = presigs.first().expect("no pooled presignature").clone();
+    let t0 = now();
+    let access = token("at+jwt", &c.issuer(), t0, t0 + 300);
+    for j in p.sset.members().iter().map(|m| m.get()) {
+        refused(
+            ask(&c, j, batch(&key, &p, [7; 32], None)).await,
+            "has the checkpoint profile: it signs only JWS statements of its profile",
+        );
+        refused(
+            ask(&c, j, batch(&key, &p, digest(&access), Some(&access))).await,
+            "this key signs only audit checkpoints",
+        );
+    }
+    // Neither refusal used the presignature: a checkpoint statement gets its shares.
+    let statement = format!(
+        "{}.{}",
+        b64url(br#"{"alg":"ES256","typ":"quorate-audit-checkpoint+jwt"}"#),
+        b64url(
+            format!(
+                r#"{{"iss":"x","seq":3,"head":"{}","iat":{t0}}}"#,
+                "0f".repeat(32)
+            )
+            .as_bytes()
+        )
+    )
+    .into_bytes();
+    for j in p.sset.members().iter().map(|m| m.get()) {
+        match ask(&c, j, batch(&key, &p, digest(&statement), Some(&statement))).await {
+            SignOutcome::Share(_) => {}
+            SignOutcome::Refused(why) => panic!("node {j} refused a checkpoint: {why}"),
+        }
+    }
+
+    // No node narrows a token key into anything else.
+    for j in 1..=3u16 {
+        let s = c
+            .node_as_coordinator(j)
+            .await
+            .narrow_profile(fragment::NarrowProfileRequest {
+                key_id: hex::decode(&token_key).unwrap(),
+                profile: fragment::KeyProfile::Checkpoint as i32,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+        assert!(s.message().contains("cannot become checkpoint"), "{s:?}");
+    }
+}
+
 /// A coordinator that asks nodes to sign outside a key's token rules is refused by
 /// every node, without using up the presignature; a token within the rules gets shares
 /// that combine into a signature an independent verifier accepts.
@@ -247,7 +360,11 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     // The public Sign API does not sign raw messages with a token key.
     let s = sign(&c, "tokens", b"not a token").await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
-    assert!(s.message().contains("has the token profile"), "{s:?}");
+    assert!(
+        s.message()
+            .contains("sign only JWS tokens issued by the identity service"),
+        "{s:?}"
+    );
 
     // From here on the test is the coordinator.
     let (named, presigs) = stop_and_read(&mut c, "tokens");
@@ -283,7 +400,7 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     // A bare digest.
     refused(
         ask(&c, first, batch(&key, &p, [7; 32], None)).await,
-        "signs only JWS tokens",
+        "signs only JWS statements of its profile",
     );
     // A valid token, but the digest is of something else.
     let good = token("at+jwt", ISSUER, t0, t0 + 600);
@@ -405,7 +522,7 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
     let j = p.sset.members()[0].get();
     refused(
         ask(&c, j, batch(&named.public, p, [9; 32], None)).await,
-        "signs only JWS tokens",
+        "signs only JWS statements of its profile",
     );
     let long = token("at+jwt", ISSUER, now(), now() + 3600);
     refused(

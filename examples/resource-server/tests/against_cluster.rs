@@ -275,6 +275,193 @@ async fn dpop_bound_token_against_cluster(cluster: &TestCluster, rs: &Proc, agen
 }
 
 /// `token` with one bit of its signature flipped.
+/// The issuer's JWKS fetched as any verifier would: OIDC discovery over HTTPS (with
+/// the cluster CA), then `jwks_uri`. Returns it and the discovery document.
+async fn discover_jwks(cluster: &TestCluster) -> (Value, Value) {
+    let pem = std::fs::read(cluster.dir.0.join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = quorate_proto::https::public_client_config(roots).unwrap();
+    let get = |url: String| {
+        let tls = tls.clone();
+        async move {
+            let r = quorate_proto::https::get(&url, tls).await.unwrap();
+            assert!(r.is_success(), "{url}: {r:?}");
+            serde_json::from_slice::<Value>(&r.body).unwrap()
+        }
+    };
+    let meta = get(format!(
+        "{}/.well-known/openid-configuration",
+        cluster.issuer()
+    ))
+    .await;
+    let jwks = get(meta["jwks_uri"].as_str().unwrap().to_owned()).await;
+    (jwks, meta)
+}
+
+/// Whether jsonwebtoken, with the keys of `jwks` and RFC 9068 expectations (ES256,
+/// issuer, audience), accepts `token` under any of them.
+fn jsonwebtoken_accepts(jwks: &Value, token: &str, issuer: &str) -> bool {
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks.clone()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_issuer(&[issuer]);
+    v.set_audience(&["dev"]);
+    set.keys.iter().any(|k| {
+        jsonwebtoken::DecodingKey::from_jwk(k)
+            .ok()
+            .is_some_and(|key| jsonwebtoken::decode::<Value>(token, &key, &v).is_ok())
+    })
+}
+
+/// DESIGN.md invariant 7, as a compromised client would try it: a hand-built access token
+/// (any subject, a year long, an admin scope) signed with a key the client may use —
+/// a raw key it creates, a new key created as `quorate key create k` does, or the audit
+/// checkpoint key — must not be accepted by the resource server, nor by jsonwebtoken
+/// with the keys OIDC discovery leads to.
+async fn forged_tokens_are_refused(cluster: &TestCluster, rs: &Proc) {
+    let mut keys = cluster.keys().await;
+    for (name, profile) in [
+        ("forge-raw", api::KeyProfile::Raw),
+        // As `quorate key create k` sends it: purpose sign, no profile.
+        ("forge-new", api::KeyProfile::Unspecified),
+    ] {
+        keys.create_key(api::CreateKeyRequest {
+            name: name.into(),
+            purpose: api::Purpose::Sign as i32,
+            token_rules: None,
+            profile: profile as i32,
+        })
+        .await
+        .unwrap();
+    }
+    cluster
+        .wait_pools("forge-raw", 1, Duration::from_secs(120))
+        .await;
+    cluster
+        .wait_pools("forge-new", 1, Duration::from_secs(120))
+        .await;
+    // The audit key exists once the first checkpoint is signed (every second here).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let audit = loop {
+        let listed = keys
+            .list_keys(api::ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(k) = listed.keys.into_iter().find(|k| k.name == "audit") {
+            break k;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit checkpoint key appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(audit.profile, api::KeyProfile::Checkpoint as i32);
+
+    let (jwks, meta) = discover_jwks(cluster).await;
+    let published: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    let listed = keys
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    for k in &listed {
+        let is_token = k.profile == api::KeyProfile::Token as i32;
+        assert_eq!(
+            published.contains(&k.kid.as_str()),
+            is_token,
+            "key {} (profile {}) in the issuer JWKS: {published:?}",
+            k.name,
+            k.profile
+        );
+    }
+    // The checkpoint key has its own JWKS, outside the issuer's.
+    let ck_url = meta["quorate_checkpoint_jwks_uri"].as_str().unwrap();
+    assert!(ck_url.ends_with("/checkpoint-jwks.json"), "{ck_url}");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The server refetches its JWKS for an unknown kid at most once per 10 s: past that,
+    // a refusal below is the issuer's JWKS speaking, not the server's cache.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for (name, kid) in [
+        (
+            "forge-raw",
+            listed
+                .iter()
+                .find(|k| k.name == "forge-raw")
+                .unwrap()
+                .kid
+                .clone(),
+        ),
+        (
+            "forge-new",
+            listed
+                .iter()
+                .find(|k| k.name == "forge-new")
+                .unwrap()
+                .kid
+                .clone(),
+        ),
+        ("audit", audit.kid.clone()),
+    ] {
+        let header = json!({"alg": "ES256", "typ": "at+jwt", "kid": kid});
+        let payload = json!({
+            "iss": cluster.issuer(), "sub": "spiffe://anyone/agent/forged", "aud": "dev",
+            "client_id": "forged", "iat": now, "nbf": now, "exp": now + 365 * 86_400,
+            "jti": format!("forged-{name}"), "scope": "tools:run admin",
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(payload.to_string())
+        );
+        let signed = keys
+            .sign(api::SignRequest {
+                name: name.into(),
+                input: Some(api::sign_request::Input::Message(
+                    input.clone().into_bytes(),
+                )),
+                format: api::SignatureFormat::Raw as i32,
+            })
+            .await;
+        let sig = match signed {
+            Ok(r) => r.into_inner().signature,
+            Err(s) => {
+                // The checkpoint key does not sign raw messages at all.
+                assert_eq!(name, "audit", "{name}: {s:?}");
+                assert!(s.message().contains("checkpoint profile"), "{s:?}");
+                continue;
+            }
+        };
+        assert_ne!(name, "audit", "the checkpoint key signed a raw message");
+        let forged = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig));
+        let r = echo(rs, Some(&forged), "forged").await;
+        assert_eq!(r.status, 401, "{name}: {r:?}");
+        assert_eq!(r.json["error"], "invalid_token", "{name}: {r:?}");
+        assert_eq!(
+            r.json["error_description"], "unknown signing key",
+            "{name}: {r:?}"
+        );
+        assert!(
+            !jsonwebtoken_accepts(&jwks, &forged, &cluster.issuer()),
+            "{name}: jsonwebtoken accepted a forged token through discovery"
+        );
+    }
+}
+
 fn alter_signature(token: &str) -> String {
     let (input, sig) = token.rsplit_once('.').unwrap();
     let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
@@ -312,7 +499,14 @@ async fn resource_server_against_cluster() {
         "resource-server",
         3,
         1,
-        &["--policy-dir", &pd, "--trust-config", &tc],
+        &[
+            "--policy-dir",
+            &pd,
+            "--trust-config",
+            &tc,
+            "--audit-checkpoint-secs",
+            "1",
+        ],
     );
     cluster.create_token_key("tokens", 900, 4).await;
 
@@ -415,6 +609,7 @@ async fn resource_server_against_cluster() {
     assert_eq!(r.json["error"], "invalid_token");
 
     dpop_bound_token_against_cluster(&cluster, &rs, &agent).await;
+    forged_tokens_are_refused(&cluster, &rs).await;
 
     // Rotation: the new key version signs from now on; the server learns its kid by
     // refetching the JWKS (at most once per 10 s since its last fetch, so allow for that).
