@@ -59,10 +59,10 @@ async fn run(cfg: Config) -> Result<(), String> {
         identity.cert_chain().to_vec(),
         trust.clone(),
         store,
-        cfg.ceiling.clone(),
         cfg.fail_point,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_ceiling(cfg.ceiling.clone());
     let server_tls = tls::server_config(&identity, &trust, &[RoleKind::Coordinator])
         .map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)

@@ -175,7 +175,6 @@ impl Node {
         cert_chain: Vec<CertificateDer<'static>>,
         trust: Trust,
         store: Store,
-        ceiling: Option<Ceiling>,
         failpoint: Option<FailPoint>,
     ) -> Result<Self, StoreError> {
         let kem = store.kem_key()?;
@@ -187,12 +186,20 @@ impl Node {
             cert_chain,
             trust,
             store,
-            ceiling,
+            ceiling: None,
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
             sign_lock: Mutex::new(()),
         })
+    }
+
+    /// Sets the node's ceiling for token keys (`--ceiling`); without one the node takes
+    /// part in no token key.
+    #[must_use]
+    pub fn with_ceiling(mut self, ceiling: Option<Ceiling>) -> Self {
+        self.ceiling = ceiling;
+        self
     }
 
     /// This node's index.
