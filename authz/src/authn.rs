@@ -710,6 +710,24 @@ impl fmt::Display for AuthMethod {
     }
 }
 
+/// An attestation JWT as presented (a bearer credential until it expires): its `Debug`
+/// prints nothing of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresentedJwt(String);
+
+impl PresentedJwt {
+    /// The compact JWS.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PresentedJwt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A verified agent identity.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attestation {
@@ -729,6 +747,11 @@ pub struct Attestation {
     pub claims: BTreeMap<String, String>,
     /// `exp` (Unix seconds), or the SVID's `notAfter`.
     pub expires_at: Option<i64>,
+    /// The OIDC JWT as the agent presented it, which fragment nodes verify again
+    /// themselves (DESIGN.md §9); `None` for an X.509-SVID, which proves possession only
+    /// to the TLS listener that saw it.
+    #[serde(skip)]
+    pub presented: Option<PresentedJwt>,
 }
 
 /// Why an attestation was refused. Messages say what is wrong and what to do; none
@@ -1530,6 +1553,7 @@ impl Authenticator {
             method: AuthMethod::Oidc,
             claims: flatten_claims(&claims),
             expires_at,
+            presented: Some(PresentedJwt(token.to_owned())),
         })
     }
 
@@ -1627,6 +1651,7 @@ impl Authenticator {
             method: AuthMethod::X509Svid,
             claims: BTreeMap::new(),
             expires_at: Some(cert.validity().not_after.timestamp()),
+            presented: None,
         })
     }
 }

@@ -882,12 +882,14 @@ fn admin_init(args: &InitArgs) -> Result<()> {
         "Private keys have mode 0600. Copy each process's certificate, key and ca.pem to its machine.\n\
          \n\
          Start each fragment node (ideally on separate machines; --init-kek creates the node's\n\
-         key-encryption key on first start):\n",
+         key-encryption key on first start). Each node's operator writes its own ceiling for\n\
+         token keys (JSON: token_issuers, token_typs, max_token_ttl_seconds; see the README's\n\
+         \"Key profiles\"); a node without --ceiling takes part in no token key:\n",
     );
     for node in &files.nodes {
         if let quorate_proto::tls::Role::Node(i) = node.role {
             s.push_str(&format!(
-                "  quorate-node --listen 0.0.0.0:{port} --data-dir /var/lib/quorate/node-{i} --cert {} --key {} --ca {} --domain {d} --init-kek\n",
+                "  quorate-node --listen 0.0.0.0:{port} --data-dir /var/lib/quorate/node-{i} --cert {} --key {} --ca {} --domain {d} --ceiling /etc/quorate/node-{i}-ceiling.json --init-kek\n",
                 p(&node.cert),
                 p(&node.key),
                 p(&files.ca_cert),

@@ -160,7 +160,7 @@ async fn token_rule_flags_are_checked_before_connecting() {
                 "--token-typ",
                 "at+jwt",
             ][..],
-            "only to signing keys",
+            "only to token keys",
         ),
     ] {
         let mut all = vec!["key", "create", "t"];

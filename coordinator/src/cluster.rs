@@ -125,6 +125,8 @@ struct SignJob {
     request: Vec<u8>,
     /// The JWS signing input whose SHA-256 the request signs, or empty.
     signing_input: Vec<u8>,
+    /// What the token rests on, for nodes that check evidence (DESIGN.md §9).
+    evidence: Option<fragment::TokenEvidence>,
     reply: oneshot::Sender<Result<SignatureShare, String>>,
 }
 
@@ -1168,7 +1170,7 @@ impl Cluster {
                 }
             )));
         }
-        self.sign_attempts(&current.public, digest, &[]).await
+        self.sign_attempts(&current.public, digest, &[], None).await
     }
 
     /// Signs a JWS compact signing input `BASE64URL(header).BASE64URL(payload)` (ES256:
@@ -1185,6 +1187,7 @@ impl Cluster {
         name: &str,
         expected: KeyId,
         signing_input: &[u8],
+        evidence: Option<&fragment::TokenEvidence>,
     ) -> Result<(Signature, KeyPublic, Vec<u16>)> {
         let current = self.current_version(name)?;
         current
@@ -1208,7 +1211,7 @@ impl Cluster {
         }
         let digest = quorate_crypto::hash::sha256(signing_input);
         let (sig, nodes) = self
-            .sign_attempts(&current.public, digest, signing_input)
+            .sign_attempts(&current.public, digest, signing_input, evidence)
             .await?;
         Ok((sig, current.public, nodes))
     }
@@ -1220,6 +1223,7 @@ impl Cluster {
         key: &KeyPublic,
         digest: [u8; 32],
         signing_input: &[u8],
+        evidence: Option<&fragment::TokenEvidence>,
     ) -> Result<(Signature, Vec<u16>)> {
         let mut last = None;
         for _attempt in 0..3 {
@@ -1232,7 +1236,7 @@ impl Cluster {
             // the signature is still returned only once the removal is durable.
             let (committed, signed) = tokio::join!(
                 self.commit_take(&presig),
-                self.sign_with(key, &presig, digest, signing_input)
+                self.sign_with(key, &presig, digest, signing_input, evidence)
             );
             committed?;
             match signed {
@@ -1266,6 +1270,7 @@ impl Cluster {
         presig: &PresignaturePublic,
         digest: [u8; 32],
         signing_input: &[u8],
+        evidence: Option<&fragment::TokenEvidence>,
     ) -> Result<Signature> {
         let req = SignRequest {
             key_id: key.key_id,
@@ -1282,6 +1287,7 @@ impl Cluster {
                 .send(SignJob {
                     request: req.clone(),
                     signing_input: signing_input.to_vec(),
+                    evidence: evidence.cloned(),
                     reply: tx,
                 })
                 .await
@@ -1554,9 +1560,19 @@ async fn sign_batcher(mut client: FragmentNodeClient<Channel>, mut rx: mpsc::Rec
         } else {
             Vec::new()
         };
+        // Evidence likewise (a job without any gets an empty message, which a node that
+        // checks evidence refuses for a token key).
+        let evidence = if jobs.iter().any(|j| j.evidence.is_some()) {
+            jobs.iter()
+                .map(|j| j.evidence.clone().unwrap_or_default())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let batch = fragment::SignBatch {
             requests: jobs.iter().map(|j| j.request.clone()).collect(),
             signing_inputs,
+            evidence,
         };
         let res = tokio::time::timeout(ONLINE_TIMEOUT, client.sign(batch)).await;
         match res {

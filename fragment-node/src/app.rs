@@ -52,6 +52,17 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
     let kek = Kek::load(&cfg.kek_file, cfg.init_kek).map_err(|e| e.to_string())?;
     let store = Store::open(&cfg.data_dir.join("node.redb"), &kek).map_err(|e| e.to_string())?;
+    let evidence = match cfg.ceiling.as_ref().and_then(|c| c.trust_config()) {
+        None => None,
+        Some(path) => Some(
+            crate::evidence::EvidenceCheck::load(path, &cfg.domain)
+                .await
+                .map_err(|e| e.join("\n"))?,
+        ),
+    };
+    if evidence.is_some() {
+        tracing::info!("token evidence: this node verifies every token's attestation itself");
+    }
     let node = Node::new(
         index,
         cfg.domain.clone(),
@@ -62,7 +73,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.fail_point,
     )
     .map_err(|e| e.to_string())?
-    .with_ceiling(cfg.ceiling.clone());
+    .with_ceiling(cfg.ceiling.clone())
+    .with_evidence(evidence);
     let server_tls = tls::server_config(&identity, &trust, &[RoleKind::Coordinator])
         .map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)

@@ -7,7 +7,8 @@
 //! { "token_issuers": ["https://issuer.example"],
 //!   "token_typs": ["at+jwt"],
 //!   "max_token_ttl_seconds": 3600,
-//!   "operator_public_key_file": "operator.pub.pem" }
+//!   "operator_public_key_file": "operator.pub.pem",
+//!   "trust_config": "trust.json" }
 //! ```
 //!
 //! - `token_issuers`: the `iss` values a token key may sign for (exact match);
@@ -17,6 +18,9 @@
 //! - `operator_public_key_file`: the operator's P-256 public key (SPKI PEM) that signs
 //!   policy bundles and approvals (DESIGN.md §1). Optional here; required wherever a
 //!   signed statement is checked.
+//! - `trust_config`: the identity providers this node trusts (the coordinator's
+//!   `--trust-config` format). With it, the node checks the evidence of every token
+//!   ([`crate::evidence`]); without it, it checks rules and ceiling only.
 //!
 //! A relative path resolves against the file's directory; unknown fields are errors and
 //! every problem is reported at once. A node started without `--ceiling` takes part in
@@ -38,6 +42,7 @@ pub struct Ceiling {
     typs: Vec<String>,
     max_ttl_seconds: u32,
     operator_key: Option<p256::PublicKey>,
+    trust_config: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +53,8 @@ struct File {
     max_token_ttl_seconds: u32,
     #[serde(default)]
     operator_public_key_file: Option<String>,
+    #[serde(default)]
+    trust_config: Option<String>,
 }
 
 impl Ceiling {
@@ -75,10 +82,20 @@ impl Ceiling {
                 f.max_token_ttl_seconds
             ));
         }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let trust_config = f.trust_config.as_ref().map(|p| base.join(p));
+        if let Some(t) = &trust_config
+            && !t.is_file()
+        {
+            errors.push(format!(
+                "--ceiling {at}: trust_config {}: no such file",
+                t.display()
+            ));
+        }
         let operator_key = match &f.operator_public_key_file {
             None => None,
             Some(p) => {
-                let full = path.parent().unwrap_or(Path::new(".")).join(p);
+                let full = base.join(p);
                 match std::fs::read_to_string(&full)
                     .map_err(|e| e.to_string())
                     .and_then(|pem| {
@@ -103,6 +120,7 @@ impl Ceiling {
             typs: f.token_typs,
             max_ttl_seconds: f.max_token_ttl_seconds,
             operator_key,
+            trust_config,
         })
     }
 
@@ -131,6 +149,12 @@ impl Ceiling {
             ));
         }
         Ok(())
+    }
+
+    /// The trust configuration whose identity providers this node verifies agents'
+    /// attestations against, if configured (then it checks evidence).
+    pub fn trust_config(&self) -> Option<&Path> {
+        self.trust_config.as_deref()
     }
 
     /// The operator's public key, if configured.

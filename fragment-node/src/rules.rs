@@ -59,18 +59,16 @@ fn integer(obj: &Map<String, Value>, field: &str) -> Result<Option<i64>, String>
     }
 }
 
-/// Checks that `signing_input` is a JWS signing input that `rules` allow at time
-/// `now_unix`, and that it is what the request signs: `SHA-256(signing_input) == digest`.
-/// The error is a sentence naming the field and the numbers at fault.
-pub fn check(
-    rules: &TokenRules,
+/// The header and payload of a JWS signing input that is at most [`MAX_SIGNING_INPUT`]
+/// bytes, hashes (SHA-256) to `digest`, and is exactly `BASE64URL(header) "."
+/// BASE64URL(payload)` with JSON objects of unique member names on both sides.
+fn header_and_payload(
     signing_input: &[u8],
     digest: &[u8; 32],
-    now_unix: i64,
-) -> Result<(), String> {
+) -> Result<(Map<String, Value>, Map<String, Value>), String> {
     if signing_input.len() > MAX_SIGNING_INPUT {
         return Err(format!(
-            "the signing input is {} bytes; a token signing input may be at most {MAX_SIGNING_INPUT} bytes",
+            "the signing input is {} bytes; a JWS signing input may be at most {MAX_SIGNING_INPUT} bytes",
             signing_input.len()
         ));
     }
@@ -88,8 +86,20 @@ pub fn check(
             text.matches('.').count()
         ));
     };
-    let header = part("header", h)?;
-    let payload = part("payload", p)?;
+    Ok((part("header", h)?, part("payload", p)?))
+}
+
+/// Checks that `signing_input` is a JWS signing input that `rules` allow at time
+/// `now_unix`, and that it is what the request signs: `SHA-256(signing_input) == digest`.
+/// Returns the token's claims (for the evidence check). The error is a sentence naming
+/// the field and the numbers at fault.
+pub fn check(
+    rules: &TokenRules,
+    signing_input: &[u8],
+    digest: &[u8; 32],
+    now_unix: i64,
+) -> Result<Map<String, Value>, String> {
+    let (header, payload) = header_and_payload(signing_input, digest)?;
 
     let alg = exact_string(&header, "header", "alg")?;
     if alg != "ES256" {
@@ -164,7 +174,7 @@ pub fn check(
             return Err(format!("nbf ({nbf}) is after exp ({exp})"));
         }
     }
-    Ok(())
+    Ok(payload)
 }
 
 /// Checks that `signing_input` is an audit checkpoint statement, the only JWS a key of
@@ -175,24 +185,7 @@ pub fn check(
 /// `sub`, `aud`, `exp` or `scope`, and its `typ` is not `at+jwt`, so no verifier of
 /// access tokens can take it for one.
 pub fn check_checkpoint(signing_input: &[u8], digest: &[u8; 32]) -> Result<(), String> {
-    if signing_input.len() > MAX_SIGNING_INPUT {
-        return Err(format!(
-            "the signing input is {} bytes; a checkpoint may be at most {MAX_SIGNING_INPUT} bytes",
-            signing_input.len()
-        ));
-    }
-    if quorate_crypto::hash::sha256(signing_input) != *digest {
-        return Err(
-            "the signing input does not hash (SHA-256) to the digest the request signs".into(),
-        );
-    }
-    let text = std::str::from_utf8(signing_input)
-        .map_err(|_| "the signing input is not ASCII text".to_string())?;
-    let (Some((h, p)), false) = (text.split_once('.'), text.matches('.').count() != 1) else {
-        return Err("the signing input must be BASE64URL(header).BASE64URL(payload)".into());
-    };
-    let header = part("header", h)?;
-    let payload = part("payload", p)?;
+    let (header, payload) = header_and_payload(signing_input, digest)?;
     if exact_string(&header, "header", "alg")? != "ES256" {
         return Err("a checkpoint's alg must be ES256".into());
     }
@@ -264,7 +257,7 @@ mod tests {
     }
 
     fn run(si: &[u8]) -> Result<(), String> {
-        check(&rules(), si, &quorate_crypto::hash::sha256(si), NOW)
+        check(&rules(), si, &quorate_crypto::hash::sha256(si), NOW).map(|_| ())
     }
 
     fn refused(si: &[u8], words: &str) {

@@ -23,12 +23,13 @@ use quorate_crypto::wire::Wire;
 use quorate_proto::convert;
 use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
 use quorate_proto::profile::KeyProfile;
-use quorate_proto::rules::REFUSAL_PREFIX;
+use quorate_proto::rules::{REFUSAL_PREFIX, TokenRules};
 use quorate_proto::tls::{Role, Trust};
 use rustls::pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
 use crate::ceiling::Ceiling;
+use crate::evidence::{EvidenceCheck, TokenKeys};
 use crate::rules;
 use crate::store::{Release, Store, StoreError, request_rng};
 
@@ -136,6 +137,8 @@ pub struct Node {
     store: Store,
     /// What token keys may be on this node (`--ceiling`); `None`: no token keys at all.
     ceiling: Option<Ceiling>,
+    /// The node's own attestation verifier, when its ceiling names a trust config.
+    evidence: Option<EvidenceCheck>,
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
     metrics: Arc<NodeMetrics>,
@@ -187,6 +190,7 @@ impl Node {
             trust,
             store,
             ceiling: None,
+            evidence: None,
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
@@ -199,6 +203,14 @@ impl Node {
     #[must_use]
     pub fn with_ceiling(mut self, ceiling: Option<Ceiling>) -> Self {
         self.ceiling = ceiling;
+        self
+    }
+
+    /// Sets the node's evidence check (DESIGN.md §9): every token of a token key must
+    /// then rest on evidence this node verifies itself ([`crate::evidence`]).
+    #[must_use]
+    pub fn with_evidence(mut self, evidence: Option<EvidenceCheck>) -> Self {
+        self.evidence = evidence;
         self
     }
 
@@ -496,8 +508,16 @@ impl Node {
         let mut records = Vec::new();
         let mut releases = Vec::new();
         let mut fresh_ids = std::collections::HashSet::new();
+        if !req.evidence.is_empty() && req.evidence.len() != req.requests.len() {
+            return Err(Status::invalid_argument(format!(
+                "evidence must be empty or parallel to requests: {} for {} requests",
+                req.evidence.len(),
+                req.requests.len()
+            )));
+        }
         for (k, raw) in req.requests.iter().enumerate() {
             let input = req.signing_inputs.get(k).map_or(&[][..], Vec::as_slice);
+            let evidence = req.evidence.get(k);
             let outcome = (|| -> Result<sign::SignStep, String> {
                 let r = SignRequest::from_bytes(raw).map_err(|e| e.to_string())?;
                 if !fresh_ids.insert(r.presig_id) {
@@ -510,7 +530,7 @@ impl Node {
                     .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
                 // Key-usage rules (DESIGN.md §4.5), before the presignature is touched:
                 // a refused request consumes nothing.
-                self.check_usage(&r, input, now_unix)?;
+                self.check_usage(&r, input, evidence, now_unix)?;
                 let record = self
                     .store
                     .presig(&r.presig_id)
@@ -560,7 +580,13 @@ impl Node {
     /// passes its rules and this node's ceiling ([`rules::check`]); a checkpoint key only
     /// a checkpoint statement ([`rules::check_checkpoint`]); derive and decrypt keys
     /// never sign.
-    fn check_usage(&self, r: &SignRequest, input: &[u8], now_unix: i64) -> Result<(), String> {
+    fn check_usage(
+        &self,
+        r: &SignRequest,
+        input: &[u8],
+        evidence: Option<&fragment::TokenEvidence>,
+        now_unix: i64,
+    ) -> Result<(), String> {
         let refused = |why: String| format!("{REFUSAL_PREFIX}{why}");
         let profile = self
             .store
@@ -584,7 +610,11 @@ impl Node {
                 ceiling.admits(rules).map_err(|why| {
                     refused(format!("the key's rules exceed this node's ceiling: {why}"))
                 })?;
-                rules::check(rules, input, &r.digest, now_unix).map_err(refused)
+                let claims = rules::check(rules, input, &r.digest, now_unix).map_err(refused)?;
+                match &self.evidence {
+                    Some(e) => e.check(&claims, evidence, self, now_unix).map_err(refused),
+                    None => Ok(()),
+                }
             }
             KeyProfile::Checkpoint => rules::check_checkpoint(input, &r.digest).map_err(refused),
             KeyProfile::Raw
@@ -664,6 +694,16 @@ impl Node {
                 .collect::<Result<_, Status>>()?,
             unused_presignatures: self.store.unused_presignatures().map_err(store_err)?,
         })
+    }
+}
+
+impl TokenKeys for Node {
+    fn token_key(&self, id: &quorate_crypto::keys::KeyId) -> Option<(KeyPublic, TokenRules)> {
+        let share = self.store.key(id).ok().flatten()?;
+        match self.store.profile(id).ok().flatten()? {
+            KeyProfile::Token(rules) => Some((share.public, rules)),
+            _ => None,
+        }
     }
 }
 

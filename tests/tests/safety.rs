@@ -112,6 +112,7 @@ async fn crash_between_consume_and_reply_never_signs_another_message() {
             .to_bytes(),
         ],
         signing_inputs: Vec::new(),
+        evidence: Vec::new(),
     };
     let other = node.sign(ask([0x42; 32])).await.unwrap().into_inner();
     match other.results[0].result.as_ref().unwrap() {
@@ -330,6 +331,7 @@ async fn concurrent_requests_cannot_use_a_presignature_twice() {
                 .to_bytes(),
             ],
             signing_inputs: Vec::new(),
+            evidence: Vec::new(),
         };
         let mut a = c.node_as_coordinator(1).await;
         let mut b = c.node_as_coordinator(1).await;

@@ -145,6 +145,7 @@ fn batch(
             .to_bytes(),
         ],
         signing_inputs: input.map(|i| vec![i.to_vec()]).unwrap_or_default(),
+        evidence: Vec::new(),
     }
 }
 
@@ -614,7 +615,10 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     assert_eq!(key.key_id, v1.key_id);
     let t0 = now();
     let good = token("at+jwt", ISSUER, t0, t0 + 600);
-    let (sig, signer, _) = cluster.sign_jws("tokens", key.key_id, &good).await.unwrap();
+    let (sig, signer, _) = cluster
+        .sign_jws("tokens", key.key_id, &good, None)
+        .await
+        .unwrap();
     assert_eq!(signer.key_id, v1.key_id);
     assert!(verify_aws(
         &v1.public_key().to_bytes(),
@@ -626,7 +630,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     // Outside the rules: refused at once, with the reason, presignature kept.
     let long = token("at+jwt", ISSUER, t0, t0 + 86_400);
     let e = cluster
-        .sign_jws("tokens", key.key_id, &long)
+        .sign_jws("tokens", key.key_id, &long, None)
         .await
         .unwrap_err();
     let CoordError::Refused(why) = &e else {
@@ -651,7 +655,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     assert_eq!(v2.profile.token_rules(), Some(&rules));
     assert_eq!(depth(), 0, "the retired version's pools are dropped");
     let e = cluster
-        .sign_jws("tokens", v1.key_id, &good)
+        .sign_jws("tokens", v1.key_id, &good, None)
         .await
         .unwrap_err();
     assert!(matches!(e, CoordError::Rotated(_)), "{e:?}");
@@ -661,7 +665,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     assert_eq!(key.key_id, v2.public.key_id);
     let fresh = token("at+jwt", ISSUER, now(), now() + 300);
     let (sig, signer, _) = cluster
-        .sign_jws("tokens", key.key_id, &fresh)
+        .sign_jws("tokens", key.key_id, &fresh, None)
         .await
         .unwrap();
     assert_eq!(signer.key_id, v2.public.key_id);

@@ -70,7 +70,7 @@ pub async fn checkpoint(
     let kid = key.key_id.to_string();
     let input = record::checkpoint_signing_input(&kid, &claims)?;
     let (sig, _, nodes) = cluster
-        .sign_jws(key_name, key.key_id, input.as_bytes())
+        .sign_jws(key_name, key.key_id, input.as_bytes(), None)
         .await
         .map_err(|e| format!("signing the audit checkpoint: {e}"))?;
     let jws = format!(

@@ -673,7 +673,12 @@ impl IdentityPlane {
             self.approvals.take(id)?;
         }
         Ok(IssueOutcome::Issued(Box::new(
-            self.sign(claims, decision.policy_ids.clone()).await?,
+            self.sign(
+                claims,
+                decision.policy_ids.clone(),
+                evidence_of(agent, None),
+            )
+            .await?,
         )))
     }
 
@@ -995,7 +1000,12 @@ impl IdentityPlane {
             }),
             cnf: jkt.map(|jkt| Confirmation { jkt }),
         };
-        self.sign(claims, decision.policy_ids).await
+        self.sign(
+            claims,
+            decision.policy_ids,
+            evidence_of(actor, Some(&req.subject_token)),
+        )
+        .await
     }
 
     /// A confidential credential (DESIGN.md §4.6) for (key, target, agent, task, the
@@ -1104,7 +1114,12 @@ impl IdentityPlane {
 
     /// Threshold-signs `claims` under the current version of the token key (one retry
     /// if the key rotates between building the header and signing).
-    async fn sign(&self, claims: AccessClaims, policy_ids: Vec<String>) -> Result<Issued> {
+    async fn sign(
+        &self,
+        claims: AccessClaims,
+        policy_ids: Vec<String>,
+        evidence: quorate_proto::fragment::TokenEvidence,
+    ) -> Result<Issued> {
         let name = &self.cfg.signing_key;
         let mut last = None;
         for _ in 0..2 {
@@ -1143,7 +1158,7 @@ impl IdentityPlane {
             let input = token::signing_input(&kid, &claims).map_err(IdentityError::Invalid)?;
             match self
                 .cluster
-                .sign_jws(name, key.public.key_id, input.as_bytes())
+                .sign_jws(name, key.public.key_id, input.as_bytes(), Some(&evidence))
                 .await
             {
                 Ok((sig, _, nodes)) => {
@@ -1561,6 +1576,24 @@ pub fn credential_context(
 pub fn credential_fingerprint(context: &[u8]) -> String {
     let d = sha2::Sha256::digest(context);
     format!("cred-{}", hex::encode(d.get(..16).unwrap_or(&[])))
+}
+
+/// The evidence the fragment nodes verify themselves before signing a token (DESIGN.md
+/// §9): the attestation the agent (or, for an exchange, the actor) presented, and the
+/// subject token of an exchange. An X.509-SVID leaves the attestation empty: it is no
+/// evidence a node can check.
+fn evidence_of(
+    agent: &Attestation,
+    subject_token: Option<&str>,
+) -> quorate_proto::fragment::TokenEvidence {
+    quorate_proto::fragment::TokenEvidence {
+        attestation: agent
+            .presented
+            .as_ref()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+        subject_token: subject_token.unwrap_or_default().to_owned(),
+    }
 }
 
 fn principal_of(a: &Attestation) -> Principal {

@@ -1,0 +1,218 @@
+//! Evidence a node checks itself before it signs an access token (DESIGN.md §9,
+//! "Evidence"): the coordinator decides, but a node signs a token only for an agent whose
+//! attestation the node itself verifies, against the identity providers the node itself
+//! trusts.
+//!
+//! A node checks evidence when its ceiling names a `trust_config` (the same JSON format
+//! as the coordinator's `--trust-config`: OIDC issuers with JWKS from a file, or fetched
+//! by the node itself over HTTPS; never keys relayed by the coordinator). Then, for every
+//! token of a token key:
+//! - **issuance**: [`TokenEvidence::attestation`] must be an OIDC JWT that verifies now
+//!   (signature, `iss`, `aud`, `exp`, `nbf`, `iat`, strict parsing), and the token's `sub`
+//!   and `client_id` must both be the agent's SPIFFE ID derived from it, with no `act`;
+//! - **exchange** (RFC 8693): [`TokenEvidence::subject_token`] must be an ES256 token of a
+//!   token key this node holds a share of, of that key's issuer and `typ`, not expired;
+//!   the attestation is the actor's; the new token's `sub` is the subject token's,
+//!   `client_id` the actor's SPIFFE ID, and `act` is `{sub: actor, act: <the subject
+//!   token's act>}` exactly.
+//!
+//! What this does not cover (stated in the README): the audience, scopes and lifetime
+//! are still the coordinator's decision within the key's rules and the node's ceiling
+//! (no operator-signed policy bundle yet); approvals are not checked by nodes; an agent
+//! authenticated by an X.509-SVID has no evidence a node can verify (the SVID proves
+//! possession to the coordinator's TLS listener only), so such tokens are refused by a
+//! node that checks evidence; and a coordinator that has seen a bearer attestation can
+//! replay it until it expires, within what the key's rules allow.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use p256::ecdsa::signature::Verifier as _;
+use quorate_authz::authn::{Attestation, Authenticator, AuthnConfig};
+use quorate_crypto::keys::{KeyId, KeyPublic};
+use quorate_proto::fragment::TokenEvidence;
+use quorate_proto::rules::{CLOCK_SKEW_SECONDS, TokenRules};
+use serde_json::{Map, Value};
+
+/// The node's own verifier of agent attestations.
+#[derive(Clone)]
+pub struct EvidenceCheck {
+    authn: Arc<Authenticator>,
+}
+
+impl std::fmt::Debug for EvidenceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvidenceCheck")
+            .field("issuers", &self.authn.issuers())
+            .finish()
+    }
+}
+
+/// What a subject token must be: where to find its key, and that key's rules.
+pub trait TokenKeys {
+    /// The public data and rules of the token key `id`, if this node holds it.
+    fn token_key(&self, id: &KeyId) -> Option<(KeyPublic, TokenRules)>;
+}
+
+impl EvidenceCheck {
+    /// Loads the trust configuration at `path` (every problem at once) and builds the
+    /// verifier for the cluster `domain` (agents' SPIFFE IDs are in it).
+    pub async fn load(path: &std::path::Path, domain: &str) -> Result<Self, Vec<String>> {
+        let cfg = AuthnConfig::from_file(path).map_err(|e| {
+            e.into_iter()
+                .map(|m| format!("trust_config {}: {m}", path.display()))
+                .collect::<Vec<_>>()
+        })?;
+        let authn = Authenticator::new(cfg, domain)
+            .await
+            .map_err(|e| vec![format!("trust_config {}: {e}", path.display())])?;
+        Ok(EvidenceCheck {
+            authn: Arc::new(authn),
+        })
+    }
+
+    /// Checks the evidence of one token whose claims are `payload` (already checked
+    /// against the key's rules). Blocks on JWKS refreshes: call it from a blocking
+    /// thread inside the runtime. The error is a sentence naming what is missing or
+    /// wrong.
+    pub fn check(
+        &self,
+        payload: &Map<String, Value>,
+        evidence: Option<&TokenEvidence>,
+        keys: &dyn TokenKeys,
+        now_unix: i64,
+    ) -> Result<(), String> {
+        let ev = evidence.ok_or(
+            "evidence: the request carries none; this node signs a token only for an attested agent",
+        )?;
+        if ev.attestation.trim().is_empty() {
+            return Err("evidence: no attestation (this node verifies the agent's OIDC JWT itself; an X.509-SVID is not evidence a node can check)".into());
+        }
+        let agent = self.attestation(&ev.attestation)?;
+        let string = |name: &str| match payload.get(name) {
+            Some(Value::String(s)) => Ok(s.as_str()),
+            _ => Err(format!("evidence: the token has no string \"{name}\"")),
+        };
+        if ev.subject_token.is_empty() {
+            expect("sub", string("sub")?, &agent.subject)?;
+            expect("client_id", string("client_id")?, &agent.subject)?;
+            if payload.contains_key("act") {
+                return Err("evidence: an issued token carries no \"act\" (delegation needs a subject token)".into());
+            }
+            return Ok(());
+        }
+        let subject = subject_token(&ev.subject_token, keys, now_unix)?;
+        let subject_sub = match subject.get("sub") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err("evidence: the subject token has no \"sub\"".into()),
+        };
+        expect("sub", string("sub")?, &subject_sub)?;
+        expect("client_id", string("client_id")?, &agent.subject)?;
+        let mut want = Map::new();
+        want.insert("sub".into(), Value::String(agent.subject.clone()));
+        if let Some(prior) = subject.get("act") {
+            want.insert("act".into(), prior.clone());
+        }
+        if payload.get("act") != Some(&Value::Object(want)) {
+            return Err(format!(
+                "evidence: the token's act must name the actor {} over the subject token's chain",
+                agent.subject
+            ));
+        }
+        Ok(())
+    }
+
+    fn attestation(&self, jwt: &str) -> Result<Attestation, String> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| "evidence: no runtime to verify the attestation on".to_string())?;
+        handle
+            .block_on(self.authn.verify_jwt(jwt.trim()))
+            .map_err(|e| format!("evidence: the attestation does not verify on this node: {e}"))
+    }
+}
+
+fn expect(claim: &str, got: &str, want: &str) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "evidence: the token's {claim} is \"{}\", but the attestation makes it \"{}\"",
+            got.escape_debug(),
+            want.escape_debug()
+        ))
+    }
+}
+
+/// Verifies a subject token of this cluster: ES256 under a token key this node holds,
+/// that key's `typ` and issuer, not expired (with the nodes' clock skew). Returns its
+/// claims.
+fn subject_token(
+    token: &str,
+    keys: &dyn TokenKeys,
+    now_unix: i64,
+) -> Result<Map<String, Value>, String> {
+    let bad = |why: &str| format!("evidence: the subject token {why}");
+    let (input, sig) = token
+        .trim()
+        .rsplit_once('.')
+        .ok_or_else(|| bad("is not a compact JWS"))?;
+    let (h, p) = input
+        .split_once('.')
+        .ok_or_else(|| bad("is not a compact JWS"))?;
+    let decode = |part: &str| -> Result<Map<String, Value>, String> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| bad("is not base64url"))?;
+        quorate_proto::json::parse_object_unique(&raw).map_err(|e| bad(&e))
+    };
+    let header = decode(h)?;
+    let claims = decode(p)?;
+    if header.get("alg").and_then(Value::as_str) != Some("ES256") {
+        return Err(bad("is not ES256"));
+    }
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("has no kid"))?;
+    let id = hex_key_id(kid).ok_or_else(|| bad("names a kid that is no key id"))?;
+    let (key, rules) = keys.token_key(&id).ok_or_else(|| {
+        bad(&format!(
+            "names key {kid}, which is no token key of this node"
+        ))
+    })?;
+    if header.get("typ").and_then(Value::as_str) != Some(rules.typ()) {
+        return Err(bad(&format!("is not of typ {}", rules.typ())));
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| bad("has a signature that is not base64url"))?;
+    let sig = p256::ecdsa::Signature::from_slice(&raw)
+        .map_err(|_| bad("has a signature that is not ES256 (r || s)"))?;
+    let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_key().to_bytes())
+        .map_err(|_| bad("names a key whose public key does not decode"))?;
+    vk.verify(input.as_bytes(), &sig)
+        .map_err(|_| bad("has a signature that does not verify"))?;
+    if claims.get("iss").and_then(Value::as_str) != Some(rules.issuer()) {
+        return Err(bad(&format!("is not of issuer {}", rules.issuer())));
+    }
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| bad("has no integer exp"))?;
+    if exp.saturating_add(CLOCK_SKEW_SECONDS) <= now_unix {
+        return Err(bad(&format!("expired at {exp}")));
+    }
+    Ok(claims)
+}
+
+fn hex_key_id(kid: &str) -> Option<KeyId> {
+    if kid.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(kid.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(KeyId(out))
+}
