@@ -690,3 +690,161 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
     assert_eq!(kids(retired + 959), vec![v2.kid(), v1.key_id.to_string()]);
     assert_eq!(kids(retired + 960), vec![v2.kid()]);
 }
+
+/// Agents may get tokens for `Audience::"dev"`; the admin client may do everything.
+const EVIDENCE_POLICY: &str = r#"
+@id("agents-dev")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"dev");
+
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#;
+
+/// A token signing input for `sub` (also its `client_id`) from this cluster's issuer.
+fn agent_token(issuer: &str, sub: &str, t0: i64) -> Vec<u8> {
+    let header = r#"{"alg":"ES256","typ":"at+jwt","kid":"test"}"#;
+    let payload = serde_json::json!({
+        "iss": issuer, "sub": sub, "client_id": sub, "aud": "dev", "scope": "admin",
+        "iat": t0, "nbf": t0, "exp": t0 + 300, "jti": format!("j-{sub}-{t0}"),
+    });
+    format!(
+        "{}.{}",
+        b64url(header.as_bytes()),
+        b64url(payload.to_string().as_bytes())
+    )
+    .into_bytes()
+}
+
+/// DESIGN.md §9 "Evidence", as a compromised coordinator would try it against real
+/// nodes whose ceilings name a trust configuration: a token with no attestation, with
+/// another subject's attestation, with an expired one, with one signed by a key the
+/// nodes do not trust, with one from an issuer they do not trust, and with no
+/// attestation but an X.509-SVID subject — every node refuses each, and none of it uses
+/// the presignature, which then signs the token the attestation does back. Through the
+/// coordinator, an attested agent gets its token as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_check_evidence_whatever_the_coordinator_asks() {
+    use quorate_tests::{TempDir, TestIssuer};
+    let cfg = TempDir::new("evidence-cfg");
+    let attester = TestIssuer::new(&cfg.0);
+    let stranger_dir = TempDir::new("evidence-stranger");
+    // Same `iss`, another key: what a forger who knows the issuer's name would sign with.
+    let stranger = TestIssuer::new(&stranger_dir.0);
+    let policy_dir = cfg.0.join("policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(policy_dir.join("agents.cedar"), EVIDENCE_POLICY).unwrap();
+    let pd = policy_dir.display().to_string();
+    let tc = cfg.0.join("trust.json").display().to_string();
+    let mut flags = POOL_FLAGS.to_vec();
+    flags.extend(["--policy-dir", &pd, "--trust-config", &tc]);
+    let mut c = TestCluster::start("evidence", 3, 1, &flags);
+    for i in 1..=3 {
+        let mut ceiling = c.default_ceiling();
+        ceiling["trust_config"] = tc.clone().into();
+        std::fs::write(c.ceiling_path(i), ceiling.to_string()).unwrap();
+        c.restart_node(i, None);
+    }
+    c.create_token_key("tokens", 900, 4).await;
+
+    // Through the coordinator: every node of the set verified the attestation itself.
+    let att = attester.attest("agent-1", serde_json::json!({}));
+    let reply = c
+        .identity_api()
+        .await
+        .issue_token(api::IssueTokenRequest {
+            attestation: att.clone(),
+            audience: "dev".into(),
+            scopes: vec!["tools:run".into()],
+            ttl_seconds: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let agent = format!("spiffe://{}/agent/test/agent-1", quorate_tests::DOMAIN);
+    assert_eq!(reply.subject, agent);
+
+    // From here on the test is the coordinator.
+    let issuer = c.issuer();
+    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let key = named.public;
+    let p = presigs.first().expect("no pooled presignature").clone();
+    let members: Vec<u16> = p.sset.members().iter().map(|m| m.get()).collect();
+    let t0 = now();
+    let evidence = |attestation: &str| fragment::TokenEvidence {
+        attestation: attestation.into(),
+        subject_token: String::new(),
+    };
+    let with = |input: &[u8], ev: Option<fragment::TokenEvidence>| {
+        let mut b = batch(&key, &p, digest(input), Some(input));
+        b.evidence = ev.into_iter().collect();
+        b
+    };
+    let mine = agent_token(&issuer, &agent, t0);
+    let someone_else = agent_token(
+        &issuer,
+        &format!("spiffe://{}/agent/test/agent-2", quorate_tests::DOMAIN),
+        t0,
+    );
+    let expired = attester.attest(
+        "agent-1",
+        serde_json::json!({"iat": t0 - 7200, "nbf": t0 - 7200, "exp": t0 - 3600}),
+    );
+    let forged = stranger.attest("agent-1", serde_json::json!({}));
+    let foreign = attester.sign(&serde_json::json!({
+        "iss": "https://elsewhere.test", "sub": "agent-1", "aud": quorate_tests::TEST_AUD,
+        "iat": t0, "nbf": t0, "exp": t0 + 600,
+    }));
+    let cases: Vec<(&str, fragment::SignBatch, &str)> = vec![
+        ("no evidence", with(&mine, None), "the request carries none"),
+        ("no attestation", with(&mine, Some(evidence(""))), "no attestation"),
+        (
+            "another subject's attestation",
+            with(&someone_else, Some(evidence(&att))),
+            "the token's sub is",
+        ),
+        (
+            "an expired attestation",
+            with(&mine, Some(evidence(&expired))),
+            "does not verify on this node",
+        ),
+        (
+            "an attestation signed by an untrusted key",
+            with(&mine, Some(evidence(&forged))),
+            "does not verify on this node",
+        ),
+        (
+            "an attestation of an untrusted issuer",
+            with(&mine, Some(evidence(&foreign))),
+            "does not verify on this node",
+        ),
+    ];
+    for (what, b, words) in cases {
+        for &j in &members {
+            match ask(&c, j, b.clone()).await {
+                SignOutcome::Refused(why) => assert!(
+                    why.contains("evidence: ") && why.contains(words),
+                    "node {j}, {what}: {why:?} does not name {words:?}"
+                ),
+                SignOutcome::Share(_) => panic!("node {j} signed a token with {what}"),
+            }
+        }
+    }
+    // None of that used the presignature: the attested token gets a share from every
+    // node of the set, and they combine into a signature over it.
+    let d = digest(&mine);
+    let mut shares = Vec::new();
+    for &j in &members {
+        match ask(&c, j, with(&mine, Some(evidence(&att)))).await {
+            SignOutcome::Share(b) => shares.push(SignatureShare::from_bytes(&b).unwrap()),
+            SignOutcome::Refused(why) => panic!("node {j} refused an attested token: {why}"),
+        }
+    }
+    let mut rng = quorate_crypto::sim::test_rng("evidence");
+    let sig = quorate_crypto::sign::combine(&mut rng, &key, &p, &d, &shares).unwrap();
+    assert!(verify_aws(
+        &key.public_key().to_bytes(),
+        &mine,
+        &sig.to_raw()
+    ));
+}
