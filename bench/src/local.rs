@@ -53,13 +53,15 @@ fn free_port() -> Result<u16, String> {
 impl Target {
     /// Starts a local `(n, t)` cluster in `dir` (a fresh temporary directory if `None`)
     /// with the given pool settings and extra coordinator arguments, as separate
-    /// processes of this executable.
+    /// processes of this executable. With `node_evidence` off (bench-only), the nodes
+    /// check rules and ceilings but not the evidence behind each token.
     pub async fn start_local(
         n: u16,
         t: u16,
         pools: PoolSettings,
         coordinator_args: &[String],
         dir: Option<&Path>,
+        node_evidence: bool,
     ) -> Result<Target, String> {
         let (tmp, dir) = match dir {
             Some(d) => (None, d.to_owned()),
@@ -78,6 +80,7 @@ impl Target {
         opts.threshold = t;
         opts.pool_target = pools.fill;
         opts.pool_timeout = Duration::from_secs(1800);
+        opts.node_evidence = node_evidence;
         opts.coordinator_args = vec![
             "--pool-low".into(),
             pools.low.to_string(),

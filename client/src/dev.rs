@@ -118,6 +118,10 @@ pub struct DevOptions {
     /// Extra arguments for the coordinator (pool watermarks, a metrics listener, …),
     /// appended after the ones set here.
     pub coordinator_args: Vec<String>,
+    /// Whether the nodes verify every token's evidence themselves (their ceilings name
+    /// the dev trust configuration). On by default; `quorate-bench` turns it off to
+    /// measure what it costs.
+    pub node_evidence: bool,
 }
 
 impl DevOptions {
@@ -134,6 +138,7 @@ impl DevOptions {
             pool_target: 16,
             pool_timeout: Duration::from_secs(120),
             coordinator_args: Vec::new(),
+            node_evidence: true,
         }
     }
 }
@@ -314,13 +319,21 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
 
     let ca = dir.join("ca.pem");
     // Each node's own ceiling for token keys (DESIGN.md §9): the dev issuer, at+jwt,
-    // tokens of at most an hour. Rewritten on every start (the issuer port may change).
+    // tokens of at most an hour, and the nodes verify every token's attestation
+    // against the dev trust configuration themselves. Rewritten on every start (the
+    // issuer port may change).
     let ceiling = dir.join(NODE_CEILING_FILE);
-    let ceiling_json = serde_json::json!({
+    let mut ceiling_json = serde_json::json!({
         "token_issuers": [issuer],
         "token_typs": ["at+jwt"],
         "max_token_ttl_seconds": DEV_TOKEN_MAX_TTL,
     });
+    if opts.node_evidence {
+        ceiling_json["trust_config"] = crate::dev_issuer::trust_config_path(&dir)
+            .display()
+            .to_string()
+            .into();
+    }
     std::fs::write(&ceiling, format!("{ceiling_json:#}\n"))
         .map_err(|e| Error::Config(format!("cannot write {}: {e}", ceiling.display())))?;
     for i in 1..=opts.nodes {

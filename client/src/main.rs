@@ -735,6 +735,7 @@ async fn dev(args: DevArgs) -> Result<()> {
         pool_target: args.pool_target,
         pool_timeout: Duration::from_secs(args.pool_timeout),
         coordinator_args: Vec::new(),
+        node_evidence: true,
     };
     let Some(mut cluster) = DevCluster::start(&opts).await? else {
         return Ok(());

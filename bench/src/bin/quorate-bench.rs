@@ -139,6 +139,10 @@ struct Opts {
     /// `--coordinator-arg=--presign-parallel --coordinator-arg=3`)
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
+    /// Bench only: the local nodes do not check the evidence behind tokens (their
+    /// ceilings name no trust configuration), to measure what that check costs
+    #[arg(long)]
+    no_node_evidence: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -434,7 +438,15 @@ async fn start(o: &Opts) -> Result<Target, String> {
         "starting a local ({},{}) cluster; filling pools of {} presignatures",
         o.nodes, o.threshold, o.pool
     );
-    Target::start_local(o.nodes, o.threshold, pools, &o.coordinator_args, None).await
+    Target::start_local(
+        o.nodes,
+        o.threshold,
+        pools,
+        &o.coordinator_args,
+        None,
+        !o.no_node_evidence,
+    )
+    .await
 }
 
 async fn cluster_ops(o: &Opts, what: &[Op]) -> Result<Vec<Row>, String> {
@@ -582,6 +594,18 @@ async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
     results
         .rows
         .extend(cluster_ops(o, &[Op::Rtt, Op::Sign, Op::Token]).await?);
+    if !o.external && !o.no_node_evidence {
+        // The same build and load with the nodes' evidence check off: what DESIGN.md §9's
+        // node-side enforcement costs.
+        let off = Opts {
+            no_node_evidence: true,
+            ..o.clone()
+        };
+        for mut row in cluster_ops(&off, &[Op::Token]).await? {
+            row.name = format!("baseline: {} with node evidence off", row.name);
+            results.rows.push(row);
+        }
+    }
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     // A verdict needs both sides measured.
     let rows: Vec<Row> = results.rows.iter().filter(|r| r.ops > 0).cloned().collect();
@@ -603,6 +627,15 @@ async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
             formula,
             r,
             0.10,
+        ));
+    }
+    if let (Some(on), Some(off)) = (find(rows, "token"), find(rows, "baseline: token")) {
+        // Not a target: the cost of node-side evidence checks, reported as a ratio.
+        results.verdicts.push(Verdict::at_least(
+            "measured: sustained tokens with node evidence checks ÷ without (no target)",
+            format!("{:.1}/s ÷ {:.1}/s", on.per_second, off.per_second),
+            ratio(on.per_second, off.per_second),
+            0.0,
         ));
     }
     if let (Some(sign), Some(rtt)) = (find(rows, "sign (from"), find(rows, "baseline: gRPC")) {
@@ -739,7 +772,7 @@ async fn scaling(o: &ScalingOpts) -> Result<Vec<ScalingRow>, String> {
             fill: 0,
         };
         eprintln!("({n},{t}): starting a local cluster");
-        let target = Target::start_local(n, t, pools, &[], None).await?;
+        let target = Target::start_local(n, t, pools, &[], None, true).await?;
         let result = scale_one(o, &target, n, t).await;
         target.stop().await;
         out.push(result?);
@@ -775,6 +808,7 @@ async fn scale_one(o: &ScalingOpts, target: &Target, n: u16, t: u16) -> Result<S
         json: None,
         strict: false,
         coordinator_args: Vec::new(),
+        no_node_evidence: false,
     };
     let mut rows = drive(&opts, target, &[Op::Rtt, Op::Sign]).await?;
     let sign = rows.pop().ok_or("no sign row")?;
@@ -859,7 +893,7 @@ async fn storage(o: &StorageOpts) -> Result<StorageResult, String> {
         "({n},{t}): starting a local cluster to pool {} presignatures in all",
         total
     );
-    let target = Target::start_local(n, t, pools, &[], None).await?;
+    let target = Target::start_local(n, t, pools, &[], None, true).await?;
     let result = storage_run(o, &target, per_pool).await;
     target.stop().await;
     result
