@@ -696,6 +696,9 @@ const EVIDENCE_POLICY: &str = r#"
 @id("agents-dev")
 permit (principal is Agent, action == Action::"issue_token", resource == Audience::"dev");
 
+@id("delegation-dev")
+permit (principal is Agent, action == Action::"exchange_token", resource == Audience::"dev");
+
 @id("admin-client")
 permit (principal == Client::"admin", action, resource);
 "#;
@@ -763,6 +766,22 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
         .into_inner();
     let agent = format!("spiffe://{}/agent/test/agent-1", quorate_tests::DOMAIN);
     assert_eq!(reply.subject, agent);
+    // Delegation: every node verifies the subject token under its own token key and
+    // the actor's attestation, and checks sub, client_id and act.
+    let helper = attester.attest("helper-1", serde_json::json!({}));
+    let delegated = c
+        .identity_api()
+        .await
+        .exchange_token(api::ExchangeTokenRequest {
+            subject_token: reply.access_token.clone(),
+            actor_attestation: helper.clone(),
+            ttl_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(delegated.subject, agent);
 
     // From here on the test is the coordinator.
     let issuer = c.issuer();
@@ -795,9 +814,54 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
         "iss": "https://elsewhere.test", "sub": "agent-1", "aud": quorate_tests::TEST_AUD,
         "iat": t0, "nbf": t0, "exp": t0 + 600,
     }));
+    // Exchange: the subject token the coordinator issued above, the helper as actor.
+    let helper_id = format!("spiffe://{}/agent/test/helper-1", quorate_tests::DOMAIN);
+    let delegation = |act: serde_json::Value| {
+        let header = r#"{"alg":"ES256","typ":"at+jwt","kid":"test"}"#;
+        let payload = serde_json::json!({
+            "iss": issuer, "sub": agent, "client_id": helper_id, "aud": "dev",
+            "scope": "tools:run", "iat": t0, "nbf": t0, "exp": t0 + 60, "jti": "x",
+            "act": act,
+        });
+        format!(
+            "{}.{}",
+            b64url(header.as_bytes()),
+            b64url(payload.to_string().as_bytes())
+        )
+        .into_bytes()
+    };
+    let exchange = |subject_token: &str| fragment::TokenEvidence {
+        attestation: helper.clone(),
+        subject_token: subject_token.into(),
+    };
+    let (signed, sig) = reply.access_token.rsplit_once('.').unwrap();
+    let mut bad_sig = sig.to_owned().into_bytes();
+    bad_sig[5] = if bad_sig[5] == b'A' { b'B' } else { b'A' };
+    let altered = format!("{signed}.{}", String::from_utf8(bad_sig).unwrap());
+    let someone = format!("spiffe://{}/agent/test/someone", quorate_tests::DOMAIN);
     let cases: Vec<(&str, fragment::SignBatch, &str)> = vec![
+        (
+            "an act naming someone else",
+            with(
+                &delegation(serde_json::json!({ "sub": someone })),
+                Some(exchange(&reply.access_token)),
+            ),
+            "act must name the actor",
+        ),
+        (
+            "an altered subject token",
+            with(
+                &delegation(serde_json::json!({ "sub": helper_id })),
+                Some(exchange(&altered)),
+            ),
+            "subject token has a signature that does not verify",
+        ),
         ("no evidence", with(&mine, None), "the request carries none"),
-        ("no attestation", with(&mine, Some(evidence(""))), "no attestation"),
+        (
+            "no attestation",
+            with(&mine, Some(evidence(""))),
+            "no attestation",
+        ),
         (
             "another subject's attestation",
             with(&someone_else, Some(evidence(&att))),
