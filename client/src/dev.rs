@@ -323,17 +323,18 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     // against the dev trust configuration themselves. Rewritten on every start (the
     // issuer port may change).
     let ceiling = dir.join(NODE_CEILING_FILE);
-    let mut ceiling_json = serde_json::json!({
-        "token_issuers": [issuer],
-        "token_typs": ["at+jwt"],
-        "max_token_ttl_seconds": DEV_TOKEN_MAX_TTL,
-    });
+    let mut ceiling_json = serde_json::Map::new();
+    ceiling_json.insert("token_issuers".into(), serde_json::json!([issuer]));
+    ceiling_json.insert("token_typs".into(), serde_json::json!(["at+jwt"]));
+    ceiling_json.insert(
+        "max_token_ttl_seconds".into(),
+        serde_json::json!(DEV_TOKEN_MAX_TTL),
+    );
     if opts.node_evidence {
-        ceiling_json["trust_config"] = crate::dev_issuer::trust_config_path(&dir)
-            .display()
-            .to_string()
-            .into();
+        let trust = crate::dev_issuer::trust_config_path(&dir);
+        ceiling_json.insert("trust_config".into(), trust.display().to_string().into());
     }
+    let ceiling_json = serde_json::Value::Object(ceiling_json);
     std::fs::write(&ceiling, format!("{ceiling_json:#}\n"))
         .map_err(|e| Error::Config(format!("cannot write {}: {e}", ceiling.display())))?;
     for i in 1..=opts.nodes {

@@ -59,13 +59,16 @@ fn integer(obj: &Map<String, Value>, field: &str) -> Result<Option<i64>, String>
     }
 }
 
+/// A JSON object (a JWS header or payload).
+type JsonObject = Map<String, Value>;
+
 /// The header and payload of a JWS signing input that is at most [`MAX_SIGNING_INPUT`]
 /// bytes, hashes (SHA-256) to `digest`, and is exactly `BASE64URL(header) "."
 /// BASE64URL(payload)` with JSON objects of unique member names on both sides.
 fn header_and_payload(
     signing_input: &[u8],
     digest: &[u8; 32],
-) -> Result<(Map<String, Value>, Map<String, Value>), String> {
+) -> Result<(JsonObject, JsonObject), String> {
     if signing_input.len() > MAX_SIGNING_INPUT {
         return Err(format!(
             "the signing input is {} bytes; a JWS signing input may be at most {MAX_SIGNING_INPUT} bytes",

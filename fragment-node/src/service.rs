@@ -490,12 +490,6 @@ impl Node {
 
     fn sign_batch(&self, req: fragment::SignBatch) -> Result<Vec<fragment::SignResult>, Status> {
         use fragment::sign_result::Result as R;
-        // Held until the consumed records are durable (DESIGN.md §4.5: at most one
-        // message per presignature, also under concurrent requests).
-        let _serial = self
-            .sign_lock
-            .lock()
-            .map_err(|_| Status::internal("sign lock poisoned"))?;
         if !req.signing_inputs.is_empty() && req.signing_inputs.len() != req.requests.len() {
             return Err(Status::invalid_argument(format!(
                 "signing_inputs must be empty or parallel to requests: {} inputs for {} requests",
@@ -503,11 +497,6 @@ impl Node {
                 req.requests.len()
             )));
         }
-        let now_unix = i64::try_from(now()).unwrap_or(i64::MAX);
-        let mut results = Vec::with_capacity(req.requests.len());
-        let mut records = Vec::new();
-        let mut releases = Vec::new();
-        let mut fresh_ids = std::collections::HashSet::new();
         if !req.evidence.is_empty() && req.evidence.len() != req.requests.len() {
             return Err(Status::invalid_argument(format!(
                 "evidence must be empty or parallel to requests: {} for {} requests",
@@ -515,11 +504,34 @@ impl Node {
                 req.requests.len()
             )));
         }
-        for (k, raw) in req.requests.iter().enumerate() {
-            let input = req.signing_inputs.get(k).map_or(&[][..], Vec::as_slice);
-            let evidence = req.evidence.get(k);
-            let outcome = (|| -> Result<sign::SignStep, String> {
+        let now_unix = i64::try_from(now()).unwrap_or(i64::MAX);
+        // The key's profile, rules, ceiling and evidence (DESIGN.md §9) first, outside
+        // the lock (an attestation check may fetch a JWKS), and before any presignature
+        // is touched: a refused request consumes nothing.
+        let checked: Vec<Result<SignRequest, String>> = req
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(k, raw)| {
                 let r = SignRequest::from_bytes(raw).map_err(|e| e.to_string())?;
+                let input = req.signing_inputs.get(k).map_or(&[][..], Vec::as_slice);
+                self.check_usage(&r, input, req.evidence.get(k), now_unix)?;
+                Ok(r)
+            })
+            .collect();
+        // Held until the consumed records are durable (DESIGN.md §4.5: at most one
+        // message per presignature, also under concurrent requests).
+        let _serial = self
+            .sign_lock
+            .lock()
+            .map_err(|_| Status::internal("sign lock poisoned"))?;
+        let mut results = Vec::with_capacity(req.requests.len());
+        let mut records = Vec::new();
+        let mut releases = Vec::new();
+        let mut fresh_ids = std::collections::HashSet::new();
+        for checked in checked {
+            let outcome = (|| -> Result<sign::SignStep, String> {
+                let r = checked?;
                 if !fresh_ids.insert(r.presig_id) {
                     return Err("the batch names this presignature twice".into());
                 }
@@ -528,9 +540,6 @@ impl Node {
                     .key(&r.key_id)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
-                // Key-usage rules (DESIGN.md §4.5), before the presignature is touched:
-                // a refused request consumes nothing.
-                self.check_usage(&r, input, evidence, now_unix)?;
                 let record = self
                     .store
                     .presig(&r.presig_id)
