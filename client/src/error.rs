@@ -176,6 +176,10 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
             "the cluster's Cedar policy (or a revocation) decided this: `quorate policy show` \
              names the active set"
         }
+        tonic::Code::PermissionDenied if op == "sign" || op == "create the key" => {
+            "a key's profile or a fragment node's ceiling refused this (the message says which), \
+             or this client may not do it: `quorate key list` shows each key's profile"
+        }
         tonic::Code::NotFound => "list the cluster's keys with `quorate key list`",
         tonic::Code::AlreadyExists => "choose another name, or use the existing key",
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
@@ -183,7 +187,7 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
         }
         tonic::Code::ResourceExhausted => "retry shortly, or send less data (e.g. `--digest`)",
         tonic::Code::FailedPrecondition => {
-            "check the key's purpose (`quorate key list`) and the cluster's health (`quorate status`)"
+            "check the key's profile (`quorate key list`) and the cluster's health (`quorate status`)"
         }
         tonic::Code::Unimplemented => {
             "the coordinator does not offer this operation: check that client and cluster versions match"

@@ -703,18 +703,18 @@ fn format_status(client: &Client, status: &ClusterStatus) -> String {
 fn format_keys(keys: &[KeyInfo]) -> String {
     use std::fmt::Write as _;
     if keys.is_empty() {
-        return "no keys yet: create one with `quorate key create NAME [--purpose sign|derive|decrypt]`\n"
+        return "no keys yet: create one with `quorate key create NAME [--profile raw|token|derive|decrypt]`\n"
             .to_owned();
     }
     let width = keys.iter().map(|k| k.name.len()).max().unwrap_or(0).max(4);
     let mut s = String::new();
-    let _ = writeln!(s, "{:<width$}  PURPOSE  N    T    EPOCH  KEY ID", "NAME");
+    let _ = writeln!(s, "{:<width$}  PROFILE     N    T    EPOCH  KEY ID", "NAME");
     for k in keys {
         let _ = writeln!(
             s,
-            "{:<width$}  {:<7}  {:<3}  {:<3}  {:<5}  {}",
+            "{:<width$}  {:<10}  {:<3}  {:<3}  {:<5}  {}",
             k.name,
-            k.purpose.name(),
+            k.profile.name(),
             k.n,
             k.t,
             k.epoch,
