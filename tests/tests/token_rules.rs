@@ -912,3 +912,79 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
         &sig.to_raw()
     ));
 }
+
+/// A store from before key profiles held the audit checkpoint key as a plain signing
+/// key. Here a raw key named `audit` stands for it: once checkpoints run, the coordinator
+/// narrows it to the checkpoint profile on every node and in its own store; from then
+/// on the nodes refuse raw signatures with it, it is published in the checkpoint JWKS,
+/// and the checkpoints it signs verify there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_audit_key_from_before_profiles_becomes_a_checkpoint_key() {
+    let mut flags = POOL_FLAGS.to_vec();
+    flags.extend(["--audit-checkpoint-secs", "3600"]);
+    let mut c = TestCluster::start("audit-migration", 3, 1, &flags);
+    let info = create_key(&c, "audit", api::Purpose::Sign, None)
+        .await
+        .unwrap();
+    assert_eq!(info.profile, api::KeyProfile::Raw as i32);
+    c.wait_pools("audit", 1, Duration::from_secs(120)).await;
+    sign(&c, "audit", b"a raw signature, as before")
+        .await
+        .unwrap();
+
+    // Restart the coordinator with checkpoints every second.
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    let n = c.coordinator_flags.len();
+    c.coordinator_flags[n - 1] = "1".into();
+    c.start_coordinator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let keys = c
+            .keys()
+            .await
+            .list_keys(api::ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        let audit = keys.iter().find(|k| k.name == "audit").unwrap();
+        if audit.profile == api::KeyProfile::Checkpoint as i32 {
+            assert_eq!(audit.key_id, info.key_id, "the same key, narrowed");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit key was not narrowed: {audit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = sign(&c, "audit", b"no longer").await.unwrap_err();
+    assert!(s.message().contains("checkpoint profile"), "{s:?}");
+
+    // The nodes themselves refuse a raw digest with it now, and refuse to widen it back.
+    c.wait_pools("audit", 1, Duration::from_secs(120)).await;
+    let (named, presigs) = stop_and_read(&mut c, "audit");
+    assert_eq!(
+        named.versions[0].profile,
+        quorate_proto::profile::KeyProfile::Checkpoint
+    );
+    let p = presigs.first().expect("no pooled presignature").clone();
+    for j in p.sset.members().iter().map(|m| m.get()) {
+        refused(
+            ask(&c, j, batch(&named.public, &p, [3; 32], None)).await,
+            "has the checkpoint profile",
+        );
+        let s = c
+            .node_as_coordinator(j)
+            .await
+            .narrow_profile(fragment::NarrowProfileRequest {
+                key_id: named.public.key_id.0.to_vec(),
+                profile: fragment::KeyProfile::Raw as i32,
+            })
+            .await
+            .unwrap_err();
+        assert!(s.message().contains("cannot become raw"), "{s:?}");
+    }
+}
