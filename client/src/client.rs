@@ -16,7 +16,6 @@ use quorate_proto::api::cluster_service_client::ClusterServiceClient;
 use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
 use quorate_proto::profile::KeyProfile;
-use quorate_proto::rules::TokenRules;
 use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
 use quorate_proto::transport;
 use tonic::transport::Channel;
@@ -535,22 +534,7 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
             &format!("key `{}` with an invalid public key ({e})", k.name),
         )
     })?;
-    let token_rules = k
-        .token_rules
-        .as_ref()
-        .map(TokenRules::try_from)
-        .transpose()
-        .map_err(|e| {
-            malformed(
-                "describe the key",
-                &format!("key `{}` with invalid token rules ({e})", k.name),
-            )
-        })?;
-    let profile = KeyProfile::from_api(
-        k.profile,
-        token_rules.as_ref().map(TokenRules::to_api).as_ref(),
-    )
-    .map_err(|e| {
+    let profile = KeyProfile::from_api(k.profile, k.token_rules.as_ref()).map_err(|e| {
         malformed(
             "describe the key",
             &format!("key `{}` with an invalid profile ({e})", k.name),

@@ -179,30 +179,26 @@ fn key_info(v: &KeyVersionInfo) -> api::KeyInfo {
 /// checkpoint key is refused: the coordinator creates its own (`--audit-key`), so that
 /// no client can add a key to the checkpoint JWKS.
 fn profile_from_api(r: &api::CreateKeyRequest) -> Result<KeyProfile, Status> {
-    let profile = if r.profile == api::KeyProfile::Unspecified as i32 {
-        let purpose = purpose_from_api(r.purpose)?;
-        let rules = r
-            .token_rules
-            .as_ref()
-            .map(|w| {
-                TokenRules::try_from(w).map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "{e} (token rules need all three: max_ttl_seconds, issuer, typ)"
-                    ))
-                })
-            })
-            .transpose()?;
-        if rules.is_some() && purpose != KeyPurpose::Sign {
-            return Err(Status::invalid_argument(format!(
-                "token rules apply only to token keys, not to a {} key",
-                purpose.name()
-            )));
+    // Unspecified: the profile follows from the legacy purpose and the rules.
+    let wire = match (
+        api::KeyProfile::try_from(r.profile),
+        purpose_from_api(r.purpose),
+    ) {
+        (Ok(api::KeyProfile::Unspecified), Ok(KeyPurpose::Sign)) if r.token_rules.is_some() => {
+            api::KeyProfile::Token as i32
         }
-        KeyProfile::legacy(purpose, rules)
-    } else {
-        KeyProfile::from_api(r.profile, r.token_rules.as_ref())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?
+        (Ok(api::KeyProfile::Unspecified), Ok(KeyPurpose::Sign)) => api::KeyProfile::Raw as i32,
+        (Ok(api::KeyProfile::Unspecified), Ok(KeyPurpose::Derive)) => {
+            api::KeyProfile::Derive as i32
+        }
+        (Ok(api::KeyProfile::Unspecified), Ok(KeyPurpose::Decrypt)) => {
+            api::KeyProfile::Decrypt as i32
+        }
+        (Ok(api::KeyProfile::Unspecified), Err(e)) => return Err(e),
+        _ => r.profile,
     };
+    let profile = KeyProfile::from_api(wire, r.token_rules.as_ref())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if profile == KeyProfile::Checkpoint {
         return Err(Status::invalid_argument(
             "checkpoint keys are created by the coordinator for its audit trail (--audit-key), not through the API",
