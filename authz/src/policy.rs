@@ -34,6 +34,8 @@ use cedar_policy::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::bundle::PolicyBundle;
+
 /// The Cedar schema (human format, no namespace) policies are validated against when a
 /// policy directory has no [`SCHEMA_FILE`] of its own.
 pub const DEFAULT_SCHEMA: &str = include_str!("policy/schema.cedarschema");
@@ -136,6 +138,10 @@ pub enum PolicyError {
         /// Every problem found.
         problems: Vec<PolicyProblem>,
     },
+    /// A signed bundle older than the active one (or of the same seq with other
+    /// content): a rollback, refused.
+    #[error("{0}")]
+    Rollback(String),
 }
 
 /// What is known about a policy set.
@@ -149,6 +155,9 @@ pub struct PolicyInfo {
     pub activated_at: i64,
     /// Where it came from (a directory, `quorate policy apply` by some client, ...).
     pub source: String,
+    /// The operator-signed bundle the set came from ([`crate::bundle::PolicyBundle::id`]),
+    /// if it came from one.
+    pub bundle: Option<String>,
 }
 
 /// Who is asking.
@@ -172,6 +181,20 @@ pub enum Principal {
         /// The client name from the certificate.
         name: String,
     },
+}
+
+impl Principal {
+    /// The Cedar principal of a verified attestation: the same for the coordinator and
+    /// every node that decides the request again.
+    pub fn agent(a: &crate::authn::Attestation) -> Self {
+        Principal::Agent {
+            subject: a.subject.clone(),
+            issuer: a.issuer.clone(),
+            external_subject: a.external_subject.clone(),
+            method: a.method.to_string(),
+            claims: a.claims.clone(),
+        }
+    }
 }
 
 /// What is asked for; the Cedar actions `Action::"issue_token"` and so on.
@@ -336,6 +359,9 @@ pub struct Decision {
     /// (`error while evaluating policy `x`: ...`). Any error denies the request (fail
     /// closed); an erroring policy is also in [`Self::policy_ids`].
     pub errors: Vec<String>,
+    /// The signed bundle the decision was made under, if the active set came from one:
+    /// the id the fragment nodes must hold to sign (DESIGN.md §9).
+    pub bundle: Option<String>,
 }
 
 impl Decision {
@@ -346,6 +372,7 @@ impl Decision {
             policy_ids: Vec::new(),
             max_ttl_seconds: None,
             errors: vec![error],
+            bundle: None,
         }
     }
 
@@ -387,6 +414,7 @@ struct ActiveSet {
     /// The permits marked `@approval("required")`.
     approval: HashSet<String>,
     info: PolicyInfo,
+    bundle: Option<Arc<PolicyBundle>>,
 }
 
 /// The policy files of a set as (name, text) pairs, checked for names: `*.cedar` files
@@ -494,6 +522,15 @@ fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Compiles the files of a verified bundle; the set remembers the bundle.
+fn compile_bundle(bundle: PolicyBundle) -> Result<ActiveSet, PolicyError> {
+    let origin = format!("policy bundle {}", bundle.id());
+    let mut set = compile(PolicySetFiles::new(bundle.files().to_vec(), &origin)?, &origin)?;
+    set.info.bundle = Some(bundle.id().to_owned());
+    set.bundle = Some(Arc::new(bundle));
+    Ok(set)
 }
 
 /// Parses and validates a set; nothing is activated.
@@ -674,7 +711,9 @@ fn compile(files: PolicySetFiles, origin: &str) -> Result<ActiveSet, PolicyError
             policy_ids,
             activated_at: unix_now(),
             source: origin.to_owned(),
+            bundle: None,
         },
+        bundle: None,
     })
 }
 
@@ -774,6 +813,53 @@ impl PolicyEngine {
         })
     }
 
+    /// An engine deciding under a verified operator-signed bundle (its files must
+    /// compile, as for [`Self::from_files`]).
+    pub fn from_bundle(bundle: PolicyBundle) -> Result<Self, PolicyError> {
+        let set = compile_bundle(bundle)?;
+        Ok(Self {
+            active: RwLock::new(Arc::new(set)),
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// Makes a verified bundle the active set, if it is newer than the active bundle
+    /// (or the same one again: then nothing changes); a set that did not come from a
+    /// bundle is replaced by any bundle. A bundle that does not compile, or is older
+    /// than the active one (a rollback), leaves the active set untouched.
+    pub fn apply_bundle(&self, bundle: PolicyBundle) -> Result<PolicyInfo, PolicyError> {
+        if let Some(held) = self.bundle() {
+            if held.id() == bundle.id() {
+                return Ok(self.info());
+            }
+            held.may_move_to(&bundle)
+                .map_err(|e| PolicyError::Rollback(e.to_string()))?;
+        }
+        let set = compile_bundle(bundle)?;
+        let info = set.info.clone();
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        // Checked again under the lock: two bundles applied at once end at the newer.
+        if let Some(held) = &active.bundle
+            && let Some(next) = &set.bundle
+        {
+            held.may_move_to(next)
+                .map_err(|e| PolicyError::Rollback(e.to_string()))?;
+        }
+        *active = Arc::new(set);
+        tracing::info!(
+            bundle = info.bundle.as_deref().unwrap_or("-"),
+            digest = %info.digest,
+            policies = info.policy_ids.len(),
+            "policy bundle activated"
+        );
+        Ok(info)
+    }
+
+    /// The signed bundle the active set came from, if any.
+    pub fn bundle(&self) -> Option<Arc<PolicyBundle>> {
+        self.current().bundle.clone()
+    }
+
     /// The `quorate dev` default: [`DEV_POLICY`] with [`DEFAULT_SCHEMA`].
     pub fn dev() -> Result<Self, PolicyError> {
         Self::from_files(
@@ -833,7 +919,12 @@ impl PolicyEngine {
         let set = self.current();
         let (request, entities) = match build_request(req, &set.schema) {
             Ok(built) => built,
-            Err(e) => return Decision::refused(e),
+            Err(e) => {
+                return Decision {
+                    bundle: set.info.bundle.clone(),
+                    ..Decision::refused(e)
+                };
+            }
         };
         let response = self
             .authorizer
@@ -869,6 +960,7 @@ impl PolicyEngine {
             policy_ids: policy_ids.into_iter().collect(),
             max_ttl_seconds,
             errors,
+            bundle: set.info.bundle.clone(),
         }
     }
 

@@ -138,18 +138,79 @@ pub enum PolicyCommand {
         /// The directory (`*.cedar`, optional `schema.cedarschema`)
         dir: PathBuf,
     },
-    /// Validate a policy directory and make it the cluster's active policy set
+    /// Validate a policy directory and make it the cluster's active policy set; with
+    /// --operator-key, sign it as a bundle that every fragment node verifies
     Apply {
         /// The directory
         dir: PathBuf,
         #[command(flatten)]
+        sign: BundleArgs,
+        #[command(flatten)]
         conn: ConnArgs,
+    },
+    /// Sign a policy directory as an operator bundle and write it to a file (for the
+    /// coordinator's --policy-bundle); nothing is sent
+    Sign {
+        /// The directory
+        dir: PathBuf,
+        #[command(flatten)]
+        sign: BundleArgs,
+        /// Where to write the bundle (compact JWS)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Show the active policy set
     Show {
         #[command(flatten)]
         conn: ConnArgs,
     },
+}
+
+/// How to sign a policy bundle (DESIGN.md §9).
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// The operator's signing key (PKCS#8 PEM); no cluster process holds it
+    #[arg(long, env = "QUORATE_OPERATOR_KEY", value_name = "FILE")]
+    operator_key: Option<PathBuf>,
+    /// An approver whose signed approvals count: NAME=PUBLIC-KEY.pem; repeatable
+    #[arg(long = "approver", value_name = "NAME=FILE", env = "QUORATE_APPROVERS", value_delimiter = ',')]
+    approvers: Vec<String>,
+    /// The bundle's sequence number (default: one more than the active bundle's, or
+    /// the current unix time for `policy sign`)
+    #[arg(long, value_name = "N")]
+    seq: Option<u64>,
+}
+
+impl BundleArgs {
+    /// Signs `dir`'s files as bundle `seq`.
+    fn sign(&self, dir: &std::path::Path, seq: u64) -> Result<Option<quorate_authz::bundle::PolicyBundle>> {
+        use quorate_authz::bundle as b;
+        let Some(key_file) = &self.operator_key else {
+            return Ok(None);
+        };
+        let key = b::signing_key_from_file(key_file)
+            .map_err(|e| Error::Usage(format!("--operator-key {e}")))?;
+        let files = quorate_coordinator::policy::read_dir_files(dir)
+            .map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
+        // Compile before signing: an operator signs only a set that loads.
+        quorate_coordinator::policy::check_dir(dir)
+            .map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
+        let mut approvers = std::collections::BTreeMap::new();
+        for a in &self.approvers {
+            let (name, file) = a.split_once('=').ok_or_else(|| {
+                Error::Usage(format!("--approver {a}: expected NAME=PUBLIC-KEY.pem"))
+            })?;
+            let pk = b::public_key_from_file(std::path::Path::new(file))
+                .map_err(|e| Error::Usage(format!("--approver {name}: {e}")))?;
+            approvers.insert(name.to_owned(), pk);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        b::PolicyBundle::sign(&key, self.seq.unwrap_or(seq), now, files, approvers)
+            .map(Some)
+            .map_err(|e| Error::Usage(format!("cannot sign the bundle: {e}")))
+    }
 }
 
 /// `quorate dev attest`
@@ -365,10 +426,39 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
                 info.digest
             ))
         }
-        PolicyCommand::Apply { dir, conn } => {
+        PolicyCommand::Sign { dir, sign, out: file } => {
+            if sign.operator_key.is_none() {
+                return Err(Error::Usage("policy sign needs --operator-key FILE".into()));
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let bundle = sign.sign(&dir, now)?.ok_or_else(|| Error::Usage("no --operator-key".into()))?;
+            std::fs::write(&file, format!("{}\n", bundle.jws()))
+                .map_err(|e| Error::Usage(format!("--out {}: {e}", file.display())))?;
+            out(&format!("signed policy bundle {} ({} files) to {}\n", bundle.id(), bundle.files().len(), file.display()))
+        }
+        PolicyCommand::Apply { dir, sign, conn } => {
             let files = p::read_dir_files(&dir)
                 .map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
             let client = conn.connect().await?;
+            if sign.operator_key.is_some() {
+                let held = client.policy().await?;
+                let bundle = sign
+                    .sign(&dir, held.bundle_seq.saturating_add(1))?
+                    .ok_or_else(|| Error::Usage("no --operator-key".into()))?;
+                let info = client.apply_policy_bundle(bundle.jws()).await?;
+                for line in &info.node_reports {
+                    eprintln!("  {line}");
+                }
+                return out(&format!(
+                    "applied policy bundle {}: {} policies ({}), digest {}\n",
+                    info.bundle,
+                    info.policy_ids.len(),
+                    info.policy_ids.join(", "),
+                    info.digest
+                ));
+            }
             let info = client.apply_policy(files).await?;
             out(&format!(
                 "applied {} policies ({}), digest {}\n",
@@ -381,9 +471,14 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
             let client = conn.connect().await?;
             let info = client.policy().await?;
             out(&format!(
-                "active since {} from {}: {} policies ({}), digest {}\n",
+                "active since {} from {}{}: {} policies ({}), digest {}\n",
                 info.activated_at,
                 info.source,
+                if info.bundle.is_empty() {
+                    " (unsigned)".to_owned()
+                } else {
+                    format!(" (operator-signed bundle {})", info.bundle)
+                },
                 info.policy_ids.len(),
                 info.policy_ids.join(", "),
                 info.digest

@@ -330,9 +330,23 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         "max_token_ttl_seconds".into(),
         serde_json::json!(DEV_TOKEN_MAX_TTL),
     );
+    // With node evidence on (the default), policy is an operator-signed bundle too
+    // (DESIGN.md §9): the operator key stays in DIR, which no cluster process reads;
+    // the nodes and the coordinator get its public key; the dev policy directory is
+    // signed afresh at every start (edit it, then `quorate policy apply DIR/policy`
+    // signs and applies it with QUORATE_OPERATOR_KEY from DIR/env).
+    let bundle_file = dir.join(crate::dev_issuer::POLICY_BUNDLE_FILE);
     if opts.node_evidence {
         let trust = crate::dev_issuer::trust_config_path(&dir);
         ceiling_json.insert("trust_config".into(), trust.display().to_string().into());
+        ceiling_json.insert(
+            "operator_public_key_file".into(),
+            crate::dev_issuer::operator_public_path(&dir)
+                .display()
+                .to_string()
+                .into(),
+        );
+        crate::dev_issuer::sign_dev_bundle(&dir, &bundle_file)?;
     }
     let ceiling_json = serde_json::Value::Object(ceiling_json);
     std::fs::write(&ceiling, format!("{ceiling_json:#}\n"))
@@ -389,12 +403,19 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         .arg(format!("127.0.0.1:{http_port}"))
         .arg("--issuer-url")
         .arg(&issuer)
-        .arg("--policy-dir")
-        .arg(crate::dev_issuer::policy_dir(&dir))
         .arg("--trust-config")
         .arg(crate::dev_issuer::trust_config_path(&dir))
         .arg("--audit-sink")
         .arg(format!("file:{}", dir.join(AUDIT_FILE).display()));
+    if opts.node_evidence {
+        cmd.arg("--operator-public-key")
+            .arg(crate::dev_issuer::operator_public_path(&dir))
+            .arg("--policy-bundle")
+            .arg(&bundle_file);
+    } else {
+        cmd.arg("--policy-dir")
+            .arg(crate::dev_issuer::policy_dir(&dir));
+    }
     for (i, addr) in &node_addrs {
         cmd.arg("--node").arg(format!("{i}={addr}"));
     }
@@ -698,12 +719,22 @@ pub fn env_file_contents(addr: SocketAddr, dir: &Path, domain: &str, issuer: &st
          export QUORATE_CERT={}\n\
          export QUORATE_KEY={}\n\
          export QUORATE_DOMAIN={}\n\
-         export QUORATE_ISSUER={}\n",
+         export QUORATE_ISSUER={}\n\
+         export QUORATE_OPERATOR_KEY={}\n\
+         export QUORATE_APPROVERS={}\n\
+         export QUORATE_APPROVER_KEY={}\n",
         path("ca.pem"),
         path("client-admin.pem"),
         path("client-admin-key.pem"),
         shell_quote(domain),
         shell_quote(issuer),
+        path(crate::dev_issuer::OPERATOR_KEY_FILE),
+        shell_quote(&format!(
+            "{}={}",
+            crate::dev_issuer::DEV_APPROVER,
+            dir.join(crate::dev_issuer::APPROVER_PUBLIC_FILE).display()
+        )),
+        path(crate::dev_issuer::APPROVER_KEY_FILE),
     )
 }
 

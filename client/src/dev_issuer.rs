@@ -3,8 +3,12 @@
 //! attestation like the ones Kubernetes or GitHub Actions give real agents.
 //!
 //! Files in `DIR`: `dev-issuer-key.pem` (0600), `dev-issuer-jwks.json`, `trust.json`
-//! (the coordinator's `--trust-config`), and `policy/dev.cedar` (written once; edit it
-//! and the coordinator reloads it).
+//! (the coordinator's `--trust-config`), `policy/dev.cedar` (written once), and the
+//! keys that govern policy (DESIGN.md §9): `operator-key.pem` (0600) with
+//! `operator.pub.pem`, which signs the policy bundle `policy-bundle.jws` made from
+//! `policy/` at every start, and `approver-key.pem` (0600) with `approver.pub.pem`, the
+//! bundle's one approver, `admin`. Edit `policy/`, then `quorate policy apply
+//! DIR/policy` signs and applies it (DIR/env sets the keys).
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +43,59 @@ pub fn trust_config_path(dir: &Path) -> PathBuf {
 /// `DIR/policy`.
 pub fn policy_dir(dir: &Path) -> PathBuf {
     dir.join("policy")
+}
+
+/// The operator's signing key in the dev directory (no cluster process reads it).
+pub const OPERATOR_KEY_FILE: &str = "operator-key.pem";
+/// Its public key, named by the nodes' ceiling and the coordinator.
+pub const OPERATOR_PUBLIC_FILE: &str = "operator.pub.pem";
+/// The dev approver's signing key.
+pub const APPROVER_KEY_FILE: &str = "approver-key.pem";
+/// Its public key, listed in the dev bundle.
+pub const APPROVER_PUBLIC_FILE: &str = "approver.pub.pem";
+/// The dev approver's name in the bundle (the admin client approves in dev).
+pub const DEV_APPROVER: &str = "admin";
+/// The signed dev bundle the coordinator starts with.
+pub const POLICY_BUNDLE_FILE: &str = "policy-bundle.jws";
+
+/// `DIR/operator.pub.pem`.
+pub fn operator_public_path(dir: &Path) -> PathBuf {
+    dir.join(OPERATOR_PUBLIC_FILE)
+}
+
+/// Makes a P-256 key pair as `DIR/<private>` (0600, PKCS#8 PEM) and `DIR/<public>` (SPKI
+/// PEM) unless both exist.
+fn ensure_key_pair(dir: &Path, private: &str, public: &str) -> Result<()> {
+    let (sk, pk) = (dir.join(private), dir.join(public));
+    if sk.is_file() && pk.is_file() {
+        return Ok(());
+    }
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Other(format!("cannot make {private}: {e}")))?;
+    let pem = Zeroizing::new(pair.serialize_pem());
+    write_new(&sk, pem.as_bytes(), true)?;
+    write_new(&pk, pair.public_key_pem().as_bytes(), false)
+}
+
+/// Signs `DIR/policy` as the dev bundle (seq: the current unix time, so a restart's
+/// bundle is newer than any before) with the dev approver, into `out`.
+pub fn sign_dev_bundle(dir: &Path, out: &Path) -> Result<()> {
+    use quorate_authz::bundle as b;
+    let key = b::signing_key_from_file(&dir.join(OPERATOR_KEY_FILE))
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let approver = b::public_key_from_file(&dir.join(APPROVER_PUBLIC_FILE))
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let policy = policy_dir(dir);
+    let files = quorate_coordinator::policy::read_dir_files(&policy)
+        .map_err(|e| Error::Config(format!("{}: {e}", policy.display())))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut approvers = std::collections::BTreeMap::new();
+    approvers.insert(DEV_APPROVER.to_owned(), approver);
+    let bundle = b::PolicyBundle::sign(&key, now, i64::try_from(now).unwrap_or(i64::MAX), files, approvers)
+        .map_err(|e| Error::Config(format!("cannot sign the dev policy bundle: {e}")))?;
+    write_new(out, format!("{}\n", bundle.jws()).as_bytes(), false)
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -95,6 +152,8 @@ pub fn ensure(dir: &Path, domain: &str) -> Result<()> {
             .map_err(|e| Error::Other(format!("trust.json: {e}")))?;
         write_new(&trust, text.as_bytes(), false)?;
     }
+    ensure_key_pair(dir, OPERATOR_KEY_FILE, OPERATOR_PUBLIC_FILE)?;
+    ensure_key_pair(dir, APPROVER_KEY_FILE, APPROVER_PUBLIC_FILE)?;
     let policy = policy_dir(dir);
     if !policy.is_dir() {
         std::fs::create_dir_all(&policy).map_err(io_err(&policy))?;

@@ -63,6 +63,17 @@ pub struct DecideArgs {
     /// Why (recorded in the audit trail)
     #[arg(long)]
     reason: Option<String>,
+    /// Sign the approval with this approver key (PKCS#8 PEM), as a cluster whose policy
+    /// is an operator-signed bundle requires: the fragment nodes check the signature
+    /// against the bundle's approvers
+    #[arg(long, env = "QUORATE_APPROVER_KEY", value_name = "FILE")]
+    approver_key: Option<PathBuf>,
+    /// The approver name the bundle lists for that key (default: `admin`)
+    #[arg(long, env = "QUORATE_APPROVER_NAME", value_name = "NAME", default_value = "admin")]
+    approver_name: String,
+    /// How long the signed approval may be used (e.g. 15m)
+    #[arg(long, value_name = "DURATION", default_value = "15m")]
+    valid_for: String,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -85,6 +96,10 @@ pub enum CredentialCommand {
         /// As a resource client: derive this agent's credential (its subject) to check it
         #[arg(long, value_name = "SUBJECT")]
         agent: Option<String>,
+        /// As a resource client: a file holding the access token the agent presented
+        /// for the task (nodes that check evidence require it)
+        #[arg(long, value_name = "FILE", requires = "agent")]
+        agent_token: Option<PathBuf>,
         /// Policy context, KEY=VALUE; repeatable
         #[arg(long = "context", value_name = "K=V")]
         context: Vec<String>,
@@ -228,11 +243,67 @@ pub async fn approval(cmd: ApprovalCommand) -> Result<()> {
 
 async fn decide(d: DecideArgs, approve: bool) -> Result<()> {
     let client = d.conn.connect().await?;
-    let a = client.decide_approval(&d.id, approve, d.reason).await?;
+    let statement = match (&d.approver_key, approve) {
+        (Some(file), true) => {
+            let valid_for = crate::agent::parse_ttl("--valid-for", &d.valid_for)?;
+            Some(sign_approval(&client, &d.id, &d.approver_name, file, valid_for).await?)
+        }
+        _ => None,
+    };
+    let a = client
+        .decide_approval(&d.id, approve, d.reason, statement)
+        .await?;
     out(&format!(
         "approval {} {} by {}\n",
         a.id, a.state, a.decided_by
     ))
+}
+
+/// Signs an approval statement for pending request `id` as it is listed (the request
+/// is shown on stderr first: the approver signs exactly what it names).
+async fn sign_approval(
+    client: &quorate_client::Client,
+    id: &str,
+    approver: &str,
+    key_file: &std::path::Path,
+    valid_for: u64,
+) -> Result<String> {
+    let key = quorate_authz::bundle::signing_key_from_file(key_file)
+        .map_err(|e| Error::Usage(format!("--approver-key {e}")))?;
+    let a = client
+        .list_approvals(true)
+        .await?
+        .into_iter()
+        .find(|a| a.id == id)
+        .ok_or_else(|| Error::Usage(format!("no approval request {id} (see `quorate approval list`)")))?;
+    eprintln!(
+        "signing approval {id} as {approver}: {} {} {} scopes=[{}] ttl={}s{}{}",
+        a.agent,
+        a.action,
+        a.resource,
+        a.scopes.join(" "),
+        a.ttl_seconds,
+        if a.task_id.is_empty() { String::new() } else { format!(" task={}", a.task_id) },
+        if a.jkt.is_empty() { String::new() } else { format!(" dpop={}", a.jkt) },
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let st = quorate_authz::bundle::ApprovalStatement {
+        approval_id: a.id,
+        approver: approver.to_owned(),
+        sub: a.agent,
+        action: a.action,
+        resource: a.resource,
+        scopes: a.scopes,
+        ttl_seconds: u64::from(a.ttl_seconds),
+        task_id: (!a.task_id.is_empty()).then_some(a.task_id),
+        context: a.context.into_iter().collect(),
+        jkt: (!a.jkt.is_empty()).then_some(a.jkt),
+        iat: now,
+        exp: now.saturating_add(i64::try_from(valid_for).unwrap_or(i64::MAX)),
+    };
+    Ok(st.sign(&key))
 }
 
 /// Runs `quorate credential …`.
@@ -242,14 +313,18 @@ pub async fn credential(cmd: CredentialCommand) -> Result<()> {
         task,
         attestation,
         agent,
+        agent_token,
         context,
         conn,
     } = cmd;
+    let agent_token = agent_token
+        .map(|f| read_text("--agent-token", &f))
+        .transpose()?;
     let who = match (attestation, agent) {
         (Some(f), None) => CredentialFor::Agent {
             attestation: read_text("--attestation", &f)?,
         },
-        (None, Some(agent)) => CredentialFor::Resource { agent },
+        (None, Some(agent)) => CredentialFor::Resource { agent, agent_token },
         _ => {
             return Err(Error::Usage(
                 "give --attestation (an agent asks) or --agent (a resource checks an agent's credential)".into(),

@@ -187,10 +187,28 @@ async fn start_identity_http(
     cluster: Arc<Cluster>,
     audit: Arc<AuditLog>,
 ) -> Result<(tokio::task::JoinHandle<()>, IssuerHandle), String> {
-    let policy = match &cfg.policy_dir {
-        Some(dir) => PolicyEngine::from_dir(dir)
+    let store =
+        IdentityStore::open(&cfg.data_dir.join("identity.redb")).map_err(|e| e.to_string())?;
+    let operator_key = match &cfg.operator_public_key {
+        None => None,
+        Some(path) => Some(
+            quorate_authz::bundle::public_key_from_file(path)
+                .map_err(|e| format!("--operator-public-key {e}"))?,
+        ),
+    };
+    let signed = match &operator_key {
+        None => None,
+        Some(key) => Some(starting_bundle(cfg, key, &store)?),
+    };
+    let policy = match (signed, &cfg.policy_dir) {
+        (Some(bundle), _) => {
+            cluster.set_policy_bundle(Some((bundle.id().to_owned(), bundle.jws().to_owned())));
+            tracing::info!(bundle = bundle.id(), "deciding under the operator-signed policy bundle");
+            PolicyEngine::from_bundle(bundle).map_err(|e| format!("policy bundle: {e}"))?
+        }
+        (None, Some(dir)) => PolicyEngine::from_dir(dir)
             .map_err(|e| format!("policy directory {}: {e}", dir.display()))?,
-        None => PolicyEngine::from_files(
+        (None, None) => PolicyEngine::from_files(
             vec![("builtin.cedar".to_owned(), BUILTIN_POLICY.to_owned())],
             "built-in (admin client only)",
         )
@@ -217,8 +235,6 @@ async fn start_identity_http(
         .issuer_url
         .clone()
         .unwrap_or_else(|| format!("https://localhost:{}", http_addr.port()));
-    let store =
-        IdentityStore::open(&cfg.data_dir.join("identity.redb")).map_err(|e| e.to_string())?;
     let plane = Arc::new(IdentityPlane::new(
         cluster,
         policy,
@@ -230,6 +246,7 @@ async fn start_identity_http(
             signing_key: cfg.token_key.clone(),
             credential_key: cfg.credential_key.clone(),
             approval_ttl_seconds: cfg.approval_ttl_seconds,
+            operator_key,
         },
         audit,
     )?);
@@ -263,6 +280,48 @@ async fn start_identity_http(
     );
     tracing::info!(%http_addr, issuer = %url, "metadata listener (discovery, JWKS, introspection, revocation)");
     Ok((task, IssuerHandle { plane, url }))
+}
+
+/// The bundle a coordinator with an operator key starts with: the one last applied
+/// (in its store) or `--policy-bundle`, whichever is newer; both verified under the
+/// operator key. Having neither is a configuration error.
+fn starting_bundle(
+    cfg: &Config,
+    key: &p256::PublicKey,
+    store: &IdentityStore,
+) -> Result<quorate_authz::bundle::PolicyBundle, String> {
+    use quorate_authz::bundle::PolicyBundle;
+    let stored = match store.policy_bundle().map_err(|e| e.to_string())? {
+        None => None,
+        Some(jws) => match PolicyBundle::verify(&jws, key) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored policy bundle does not verify under --operator-public-key; ignoring it");
+                None
+            }
+        },
+    };
+    let given = match &cfg.policy_bundle {
+        None => None,
+        Some(path) => {
+            let jws = std::fs::read_to_string(path)
+                .map_err(|e| format!("--policy-bundle {}: {e}", path.display()))?;
+            Some(
+                PolicyBundle::verify(&jws, key)
+                    .map_err(|e| format!("--policy-bundle {}: {e}", path.display()))?,
+            )
+        }
+    };
+    let chosen = match (stored, given) {
+        (Some(s), Some(g)) if g.seq() > s.seq() => g,
+        (Some(s), _) => s,
+        (None, Some(g)) => g,
+        (None, None) => {
+            return Err("--operator-public-key: no signed policy bundle yet; give --policy-bundle FILE (`quorate policy sign DIR --operator-key KEY --out FILE`)".into());
+        }
+    };
+    store.put_policy_bundle(chosen.jws()).map_err(|e| e.to_string())?;
+    Ok(chosen)
 }
 
 /// Without `--policy-dir`: the admin client administers, no agent gets anything until a

@@ -37,6 +37,7 @@ use tonic::transport::Channel;
 
 pub use quorate_proto::profile::KeyProfile;
 pub use quorate_proto::rules::TokenRules;
+use quorate_authz::bundle::BUNDLE_MISMATCH;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, REFUSAL_PREFIX};
 
 use crate::store::{KeyVersion, NamedKey, Store, StoreError, StoredVersion};
@@ -234,6 +235,24 @@ pub struct Cluster {
     presigs_added: tokio::sync::Notify,
     /// Signalled when a presignature is taken (the filler re-checks the watermarks).
     presig_drawn: tokio::sync::Notify,
+    /// The operator-signed policy bundle the identity plane decides under (id, JWS):
+    /// installed on a node before it is asked to sign under it (DESIGN.md §9).
+    policy_bundle: std::sync::RwLock<Option<(String, String)>>,
+    /// The bundle each node is known to hold (or to need none: it enforces no bundle).
+    policy_installed: Mutex<HashMap<PartyIndex, String>>,
+}
+
+/// Where a node stands after [`Cluster::install_policy`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BundleReport {
+    /// The node verified the bundle and holds it now.
+    Holds(String),
+    /// The node checks no signed policy (its ceiling names no operator key).
+    NotEnforcing,
+    /// The node refused the bundle (bad signature, rollback, Cedar errors): the reason.
+    Refused(String),
+    /// The node could not be reached; it gets the bundle before its next signature.
+    Unreachable(String),
 }
 
 fn rng() -> Result<rand::rngs::StdRng> {
@@ -317,6 +336,8 @@ impl Cluster {
             admin: tokio::sync::Mutex::new(()),
             presigs_added: tokio::sync::Notify::new(),
             presig_drawn: tokio::sync::Notify::new(),
+            policy_bundle: std::sync::RwLock::new(None),
+            policy_installed: Mutex::new(HashMap::new()),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -390,6 +411,91 @@ impl Cluster {
         self.nodes
             .get(usize::from(i.get()) - 1)
             .ok_or_else(|| CoordError::Internal(format!("no node {i}")))
+    }
+
+    /// Sets the operator-signed bundle (id, JWS) nodes are to hold before they sign
+    /// under it.
+    pub fn set_policy_bundle(&self, bundle: Option<(String, String)>) {
+        *self
+            .policy_bundle
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = bundle;
+    }
+
+    fn installed(&self) -> std::sync::MutexGuard<'_, HashMap<PartyIndex, String>> {
+        self.policy_installed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends a signed bundle to every node at once; each verifies it against its own
+    /// operator key. Returns each node's answer, by index.
+    pub async fn install_policy(&self, id: &str, jws: &str) -> Vec<(u16, BundleReport)> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            out.push((n.index.get(), self.install_on(n, id, jws).await));
+        }
+        out
+    }
+
+    async fn install_on(&self, n: &NodeHandle, id: &str, jws: &str) -> BundleReport {
+        let mut c = n.client.clone();
+        let res = tokio::time::timeout(
+            ONLINE_TIMEOUT,
+            c.install_policy(fragment::PolicyBundle {
+                jws: jws.to_owned(),
+            }),
+        )
+        .await;
+        let report = match res {
+            Ok(Ok(reply)) => BundleReport::Holds(reply.into_inner().id),
+            Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => BundleReport::NotEnforcing,
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                BundleReport::Unreachable(s.message().to_owned())
+            }
+            Ok(Err(s)) => BundleReport::Refused(s.message().to_owned()),
+            Err(_) => BundleReport::Unreachable("timed out".into()),
+        };
+        match &report {
+            BundleReport::Holds(_) | BundleReport::NotEnforcing => {
+                self.installed().insert(n.index, id.to_owned());
+            }
+            _ => {
+                self.installed().remove(&n.index);
+            }
+        }
+        report
+    }
+
+    /// Makes sure node `j` holds the bundle `id` before it is asked to decide under it.
+    async fn ensure_policy(&self, j: PartyIndex, id: &str) -> Result<()> {
+        if id.is_empty() || self.installed().get(&j).is_some_and(|held| held == id) {
+            return Ok(());
+        }
+        let jws = match &*self
+            .policy_bundle
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some((held, jws)) if held == id => jws.clone(),
+            _ => {
+                return Err(CoordError::Precondition(format!(
+                    "policy bundle {id} is no longer the coordinator's; ask again"
+                )));
+            }
+        };
+        match self.install_on(self.node(j)?, id, &jws).await {
+            BundleReport::Holds(_) | BundleReport::NotEnforcing => Ok(()),
+            BundleReport::Refused(why) => Err(CoordError::Refused(format!(
+                "node {j} refused policy bundle {id}: {why}"
+            ))),
+            BundleReport::Unreachable(why) => {
+                self.mark_down(j);
+                Err(CoordError::Unavailable(format!(
+                    "node {j} could not be given policy bundle {id}: {why}"
+                )))
+            }
+        }
     }
 
     fn mark_down(&self, i: PartyIndex) {
@@ -1279,6 +1385,11 @@ impl Cluster {
             digest,
         }
         .to_bytes();
+        if let Some(ev) = evidence {
+            for &j in presig.sset.members() {
+                self.ensure_policy(j, &ev.policy_bundle).await?;
+            }
+        }
         let mut waits = Vec::new();
         for &j in presig.sset.members() {
             let (tx, rx) = oneshot::channel();
@@ -1304,6 +1415,13 @@ impl Cluster {
                 Ok(Ok(Err(why))) => {
                     if why.starts_with("unavailable") {
                         self.mark_down(j);
+                    }
+                    if why.contains(BUNDLE_MISMATCH) {
+                        // The node holds another bundle (a restored disk, a newer one
+                        // applied elsewhere): give it ours again on the next attempt.
+                        self.installed().remove(&j);
+                        failures.push(format!("node {j}: {why}"));
+                        continue;
                     }
                     if let Some(reason) = why
                         .strip_prefix("refused: ")
@@ -1354,6 +1472,7 @@ impl Cluster {
         name: &str,
         input: tdh::DhInput,
         requester: quorate_crypto::Point,
+        evidence: Option<fragment::CredentialEvidence>,
     ) -> Result<(DhResponse, Vec<u16>)> {
         let key = self.key(name)?;
         let needed = match input {
@@ -1385,8 +1504,14 @@ impl Cluster {
                     self.params.t() + 1
                 )));
             }
+            if let Some(ev) = &evidence {
+                for &j in &quorum {
+                    self.ensure_policy(j, &ev.policy_bundle).await?;
+                }
+            }
             let call = fragment::DhCall {
                 request: req.to_bytes(),
+                evidence: evidence.clone(),
             };
             self.record_relay(std::slice::from_ref(&call.request));
             let res = self

@@ -93,6 +93,17 @@ pub struct Args {
     /// token until a policy set is applied.
     #[arg(long, env = "QUORATE_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
+    /// The operator's P-256 public key (SPKI PEM). With it, policy comes only from
+    /// bundles the operator signed (`quorate policy apply --operator-key`), approvals
+    /// must be signed by the bundle's approvers, and `--policy-dir` is refused
+    /// (DESIGN.md §9).
+    #[arg(long, env = "QUORATE_OPERATOR_PUBLIC_KEY")]
+    pub operator_public_key: Option<PathBuf>,
+    /// A signed policy bundle to start with (compact JWS, from `quorate policy sign`),
+    /// used when it is newer than the bundle last applied. Needs
+    /// `--operator-public-key`.
+    #[arg(long, env = "QUORATE_POLICY_BUNDLE")]
+    pub policy_bundle: Option<PathBuf>,
     /// How often to look for policy changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
@@ -170,6 +181,10 @@ pub struct Config {
     pub issuer_url: Option<String>,
     /// Policy directory.
     pub policy_dir: Option<PathBuf>,
+    /// The operator's public key file.
+    pub operator_public_key: Option<PathBuf>,
+    /// A signed bundle to start with.
+    pub policy_bundle: Option<PathBuf>,
     /// Policy poll interval.
     pub policy_poll: std::time::Duration,
     /// Trusted issuers file.
@@ -296,6 +311,22 @@ impl Args {
         {
             errors.push(format!("--policy-dir {}: no such directory", d.display()));
         }
+        if self.operator_public_key.is_some() && self.policy_dir.is_some() {
+            errors.push("--policy-dir and --operator-public-key: with an operator key, policy comes only from signed bundles (`quorate policy apply DIR --operator-key FILE` signs a directory)".into());
+        }
+        if self.policy_bundle.is_some() && self.operator_public_key.is_none() {
+            errors.push("--policy-bundle needs --operator-public-key to verify it".into());
+        }
+        for (flag, f) in [
+            ("--operator-public-key", &self.operator_public_key),
+            ("--policy-bundle", &self.policy_bundle),
+        ] {
+            if let Some(f) = f
+                && !f.is_file()
+            {
+                errors.push(format!("{flag} {}: no such file", f.display()));
+            }
+        }
         if let Some(f) = &self.trust_config
             && !f.is_file()
         {
@@ -346,6 +377,8 @@ impl Args {
                 http_key,
                 issuer_url: self.issuer_url,
                 policy_dir: self.policy_dir,
+                operator_public_key: self.operator_public_key,
+                policy_bundle: self.policy_bundle,
                 policy_poll: std::time::Duration::from_millis(self.policy_poll_ms),
                 trust_config: self.trust_config,
                 token_key: self.token_key,

@@ -347,11 +347,16 @@ impl KeyService for Api {
         let r = request.into_inner();
         let a = Point::from_bytes(&r.requester_public)
             .map_err(|e| Status::invalid_argument(format!("requester_public: {e}")))?;
+        if quorate_authz::credential::CredentialContext::claims_to_be(&r.context) {
+            return Err(Status::invalid_argument(
+                "context: a context starting with QUORATE-CREDENTIAL-V1 names an agent's credential; ask for it with RequestCredential (`quorate credential get`)",
+            ));
+        }
         let resp = self
             .audited(&caller, Action::Derive, "derive", &r.name, async {
                 Ok(self
                     .cluster
-                    .dh(&r.name, DhInput::Derive { context: r.context }, a)
+                    .dh(&r.name, DhInput::Derive { context: r.context }, a, None)
                     .await?)
             })
             .await?;
@@ -382,6 +387,7 @@ impl KeyService for Api {
                             point: ct.ephemeral,
                         },
                         a,
+                        None,
                     )
                     .await?)
             })

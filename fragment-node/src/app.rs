@@ -63,6 +63,13 @@ async fn run(cfg: Config) -> Result<(), String> {
     if evidence.is_some() {
         tracing::info!("token evidence: this node verifies every token's attestation itself");
     }
+    let policy = match cfg.ceiling.as_ref().and_then(|c| c.operator_key()) {
+        None => None,
+        Some(key) => {
+            let stored = store.policy_bundle().map_err(|e| e.to_string())?;
+            Some(crate::policy::NodePolicy::new(*key, stored.as_deref()))
+        }
+    };
     let node = Node::new(
         index,
         cfg.domain.clone(),
@@ -74,7 +81,8 @@ async fn run(cfg: Config) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?
     .with_ceiling(cfg.ceiling.clone())
-    .with_evidence(evidence);
+    .with_evidence(evidence)
+    .with_policy(policy);
     let server_tls = tls::server_config(&identity, &trust, &[RoleKind::Coordinator])
         .map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(cfg.listen)

@@ -16,8 +16,9 @@
 //! - `max_token_ttl_seconds`: the longest token lifetime any token key may allow
 //!   (1 to 86400);
 //! - `operator_public_key_file`: the operator's P-256 public key (SPKI PEM) that signs
-//!   policy bundles and approvals (DESIGN.md §1). Optional here; required wherever a
-//!   signed statement is checked.
+//!   policy bundles (DESIGN.md §1, §9). With it the node decides every token and agent
+//!   credential again under the bundle it holds ([`crate::policy`]); needs
+//!   `trust_config`.
 //! - `trust_config`: the identity providers this node trusts (the coordinator's
 //!   `--trust-config` format). With it, the node checks the evidence of every token
 //!   ([`crate::evidence`]); without it, it checks rules and ceiling only.
@@ -112,6 +113,11 @@ impl Ceiling {
                 }
             }
         };
+        if f.operator_public_key_file.is_some() && f.trust_config.is_none() {
+            errors.push(format!(
+                "--ceiling {at}: operator_public_key_file needs trust_config: the signed policy decides on the agent, which this node must verify itself"
+            ));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }

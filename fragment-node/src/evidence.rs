@@ -16,13 +16,15 @@
 //!   `client_id` the actor's SPIFFE ID, and `act` is `{sub: actor, act: <the subject
 //!   token's act>}` exactly.
 //!
-//! What this does not cover (stated in the README): the audience, scopes and lifetime
-//! are still the coordinator's decision within the key's rules and the node's ceiling
-//! (no operator-signed policy bundle yet); approvals are not checked by nodes; an agent
-//! authenticated by an X.509-SVID has no evidence a node can verify (the SVID proves
-//! possession to the coordinator's TLS listener only), so such tokens are refused by a
-//! node that checks evidence; and a coordinator that has seen a bearer attestation can
-//! replay it until it expires, within what the key's rules allow.
+//! When the ceiling also names the operator's public key, the node then decides the
+//! request again under the operator-signed policy bundle it holds, and checks signed
+//! approvals ([`crate::policy`]).
+//!
+//! What this does not cover (stated in the README): an agent authenticated by an
+//! X.509-SVID has no evidence a node can verify (the SVID proves possession to the
+//! coordinator's TLS listener only), so such tokens are refused by a node that checks
+//! evidence; and a coordinator that has seen a bearer attestation can replay it until
+//! it expires, within what policy allows that agent.
 
 use std::sync::Arc;
 
@@ -47,6 +49,15 @@ impl std::fmt::Debug for EvidenceCheck {
             .field("issuers", &self.authn.issuers())
             .finish()
     }
+}
+
+/// What a node learnt from a request's evidence.
+#[derive(Debug)]
+pub struct Verified {
+    /// The agent (issuance) or actor (exchange) the attestation vouches for.
+    pub agent: Attestation,
+    /// For an exchange: the subject token's claims.
+    pub subject: Option<Map<String, Value>>,
 }
 
 /// What a subject token must be: where to find its key, and that key's rules.
@@ -82,7 +93,7 @@ impl EvidenceCheck {
         evidence: Option<&TokenEvidence>,
         keys: &dyn TokenKeys,
         now_unix: i64,
-    ) -> Result<(), String> {
+    ) -> Result<Verified, String> {
         let ev = evidence.ok_or(
             "evidence: the request carries none; this node signs a token only for an attested agent",
         )?;
@@ -100,9 +111,12 @@ impl EvidenceCheck {
             if payload.contains_key("act") {
                 return Err("evidence: an issued token carries no \"act\" (delegation needs a subject token)".into());
             }
-            return Ok(());
+            return Ok(Verified {
+                agent,
+                subject: None,
+            });
         }
-        let subject = subject_token(&ev.subject_token, keys, now_unix)?;
+        let subject = own_token(&ev.subject_token, keys, now_unix, "the subject token")?;
         let subject_sub = match subject.get("sub") {
             Some(Value::String(s)) => s.clone(),
             _ => return Err("evidence: the subject token has no \"sub\"".into()),
@@ -120,10 +134,15 @@ impl EvidenceCheck {
                 agent.subject
             ));
         }
-        Ok(())
+        Ok(Verified {
+            agent,
+            subject: Some(subject),
+        })
     }
 
-    fn attestation(&self, jwt: &str) -> Result<Attestation, String> {
+    /// Verifies an agent's OIDC JWT attestation against this node's own trust
+    /// configuration. Blocks: call it from a blocking thread inside the runtime.
+    pub fn attestation(&self, jwt: &str) -> Result<Attestation, String> {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| "evidence: no runtime to verify the attestation on".to_string())?;
         handle
@@ -144,15 +163,16 @@ fn expect(claim: &str, got: &str, want: &str) -> Result<(), String> {
     }
 }
 
-/// Verifies a subject token of this cluster: ES256 under a token key this node holds,
-/// that key's `typ` and issuer, not expired (with the nodes' clock skew). Returns its
-/// claims.
-fn subject_token(
+/// Verifies an access token of this cluster (`what` names it in errors): ES256 under a
+/// token key this node holds, that key's `typ` and issuer, not expired (with the nodes'
+/// clock skew). Returns its claims.
+pub fn own_token(
     token: &str,
     keys: &dyn TokenKeys,
     now_unix: i64,
+    what: &str,
 ) -> Result<Map<String, Value>, String> {
-    let bad = |why: &str| format!("evidence: the subject token {why}");
+    let bad = |why: &str| format!("evidence: {what} {why}");
     let (input, sig) = token
         .trim()
         .rsplit_once('.')

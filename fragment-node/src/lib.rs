@@ -11,6 +11,7 @@ pub mod app;
 pub mod ceiling;
 pub mod config;
 pub mod evidence;
+pub mod policy;
 pub mod rules;
 pub mod service;
 pub mod store;

@@ -20,6 +20,7 @@ use quorate_crypto::seal::KemSecretKey;
 use quorate_crypto::sign::{self, SignRequest};
 use quorate_crypto::tdh::{self, DhRequest};
 use quorate_crypto::wire::Wire;
+use quorate_authz::credential::CredentialContext;
 use quorate_proto::convert;
 use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
 use quorate_proto::profile::KeyProfile;
@@ -30,6 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ceiling::Ceiling;
 use crate::evidence::{EvidenceCheck, TokenKeys};
+use crate::policy::NodePolicy;
 use crate::rules;
 use crate::store::{Release, Store, StoreError, request_rng};
 
@@ -139,6 +141,9 @@ pub struct Node {
     ceiling: Option<Ceiling>,
     /// The node's own attestation verifier, when its ceiling names a trust config.
     evidence: Option<EvidenceCheck>,
+    /// The operator-signed policy the node decides under, when its ceiling names the
+    /// operator's key.
+    policy: Option<Arc<NodePolicy>>,
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
     metrics: Arc<NodeMetrics>,
@@ -191,6 +196,7 @@ impl Node {
             store,
             ceiling: None,
             evidence: None,
+            policy: None,
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
@@ -211,6 +217,14 @@ impl Node {
     #[must_use]
     pub fn with_evidence(mut self, evidence: Option<EvidenceCheck>) -> Self {
         self.evidence = evidence;
+        self
+    }
+
+    /// Sets the operator-signed policy the node decides tokens and credentials under
+    /// ([`crate::policy`]); it needs the evidence check too.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Option<NodePolicy>) -> Self {
+        self.policy = policy.map(Arc::new);
         self
     }
 
@@ -620,9 +634,17 @@ impl Node {
                     refused(format!("the key's rules exceed this node's ceiling: {why}"))
                 })?;
                 let claims = rules::check(rules, input, &r.digest, now_unix).map_err(refused)?;
-                match &self.evidence {
-                    Some(e) => e.check(&claims, evidence, self, now_unix).map_err(refused),
-                    None => Ok(()),
+                let Some(check) = &self.evidence else {
+                    return Ok(());
+                };
+                let verified = check
+                    .check(&claims, evidence, self, now_unix)
+                    .map_err(refused)?;
+                match (&self.policy, evidence) {
+                    (Some(policy), Some(ev)) => policy
+                        .decide_token(&claims, &verified, ev, now_unix)
+                        .map_err(refused),
+                    _ => Ok(()),
                 }
             }
             KeyProfile::Checkpoint => rules::check_checkpoint(input, &r.digest).map_err(refused),
@@ -662,6 +684,14 @@ impl Node {
 
     fn threshold_dh(&self, req: fragment::DhCall) -> Result<Vec<u8>, Status> {
         let r = DhRequest::from_bytes(&req.request).map_err(crypto_err)?;
+        if let tdh::DhInput::Derive { context } = &r.input
+            && CredentialContext::claims_to_be(context)
+        {
+            self.check_credential(context, req.evidence.as_ref())
+                .map_err(|why| {
+                    Status::permission_denied(format!("node {}: {REFUSAL_PREFIX}{why}", self.index))
+                })?;
+        }
         let share = self
             .store
             .key(&r.key_id)
@@ -680,6 +710,67 @@ impl Node {
             .map_err(store_err)?;
         self.metrics.dh_partials_released.inc();
         Ok(partial.to_bytes())
+    }
+
+    /// The evidence of a derivation whose context names an agent (DESIGN.md §9), on a
+    /// node that checks evidence: the agent's own attestation (then policy decides
+    /// again, if the node holds a bundle), or, for a resource client, the agent's access
+    /// token of this cluster for the same task.
+    fn check_credential(
+        &self,
+        context: &[u8],
+        evidence: Option<&fragment::CredentialEvidence>,
+    ) -> Result<(), String> {
+        let Some(check) = &self.evidence else {
+            return Ok(());
+        };
+        let ctx = CredentialContext::parse(context)?;
+        let ev = evidence.ok_or(
+            "evidence: this derivation is for an agent's credential and carries no evidence",
+        )?;
+        let now_unix = i64::try_from(now()).unwrap_or(i64::MAX);
+        if !ev.attestation.trim().is_empty() {
+            let agent = check.attestation(&ev.attestation)?;
+            if agent.subject != ctx.agent {
+                return Err(format!(
+                    "evidence: the credential is for {}, but the attestation is {}'s",
+                    ctx.agent, agent.subject
+                ));
+            }
+            return match &self.policy {
+                Some(policy) => policy.decide_credential(&ctx, &agent, ev, now_unix),
+                None => Ok(()),
+            };
+        }
+        if !ev.agent_token.trim().is_empty() {
+            let claims = crate::evidence::own_token(&ev.agent_token, self, now_unix, "the agent's token")?;
+            if claims.get("sub").and_then(serde_json::Value::as_str) != Some(ctx.agent.as_str()) {
+                return Err(format!("evidence: the agent's token is not {}'s", ctx.agent));
+            }
+            if claims.get("task_id").and_then(serde_json::Value::as_str) != Some(ctx.task_id.as_str()) {
+                return Err(format!("evidence: the agent's token is not for task {}", ctx.task_id));
+            }
+            return Ok(());
+        }
+        Err("evidence: an agent's credential needs the agent's attestation, or its access token for the task (a resource client)".into())
+    }
+
+    fn install_policy(&self, req: fragment::PolicyBundle) -> Result<fragment::PolicyBundleReply, Status> {
+        let policy = self.policy.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {}: its ceiling names no operator_public_key_file, so it decides under no policy bundle",
+                self.index
+            ))
+        })?;
+        let held = policy
+            .install(&req.jws, |jws| {
+                self.store.put_policy_bundle(jws).map_err(|e| e.to_string())
+            })
+            .map_err(|why| Status::permission_denied(format!("node {}: {why}", self.index)))?;
+        Ok(fragment::PolicyBundleReply {
+            id: held.id().to_owned(),
+            seq: held.seq(),
+        })
     }
 
     fn inventory(&self) -> Result<fragment::InventoryReply, Status> {
@@ -897,6 +988,14 @@ impl FragmentNode for Service {
         request: Request<fragment::InventoryRequest>,
     ) -> Result<Response<fragment::InventoryReply>, Status> {
         self.run(request, |n, _| n.inventory()).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn install_policy(
+        &self,
+        request: Request<fragment::PolicyBundle>,
+    ) -> Result<Response<fragment::PolicyBundleReply>, Status> {
+        self.run(request, |n, r| n.install_policy(r)).await
     }
 
     async fn narrow_profile(

@@ -51,6 +51,8 @@ const PRESIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("presigs");
 const RELEASED: TableDefinition<u64, &[u8]> = TableDefinition::new("released");
 const TOKEN_RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
 const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
+/// The META entry holding the policy bundle's JWS.
+const POLICY_BUNDLE: &str = "policy_bundle";
 
 const REC_UNUSED: u8 = 1;
 const REC_CONSUMED: u8 = 2;
@@ -410,6 +412,34 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// Durably records the operator-signed policy bundle this node decides under
+    /// (DESIGN.md §9), replacing the one before; the caller has verified it and checked
+    /// that it is newer.
+    pub fn put_policy_bundle(&self, jws: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(META)?;
+            t.insert(POLICY_BUNDLE, jws.as_bytes())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The policy bundle this node holds, as stored (verify it before use).
+    pub fn policy_bundle(&self) -> Result<Option<String>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        match t.get(POLICY_BUNDLE)? {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.value().to_vec())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt {
+                    table: "meta",
+                    detail: "the policy bundle is not UTF-8".into(),
+                }),
+        }
     }
 
     /// Durably records the profile of a new key unless it already has one (first writer

@@ -466,6 +466,7 @@ async fn governance_end_to_end() {
             id: apr.id.clone(),
             approve: true,
             reason: String::new(),
+            statement: String::new(),
         })
         .await
         .unwrap_err();
@@ -479,6 +480,7 @@ async fn governance_end_to_end() {
             id: apr.id.clone(),
             approve: true,
             reason: "change ticket 42".into(),
+            statement: String::new(),
         })
         .await
         .unwrap()
@@ -851,6 +853,7 @@ forbid (principal is Agent, action == Action::"issue_token", resource == Audienc
 when { context.ttl_seconds * 9223372036854775807 > 0 };
 "#;
     id.apply_policy(api::ApplyPolicyRequest {
+        bundle: String::new(),
         files: vec![
             api::PolicyFile {
                 name: "pair.cedar".into(),
@@ -1003,6 +1006,7 @@ async fn deprovisioned_agents_get_nothing() {
             id: pending.clone(),
             approve: true,
             reason: String::new(),
+            statement: String::new(),
         })
         .await
         .expect_err("a deprovisioned agent's request cannot be approved");

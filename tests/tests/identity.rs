@@ -384,6 +384,7 @@ async fn agent_identity_end_to_end() {
     // stays; a valid one with the red permit takes over at once.
     let refused = idc
         .apply_policy(api::ApplyPolicyRequest {
+            bundle: String::new(),
             files: vec![api::PolicyFile {
                 name: "bad.cedar".into(),
                 text: "permit (principal, action, resource) when { principal.nosuch == 1 };".into(),
@@ -400,6 +401,7 @@ async fn agent_identity_end_to_end() {
         &["no policy permits"],
     );
     idc.apply_policy(api::ApplyPolicyRequest {
+            bundle: String::new(),
         files: vec![
             api::PolicyFile {
                 name: "base.cedar".into(),

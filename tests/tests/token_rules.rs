@@ -793,6 +793,7 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
     let evidence = |attestation: &str| fragment::TokenEvidence {
         attestation: attestation.into(),
         subject_token: String::new(),
+        ..Default::default()
     };
     let with = |input: &[u8], ev: Option<fragment::TokenEvidence>| {
         let mut b = batch(&key, &p, digest(input), Some(input));
@@ -833,6 +834,7 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
     let exchange = |subject_token: &str| fragment::TokenEvidence {
         attestation: helper.clone(),
         subject_token: subject_token.into(),
+        ..Default::default()
     };
     let (signed, sig) = reply.access_token.rsplit_once('.').unwrap();
     let mut bad_sig = sig.to_owned().into_bytes();

@@ -92,6 +92,9 @@ pub enum CredentialFor {
     Resource {
         /// The agent's Quorate subject.
         agent: String,
+        /// The agent's access token for the task, which it presented to the resource:
+        /// fragment nodes that check evidence require it (DESIGN.md §9).
+        agent_token: Option<String>,
     },
 }
 
@@ -168,9 +171,11 @@ impl Client {
         context: HashMap<String, String>,
     ) -> Result<CredentialGrant> {
         let requester = Requester::new(&mut rng()?).map_err(bug)?;
-        let (attestation, agent) = match who {
-            CredentialFor::Agent { attestation } => (attestation, String::new()),
-            CredentialFor::Resource { agent } => (String::new(), agent),
+        let (attestation, agent, agent_token) = match who {
+            CredentialFor::Agent { attestation } => (attestation, String::new(), String::new()),
+            CredentialFor::Resource { agent, agent_token } => {
+                (String::new(), agent, agent_token.unwrap_or_default())
+            }
         };
         let req = api::CredentialRequest {
             attestation,
@@ -179,6 +184,7 @@ impl Client {
             requester_public: requester.public().to_bytes().to_vec(),
             context,
             agent,
+            agent_token,
         };
         let mut c = self.identity.clone();
         let reply = self
@@ -218,11 +224,13 @@ impl Client {
         id: &str,
         approve: bool,
         reason: Option<String>,
+        statement: Option<String>,
     ) -> Result<api::Approval> {
         let req = api::DecideApprovalRequest {
             id: id.to_owned(),
             approve,
             reason: reason.unwrap_or_default(),
+            statement: statement.unwrap_or_default(),
         };
         let mut c = self.approvals.clone();
         self.call("decide the approval", c.decide_approval(self.request(req)))
@@ -307,9 +315,23 @@ impl Client {
                 .into_iter()
                 .map(|(name, text)| api::PolicyFile { name, text })
                 .collect(),
+            bundle: String::new(),
         };
         let mut c = self.identity.clone();
         self.call("apply the policy", c.apply_policy(self.request(req)))
+            .await
+    }
+
+    /// Applies an operator-signed policy bundle (compact JWS): every node verifies it
+    /// against its own operator key first (DESIGN.md §9). The reply's `node_reports`
+    /// say where each node stands.
+    pub async fn apply_policy_bundle(&self, jws: &str) -> Result<api::PolicyInfo> {
+        let req = api::ApplyPolicyRequest {
+            files: Vec::new(),
+            bundle: jws.to_owned(),
+        };
+        let mut c = self.identity.clone();
+        self.call("apply the policy bundle", c.apply_policy(self.request(req)))
             .await
     }
 

@@ -69,6 +69,44 @@ pub struct Request {
 }
 
 impl Request {
+    /// Whether an approver's signed statement approves exactly this request (entry
+    /// `id`); the error names the first member that differs.
+    pub fn matches(
+        &self,
+        id: &str,
+        st: &quorate_authz::bundle::ApprovalStatement,
+    ) -> Result<(), String> {
+        let differs = |what: &str| Err(format!("the approval statement's {what} differs from request {id}'s"));
+        if st.approval_id != id {
+            return differs("approval_id");
+        }
+        if st.sub != self.agent {
+            return differs("sub");
+        }
+        if st.action != self.action {
+            return differs("action");
+        }
+        if st.resource != self.resource {
+            return differs("resource");
+        }
+        if st.scopes != self.scopes {
+            return differs("scopes");
+        }
+        if st.ttl_seconds != self.ttl_seconds {
+            return differs("ttl_seconds");
+        }
+        if st.task_id != self.task_id {
+            return differs("task_id");
+        }
+        if st.context != self.context {
+            return differs("context");
+        }
+        if st.jkt != self.jkt {
+            return differs("jkt");
+        }
+        Ok(())
+    }
+
     fn digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         let mut field = |b: &[u8]| {
@@ -113,6 +151,9 @@ pub struct Pending {
     pub decided_by: Option<String>,
     /// The approver's reason.
     pub reason: Option<String>,
+    /// The approver-signed statement (compact JWS) the fragment nodes check, when the
+    /// policy came from a signed bundle.
+    pub statement: Option<String>,
     digest: [u8; 32],
     changed: Arc<Notify>,
 }
@@ -171,6 +212,7 @@ impl Approvals {
             state: State::Pending,
             decided_by: None,
             reason: None,
+            statement: None,
             changed: Arc::new(Notify::new()),
         }
     }
@@ -221,6 +263,7 @@ impl Approvals {
         approve: bool,
         approver: &str,
         reason: Option<String>,
+        statement: Option<String>,
         record: impl FnOnce(&Pending) -> Result<(), E>,
     ) -> Result<Pending, E> {
         let mut m = self.lock();
@@ -242,6 +285,7 @@ impl Approvals {
         };
         decided.decided_by = Some(approver.to_owned());
         decided.reason = reason;
+        decided.statement = statement;
         record(&decided)?;
         *p = decided.clone();
         p.changed.notify_waiters();
@@ -264,8 +308,9 @@ impl Approvals {
         Ok((p.clone(), Arc::clone(&p.changed)))
     }
 
-    /// Uses an approved entry once: approved → used.
-    pub fn take(&self, id: &str) -> Result<(), ApprovalError> {
+    /// Uses an approved entry once: approved → used. Returns its signed statement, if
+    /// it has one.
+    pub fn take(&self, id: &str) -> Result<Option<String>, ApprovalError> {
         let mut m = self.lock();
         let p = m
             .get_mut(id)
@@ -277,7 +322,12 @@ impl Approvals {
             });
         }
         p.state = State::Used;
-        Ok(())
+        Ok(p.statement.clone())
+    }
+
+    /// The pending entry `id`, if any.
+    pub fn peek(&self, id: &str) -> Option<Pending> {
+        self.lock().get(id).cloned()
     }
 }
 
@@ -318,18 +368,19 @@ mod tests {
             State::Pending
         );
         let fail = |_: &Pending| Err(ApprovalError::Unknown("audit".into()));
-        assert!(a.decide("apr-1", true, "admin", None, fail).is_err());
+        assert!(a.decide("apr-1", true, "admin", None, None, fail).is_err());
         assert_eq!(
             a.get("apr-1", &req("read")).unwrap().0.state,
             State::Pending
         );
-        a.decide("apr-1", true, "admin", None, |_| Ok::<_, ApprovalError>(()))
+        a.decide("apr-1", true, "admin", None, None, |_| Ok::<_, ApprovalError>(()))
             .unwrap();
         assert!(
             a.decide(
                 "apr-1",
                 false,
                 "admin",
+                None,
                 None,
                 |_| Ok::<_, ApprovalError>(())
             )
@@ -356,7 +407,7 @@ mod tests {
             State::Expired
         );
         assert!(
-            a.decide("apr-1", true, "admin", None, |_| Ok::<_, ApprovalError>(()))
+            a.decide("apr-1", true, "admin", None, None, |_| Ok::<_, ApprovalError>(()))
                 .is_err()
         );
         assert!(a.list(false).is_empty());

@@ -40,8 +40,10 @@ use crate::audit::AuditLog;
 use crate::audit::record::{Fields, Outcome};
 use crate::authn::{Attestation, Authenticator, AuthnError};
 use crate::cluster::{Cluster, CoordError};
+use quorate_proto::fragment::TokenEvidence;
+
 use crate::policy::{
-    Action, Decision, PolicyContext, PolicyEngine, PolicyRequest, Principal, Resource,
+    Action, Decision, PolicyContext, PolicyEngine, PolicyInfo, PolicyRequest, Principal, Resource,
 };
 use store::{IdentityStore, Task};
 use token::{AccessClaims, Actor, AttestationClaim, Confirmation, TokenError};
@@ -73,6 +75,10 @@ pub struct IdentityConfig {
     pub credential_key: String,
     /// How long a request waits for a human approval before it expires.
     pub approval_ttl_seconds: i64,
+    /// The operator's public key (`--operator-public-key`): policy then comes only from
+    /// bundles it signed, and approvals are statements signed by the bundle's approvers
+    /// (DESIGN.md §9).
+    pub operator_key: Option<p256::PublicKey>,
 }
 
 /// Why a request was refused.
@@ -234,6 +240,9 @@ pub enum CredentialRequester {
         client: String,
         /// The agent's subject.
         agent: String,
+        /// The agent's access token for the task, which the agent presented to the
+        /// resource: the evidence nodes that check evidence need.
+        agent_token: Option<String>,
     },
 }
 
@@ -666,19 +675,20 @@ impl IdentityPlane {
             act: None,
             cnf: jkt.map(|jkt| Confirmation { jkt }),
         };
+        let mut statement = None;
         if decision.approval_required
             && let Some(id) = &trail.approval_id
         {
             // Spent before signing, so that two polls cannot both get a token.
-            self.approvals.take(id)?;
+            statement = self.approvals.take(id)?;
         }
+        let evidence = TokenEvidence {
+            approval: statement.unwrap_or_default(),
+            ..evidence_of(agent, None, decision, req.ttl_seconds, &req.context)
+        };
         Ok(IssueOutcome::Issued(Box::new(
-            self.sign(
-                claims,
-                decision.policy_ids.clone(),
-                evidence_of(agent, None),
-            )
-            .await?,
+            self.sign(claims, decision.policy_ids.clone(), evidence)
+                .await?,
         )))
     }
 
@@ -807,10 +817,15 @@ impl IdentityPlane {
         id: &str,
         approve: bool,
         reason: Option<String>,
+        statement: Option<String>,
     ) -> Result<approval::Pending> {
         let what = if approve { "approve" } else { "reject" };
         let d = self.require_client(caller, Action::Approve, what).await?;
         self.sweep_approvals().await?;
+        let statement = match (approve, statement.filter(|s| !s.trim().is_empty())) {
+            (false, _) => None,
+            (true, given) => self.check_statement(id, given)?,
+        };
         let outcome = if approve {
             Outcome::Approved
         } else {
@@ -818,7 +833,7 @@ impl IdentityPlane {
         };
         // The event is appended (a short blocking commit, under the approvals lock)
         // before the decision wakes the waiting request.
-        let decided = self.approvals.decide(id, approve, caller, reason, |p| {
+        let decided = self.approvals.decide(id, approve, caller, reason, statement, |p| {
             if approve {
                 // A deprovisioned agent gets nothing, approved or not; rejecting its
                 // request stays possible.
@@ -850,6 +865,128 @@ impl IdentityPlane {
         };
         tracing::info!(approval = %id, approver = %caller, approve, "approval decided");
         Ok(p)
+    }
+
+    /// Under a signed bundle, an approval must be a statement signed by one of the
+    /// bundle's approvers that matches the pending request exactly (the nodes check it
+    /// again); without one, a statement is refused as meaningless.
+    fn check_statement(&self, id: &str, given: Option<String>) -> Result<Option<String>> {
+        let Some(bundle) = self.policy.bundle() else {
+            return match given {
+                None => Ok(None),
+                Some(_) => Err(IdentityError::Invalid(
+                    "an approval statement was given, but policy comes from no signed bundle, so nothing would check it".into(),
+                )),
+            };
+        };
+        let Some(jws) = given else {
+            return Err(IdentityError::Denied(format!(
+                "policy bundle {} is in force: approving needs a statement signed by one of its approvers ({}); sign it with `quorate approval approve {id} --approver-key FILE`",
+                bundle.id(),
+                bundle.approvers().keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let st = quorate_authz::bundle::ApprovalStatement::verify(
+            &jws,
+            &bundle,
+            now(),
+            quorate_proto::rules::CLOCK_SKEW_SECONDS,
+        )
+        .map_err(|e| IdentityError::Denied(e.to_string()))?;
+        let pending = self
+            .approvals
+            .peek(id)
+            .ok_or_else(|| IdentityError::NotFound(format!("no approval request {id}")))?;
+        pending
+            .request
+            .matches(id, &st)
+            .map_err(IdentityError::Denied)?;
+        Ok(Some(jws))
+    }
+
+    /// Applies an operator-signed policy bundle: verified here when the coordinator
+    /// knows the operator key, then installed on every node (each verifies it against
+    /// its own operator key), and activated here only if no node refused it. Returns
+    /// the active set's info and one line per node.
+    pub async fn apply_bundle(
+        &self,
+        caller: &str,
+        jws: &str,
+    ) -> Result<(PolicyInfo, Vec<String>)> {
+        let mut trail = self.admin_trail("policy", "apply_policy", caller);
+        let result = self.apply_bundle_inner(caller, jws, &mut trail).await;
+        match result {
+            Ok(ok) => {
+                trail.reason = Some(format!("bundle {}", ok.0.bundle.clone().unwrap_or_default()));
+                self.audit
+                    .append(Outcome::Allow, trail)
+                    .await
+                    .map_err(IdentityError::from)?;
+                Ok(ok)
+            }
+            Err(e) => Err(self.record_refusal(e, trail).await),
+        }
+    }
+
+    async fn apply_bundle_inner(
+        &self,
+        caller: &str,
+        jws: &str,
+        trail: &mut Fields,
+    ) -> Result<(PolicyInfo, Vec<String>)> {
+        let d = self.require_client(caller, Action::Admin, "apply_policy").await?;
+        trail.policy_ids = d.policy_ids;
+        let Some(operator) = &self.cfg.operator_key else {
+            return Err(IdentityError::Precondition(
+                "this coordinator takes no signed bundles: start it with --operator-public-key".into(),
+            ));
+        };
+        let bundle = quorate_authz::bundle::PolicyBundle::verify(jws, operator)
+            .map_err(|e| IdentityError::Denied(e.to_string()))?;
+        // Compile it before any node sees it, and refuse a rollback here too.
+        PolicyEngine::from_bundle(bundle.clone())
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        if let Some(held) = self.policy.bundle() {
+            held.may_move_to(&bundle)
+                .map_err(|e| IdentityError::Denied(e.to_string()))?;
+        }
+        let reports = self.cluster.install_policy(bundle.id(), bundle.jws()).await;
+        let refused: Vec<String> = reports
+            .iter()
+            .filter_map(|(i, r)| match r {
+                crate::cluster::BundleReport::Refused(why) => Some(format!("node {i}: {why}")),
+                _ => None,
+            })
+            .collect();
+        let lines = reports
+            .iter()
+            .map(|(i, r)| match r {
+                crate::cluster::BundleReport::Holds(id) => format!("node {i}: holds {id}"),
+                crate::cluster::BundleReport::NotEnforcing => {
+                    format!("node {i}: checks no signed policy (no operator key in its ceiling)")
+                }
+                crate::cluster::BundleReport::Refused(why) => format!("node {i}: refused: {why}"),
+                crate::cluster::BundleReport::Unreachable(why) => {
+                    format!("node {i}: unreachable ({why}); it gets the bundle before it next signs")
+                }
+            })
+            .collect();
+        if !refused.is_empty() {
+            return Err(IdentityError::Denied(format!(
+                "policy bundle {} refused by {}; the coordinator keeps deciding under its current policy",
+                bundle.id(),
+                refused.join("; ")
+            )));
+        }
+        self.store.put_policy_bundle(bundle.jws())?;
+        let id = bundle.id().to_owned();
+        let jws = bundle.jws().to_owned();
+        let info = self
+            .policy
+            .apply_bundle(bundle)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        self.cluster.set_policy_bundle(Some((id, jws)));
+        Ok((info, lines))
     }
 
     /// RFC 8693 token exchange: a token for a sub-agent, on behalf of the subject token's
@@ -1000,12 +1137,14 @@ impl IdentityPlane {
             }),
             cnf: jkt.map(|jkt| Confirmation { jkt }),
         };
-        self.sign(
-            claims,
-            decision.policy_ids,
-            evidence_of(actor, Some(&req.subject_token)),
-        )
-        .await
+        let evidence = evidence_of(
+            actor,
+            Some(&req.subject_token),
+            &decision,
+            req.ttl_seconds,
+            &req.context,
+        );
+        self.sign(claims, decision.policy_ids, evidence).await
     }
 
     /// A confidential credential (DESIGN.md §4.6) for (key, target, agent, task, the
@@ -1020,7 +1159,7 @@ impl IdentityPlane {
                 ask.caller.as_deref(),
                 a,
             ),
-            CredentialRequester::Resource { client, agent } => Fields {
+            CredentialRequester::Resource { client, agent, .. } => Fields {
                 kind: "credential".into(),
                 action: Action::RequestCredential.as_str().into(),
                 subject: Some(agent.clone()),
@@ -1045,7 +1184,7 @@ impl IdentityPlane {
         validate_target(&ask.target)?;
         let (principal, agent) = match &ask.requester {
             CredentialRequester::Agent(a) => (principal_of(a), a.subject.clone()),
-            CredentialRequester::Resource { client, agent } => (
+            CredentialRequester::Resource { client, agent, .. } => (
                 Principal::Client {
                     name: client.clone(),
                 },
@@ -1090,6 +1229,24 @@ impl IdentityPlane {
         let ctx = credential_context(name, &key.key_id.to_string(), &ask.target, &agent, &task);
         trail.credential = Some(credential_fingerprint(&ctx));
         trail.key = Some(name.clone());
+        let evidence = quorate_proto::fragment::CredentialEvidence {
+            attestation: match &ask.requester {
+                CredentialRequester::Agent(a) => a
+                    .presented
+                    .as_ref()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default(),
+                CredentialRequester::Resource { .. } => String::new(),
+            },
+            agent_token: match &ask.requester {
+                CredentialRequester::Resource { agent_token, .. } => {
+                    agent_token.clone().unwrap_or_default()
+                }
+                CredentialRequester::Agent(_) => String::new(),
+            },
+            policy_bundle: decision.bundle.clone().unwrap_or_default(),
+            context: ask.context.clone().into_iter().collect(),
+        };
         let (resp, nodes) = self
             .cluster
             .dh(
@@ -1098,6 +1255,7 @@ impl IdentityPlane {
                     context: ctx.clone(),
                 },
                 ask.requester_public,
+                Some(evidence),
             )
             .await?;
         use quorate_crypto::wire::Wire as _;
@@ -1118,7 +1276,7 @@ impl IdentityPlane {
         &self,
         claims: AccessClaims,
         policy_ids: Vec<String>,
-        evidence: quorate_proto::fragment::TokenEvidence,
+        evidence: TokenEvidence,
     ) -> Result<Issued> {
         let name = &self.cfg.signing_key;
         let mut last = None;
@@ -1544,8 +1702,8 @@ fn validate_target(target: &str) -> Result<()> {
     }
 }
 
-/// The canonical, versioned context of a credential (DESIGN.md §4.6): every field
-/// length-prefixed, so no two field lists encode alike.
+/// The canonical, versioned context of a credential (DESIGN.md §4.6), as
+/// [`quorate_authz::credential::CredentialContext::encode`] writes it.
 pub fn credential_context(
     key_name: &str,
     key_id: &str,
@@ -1553,22 +1711,16 @@ pub fn credential_context(
     agent: &str,
     task: &Task,
 ) -> Vec<u8> {
-    let mut out = b"QUORATE-CREDENTIAL-V1".to_vec();
-    let not_before = task.created_at.to_string();
-    let not_after = task.expires_at.to_string();
-    for field in [
-        key_name,
-        key_id,
-        target,
-        agent,
-        task.id.as_str(),
-        not_before.as_str(),
-        not_after.as_str(),
-    ] {
-        out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
-        out.extend_from_slice(field.as_bytes());
+    quorate_authz::credential::CredentialContext {
+        key_name: key_name.to_owned(),
+        key_id: key_id.to_owned(),
+        target: target.to_owned(),
+        agent: agent.to_owned(),
+        task_id: task.id.clone(),
+        not_before: task.created_at,
+        not_after: task.expires_at,
     }
-    out
+    .encode()
 }
 
 /// Names a credential in the audit trail without revealing it: a digest of its public
@@ -1579,31 +1731,33 @@ pub fn credential_fingerprint(context: &[u8]) -> String {
 }
 
 /// The evidence the fragment nodes verify themselves before signing a token (DESIGN.md
-/// §9): the attestation the agent (or, for an exchange, the actor) presented, and the
-/// subject token of an exchange. An X.509-SVID leaves the attestation empty: it is no
-/// evidence a node can check.
+/// §9): the attestation the agent (or, for an exchange, the actor) presented, the
+/// subject token of an exchange, the bundle policy decided under, and the requested
+/// lifetime and context policy saw. An X.509-SVID leaves the attestation empty: it is
+/// no evidence a node can check.
 fn evidence_of(
     agent: &Attestation,
     subject_token: Option<&str>,
-) -> quorate_proto::fragment::TokenEvidence {
-    quorate_proto::fragment::TokenEvidence {
+    decision: &Decision,
+    ttl_seconds: u64,
+    context: &BTreeMap<String, String>,
+) -> TokenEvidence {
+    TokenEvidence {
         attestation: agent
             .presented
             .as_ref()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default(),
         subject_token: subject_token.unwrap_or_default().to_owned(),
+        policy_bundle: decision.bundle.clone().unwrap_or_default(),
+        ttl_seconds: u32::try_from(ttl_seconds).unwrap_or(u32::MAX),
+        context: context.clone().into_iter().collect(),
+        approval: String::new(),
     }
 }
 
 fn principal_of(a: &Attestation) -> Principal {
-    Principal::Agent {
-        subject: a.subject.clone(),
-        issuer: a.issuer.clone(),
-        external_subject: a.external_subject.clone(),
-        method: a.method.to_string(),
-        claims: a.claims.clone(),
-    }
+    Principal::agent(a)
 }
 
 fn validate_audience(aud: &str) -> Result<()> {

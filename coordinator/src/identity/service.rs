@@ -123,7 +123,15 @@ fn policy_info(i: crate::policy::PolicyInfo) -> api::PolicyInfo {
         digest: i.digest,
         policy_ids: i.policy_ids,
         activated_at: i.activated_at,
+        bundle_seq: i
+            .bundle
+            .as_deref()
+            .and_then(|b| b.split_once('-'))
+            .and_then(|(seq, _)| seq.parse().ok())
+            .unwrap_or(0),
+        bundle: i.bundle.unwrap_or_default(),
         source: i.source,
+        node_reports: Vec::new(),
     }
 }
 
@@ -242,6 +250,7 @@ impl IdentityService for IdentityApi {
                 CredentialRequester::Resource {
                     client,
                     agent: request.get_ref().agent.clone(),
+                    agent_token: non_empty(request.get_ref().agent_token.clone()),
                 },
             )
         } else {
@@ -353,12 +362,25 @@ impl IdentityService for IdentityApi {
         request: Request<api::ApplyPolicyRequest>,
     ) -> Result<Response<api::PolicyInfo>, Status> {
         let caller = self.admin(&request, "apply_policy").await?;
-        let files = request
-            .into_inner()
-            .files
-            .into_iter()
-            .map(|f| (f.name, f.text))
-            .collect();
+        let r = request.into_inner();
+        if !r.bundle.trim().is_empty() {
+            if !r.files.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give a signed bundle or files, not both",
+                ));
+            }
+            let (info, reports) = self.plane.apply_bundle(&caller, &r.bundle).await?;
+            tracing::info!(%caller, bundle = info.bundle.as_deref().unwrap_or("-"), "policy bundle applied");
+            let mut reply = policy_info(info);
+            reply.node_reports = reports;
+            return Ok(Response::new(reply));
+        }
+        if self.plane.config().operator_key.is_some() {
+            return Err(Status::failed_precondition(
+                "this coordinator takes only operator-signed policy bundles (--operator-public-key): sign the set with `quorate policy apply DIR --operator-key FILE`",
+            ));
+        }
+        let files = r.files.into_iter().map(|f| (f.name, f.text)).collect();
         let applied = self
             .plane
             .policy()
@@ -407,6 +429,7 @@ fn approval_info(p: super::approval::Pending) -> api::Approval {
         state: p.state.as_str().into(),
         decided_by: p.decided_by.unwrap_or_default(),
         reason: p.reason.unwrap_or_default(),
+        jkt: p.request.jkt.unwrap_or_default(),
     }
 }
 
@@ -438,7 +461,13 @@ impl ApprovalService for IdentityApi {
         }
         let p = self
             .plane
-            .decide_approval(&caller, &r.id, r.approve, non_empty(r.reason))
+            .decide_approval(
+                &caller,
+                &r.id,
+                r.approve,
+                non_empty(r.reason),
+                non_empty(r.statement),
+            )
             .await?;
         Ok(Response::new(approval_info(p)))
     }

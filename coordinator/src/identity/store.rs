@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const REVOKED_JTI: TableDefinition<&str, i64> = TableDefinition::new("revoked_jti");
 const REVOKED_AGENTS: TableDefinition<&str, i64> = TableDefinition::new("revoked_agents");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// The META entry holding the operator-signed policy bundle last applied.
+const POLICY_BUNDLE: &str = "policy_bundle";
 
 /// The only record version this build writes and reads.
 const RECORD_VERSION: u32 = 1;
@@ -80,9 +83,29 @@ impl IdentityStore {
             tx.open_table(TASKS)?;
             tx.open_table(REVOKED_JTI)?;
             tx.open_table(REVOKED_AGENTS)?;
+            tx.open_table(META)?;
         }
         tx.commit()?;
         Ok(IdentityStore { db })
+    }
+
+    /// Durably records the operator-signed policy bundle (compact JWS) just applied,
+    /// which the coordinator decides under again after a restart.
+    pub fn put_policy_bundle(&self, jws: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(META)?;
+            t.insert(POLICY_BUNDLE, jws)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The policy bundle last applied, if any.
+    pub fn policy_bundle(&self) -> Result<Option<String>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        Ok(t.get(POLICY_BUNDLE)?.map(|v| v.value().to_owned()))
     }
 
     /// Records a new task (durable before return).
