@@ -245,7 +245,7 @@ impl NodePolicy {
             .map(str::to_owned);
         let mismatch = |what: &str| {
             Err(format!(
-                "policy: approval {} was given for another request (its {what} differs)",
+                "policy: approval {} was given for another request (mismatch in {what})",
                 st.approval_id
             ))
         };

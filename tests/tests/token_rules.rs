@@ -990,3 +990,433 @@ async fn a_raw_audit_key_from_before_profiles_becomes_a_checkpoint_key() {
         assert!(s.message().contains("cannot become raw"), "{s:?}");
     }
 }
+
+/// The operator-signed policy of the test below: agents may get `tools:run` tokens for
+/// `Audience::"dev"` living at most 600 s; `Audience::"prod"` waits for an approver;
+/// agents may get their `orders-db` credential; the admin client does everything.
+const SIGNED_POLICY: &str = r#"
+@id("agents-dev")
+@max_ttl_seconds("600")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"dev")
+when { ["tools:run"].containsAll(context.scopes) };
+
+@id("prod-approval")
+@approval("required")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"prod");
+
+@id("credentials")
+permit (principal is Agent, action == Action::"request_credential", resource == Target::"orders-db");
+
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#;
+
+/// A token signing input with the given claims (`iss`, `iat`, `nbf`, `exp` = iat + 300
+/// and `jti` filled in unless given).
+fn token_with(issuer: &str, t0: i64, claims: serde_json::Value) -> Vec<u8> {
+    let header = r#"{"alg":"ES256","typ":"at+jwt","kid":"test"}"#;
+    let mut payload = serde_json::json!({
+        "iss": issuer, "iat": t0, "nbf": t0, "exp": t0 + 300, "jti": format!("j-{t0}"),
+    });
+    for (k, v) in claims.as_object().unwrap() {
+        payload[k] = v.clone();
+    }
+    format!(
+        "{}.{}",
+        b64url(header.as_bytes()),
+        b64url(payload.to_string().as_bytes())
+    )
+    .into_bytes()
+}
+
+/// DESIGN.md §9, the operator-signed policy bundle and signed approvals, as a
+/// compromised coordinator (its certificate and store) would try them against real
+/// nodes whose ceilings name a trust configuration and the operator's key:
+/// - through the coordinator, a dev token and, once an approver signs, a prod token;
+///   an unsigned policy set and a tampered bundle are refused by `ApplyPolicy`;
+/// - node by node: scopes, an audience and a lifetime the bundle does not allow,
+///   evidence naming another bundle, a prod token with no approval, with one signed by
+///   a key the bundle does not list, or with one for another request — all refused by
+///   every node, and none of it uses the presignature, which then signs the approved
+///   token; the approval cannot sign a second token;
+/// - a tampered, an unsigned (`alg: none`) and an older bundle are refused by
+///   `InstallPolicy` on every node, which keeps its bundle;
+/// - a credential derivation for an agent with no evidence or with another agent's
+///   attestation is refused by every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
+    use quorate_authz::bundle::{self as b, ApprovalStatement, PolicyBundle};
+    use quorate_tests::{TempDir, TestIssuer};
+    let cfg = TempDir::new("signed-policy-cfg");
+    let attester = TestIssuer::new(&cfg.0);
+    let operator = p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
+    let approver = p256::ecdsa::SigningKey::from_slice(&[8; 32]).unwrap();
+    let stranger = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
+    let op_pub = cfg.0.join("operator.pub.pem");
+    std::fs::write(&op_pub, b::public_key_pem(&b::public_of(&operator))).unwrap();
+    let files = vec![("signed.cedar".to_owned(), SIGNED_POLICY.to_owned())];
+    let approvers: std::collections::BTreeMap<String, p256::PublicKey> =
+        [("alice".to_owned(), b::public_of(&approver))].into();
+    let t0 = now();
+    let bundle = PolicyBundle::sign(&operator, 10, t0, files.clone(), approvers.clone()).unwrap();
+    let bundle_file = cfg.0.join("bundle.jws");
+    std::fs::write(&bundle_file, bundle.jws()).unwrap();
+    let tc = cfg.0.join("trust.json").display().to_string();
+    let (opk, bf) = (
+        op_pub.display().to_string(),
+        bundle_file.display().to_string(),
+    );
+    let mut flags = POOL_FLAGS.to_vec();
+    flags.extend([
+        "--trust-config",
+        &tc,
+        "--operator-public-key",
+        &opk,
+        "--policy-bundle",
+        &bf,
+    ]);
+    let mut c = TestCluster::start("signed-policy", 3, 1, &flags);
+    for i in 1..=3 {
+        let mut ceiling = c.default_ceiling();
+        ceiling["trust_config"] = tc.clone().into();
+        ceiling["operator_public_key_file"] = opk.clone().into();
+        std::fs::write(c.ceiling_path(i), ceiling.to_string()).unwrap();
+        c.restart_node(i, None);
+    }
+    c.create_token_key("tokens", 900, 4).await;
+    create_key(&c, "credentials", api::Purpose::Derive, None)
+        .await
+        .unwrap();
+
+    // Through the coordinator: a dev token, decided again by every node of the set.
+    let att = attester.attest("agent-1", serde_json::json!({}));
+    let agent = format!("spiffe://{}/agent/test/agent-1", quorate_tests::DOMAIN);
+    let ask_token = |audience: &str, approval_id: &str| api::IssueTokenRequest {
+        attestation: att.clone(),
+        audience: audience.into(),
+        scopes: vec!["tools:run".into()],
+        ttl_seconds: 300,
+        approval_id: approval_id.into(),
+        ..Default::default()
+    };
+    let dev = c.identity_api().await.issue_token(ask_token("dev", "")).await;
+    assert_eq!(dev.unwrap().into_inner().subject, agent);
+    // A prod token waits for an approver; the admin's bare "approve" is not enough
+    // under a signed bundle, a statement signed by alice is.
+    let pending = c
+        .identity_api()
+        .await
+        .issue_token(ask_token("prod", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pending.access_token.is_empty());
+    let apr = pending.pending_approval.clone();
+    let mut approvals = api::approval_service_client::ApprovalServiceClient::new(
+        c.api_channel().await,
+    );
+    let decide = |statement: String| api::DecideApprovalRequest {
+        id: apr.clone(),
+        approve: true,
+        reason: String::new(),
+        statement,
+    };
+    let e = approvals.decide_approval(decide(String::new())).await.unwrap_err();
+    assert!(e.message().contains("signed by one of its approvers"), "{e:?}");
+    let statement = ApprovalStatement {
+        approval_id: apr.clone(),
+        approver: "alice".into(),
+        sub: agent.clone(),
+        action: "issue_token".into(),
+        resource: "Audience::\"prod\"".into(),
+        scopes: vec!["tools:run".into()],
+        ttl_seconds: 300,
+        task_id: None,
+        context: Default::default(),
+        jkt: None,
+        iat: t0,
+        exp: t0 + 600,
+    };
+    let e = approvals
+        .decide_approval(decide(statement.sign(&stranger)))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("does not verify"), "{e:?}");
+    approvals
+        .decide_approval(decide(statement.sign(&approver)))
+        .await
+        .unwrap();
+    let prod = c
+        .identity_api()
+        .await
+        .issue_token(ask_token("prod", &apr))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prod.subject, agent);
+    // ApplyPolicy: an unsigned set, and a bundle whose payload was swapped.
+    let unsigned = c
+        .identity_api()
+        .await
+        .apply_policy(api::ApplyPolicyRequest {
+            files: vec![api::PolicyFile {
+                name: "all.cedar".into(),
+                text: "permit (principal, action, resource);".into(),
+            }],
+            bundle: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(unsigned.message().contains("operator-signed"), "{unsigned:?}");
+    let permissive = PolicyBundle::sign(
+        &stranger,
+        11,
+        t0,
+        vec![(
+            "all.cedar".to_owned(),
+            "permit (principal, action, resource);".to_owned(),
+        )],
+        Default::default(),
+    )
+    .unwrap();
+    let (h, _) = bundle.jws().split_once('.').unwrap();
+    let (_, rest) = permissive.jws().split_once('.').unwrap();
+    let tampered = format!("{h}.{rest}");
+    let e = c
+        .identity_api()
+        .await
+        .apply_policy(api::ApplyPolicyRequest {
+            files: Vec::new(),
+            bundle: tampered.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("does not verify"), "{e:?}");
+
+    // From here on the test is the coordinator.
+    let issuer = c.issuer();
+    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let key = named.public;
+    let p = presigs.first().expect("no pooled presignature").clone();
+    let p2 = presigs.get(1).expect("a second presignature").clone();
+    let members: Vec<u16> = p.sset.members().iter().map(|m| m.get()).collect();
+    let t0 = now();
+    let ev = |ttl: u32, approval: &str| fragment::TokenEvidence {
+        attestation: att.clone(),
+        policy_bundle: bundle.id().to_owned(),
+        ttl_seconds: ttl,
+        approval: approval.to_owned(),
+        ..Default::default()
+    };
+    let on = |p: &PresignaturePublic, input: &[u8], e: fragment::TokenEvidence| {
+        let mut batch = batch(&key, p, digest(input), Some(input));
+        batch.evidence = vec![e];
+        batch
+    };
+    let claims = |aud: &str, scope: &str, jti: &str| {
+        token_with(
+            &issuer,
+            t0,
+            serde_json::json!({"sub": agent, "client_id": agent, "aud": aud, "scope": scope, "jti": jti}),
+        )
+    };
+    let approved = claims("prod", "tools:run", "j-prod");
+    // The approval the coordinator used above is spent on these nodes; the coordinator
+    // (or anyone with its certificate) cannot have it sign another token.
+    let spent = statement.sign(&approver);
+    let direct = ApprovalStatement {
+        approval_id: "apr-direct".into(),
+        ..statement.clone()
+    };
+    let other_request = ApprovalStatement {
+        scopes: vec!["tools:run".into(), "admin".into()],
+        ..direct.clone()
+    };
+    let cases: Vec<(&str, fragment::SignBatch, &str)> = vec![
+        (
+            "a scope the bundle does not allow",
+            on(&p, &claims("dev", "tools:run admin", "j1"), ev(300, "")),
+            "no policy permits",
+        ),
+        (
+            "an audience the bundle does not allow",
+            on(&p, &claims("elsewhere", "tools:run", "j2"), ev(300, "")),
+            "no policy permits",
+        ),
+        (
+            "a lifetime over the bundle's cap",
+            on(
+                &p,
+                &token_with(
+                    &issuer,
+                    t0,
+                    serde_json::json!({"sub": agent, "client_id": agent, "aud": "dev", "scope": "tools:run", "exp": t0 + 700}),
+                ),
+                ev(700, ""),
+            ),
+            "exceeds the 600 s cap",
+        ),
+        (
+            "a token longer than the lifetime policy saw",
+            on(&p, &claims("dev", "tools:run", "j3"), ev(100, "")),
+            "longer than the 100 s",
+        ),
+        (
+            "evidence naming another bundle",
+            on(&p, &claims("dev", "tools:run", "j4"), fragment::TokenEvidence {
+                policy_bundle: "9-0000000000000000".into(),
+                ..ev(300, "")
+            }),
+            "this node holds policy bundle",
+        ),
+        (
+            "a prod token with no approval",
+            on(&p, &approved, ev(300, "")),
+            "carries no signed approval",
+        ),
+        (
+            "a prod token with an approval by a key the bundle does not list",
+            on(&p, &approved, ev(300, &statement.sign(&stranger))),
+            "does not verify",
+        ),
+        (
+            "a prod token with an approval for another request",
+            on(&p, &approved, ev(300, &other_request.sign(&approver))),
+            "another request (mismatch in scopes)",
+        ),
+    ];
+    for (what, batch, words) in cases {
+        for &j in &members {
+            match ask(&c, j, batch.clone()).await {
+                SignOutcome::Refused(why) => assert!(
+                    why.contains("policy") && why.contains(words),
+                    "node {j}, {what}: {why:?} does not name {words:?}"
+                ),
+                SignOutcome::Share(_) => panic!("node {j} signed {what}"),
+            }
+        }
+    }
+    // The spent approval: any two signing sets share a node, and every node that signed
+    // the coordinator's prod token refuses it for another, so no set can sign with it.
+    let mut refusals = 0;
+    for &j in &members {
+        if let SignOutcome::Refused(why) = ask(&c, j, on(&p, &approved, ev(300, &spent))).await {
+            assert!(why.contains("already used for another token"), "node {j}: {why}");
+            refusals += 1;
+        }
+    }
+    assert!(refusals >= 1, "no node of {members:?} remembered the spent approval");
+    // Bundles a compromised coordinator might install: tampered, unsigned, older.
+    let none = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"quorate-policy-bundle+jwt","kid":"x"}"#),
+        rest.split_once('.').unwrap().0
+    );
+    let older = PolicyBundle::sign(&operator, 9, t0, files, approvers).unwrap();
+    for (what, jws, words) in [
+        ("tampered", tampered.as_str(), "does not verify"),
+        ("unsigned", none.as_str(), "ES256"),
+        ("older", older.jws(), "rollback"),
+    ] {
+        for j in 1..=3 {
+            let e = c
+                .node_as_coordinator(j)
+                .await
+                .install_policy(fragment::PolicyBundle { jws: jws.into() })
+                .await
+                .unwrap_err();
+            assert!(
+                e.message().contains(words),
+                "node {j}, {what} bundle: {e:?} does not name {words:?}"
+            );
+        }
+    }
+    // None of that used the presignature or moved the nodes off the bundle: the
+    // approved token gets a share from every node of the set.
+    let good = direct.sign(&approver);
+    let d = digest(&approved);
+    let mut shares = Vec::new();
+    for &j in &members {
+        match ask(&c, j, on(&p, &approved, ev(300, &good))).await {
+            SignOutcome::Share(b) => shares.push(SignatureShare::from_bytes(&b).unwrap()),
+            SignOutcome::Refused(why) => panic!("node {j} refused the approved token: {why}"),
+        }
+    }
+    let mut rng = quorate_crypto::sim::test_rng("signed-policy");
+    let sig = quorate_crypto::sign::combine(&mut rng, &key, &p, &d, &shares).unwrap();
+    assert!(verify_aws(&key.public_key().to_bytes(), &approved, &sig.to_raw()));
+    // The approval signed one token: another (another jti) is refused.
+    let second = claims("prod", "tools:run", "j-prod-2");
+    for &j in &members {
+        if p2.sset.members().iter().any(|m| m.get() == j) {
+            refused(
+                ask(&c, j, on(&p2, &second, ev(300, &good))).await,
+                "already used for another token",
+            );
+        }
+    }
+
+    // A credential for agent-1's task, derived by a coordinator for its own key.
+    let cred_key = stop_and_read(&mut c, "credentials").0.public;
+    let context = quorate_authz::credential::CredentialContext {
+        key_name: "credentials".into(),
+        key_id: cred_key.key_id.to_string(),
+        target: "orders-db".into(),
+        agent: agent.clone(),
+        task_id: "task-x".into(),
+        not_before: t0,
+        not_after: t0 + 600,
+    }
+    .encode();
+    let dh = |evidence: Option<fragment::CredentialEvidence>| fragment::DhCall {
+        request: quorate_crypto::tdh::DhRequest {
+            key_id: cred_key.key_id,
+            input: quorate_crypto::tdh::DhInput::Derive {
+                context: context.clone(),
+            },
+            requester: quorate_crypto::Point::GENERATOR,
+        }
+        .to_bytes(),
+        evidence,
+    };
+    let other = attester.attest("agent-2", serde_json::json!({}));
+    for (what, call, words) in [
+        ("no evidence", dh(None), "carries no evidence"),
+        (
+            "another agent's attestation",
+            dh(Some(fragment::CredentialEvidence {
+                attestation: other,
+                policy_bundle: bundle.id().to_owned(),
+                ..Default::default()
+            })),
+            "attestation is spiffe://",
+        ),
+        (
+            "a target the bundle does not allow",
+            dh(Some(fragment::CredentialEvidence {
+                attestation: att.clone(),
+                policy_bundle: bundle.id().to_owned(),
+                ..Default::default()
+            })),
+            "",
+        ),
+    ] {
+        if words.is_empty() {
+            // orders-db is allowed: the node answers.
+            for j in 1..=3 {
+                c.node_as_coordinator(j).await.threshold_dh(call.clone()).await.unwrap();
+            }
+            continue;
+        }
+        for j in 1..=3 {
+            let e = c
+                .node_as_coordinator(j)
+                .await
+                .threshold_dh(call.clone())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "node {j}, {what}");
+            assert!(e.message().contains(words), "node {j}, {what}: {e:?}");
+        }
+    }
+}
