@@ -176,6 +176,10 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
             "the cluster's Cedar policy (or a revocation) decided this: `quorate policy show` \
              names the active set"
         }
+        tonic::Code::PermissionDenied if op == "decide the approval" || op == "apply the policy bundle" => {
+            "the message says why: under an operator-signed policy bundle an approval needs \
+             --approver-key, and a bundle needs --operator-key; the fragment nodes verify both"
+        }
         tonic::Code::PermissionDenied if op == "sign" || op == "create the key" => {
             "a key's profile or a fragment node's ceiling refused this (the message says which), \
              or this client may not do it: `quorate key list` shows each key's profile"
