@@ -705,17 +705,14 @@ permit (principal == Client::"admin", action, resource);
 
 /// A token signing input for `sub` (also its `client_id`) from this cluster's issuer.
 fn agent_token(issuer: &str, sub: &str, t0: i64) -> Vec<u8> {
-    let header = r#"{"alg":"ES256","typ":"at+jwt","kid":"test"}"#;
-    let payload = serde_json::json!({
-        "iss": issuer, "sub": sub, "client_id": sub, "aud": "dev", "scope": "admin",
-        "iat": t0, "nbf": t0, "exp": t0 + 300, "jti": format!("j-{sub}-{t0}"),
-    });
-    format!(
-        "{}.{}",
-        b64url(header.as_bytes()),
-        b64url(payload.to_string().as_bytes())
+    token_with(
+        issuer,
+        t0,
+        serde_json::json!({
+            "sub": sub, "client_id": sub, "aud": "dev", "scope": "admin",
+            "jti": format!("j-{sub}-{t0}"),
+        }),
     )
-    .into_bytes()
 }
 
 /// DESIGN.md §9 "Evidence", as a compromised coordinator would try it against real
