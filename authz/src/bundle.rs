@@ -58,8 +58,9 @@ impl StatementError {
 /// Reads an ES256 signing key (PKCS#8 PEM, `-----BEGIN PRIVATE KEY-----`): the operator
 /// key or an approver key. The error names the file, never the key.
 pub fn signing_key_from_file(path: &Path) -> Result<SigningKey, StatementError> {
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| StatementError::new(&path.display().to_string(), format!("cannot read: {e}")))?;
+    let pem = std::fs::read_to_string(path).map_err(|e| {
+        StatementError::new(&path.display().to_string(), format!("cannot read: {e}"))
+    })?;
     SigningKey::from_pkcs8_pem(&pem).map_err(|_| {
         StatementError::new(
             &path.display().to_string(),
@@ -70,8 +71,9 @@ pub fn signing_key_from_file(path: &Path) -> Result<SigningKey, StatementError> 
 
 /// Reads a P-256 public key (SPKI PEM, `-----BEGIN PUBLIC KEY-----`).
 pub fn public_key_from_file(path: &Path) -> Result<p256::PublicKey, StatementError> {
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| StatementError::new(&path.display().to_string(), format!("cannot read: {e}")))?;
+    let pem = std::fs::read_to_string(path).map_err(|e| {
+        StatementError::new(&path.display().to_string(), format!("cannot read: {e}"))
+    })?;
     p256::PublicKey::from_public_key_pem(&pem).map_err(|e| {
         StatementError::new(
             &path.display().to_string(),
@@ -114,20 +116,30 @@ struct Opened<'a> {
 fn open<'a>(jws: &'a str, typ: &str, what: &str) -> Result<Opened<'a>, StatementError> {
     let bad = |why: &str| StatementError::new(what, why);
     let jws = jws.trim();
-    let (input, sig) = jws.rsplit_once('.').ok_or_else(|| bad("not a compact JWS"))?;
-    let (h, p) = input.split_once('.').ok_or_else(|| bad("not a compact JWS"))?;
+    let (input, sig) = jws
+        .rsplit_once('.')
+        .ok_or_else(|| bad("not a compact JWS"))?;
+    let (h, p) = input
+        .split_once('.')
+        .ok_or_else(|| bad("not a compact JWS"))?;
     let decode = |part: &str, name: &str| -> Result<Map<String, Value>, StatementError> {
         let raw = URL_SAFE_NO_PAD
             .decode(part)
             .map_err(|_| bad(&format!("its {name} is not base64url")))?;
-        quorate_proto::json::parse_object_unique(&raw)
-            .map_err(|e| bad(&format!("its {name} is not a JSON object with unique members: {e}")))
+        quorate_proto::json::parse_object_unique(&raw).map_err(|e| {
+            bad(&format!(
+                "its {name} is not a JSON object with unique members: {e}"
+            ))
+        })
     };
     let header = decode(h, "header")?;
     let payload = decode(p, "payload")?;
     for name in header.keys() {
         if !["alg", "typ", "kid"].contains(&name.as_str()) {
-            return Err(bad(&format!("its header has the unknown member \"{}\"", name.escape_debug())));
+            return Err(bad(&format!(
+                "its header has the unknown member \"{}\"",
+                name.escape_debug()
+            )));
         }
     }
     if header.get("alg").and_then(Value::as_str) != Some("ES256") {
@@ -144,7 +156,8 @@ fn open<'a>(jws: &'a str, typ: &str, what: &str) -> Result<Opened<'a>, Statement
     let raw = URL_SAFE_NO_PAD
         .decode(sig)
         .map_err(|_| bad("its signature is not base64url"))?;
-    let sig = Signature::from_slice(&raw).map_err(|_| bad("its signature is not ES256 (r || s, 64 bytes)"))?;
+    let sig = Signature::from_slice(&raw)
+        .map_err(|_| bad("its signature is not ES256 (r || s, 64 bytes)"))?;
     Ok(Opened {
         kid,
         payload,
@@ -199,7 +212,10 @@ impl Members<'_> {
     }
     fn uint(&self, name: &str) -> Result<u64, StatementError> {
         self.get(name)?.as_u64().ok_or_else(|| {
-            StatementError::new(self.what, format!("\"{name}\" is not a non-negative integer"))
+            StatementError::new(
+                self.what,
+                format!("\"{name}\" is not a non-negative integer"),
+            )
         })
     }
     fn object(&self, name: &str) -> Result<&Map<String, Value>, StatementError> {
@@ -208,7 +224,8 @@ impl Members<'_> {
             .ok_or_else(|| StatementError::new(self.what, format!("\"{name}\" is not an object")))
     }
     fn strings(&self, name: &str) -> Result<Vec<String>, StatementError> {
-        let not = || StatementError::new(self.what, format!("\"{name}\" is not an array of strings"));
+        let not =
+            || StatementError::new(self.what, format!("\"{name}\" is not an array of strings"));
         self.get(name)?
             .as_array()
             .ok_or_else(not)?
@@ -220,12 +237,14 @@ impl Members<'_> {
         self.object(name)?
             .iter()
             .map(|(k, v)| {
-                v.as_str().map(|s| (k.clone(), s.to_owned())).ok_or_else(|| {
-                    StatementError::new(
-                        self.what,
-                        format!("\"{name}\".\"{}\" is not a string", k.escape_debug()),
-                    )
-                })
+                v.as_str()
+                    .map(|s| (k.clone(), s.to_owned()))
+                    .ok_or_else(|| {
+                        StatementError::new(
+                            self.what,
+                            format!("\"{name}\".\"{}\" is not a string", k.escape_debug()),
+                        )
+                    })
             })
             .collect()
     }
@@ -247,7 +266,10 @@ impl std::fmt::Debug for PolicyBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyBundle")
             .field("id", &self.id)
-            .field("files", &self.files.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("approvers", &self.approvers.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -271,7 +293,12 @@ impl PolicyBundle {
             "files": files.iter().map(|(n, t)| (n.clone(), Value::String(t.clone()))).collect::<Map<_, _>>(),
             "approvers": approvers.iter().map(|(n, k)| (n.clone(), Value::String(public_key_pem(k)))).collect::<Map<_, _>>(),
         });
-        let jws = sign_jws(BUNDLE_TYP, &key_thumbprint(&public_of(operator)), &payload, operator);
+        let jws = sign_jws(
+            BUNDLE_TYP,
+            &key_thumbprint(&public_of(operator)),
+            &payload,
+            operator,
+        );
         Self::verify(&jws, &public_of(operator))
     }
 
@@ -281,7 +308,11 @@ impl PolicyBundle {
     pub fn verify(jws: &str, operator: &p256::PublicKey) -> Result<Self, StatementError> {
         const WHAT: &str = "policy bundle";
         let o = open(jws, BUNDLE_TYP, WHAT)?;
-        verify_sig(&o, operator, "policy bundle (signed by another key than this operator key?)")?;
+        verify_sig(
+            &o,
+            operator,
+            "policy bundle (signed by another key than this operator key?)",
+        )?;
         let m = Members {
             map: &o.payload,
             what: WHAT,
@@ -308,13 +339,19 @@ impl PolicyBundle {
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
                 return Err(StatementError::new(
                     WHAT,
-                    format!("approver name \"{}\" must be 1-128 printable characters", name.escape_debug()),
+                    format!(
+                        "approver name \"{}\" must be 1-128 printable characters",
+                        name.escape_debug()
+                    ),
                 ));
             }
             let key = p256::PublicKey::from_public_key_pem(&pem).map_err(|_| {
                 StatementError::new(
                     WHAT,
-                    format!("approver \"{}\" has no P-256 public key in SPKI PEM", name.escape_debug()),
+                    format!(
+                        "approver \"{}\" has no P-256 public key in SPKI PEM",
+                        name.escape_debug()
+                    ),
                 )
             })?;
             approvers.insert(name, key);
@@ -377,7 +414,10 @@ impl PolicyBundle {
 
 /// Names a public key as a `kid`: the first 16 bytes (hex) of SHA-256 over its SPKI DER.
 pub fn key_thumbprint(key: &p256::PublicKey) -> String {
-    let der = key.to_public_key_der().map(|d| d.as_bytes().to_vec()).unwrap_or_default();
+    let der = key
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
     hex::encode(Sha256::digest(&der).get(..16).unwrap_or_default())
 }
 
@@ -457,8 +497,18 @@ impl ApprovalStatement {
             what: WHAT,
         };
         m.only(&[
-            "approval_id", "approver", "sub", "action", "resource", "scopes", "ttl_seconds",
-            "task_id", "context", "jkt", "iat", "exp",
+            "approval_id",
+            "approver",
+            "sub",
+            "action",
+            "resource",
+            "scopes",
+            "ttl_seconds",
+            "task_id",
+            "context",
+            "jkt",
+            "iat",
+            "exp",
         ])?;
         let s = Self {
             approval_id: m.string("approval_id")?,
@@ -475,7 +525,10 @@ impl ApprovalStatement {
             exp: m.int("exp")?,
         };
         if s.approver != o.kid {
-            return Err(StatementError::new(WHAT, "its approver differs from its kid"));
+            return Err(StatementError::new(
+                WHAT,
+                "its approver differs from its kid",
+            ));
         }
         if s.exp <= s.iat || s.exp - s.iat > MAX_APPROVAL_LIFETIME_SECONDS {
             return Err(StatementError::new(
@@ -484,7 +537,10 @@ impl ApprovalStatement {
             ));
         }
         if s.iat > now.saturating_add(leeway) {
-            return Err(StatementError::new(WHAT, format!("issued in the future (iat {})", s.iat)));
+            return Err(StatementError::new(
+                WHAT,
+                format!("issued in the future (iat {})", s.iat),
+            ));
         }
         if s.exp.saturating_add(leeway) <= now {
             return Err(StatementError::new(WHAT, format!("expired at {}", s.exp)));
@@ -504,7 +560,10 @@ mod tests {
     }
 
     fn files() -> Vec<(String, String)> {
-        vec![("a.cedar".into(), "permit (principal, action, resource);".into())]
+        vec![(
+            "a.cedar".into(),
+            "permit (principal, action, resource);".into(),
+        )]
     }
 
     fn bundle(op: &SigningKey, seq: u64) -> PolicyBundle {
@@ -551,10 +610,9 @@ mod tests {
         let e = PolicyBundle::verify(&none, &public_of(&op)).unwrap_err();
         assert!(e.to_string().contains("ES256"), "{e}");
         // Signed by the operator, but a duplicate member or an unknown one.
-        let dup = format!(
-            r#"{{"seq":3,"iat":1,"files":{{"a.cedar":"permit (principal, action, resource);"}},"approvers":{{}},"seq":9}}"#
-        );
-        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"quorate-policy-bundle+jwt","kid":"x"}"#);
+        let dup = r#"{"seq":3,"iat":1,"files":{"a.cedar":"permit (principal, action, resource);"},"approvers":{},"seq":9}"#;
+        let header = URL_SAFE_NO_PAD
+            .encode(r#"{"alg":"ES256","typ":"quorate-policy-bundle+jwt","kid":"x"}"#);
         let input = format!("{header}.{}", URL_SAFE_NO_PAD.encode(dup));
         let sig: Signature = op.sign(input.as_bytes());
         let dup_jws = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
@@ -605,7 +663,10 @@ mod tests {
     fn approvals_verify_only_by_a_listed_approver_within_their_window() {
         let b = bundle(&key(1), 1);
         let good = statement().sign(&key(9));
-        assert_eq!(ApprovalStatement::verify(&good, &b, 1100, 60).unwrap(), statement());
+        assert_eq!(
+            ApprovalStatement::verify(&good, &b, 1100, 60).unwrap(),
+            statement()
+        );
         // Another key claiming to be alice.
         let e = ApprovalStatement::verify(&statement().sign(&key(8)), &b, 1100, 60).unwrap_err();
         assert!(e.to_string().contains("does not verify"), "{e}");

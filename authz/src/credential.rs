@@ -114,7 +114,11 @@ mod tests {
         assert!(CredentialContext::parse(&bytes[..bytes.len() - 1]).is_err());
         let mut extra = bytes.clone();
         extra.extend_from_slice(&[0, 0, 0, 0]);
-        assert!(CredentialContext::parse(&extra).unwrap_err().contains("8 fields"));
+        assert!(
+            CredentialContext::parse(&extra)
+                .unwrap_err()
+                .contains("8 fields")
+        );
         assert!(CredentialContext::parse(b"other").is_err());
     }
 }

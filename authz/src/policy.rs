@@ -527,7 +527,10 @@ fn unix_now() -> i64 {
 /// Compiles the files of a verified bundle; the set remembers the bundle.
 fn compile_bundle(bundle: PolicyBundle) -> Result<ActiveSet, PolicyError> {
     let origin = format!("policy bundle {}", bundle.id());
-    let mut set = compile(PolicySetFiles::new(bundle.files().to_vec(), &origin)?, &origin)?;
+    let mut set = compile(
+        PolicySetFiles::new(bundle.files().to_vec(), &origin)?,
+        &origin,
+    )?;
     set.info.bundle = Some(bundle.id().to_owned());
     set.bundle = Some(Arc::new(bundle));
     Ok(set)

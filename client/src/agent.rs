@@ -173,7 +173,12 @@ pub struct BundleArgs {
     #[arg(long, env = "QUORATE_OPERATOR_KEY", value_name = "FILE")]
     operator_key: Option<PathBuf>,
     /// An approver whose signed approvals count: NAME=PUBLIC-KEY.pem; repeatable
-    #[arg(long = "approver", value_name = "NAME=FILE", env = "QUORATE_APPROVERS", value_delimiter = ',')]
+    #[arg(
+        long = "approver",
+        value_name = "NAME=FILE",
+        env = "QUORATE_APPROVERS",
+        value_delimiter = ','
+    )]
     approvers: Vec<String>,
     /// The bundle's sequence number (default: one more than the active bundle's, or
     /// the current unix time for `policy sign`)
@@ -183,7 +188,11 @@ pub struct BundleArgs {
 
 impl BundleArgs {
     /// Signs `dir`'s files as bundle `seq`.
-    fn sign(&self, dir: &std::path::Path, seq: u64) -> Result<Option<quorate_authz::bundle::PolicyBundle>> {
+    fn sign(
+        &self,
+        dir: &std::path::Path,
+        seq: u64,
+    ) -> Result<Option<quorate_authz::bundle::PolicyBundle>> {
         use quorate_authz::bundle as b;
         let Some(key_file) = &self.operator_key else {
             return Ok(None);
@@ -426,17 +435,28 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
                 info.digest
             ))
         }
-        PolicyCommand::Sign { dir, sign, out: file } => {
+        PolicyCommand::Sign {
+            dir,
+            sign,
+            out: file,
+        } => {
             if sign.operator_key.is_none() {
                 return Err(Error::Usage("policy sign needs --operator-key FILE".into()));
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let bundle = sign.sign(&dir, now)?.ok_or_else(|| Error::Usage("no --operator-key".into()))?;
+            let bundle = sign
+                .sign(&dir, now)?
+                .ok_or_else(|| Error::Usage("no --operator-key".into()))?;
             std::fs::write(&file, format!("{}\n", bundle.jws()))
                 .map_err(|e| Error::Usage(format!("--out {}: {e}", file.display())))?;
-            out(&format!("signed policy bundle {} ({} files) to {}\n", bundle.id(), bundle.files().len(), file.display()))
+            out(&format!(
+                "signed policy bundle {} ({} files) to {}\n",
+                bundle.id(),
+                bundle.files().len(),
+                file.display()
+            ))
         }
         PolicyCommand::Apply { dir, sign, conn } => {
             let files = p::read_dir_files(&dir)

@@ -93,8 +93,14 @@ pub fn sign_dev_bundle(dir: &Path, out: &Path) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let mut approvers = std::collections::BTreeMap::new();
     approvers.insert(DEV_APPROVER.to_owned(), approver);
-    let bundle = b::PolicyBundle::sign(&key, now, i64::try_from(now).unwrap_or(i64::MAX), files, approvers)
-        .map_err(|e| Error::Config(format!("cannot sign the dev policy bundle: {e}")))?;
+    let bundle = b::PolicyBundle::sign(
+        &key,
+        now,
+        i64::try_from(now).unwrap_or(i64::MAX),
+        files,
+        approvers,
+    )
+    .map_err(|e| Error::Config(format!("cannot sign the dev policy bundle: {e}")))?;
     write_new(out, format!("{}\n", bundle.jws()).as_bytes(), false)
 }
 

@@ -176,7 +176,9 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
             "the cluster's Cedar policy (or a revocation) decided this: `quorate policy show` \
              names the active set"
         }
-        tonic::Code::PermissionDenied if op == "decide the approval" || op == "apply the policy bundle" => {
+        tonic::Code::PermissionDenied
+            if op == "decide the approval" || op == "apply the policy bundle" =>
+        {
             "the message says why: under an operator-signed policy bundle an approval needs \
              --approver-key, and a bundle needs --operator-key; the fragment nodes verify both"
         }

@@ -69,7 +69,12 @@ pub struct DecideArgs {
     #[arg(long, env = "QUORATE_APPROVER_KEY", value_name = "FILE")]
     approver_key: Option<PathBuf>,
     /// The approver name the bundle lists for that key (default: `admin`)
-    #[arg(long, env = "QUORATE_APPROVER_NAME", value_name = "NAME", default_value = "admin")]
+    #[arg(
+        long,
+        env = "QUORATE_APPROVER_NAME",
+        value_name = "NAME",
+        default_value = "admin"
+    )]
     approver_name: String,
     /// How long the signed approval may be used (e.g. 15m)
     #[arg(long, value_name = "DURATION", default_value = "15m")]
@@ -275,7 +280,11 @@ async fn sign_approval(
         .await?
         .into_iter()
         .find(|a| a.id == id)
-        .ok_or_else(|| Error::Usage(format!("no approval request {id} (see `quorate approval list`)")))?;
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "no approval request {id} (see `quorate approval list`)"
+            ))
+        })?;
     eprintln!(
         "signing approval {id} as {approver}: {} {} {} scopes=[{}] ttl={}s{}{}",
         a.agent,
@@ -283,8 +292,16 @@ async fn sign_approval(
         a.resource,
         a.scopes.join(" "),
         a.ttl_seconds,
-        if a.task_id.is_empty() { String::new() } else { format!(" task={}", a.task_id) },
-        if a.jkt.is_empty() { String::new() } else { format!(" dpop={}", a.jkt) },
+        if a.task_id.is_empty() {
+            String::new()
+        } else {
+            format!(" task={}", a.task_id)
+        },
+        if a.jkt.is_empty() {
+            String::new()
+        } else {
+            format!(" dpop={}", a.jkt)
+        },
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

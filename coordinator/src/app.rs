@@ -203,7 +203,10 @@ async fn start_identity_http(
     let policy = match (signed, &cfg.policy_dir) {
         (Some(bundle), _) => {
             cluster.set_policy_bundle(Some((bundle.id().to_owned(), bundle.jws().to_owned())));
-            tracing::info!(bundle = bundle.id(), "deciding under the operator-signed policy bundle");
+            tracing::info!(
+                bundle = bundle.id(),
+                "deciding under the operator-signed policy bundle"
+            );
             PolicyEngine::from_bundle(bundle).map_err(|e| format!("policy bundle: {e}"))?
         }
         (None, Some(dir)) => PolicyEngine::from_dir(dir)
@@ -320,7 +323,9 @@ fn starting_bundle(
             return Err("--operator-public-key: no signed policy bundle yet; give --policy-bundle FILE (`quorate policy sign DIR --operator-key KEY --out FILE`)".into());
         }
     };
-    store.put_policy_bundle(chosen.jws()).map_err(|e| e.to_string())?;
+    store
+        .put_policy_bundle(chosen.jws())
+        .map_err(|e| e.to_string())?;
     Ok(chosen)
 }
 

@@ -35,9 +35,9 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
+use quorate_authz::bundle::BUNDLE_MISMATCH;
 pub use quorate_proto::profile::KeyProfile;
 pub use quorate_proto::rules::TokenRules;
-use quorate_authz::bundle::BUNDLE_MISMATCH;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, REFUSAL_PREFIX};
 
 use crate::store::{KeyVersion, NamedKey, Store, StoreError, StoredVersion};

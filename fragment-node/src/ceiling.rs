@@ -219,7 +219,10 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.len(), 5, "{e:?}");
-        assert!(e[4].contains("operator_public_key_file needs trust_config"), "{e:?}");
+        assert!(
+            e[4].contains("operator_public_key_file needs trust_config"),
+            "{e:?}"
+        );
         let e = Ceiling::from_file(&write(dir.path(), r#"{"token_issuers":["a"],"extra":1}"#))
             .unwrap_err();
         assert!(e[0].contains("extra"), "{e:?}");

@@ -74,7 +74,10 @@ impl NodePolicy {
             }
         });
         if let Some(e) = &held {
-            tracing::info!(bundle = e.info().bundle.as_deref().unwrap_or("-"), "policy bundle loaded");
+            tracing::info!(
+                bundle = e.info().bundle.as_deref().unwrap_or("-"),
+                "policy bundle loaded"
+            );
         }
         Self {
             operator,
@@ -103,7 +106,10 @@ impl NodePolicy {
         jws: &str,
         persist: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<Arc<PolicyBundle>, String> {
-        let _one = self.installing.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one = self
+            .installing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let bundle = PolicyBundle::verify(jws, &self.operator).map_err(|e| e.to_string())?;
         if let Some(held) = self.held().and_then(|e| e.bundle()) {
             if held.id() == bundle.id() {
@@ -130,7 +136,11 @@ impl NodePolicy {
             return Err(format!(
                 "policy: {BUNDLE_MISMATCH} {}, but the request was decided under {}",
                 bundle.id(),
-                if asked.is_empty() { "no signed bundle" } else { asked }
+                if asked.is_empty() {
+                    "no signed bundle"
+                } else {
+                    asked
+                }
             ));
         }
         Ok((engine, bundle))
@@ -159,7 +169,11 @@ impl NodePolicy {
         let aud = string("aud")?;
         let scopes: Vec<String> = match claims.get("scope") {
             None => Vec::new(),
-            Some(Value::String(s)) => s.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            Some(Value::String(s)) => s
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
             Some(_) => return Err("policy: the token's scope is not a string".into()),
         };
         let task = match claims.get("task_id") {
@@ -184,7 +198,11 @@ impl NodePolicy {
                     .get("sub")
                     .and_then(Value::as_str)
                     .ok_or("policy: the subject token has no sub")?;
-                (Action::ExchangeToken, Some(sub.to_owned()), Some(actor_chain(claims)))
+                (
+                    Action::ExchangeToken,
+                    Some(sub.to_owned()),
+                    Some(actor_chain(claims)),
+                )
             }
         };
         let pairs: BTreeMap<String, String> = ev.context.clone().into_iter().collect();
@@ -207,7 +225,11 @@ impl NodePolicy {
             context,
         });
         if !decision.allowed {
-            return Err(format!("policy bundle {}: {}", bundle.id(), decision.explain()));
+            return Err(format!(
+                "policy bundle {}: {}",
+                bundle.id(),
+                decision.explain()
+            ));
         }
         if let Some(cap) = decision.max_ttl_seconds
             && u64::from(ev.ttl_seconds) > cap
@@ -318,7 +340,11 @@ impl NodePolicy {
             context,
         });
         if !decision.allowed {
-            return Err(format!("policy bundle {}: {}", bundle.id(), decision.explain()));
+            return Err(format!(
+                "policy bundle {}: {}",
+                bundle.id(),
+                decision.explain()
+            ));
         }
         if decision.approval_required {
             return Err(format!(

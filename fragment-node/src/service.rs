@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use quorate_authz::credential::CredentialContext;
 use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
 use quorate_crypto::identity::IdentityKey;
 use quorate_crypto::keys::{KeyPublic, KeyShare};
@@ -20,7 +21,6 @@ use quorate_crypto::seal::KemSecretKey;
 use quorate_crypto::sign::{self, SignRequest};
 use quorate_crypto::tdh::{self, DhRequest};
 use quorate_crypto::wire::Wire;
-use quorate_authz::credential::CredentialContext;
 use quorate_proto::convert;
 use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
 use quorate_proto::profile::KeyProfile;
@@ -743,19 +743,31 @@ impl Node {
             };
         }
         if !ev.agent_token.trim().is_empty() {
-            let claims = crate::evidence::own_token(&ev.agent_token, self, now_unix, "the agent's token")?;
+            let claims =
+                crate::evidence::own_token(&ev.agent_token, self, now_unix, "the agent's token")?;
             if claims.get("sub").and_then(serde_json::Value::as_str) != Some(ctx.agent.as_str()) {
-                return Err(format!("evidence: the agent's token is not {}'s", ctx.agent));
+                return Err(format!(
+                    "evidence: the agent's token is not {}'s",
+                    ctx.agent
+                ));
             }
-            if claims.get("task_id").and_then(serde_json::Value::as_str) != Some(ctx.task_id.as_str()) {
-                return Err(format!("evidence: the agent's token is not for task {}", ctx.task_id));
+            if claims.get("task_id").and_then(serde_json::Value::as_str)
+                != Some(ctx.task_id.as_str())
+            {
+                return Err(format!(
+                    "evidence: the agent's token is not for task {}",
+                    ctx.task_id
+                ));
             }
             return Ok(());
         }
         Err("evidence: an agent's credential needs the agent's attestation, or its access token for the task (a resource client)".into())
     }
 
-    fn install_policy(&self, req: fragment::PolicyBundle) -> Result<fragment::PolicyBundleReply, Status> {
+    fn install_policy(
+        &self,
+        req: fragment::PolicyBundle,
+    ) -> Result<fragment::PolicyBundleReply, Status> {
         let policy = self.policy.as_ref().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "node {}: its ceiling names no operator_public_key_file, so it decides under no policy bundle",

@@ -401,7 +401,7 @@ async fn agent_identity_end_to_end() {
         &["no policy permits"],
     );
     idc.apply_policy(api::ApplyPolicyRequest {
-            bundle: String::new(),
+        bundle: String::new(),
         files: vec![
             api::PolicyFile {
                 name: "base.cedar".into(),

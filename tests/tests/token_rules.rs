@@ -1096,7 +1096,11 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         approval_id: approval_id.into(),
         ..Default::default()
     };
-    let dev = c.identity_api().await.issue_token(ask_token("dev", "")).await;
+    let dev = c
+        .identity_api()
+        .await
+        .issue_token(ask_token("dev", ""))
+        .await;
     assert_eq!(dev.unwrap().into_inner().subject, agent);
     // A prod token waits for an approver; the admin's bare "approve" is not enough
     // under a signed bundle, a statement signed by alice is.
@@ -1109,17 +1113,22 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         .into_inner();
     assert!(pending.access_token.is_empty());
     let apr = pending.pending_approval.clone();
-    let mut approvals = api::approval_service_client::ApprovalServiceClient::new(
-        c.api_channel().await,
-    );
+    let mut approvals =
+        api::approval_service_client::ApprovalServiceClient::new(c.api_channel().await);
     let decide = |statement: String| api::DecideApprovalRequest {
         id: apr.clone(),
         approve: true,
         reason: String::new(),
         statement,
     };
-    let e = approvals.decide_approval(decide(String::new())).await.unwrap_err();
-    assert!(e.message().contains("signed by one of its approvers"), "{e:?}");
+    let e = approvals
+        .decide_approval(decide(String::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("signed by one of its approvers"),
+        "{e:?}"
+    );
     let statement = ApprovalStatement {
         approval_id: apr.clone(),
         approver: "alice".into(),
@@ -1164,7 +1173,10 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         })
         .await
         .unwrap_err();
-    assert!(unsigned.message().contains("operator-signed"), "{unsigned:?}");
+    assert!(
+        unsigned.message().contains("operator-signed"),
+        "{unsigned:?}"
+    );
     let permissive = PolicyBundle::sign(
         &stranger,
         11,
@@ -1260,10 +1272,14 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         ),
         (
             "evidence naming another bundle",
-            on(&p, &claims("dev", "tools:run", "j4"), fragment::TokenEvidence {
-                policy_bundle: "9-0000000000000000".into(),
-                ..ev(300, "")
-            }),
+            on(
+                &p,
+                &claims("dev", "tools:run", "j4"),
+                fragment::TokenEvidence {
+                    policy_bundle: "9-0000000000000000".into(),
+                    ..ev(300, "")
+                },
+            ),
             "this node holds policy bundle",
         ),
         (
@@ -1298,11 +1314,17 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
     let mut refusals = 0;
     for &j in &members {
         if let SignOutcome::Refused(why) = ask(&c, j, on(&p, &approved, ev(300, &spent))).await {
-            assert!(why.contains("already used for another token"), "node {j}: {why}");
+            assert!(
+                why.contains("already used for another token"),
+                "node {j}: {why}"
+            );
             refusals += 1;
         }
     }
-    assert!(refusals >= 1, "no node of {members:?} remembered the spent approval");
+    assert!(
+        refusals >= 1,
+        "no node of {members:?} remembered the spent approval"
+    );
     // Bundles a compromised coordinator might install: tampered, unsigned, older.
     let none = format!(
         "{}.{}.",
@@ -1341,7 +1363,11 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
     }
     let mut rng = quorate_crypto::sim::test_rng("signed-policy");
     let sig = quorate_crypto::sign::combine(&mut rng, &key, &p, &d, &shares).unwrap();
-    assert!(verify_aws(&key.public_key().to_bytes(), &approved, &sig.to_raw()));
+    assert!(verify_aws(
+        &key.public_key().to_bytes(),
+        &approved,
+        &sig.to_raw()
+    ));
     // The approval signed one token: another (another jti) is refused.
     let second = claims("prod", "tools:run", "j-prod-2");
     for &j in &members {
@@ -1401,7 +1427,11 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         if words.is_empty() {
             // orders-db is allowed: the node answers.
             for j in 1..=3 {
-                c.node_as_coordinator(j).await.threshold_dh(call.clone()).await.unwrap();
+                c.node_as_coordinator(j)
+                    .await
+                    .threshold_dh(call.clone())
+                    .await
+                    .unwrap();
             }
             continue;
         }

@@ -76,7 +76,11 @@ impl Request {
         id: &str,
         st: &quorate_authz::bundle::ApprovalStatement,
     ) -> Result<(), String> {
-        let differs = |what: &str| Err(format!("the approval statement's {what} differs from request {id}'s"));
+        let differs = |what: &str| {
+            Err(format!(
+                "the approval statement's {what} differs from request {id}'s"
+            ))
+        };
         if st.approval_id != id {
             return differs("approval_id");
         }
@@ -373,17 +377,15 @@ mod tests {
             a.get("apr-1", &req("read")).unwrap().0.state,
             State::Pending
         );
-        a.decide("apr-1", true, "admin", None, None, |_| Ok::<_, ApprovalError>(()))
-            .unwrap();
+        a.decide("apr-1", true, "admin", None, None, |_| {
+            Ok::<_, ApprovalError>(())
+        })
+        .unwrap();
         assert!(
-            a.decide(
-                "apr-1",
-                false,
-                "admin",
-                None,
-                None,
-                |_| Ok::<_, ApprovalError>(())
-            )
+            a.decide("apr-1", false, "admin", None, None, |_| Ok::<
+                _,
+                ApprovalError,
+            >(()))
             .is_err()
         );
         a.take("apr-1").unwrap();
@@ -407,8 +409,15 @@ mod tests {
             State::Expired
         );
         assert!(
-            a.decide("apr-1", true, "admin", None, None, |_| Ok::<_, ApprovalError>(()))
-                .is_err()
+            a.decide(
+                "apr-1",
+                true,
+                "admin",
+                None,
+                None,
+                |_| Ok::<_, ApprovalError>(())
+            )
+            .is_err()
         );
         assert!(a.list(false).is_empty());
         assert_eq!(a.list(true).len(), 1);

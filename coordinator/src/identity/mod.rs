@@ -833,21 +833,23 @@ impl IdentityPlane {
         };
         // The event is appended (a short blocking commit, under the approvals lock)
         // before the decision wakes the waiting request.
-        let decided = self.approvals.decide(id, approve, caller, reason, statement, |p| {
-            if approve {
-                // A deprovisioned agent gets nothing, approved or not; rejecting its
-                // request stays possible.
-                self.not_deprovisioned(&p.request.agent).map_err(|e| {
-                    IdentityError::Denied(format!("approval {id} cannot be approved: {e}"))
-                })?;
-            }
-            let mut fields = approval_fields(p, what, Some(caller));
-            fields.policy_ids = d.policy_ids.clone();
-            self.audit
-                .append_blocking(outcome, fields)
-                .map(|_| ())
-                .map_err(IdentityError::from)
-        });
+        let decided = self
+            .approvals
+            .decide(id, approve, caller, reason, statement, |p| {
+                if approve {
+                    // A deprovisioned agent gets nothing, approved or not; rejecting its
+                    // request stays possible.
+                    self.not_deprovisioned(&p.request.agent).map_err(|e| {
+                        IdentityError::Denied(format!("approval {id} cannot be approved: {e}"))
+                    })?;
+                }
+                let mut fields = approval_fields(p, what, Some(caller));
+                fields.policy_ids = d.policy_ids.clone();
+                self.audit
+                    .append_blocking(outcome, fields)
+                    .map(|_| ())
+                    .map_err(IdentityError::from)
+            });
         let p = match decided {
             Ok(p) => p,
             Err(e @ IdentityError::Audit(_)) => return Err(e),
@@ -883,7 +885,12 @@ impl IdentityPlane {
             return Err(IdentityError::Denied(format!(
                 "policy bundle {} is in force: approving needs a statement signed by one of its approvers ({}); sign it with `quorate approval approve {id} --approver-key FILE`",
                 bundle.id(),
-                bundle.approvers().keys().cloned().collect::<Vec<_>>().join(", ")
+                bundle
+                    .approvers()
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         };
         let st = quorate_authz::bundle::ApprovalStatement::verify(
@@ -908,16 +915,15 @@ impl IdentityPlane {
     /// knows the operator key, then installed on every node (each verifies it against
     /// its own operator key), and activated here only if no node refused it. Returns
     /// the active set's info and one line per node.
-    pub async fn apply_bundle(
-        &self,
-        caller: &str,
-        jws: &str,
-    ) -> Result<(PolicyInfo, Vec<String>)> {
+    pub async fn apply_bundle(&self, caller: &str, jws: &str) -> Result<(PolicyInfo, Vec<String>)> {
         let mut trail = self.admin_trail("policy", "apply_policy", caller);
         let result = self.apply_bundle_inner(caller, jws, &mut trail).await;
         match result {
             Ok(ok) => {
-                trail.reason = Some(format!("bundle {}", ok.0.bundle.clone().unwrap_or_default()));
+                trail.reason = Some(format!(
+                    "bundle {}",
+                    ok.0.bundle.clone().unwrap_or_default()
+                ));
                 self.audit
                     .append(Outcome::Allow, trail)
                     .await
@@ -934,11 +940,14 @@ impl IdentityPlane {
         jws: &str,
         trail: &mut Fields,
     ) -> Result<(PolicyInfo, Vec<String>)> {
-        let d = self.require_client(caller, Action::Admin, "apply_policy").await?;
+        let d = self
+            .require_client(caller, Action::Admin, "apply_policy")
+            .await?;
         trail.policy_ids = d.policy_ids;
         let Some(operator) = &self.cfg.operator_key else {
             return Err(IdentityError::Precondition(
-                "this coordinator takes no signed bundles: start it with --operator-public-key".into(),
+                "this coordinator takes no signed bundles: start it with --operator-public-key"
+                    .into(),
             ));
         };
         let bundle = quorate_authz::bundle::PolicyBundle::verify(jws, operator)
@@ -967,7 +976,9 @@ impl IdentityPlane {
                 }
                 crate::cluster::BundleReport::Refused(why) => format!("node {i}: refused: {why}"),
                 crate::cluster::BundleReport::Unreachable(why) => {
-                    format!("node {i}: unreachable ({why}); it gets the bundle before it next signs")
+                    format!(
+                        "node {i}: unreachable ({why}); it gets the bundle before it next signs"
+                    )
                 }
             })
             .collect();
