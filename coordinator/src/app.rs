@@ -80,6 +80,9 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.record_relay.clone(),
     )
     .map_err(|e| e.to_string())?;
+    // The nodes may hold presignatures of an earlier coordinator process, whose public
+    // halves died with it: have them forgotten before pools fill again.
+    cluster.discard_node_presignatures().await;
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
     if let Some(m) = cfg.metrics_listen {
         let c = cluster.clone();

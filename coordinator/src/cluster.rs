@@ -223,8 +223,6 @@ pub struct Cluster {
     trust: Trust,
     nodes: Vec<NodeHandle>,
     store: Arc<Store>,
-    /// Durable removals of presignatures taken from the pools, group-committed.
-    takes: mpsc::Sender<TakeJob>,
     state: Mutex<State>,
     relay_log: Option<Mutex<std::fs::File>>,
     metrics: CoordMetrics,
@@ -293,8 +291,6 @@ impl Cluster {
             )),
         };
         let store = Arc::new(store);
-        let (takes, take_rx) = mpsc::channel(MAX_SIGN_BATCH * 4);
-        tokio::spawn(take_committer(store.clone(), take_rx));
         let mut nodes = Vec::new();
         let mut receivers = Vec::new();
         for (index, addr, ch) in channels {
@@ -317,19 +313,17 @@ impl Cluster {
             }
             state.keys.insert(k.name.clone(), k);
         }
-        for p in store.presigs()? {
-            state
-                .pools
-                .entry((p.key_id, p.sset.clone()))
-                .or_default()
-                .push_back(p);
+        // Presignatures live in memory only (DESIGN.md §4.5): pools start empty, and
+        // whatever an earlier version stored is dropped.
+        let dropped = store.drop_stored_pools()?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped presignature pools stored by an earlier version");
         }
         let cluster = Arc::new(Cluster {
             params,
             trust,
             nodes,
             store: store.clone(),
-            takes,
             state: Mutex::new(state),
             relay_log,
             metrics: CoordMetrics::default(),
@@ -496,6 +490,45 @@ impl Cluster {
                 )))
             }
         }
+    }
+
+    /// Asks every reachable node to forget the presignatures it holds (they live in
+    /// memory only; this coordinator holds none of their public halves). A node that
+    /// cannot be reached keeps them until it restarts; they can never be used.
+    pub async fn discard_node_presignatures(&self) {
+        for n in &self.nodes {
+            let mut c = n.client.clone();
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                c.discard_presignatures(fragment::DiscardPresignaturesRequest {}),
+            )
+            .await
+            {
+                Ok(Ok(r)) => {
+                    let discarded = r.into_inner().discarded;
+                    if discarded > 0 {
+                        tracing::info!(node = n.index.get(), discarded, "node forgot presignatures of an earlier coordinator");
+                    }
+                }
+                Ok(Err(s)) => tracing::warn!(node = n.index.get(), error = %s.message(), "could not have the node discard old presignatures"),
+                Err(_) => tracing::warn!(node = n.index.get(), "could not have the node discard old presignatures: timed out"),
+            }
+        }
+    }
+
+    /// Drops every pool whose signing set includes node `j`: it answered that it does
+    /// not hold a presignature it acknowledged, so it restarted and burnt them all
+    /// (DESIGN.md §4.5). The filler makes new ones.
+    fn drop_pools_of(&self, j: PartyIndex) {
+        if let Ok(mut s) = self.state() {
+            let before: usize = s.pools.values().map(VecDeque::len).sum();
+            s.pools.retain(|(_, set), _| !set.contains(j));
+            let after: usize = s.pools.values().map(VecDeque::len).sum();
+            if before > after {
+                tracing::info!(node = j.get(), dropped = before - after, "node restarted: its presignatures are gone; refilling");
+            }
+        }
+        self.presig_drawn.notify_one();
     }
 
     fn mark_down(&self, i: PartyIndex) {
@@ -728,9 +761,7 @@ impl Cluster {
                 .map(|p| p.id)
                 .collect()
         };
-        if let Err(e) = self.store.remove_presigs(&dropped) {
-            tracing::warn!(key = name, error = %e, "could not drop the retired version's pooled presignatures");
-        }
+        drop(dropped);
         tracing::info!(key = name, version = version.version, id = %public.key_id, retired = %old_id, "key rotated");
         Ok(KeyVersionInfo::of(name, &stored))
     }
@@ -956,7 +987,6 @@ impl Cluster {
                 "signing set stored {stored} presignature shares, expected {expected}"
             )));
         }
-        self.store.add_presigs(&public)?;
         let n = public.len();
         self.metrics.presignatures_made.add(n as u64);
         self.state()?
@@ -1131,6 +1161,17 @@ impl Cluster {
     }
 
     /// Pool depths: `(key name, signing set, depth)`.
+    /// The pooled presignatures of key `key_id`, every pool (public data only).
+    pub fn pooled(&self, key_id: KeyId) -> Result<Vec<PresignaturePublic>> {
+        let s = self.state()?;
+        Ok(s.pools
+            .iter()
+            .filter(|((k, _), _)| *k == key_id)
+            .flat_map(|(_, q)| q.iter().cloned())
+            .collect())
+    }
+
+    /// Pool depths by key name and signing set.
     pub fn pool_depths(&self) -> Result<Vec<(String, PartySet, usize)>> {
         let s = self.state()?;
         let mut out = Vec::new();
@@ -1182,8 +1223,7 @@ impl Cluster {
     }
 
     /// Takes a presignature of `key` whose signing set is entirely usable out of its
-    /// in-memory pool, preferring the deepest pool (the caller removes it durably with
-    /// [`Cluster::commit_take`]).
+    /// in-memory pool, preferring the deepest pool.
     fn try_take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
         let presig = {
             let mut s = self.state()?;
@@ -1212,24 +1252,6 @@ impl Cluster {
         Ok(presig)
     }
 
-    /// Durably removes a taken presignature from the stored pools, so that a coordinator
-    /// restart never hands it out again. Concurrent removals share one commit
-    /// ([`take_committer`]).
-    async fn commit_take(&self, presig: &PresignaturePublic) -> Result<()> {
-        let (done, committed) = oneshot::channel();
-        self.takes
-            .send(TakeJob {
-                id: presig.id,
-                done,
-            })
-            .await
-            .map_err(|_| CoordError::Internal("the pool committer stopped".into()))?;
-        committed
-            .await
-            .map_err(|_| CoordError::Internal("the pool committer stopped".into()))?
-            .map_err(CoordError::Internal)
-    }
-
     /// Puts back a presignature that every node of its signing set refused before
     /// touching it (a token-rules refusal), so a bad token does not waste it. Only into
     /// a current version's pool.
@@ -1239,10 +1261,6 @@ impl Cluster {
             .map(|s| s.keys.values().any(|k| k.public.key_id == presig.key_id))
             .unwrap_or(false);
         if !current {
-            return;
-        }
-        if let Err(e) = self.store.add_presigs(std::slice::from_ref(&presig)) {
-            tracing::warn!(error = %e, "could not return an untouched presignature to its pool");
             return;
         }
         if let Ok(mut s) = self.state() {
@@ -1334,17 +1352,11 @@ impl Cluster {
         let mut last = None;
         for _attempt in 0..3 {
             let presig = self.take_presig(key.key_id).await?;
-            // The durable removal from the stored pool runs alongside the nodes' round,
-            // not before it: what keeps a presignature to one message is each node's
-            // durable consumed record, which it writes before releasing a share. The
-            // coordinator's removal only spares a restarted coordinator an attempt the
-            // nodes would refuse, so it need not add an fsync to every signature's path;
-            // the signature is still returned only once the removal is durable.
-            let (committed, signed) = tokio::join!(
-                self.commit_take(&presig),
-                self.sign_with(key, &presig, digest, signing_input, evidence)
-            );
-            committed?;
+            // Nothing is written: what keeps a presignature to one message is each
+            // node's in-memory consumed record, set before it releases a share.
+            let signed = self
+                .sign_with(key, &presig, digest, signing_input, evidence)
+                .await;
             match signed {
                 Ok(sig) => {
                     self.metrics.signatures.inc();
@@ -1415,6 +1427,9 @@ impl Cluster {
                 Ok(Ok(Err(why))) => {
                     if why.starts_with("unavailable") {
                         self.mark_down(j);
+                    }
+                    if why.contains("unknown presignature") {
+                        self.drop_pools_of(j);
                     }
                     if why.contains(BUNDLE_MISMATCH) {
                         // The node holds another bundle (a restored disk, a newer one
@@ -1608,37 +1623,6 @@ impl Cluster {
             }
         }
         Ok(out)
-    }
-}
-
-/// A durable removal from the stored pools, and who waits for it.
-struct TakeJob {
-    id: presign::PresigId,
-    done: oneshot::Sender<std::result::Result<(), String>>,
-}
-
-/// Group commit of pool removals: every removal queued while a commit runs goes into the
-/// next one, so concurrent signatures share one `fsync` instead of queueing for one each.
-/// A removal is acknowledged only after its commit is durable.
-async fn take_committer(store: Arc<Store>, mut jobs: mpsc::Receiver<TakeJob>) {
-    while let Some(first) = jobs.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_SIGN_BATCH {
-            match jobs.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let ids: Vec<presign::PresigId> = batch.iter().map(|j| j.id).collect();
-        let s = store.clone();
-        let result = match tokio::task::spawn_blocking(move || s.remove_presigs(&ids)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("the pool commit task failed: {e}")),
-        };
-        for j in batch {
-            let _ = j.done.send(result.clone());
-        }
     }
 }
 

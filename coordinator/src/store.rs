@@ -17,11 +17,10 @@
 use std::path::Path;
 
 use quorate_crypto::keys::{KeyId, KeyPublic};
-use quorate_crypto::presign::{PresigId, PresignaturePublic};
 use quorate_crypto::wire::Wire;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("key_names");
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
@@ -287,47 +286,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Adds presignatures to the pools.
-    pub fn add_presigs(&self, presigs: &[PresignaturePublic]) -> Result<()> {
+    /// Empties the pool table an earlier version kept: presignatures now live only in
+    /// memory, on the nodes and in the coordinator (DESIGN.md §4.5). Returns how many
+    /// entries were dropped.
+    pub fn drop_stored_pools(&self) -> Result<u64> {
         let tx = self.db.begin_write()?;
-        {
+        let n = {
             let mut t = tx.open_table(POOL)?;
-            for p in presigs {
-                t.insert(&p.id.0[..], p.to_bytes().as_slice())?;
-            }
-        }
+            let n = t.len()?;
+            t.retain(|_, _| false)?;
+            n
+        };
         tx.commit()?;
-        Ok(())
-    }
-
-    /// Durably removes presignatures from the pools: those taken for signing (before
-    /// they are used, so that a restart never hands them out again; the coordinator
-    /// group-commits concurrent takes), or those of a retired key version.
-    pub fn remove_presigs(&self, ids: &[PresigId]) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(POOL)?;
-            for id in ids {
-                t.remove(&id.0[..])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Every pooled presignature.
-    pub fn presigs(&self) -> Result<Vec<PresignaturePublic>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(POOL)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (_, v) = e?;
-            out.push(
-                PresignaturePublic::from_bytes(v.value())
-                    .map_err(|e| StoreError(format!("pool: {e}")))?,
-            );
-        }
-        Ok(out)
+        Ok(n)
     }
 
     /// The key id of `name`.

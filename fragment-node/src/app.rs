@@ -98,7 +98,9 @@ async fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
         tracing::info!(%at, "metrics at http://{at}/metrics");
     }
-    let service = Service::new(Arc::new(node));
+    let node = Arc::new(node);
+    let kept = Arc::clone(&node);
+    let service = Service::new(node);
     tracing::info!(node = index.get(), %addr, "fragment node listening");
     // A parent process (`quorate dev`, tests) reads this line to learn the address.
     #[allow(
@@ -115,5 +117,16 @@ async fn run(cfg: Config) -> Result<(), String> {
         .serve_with_incoming_shutdown(transport::incoming(listener, server_tls), async {
             let _ = stop_rx.await;
         });
-    quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await
+    let served = quorate_proto::process::serve_until_signal(server, stop_tx, cfg.grace).await;
+    if let Some(secrets) = kept.presignature_secrets_for_test() {
+        // Each share: its length (u32, big-endian), then its secret encoding.
+        let mut dump = Vec::new();
+        for b in secrets {
+            dump.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes());
+            dump.extend_from_slice(&b);
+        }
+        let at = cfg.data_dir.join("presignatures.dump");
+        std::fs::write(&at, dump).map_err(|e| format!("cannot write {}: {e}", at.display()))?;
+    }
+    served
 }

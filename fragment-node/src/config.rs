@@ -53,7 +53,10 @@ pub struct Args {
     /// Serve Prometheus metrics (plain HTTP `GET /metrics`) on this address.
     #[arg(long, env = "QUORATE_NODE_METRICS")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Testing only: stop the process at a named point (`sign-after-commit`).
+    /// Testing only: stop the process at a named point (`sign-after-commit`), or on a
+    /// graceful stop write the unused presignature shares' secrets to
+    /// `<data-dir>/presignatures.dump` (`dump-presignatures`, for the test that checks
+    /// no share ever passes through the coordinator).
     #[arg(long, env = "QUORATE_NODE_FAILPOINT", hide = true)]
     pub fail_point: Option<String>,
     /// Log format: `plain` or `json` (filter from QUORATE_LOG).
@@ -112,9 +115,10 @@ impl Args {
         let fail_point = match self.fail_point.as_deref() {
             None | Some("") => None,
             Some("sign-after-commit") => Some(FailPoint::SignAfterCommit),
+            Some("dump-presignatures") => Some(FailPoint::DumpPresignatures),
             Some(other) => {
                 errors.push(format!(
-                    "--fail-point {other}: unknown (known: sign-after-commit)"
+                    "--fail-point {other}: unknown (known: sign-after-commit, dump-presignatures)"
                 ));
                 None
             }

@@ -12,6 +12,7 @@ pub mod ceiling;
 pub mod config;
 pub mod evidence;
 pub mod policy;
+pub mod presigs;
 pub mod rules;
 pub mod service;
 pub mod store;

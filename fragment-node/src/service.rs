@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 use crate::ceiling::Ceiling;
 use crate::evidence::{EvidenceCheck, TokenKeys};
 use crate::policy::NodePolicy;
+use crate::presigs::{PresigBook, ReleaseLog};
 use crate::rules;
 use crate::store::{Release, Store, StoreError, request_rng};
 
@@ -55,8 +56,12 @@ struct Session {
 /// Crash-test hook: where to stop the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailPoint {
-    /// Exit right after the sign batch's consumed records are durable, before replying.
+    /// Exit right after the sign batch's presignatures are marked consumed (in memory),
+    /// before replying.
     SignAfterCommit,
+    /// Testing only: on a graceful stop, write the secrets of the unused presignature
+    /// shares to `<data-dir>/presignatures.dump`.
+    DumpPresignatures,
 }
 
 /// The node's counters (Prometheus).
@@ -136,7 +141,11 @@ pub struct Node {
     kem: KemSecretKey,
     cert_chain: Vec<CertificateDer<'static>>,
     trust: Trust,
-    store: Store,
+    store: Arc<Store>,
+    /// The presignatures this process holds (memory only, DESIGN.md §4.5).
+    presigs: PresigBook,
+    /// The log of released shares, written in the background.
+    releases: ReleaseLog,
     /// What token keys may be on this node (`--ceiling`); `None`: no token keys at all.
     ceiling: Option<Ceiling>,
     /// The node's own attestation verifier, when its ceiling names a trust config.
@@ -147,9 +156,6 @@ pub struct Node {
     sessions: Mutex<HashMap<SessionId, Session>>,
     failpoint: Option<FailPoint>,
     metrics: Arc<NodeMetrics>,
-    /// Serialises the read–check–commit of sign batches: two concurrent batches naming
-    /// the same presignature must not both find it unused.
-    sign_lock: Mutex<()>,
 }
 
 fn store_err(e: StoreError) -> Status {
@@ -186,7 +192,10 @@ impl Node {
         failpoint: Option<FailPoint>,
     ) -> Result<Self, StoreError> {
         let kem = store.kem_key()?;
+        let store = Arc::new(store);
         Ok(Node {
+            presigs: PresigBook::default(),
+            releases: ReleaseLog::start(Arc::clone(&store)),
             index,
             domain,
             identity,
@@ -200,7 +209,6 @@ impl Node {
             sessions: Mutex::new(HashMap::new()),
             failpoint,
             metrics: Arc::new(NodeMetrics::default()),
-            sign_lock: Mutex::new(()),
         })
     }
 
@@ -496,10 +504,11 @@ impl Node {
         let mut rng = request_rng().map_err(store_err)?;
         let shares =
             presign::round5(&mut rng, state, &reductions, &self.kem).map_err(crypto_err)?;
-        // Durable before the ack: the coordinator pools only acknowledged presignatures.
-        self.store.put_presigs(&shares).map_err(store_err)?;
-        self.metrics.presignatures_stored.add(shares.len() as u64);
-        Ok(u32::try_from(shares.len()).unwrap_or(u32::MAX))
+        let n = shares.len();
+        // Held in memory only (DESIGN.md §4.5): a restart burns them.
+        self.presigs.insert(shares);
+        self.metrics.presignatures_stored.add(n as u64);
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     fn sign_batch(&self, req: fragment::SignBatch) -> Result<Vec<fragment::SignResult>, Status> {
@@ -533,14 +542,11 @@ impl Node {
                 Ok(r)
             })
             .collect();
-        // Held until the consumed records are durable (DESIGN.md §4.5: at most one
-        // message per presignature, also under concurrent requests).
-        let _serial = self
-            .sign_lock
-            .lock()
-            .map_err(|_| Status::internal("sign lock poisoned"))?;
+        // Each presignature is checked and marked consumed under its own shard lock, in
+        // memory, before its share leaves (DESIGN.md §4.5: at most one message per
+        // presignature, also under concurrent requests); no lock spans the batch.
         let mut results = Vec::with_capacity(req.requests.len());
-        let mut records = Vec::new();
+        let mut released = 0u64;
         let mut releases = Vec::new();
         let mut fresh_ids = std::collections::HashSet::new();
         for checked in checked {
@@ -554,12 +560,7 @@ impl Node {
                     .key(&r.key_id)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
-                let record = self
-                    .store
-                    .presig(&r.presig_id)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("unknown presignature {}", r.presig_id))?;
-                sign::sign_step(&share.public, &record, &r).map_err(|e| e.to_string())
+                self.presigs.sign(&share.public, &r)
             })();
             match outcome {
                 Ok(step) => {
@@ -571,7 +572,7 @@ impl Node {
                             presig_id: step.record.id.0,
                             digest: step.record.digest,
                         });
-                        records.push(step.record.clone());
+                        released += 1;
                     } else {
                         self.metrics.sign_shares_repeated.inc();
                     }
@@ -583,12 +584,11 @@ impl Node {
                 }
             }
         }
-        // Group commit: every consumed record (w_j, v_j erased) is durable before any
-        // share of this batch leaves the node.
-        self.store.consume(&records, &releases).map_err(store_err)?;
+        // The node's own log of what it signed, written off the reply path.
+        self.releases.append(releases);
         self.metrics.sign_batches.inc();
-        self.metrics.sign_shares_released.add(records.len() as u64);
-        if self.failpoint == Some(FailPoint::SignAfterCommit) && !records.is_empty() {
+        self.metrics.sign_shares_released.add(released);
+        if self.failpoint == Some(FailPoint::SignAfterCommit) && released > 0 {
             tracing::warn!("fail-point sign-after-commit: exiting before the reply");
             std::process::exit(86);
         }
@@ -699,15 +699,13 @@ impl Node {
             .ok_or_else(|| Status::not_found(format!("no active share of key {}", r.key_id)))?;
         let mut rng = request_rng().map_err(store_err)?;
         let partial = tdh::partial(&mut rng, &share, &r).map_err(crypto_err)?;
-        self.store
-            .log_releases(&[Release {
-                at: now(),
-                kind: "dh".into(),
-                key_id: r.key_id,
-                presig_id: [0; 32],
-                digest: quorate_crypto::hash::sha256(&req.request),
-            }])
-            .map_err(store_err)?;
+        self.releases.append(vec![Release {
+            at: now(),
+            kind: "dh".into(),
+            key_id: r.key_id,
+            presig_id: [0; 32],
+            digest: quorate_crypto::hash::sha256(&req.request),
+        }]);
         self.metrics.dh_partials_released.inc();
         Ok(partial.to_bytes())
     }
@@ -785,6 +783,23 @@ impl Node {
         })
     }
 
+    /// Testing only ([`FailPoint::DumpPresignatures`]): the secret encodings of the
+    /// unused presignature shares held.
+    pub fn presignature_secrets_for_test(&self) -> Option<Vec<Vec<u8>>> {
+        (self.failpoint == Some(FailPoint::DumpPresignatures))
+            .then(|| self.presigs.unused_secrets())
+    }
+
+    /// Forgets every presignature this process holds (a coordinator that starts afresh
+    /// holds none of their public halves, so they could never be used).
+    fn discard_presignatures(&self) -> u64 {
+        let n = self.presigs.clear();
+        if n > 0 {
+            tracing::info!(n, "presignatures discarded at the coordinator's request");
+        }
+        n
+    }
+
     fn inventory(&self) -> Result<fragment::InventoryReply, Status> {
         let keys = self.store.keys().map_err(store_err)?;
         Ok(fragment::InventoryReply {
@@ -804,7 +819,7 @@ impl Node {
                     })
                 })
                 .collect::<Result<_, Status>>()?,
-            unused_presignatures: self.store.unused_presignatures().map_err(store_err)?,
+            unused_presignatures: self.presigs.unused(),
         })
     }
 }
@@ -1000,6 +1015,19 @@ impl FragmentNode for Service {
         request: Request<fragment::InventoryRequest>,
     ) -> Result<Response<fragment::InventoryReply>, Status> {
         self.run(request, |n, _| n.inventory()).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn discard_presignatures(
+        &self,
+        request: Request<fragment::DiscardPresignaturesRequest>,
+    ) -> Result<Response<fragment::DiscardPresignaturesReply>, Status> {
+        self.run(request, |n, _| {
+            Ok(fragment::DiscardPresignaturesReply {
+                discarded: n.discard_presignatures(),
+            })
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]

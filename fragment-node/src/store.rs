@@ -4,15 +4,17 @@
 //! Every value is `nonce (12) || ciphertext`, with AAD `table name || record key`, so a
 //! value copied to another record or table does not open. Every write that precedes a
 //! reply is committed with redb's default `Durability::Immediate` (fsync) before the
-//! reply is sent; a batch of sign requests shares one transaction (group commit).
+//! reply is sent. Presignatures are never written here: they live in the node
+//! process's memory only ([`crate::presigs`]); the release log is appended in the
+//! background.
 //!
 //! Tables:
 //! - `meta`: the node's KEM secret key;
 //! - `pending`: key shares from a DKG or refresh awaiting the coordinator's commit,
 //!   by session id;
 //! - `keys`: active key shares, by key id;
-//! - `presigs`: presignature records — unused (secret `w_j, v_j`) or consumed (the one
-//!   digest and the released share, public);
+//! - `presigs`: no longer used; emptied at [`Store::open`], so the secret `w_j, v_j` an
+//!   earlier version stored there do not stay at rest;
 //! - `released`: append-only log of every share this node released;
 //! - `profiles`: each key's [`KeyProfile`] (DESIGN.md §9), by key id, unsealed (public;
 //!   versioned encoding). Written once, when the key's DKG starts; the only later change
@@ -28,10 +30,7 @@ use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use quorate_crypto::keys::{KeyId, KeyShare};
 use quorate_crypto::params::SessionId;
-use quorate_crypto::presign::{PresigId, PresignatureShare};
 use quorate_crypto::seal::KemSecretKey;
-use quorate_crypto::sign::{ConsumedPresig, PresigRecord};
-use quorate_crypto::wire::Wire;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
 use rand::TryRng;
@@ -54,8 +53,6 @@ const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles")
 /// The META entry holding the policy bundle's JWS.
 const POLICY_BUNDLE: &str = "policy_bundle";
 
-const REC_UNUSED: u8 = 1;
-const REC_CONSUMED: u8 = 2;
 
 /// Store errors. Messages never contain secret material.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +215,26 @@ impl Store {
             cipher: kek.cipher()?,
         };
         store.migrate_profiles()?;
+        store.burn_stored_presignatures()?;
         Ok(store)
+    }
+
+    /// Deletes the presignature records an earlier version kept on disk: presignatures
+    /// live in memory only now, and a stored one could be brought back by a restored
+    /// disk. Returns how many were deleted.
+    fn burn_stored_presignatures(&self) -> Result<u64> {
+        let tx = self.db.begin_write()?;
+        let n = {
+            let mut t = tx.open_table(PRESIGS)?;
+            let n = t.len()?;
+            t.retain(|_, _| false)?;
+            n
+        };
+        tx.commit()?;
+        if n > 0 {
+            tracing::info!(n, "deleted presignatures stored by an earlier version");
+        }
+        Ok(n)
     }
 
     /// Gives every active key without a profile its legacy profile (module docs), in one
@@ -507,61 +523,10 @@ impl Store {
         Ok(Ok(before))
     }
 
-    /// Durably stores new presignature shares (one transaction).
-    pub fn put_presigs(&self, shares: &[PresignatureShare]) -> Result<()> {
+    /// Appends releases to the node's log (one durable transaction).
+    pub fn log_releases(&self, releases: &[Release]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(PRESIGS)?;
-            for s in shares {
-                let mut plain = Zeroizing::new(vec![REC_UNUSED]);
-                plain.extend_from_slice(&s.secret_bytes());
-                let sealed = self.seal("presigs", &s.id.0, &plain)?;
-                t.insert(&s.id.0[..], sealed.as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The record of presignature `id`.
-    pub fn presig(&self, id: &PresigId) -> Result<Option<PresigRecord>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(PRESIGS)?;
-        let Some(v) = t.get(&id.0[..])? else {
-            return Ok(None);
-        };
-        let plain = self.open_sealed("presigs", &id.0, v.value())?;
-        let corrupt = |e: quorate_crypto::Error| StoreError::Corrupt {
-            table: "presigs",
-            detail: e.to_string(),
-        };
-        match plain.split_first() {
-            Some((&REC_UNUSED, rest)) => PresignatureShare::from_secret_bytes(rest)
-                .map(|p| Some(PresigRecord::Unused(p)))
-                .map_err(corrupt),
-            Some((&REC_CONSUMED, rest)) => ConsumedPresig::from_bytes(rest)
-                .map(|c| Some(PresigRecord::Consumed(c)))
-                .map_err(corrupt),
-            _ => Err(StoreError::Corrupt {
-                table: "presigs",
-                detail: "unknown record kind".into(),
-            }),
-        }
-    }
-
-    /// Group commit of a sign batch: every consumed record replaces its unused one (so
-    /// `w_j, v_j` are gone) and every release is logged, in ONE durable transaction.
-    /// Only after this returns may the shares be sent.
-    pub fn consume(&self, records: &[ConsumedPresig], releases: &[Release]) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(PRESIGS)?;
-            for r in records {
-                let mut plain = vec![REC_CONSUMED];
-                plain.extend_from_slice(&r.to_bytes());
-                let sealed = self.seal("presigs", &r.id.0, &plain)?;
-                t.insert(&r.id.0[..], sealed.as_slice())?;
-            }
             let mut log = tx.open_table(RELEASED)?;
             let first = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
             for (seq, r) in (first..).zip(releases) {
@@ -570,11 +535,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
-    }
-
-    /// Appends releases to the log (threshold DH).
-    pub fn log_releases(&self, releases: &[Release]) -> Result<()> {
-        self.consume(&[], releases)
     }
 
     /// The release log.
@@ -590,36 +550,6 @@ impl Store {
             })?);
         }
         Ok(out)
-    }
-
-    /// The ids of every presignature record.
-    pub fn presignature_ids(&self) -> Result<Vec<PresigId>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(PRESIGS)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (k, _) = e?;
-            if let Ok(id) = <[u8; 32]>::try_from(k.value()) {
-                out.push(PresigId(id));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Number of unused presignatures.
-    pub fn unused_presignatures(&self) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(PRESIGS)?;
-        let mut n = 0u64;
-        for e in t.iter()? {
-            let (k, v) = e?;
-            let plain = self.open_sealed("presigs", k.value(), v.value())?;
-            if plain.first() == Some(&REC_UNUSED) {
-                n += 1;
-            }
-        }
-        let _ = t.len()?;
-        Ok(n)
     }
 }
 

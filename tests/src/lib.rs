@@ -493,6 +493,56 @@ impl TestCluster {
         ClusterServiceClient::new(self.api_channel().await)
     }
 
+    /// Stops the coordinator process and takes its place in-process (its certificate
+    /// and store, real nodes over real TLS): presigns `batch` presignatures of key `name`
+    /// for every signing set and returns the key and their public halves, which the
+    /// coordinator keeps only in memory (DESIGN.md §4.5). What a compromised coordinator
+    /// would hold.
+    pub async fn presign_as_coordinator(
+        &mut self,
+        name: &str,
+        batch: u32,
+    ) -> (
+        quorate_coordinator::store::NamedKey,
+        Vec<quorate_crypto::presign::PresignaturePublic>,
+    ) {
+        if let Some(mut p) = self.coordinator.take() {
+            p.terminate();
+        }
+        let store = quorate_coordinator::store::Store::open(
+            &self.dir.0.join("coordinator").join("coordinator.redb"),
+        )
+        .unwrap();
+        let named = store
+            .keys()
+            .unwrap()
+            .into_iter()
+            .find(|k| k.name == name)
+            .unwrap();
+        let (id, trust) = self.identity("coordinator");
+        let mut channels = Vec::new();
+        for i in 1..=self.n {
+            let addr = self.node_addrs[usize::from(i) - 1];
+            let cfg = tls::client_config(&id, &trust).unwrap();
+            let ch = transport::connect(addr, &Role::Node(i), DOMAIN, cfg)
+                .await
+                .unwrap();
+            channels.push((quorate_crypto::params::PartyIndex::new(i).unwrap(), addr, ch));
+        }
+        let params = quorate_crypto::params::ThresholdParams::new(self.n, self.t).unwrap();
+        let cluster =
+            quorate_coordinator::cluster::Cluster::new(params, trust, channels, store, None)
+                .unwrap();
+        for (mset, sset) in cluster.sets() {
+            cluster
+                .presign(&named.public, &mset, &sset, batch)
+                .await
+                .unwrap();
+        }
+        let presigs = cluster.pooled(named.public.key_id).unwrap();
+        (named, presigs)
+    }
+
     /// A fragment-node client to node `i`, presenting the coordinator's certificate.
     pub async fn node_as_coordinator(&self, i: u16) -> FragmentNodeClient<Channel> {
         let (id, trust) = self.identity("coordinator");

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use quorate_crypto::sign::{PresigRecord, SignRequest};
+use quorate_crypto::sign::SignRequest;
 use quorate_crypto::wire::Wire;
 use quorate_node::store::{Kek, Store};
 use quorate_proto::api;
@@ -53,14 +53,17 @@ async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic:
         .map(|r| r.into_inner().signature)
 }
 
-/// A node killed between durably recording a presignature as used and replying never
-/// signs a different message with it after restart.
+/// A node killed between marking a presignature used and replying, and a node whose
+/// data directory is put back to a copy taken before it signed (a restored backup or VM
+/// snapshot): presignatures live in the node process's memory only (DESIGN.md §4.5), so
+/// after either restart every presignature it held before is refused, whatever the
+/// digest, and the cluster keeps signing from new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_between_consume_and_reply_never_signs_another_message() {
+async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
     let mut c = TestCluster::start("crash", 3, 1, POOL_FLAGS);
     create_sign_key(&c, "k").await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
-    // Node 2 now dies right after its sign batch is durable, before it replies.
+    // Node 2 now dies right after marking a sign batch used, before it replies.
     c.restart_node(2, Some("sign-after-commit"));
     let mut crashed = false;
     for k in 0..12 {
@@ -74,67 +77,83 @@ async fn crash_between_consume_and_reply_never_signs_another_message() {
     }
     assert!(crashed, "node 2 was never asked to sign");
     c.nodes[1] = None;
+    c.restart_node(2, None);
+    // The coordinator notices the burnt presignatures and signs from new ones.
+    let mut signed = false;
+    for _ in 0..20 {
+        if sign(&c, "k", b"after crash").await.is_ok() {
+            signed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(signed, "the cluster did not sign again after node 2 restarted");
 
-    // The dead node's store shows the presignature consumed for exactly one digest.
+    // Acting as the coordinator: presignatures for every set, a copy of node 2's data
+    // directory, then node 2 signs half of its presignatures.
+    let (named, presigs) = c.presign_as_coordinator("k", 4).await;
+    let key = named.public;
+    let two = quorate_crypto::params::PartyIndex::new(2).unwrap();
+    let mine: Vec<_> = presigs.iter().filter(|p| p.sset.contains(two)).collect();
+    assert!(mine.len() >= 4, "node 2 holds too few presignatures");
     let dir = c.dir.0.join("node-2");
-    let (record, release) = {
-        let kek = Kek::load(&dir.join("kek"), false).unwrap();
-        let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
-        let release = store
-            .releases()
-            .unwrap()
-            .into_iter()
-            .rfind(|r| r.kind == "sign")
-            .unwrap();
-        let rec = store
-            .presig(&quorate_crypto::presign::PresigId(release.presig_id))
-            .unwrap()
-            .unwrap();
-        (rec, release)
+    let copy = c.dir.0.join("node-2-copy");
+    copy_dir(&dir, &copy);
+    let ask = |p: &quorate_crypto::presign::PresignaturePublic, digest: [u8; 32]| {
+        fragment::SignBatch {
+            requests: vec![
+                SignRequest {
+                    key_id: key.key_id,
+                    presig_id: p.id,
+                    sset: p.sset.clone(),
+                    digest,
+                }
+                .to_bytes(),
+            ],
+            signing_inputs: Vec::new(),
+            evidence: Vec::new(),
+        }
     };
-    let PresigRecord::Consumed(consumed) = record else {
-        panic!("presignature not recorded as consumed before the crash");
-    };
-    assert_eq!(consumed.digest, release.digest);
-
-    // Restarted normally, the node refuses another digest for that presignature and
-    // repeats the same share for the same digest.
+    let mut node = c.node_as_coordinator(2).await;
+    for p in mine.iter().step_by(2) {
+        let r = node.sign(ask(p, [0x11; 32])).await.unwrap().into_inner();
+        assert!(
+            matches!(r.results[0].result, Some(fragment::sign_result::Result::Share(_))),
+            "node 2 refused a fresh presignature: {:?}",
+            r.results[0].result
+        );
+    }
+    // The copy goes back and the node starts again.
+    c.kill_node(2);
+    std::fs::remove_dir_all(&dir).unwrap();
+    copy_dir(&copy, &dir);
     c.restart_node(2, None);
     let mut node = c.node_as_coordinator(2).await;
-    let ask = |digest: [u8; 32]| fragment::SignBatch {
-        requests: vec![
-            SignRequest {
-                key_id: consumed.key_id,
-                presig_id: consumed.id,
-                sset: consumed.sset.clone(),
-                digest,
+    for p in &mine {
+        let r = node.sign(ask(p, [0x22; 32])).await.unwrap().into_inner();
+        match r.results[0].result.as_ref().unwrap() {
+            fragment::sign_result::Result::Refused(why) => {
+                assert!(why.contains("unknown presignature"), "unexpected refusal: {why}")
             }
-            .to_bytes(),
-        ],
-        signing_inputs: Vec::new(),
-        evidence: Vec::new(),
-    };
-    let other = node.sign(ask([0x42; 32])).await.unwrap().into_inner();
-    match other.results[0].result.as_ref().unwrap() {
-        fragment::sign_result::Result::Refused(why) => {
-            assert!(why.contains("already used"), "unexpected refusal: {why}")
-        }
-        fragment::sign_result::Result::Share(_) => {
-            panic!("a consumed presignature signed a different message after restart")
+            fragment::sign_result::Result::Share(_) => {
+                panic!("a presignature from before the restore signed a new digest")
+            }
         }
     }
-    let same = node.sign(ask(consumed.digest)).await.unwrap().into_inner();
-    match same.results[0].result.as_ref().unwrap() {
-        fragment::sign_result::Result::Share(b) => {
-            assert_eq!(
-                quorate_crypto::sign::SignatureShare::from_bytes(b).unwrap(),
-                consumed.share
-            )
+}
+
+/// Copies a directory tree (files and subdirectories).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
         }
-        fragment::sign_result::Result::Refused(why) => panic!("idempotent retry refused: {why}"),
     }
-    // The cluster keeps signing.
-    assert!(sign(&c, "k", b"after crash").await.is_ok());
 }
 
 /// Classic-only clients, foreign certificates and wrong roles are refused on every port.
@@ -244,6 +263,11 @@ async fn coordinator_never_sees_a_share() {
         &relay_flag,
     ];
     let mut c = TestCluster::start("relay", 3, 1, &flags);
+    // Nodes that dump their presignature shares when stopped (testing only: they are
+    // never on disk otherwise).
+    for i in 1..=3 {
+        c.restart_node(i, Some("dump-presignatures"));
+    }
     create_sign_key(&c, "k").await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
     if let Some(mut p) = c.coordinator.take() {
@@ -259,7 +283,9 @@ async fn coordinator_never_sees_a_share() {
     // Collect every secret scalar the nodes hold: key shares and presignature shares.
     let mut secrets: Vec<[u8; 32]> = Vec::new();
     for i in 1..=3u16 {
-        c.kill_node(i);
+        if let Some(mut p) = c.nodes[usize::from(i) - 1].take() {
+            p.terminate();
+        }
         let dir = c.dir.0.join(format!("node-{i}"));
         let kek = Kek::load(&dir.join("kek"), false).unwrap();
         let store = Store::open(&dir.join("node.redb"), &kek).unwrap();
@@ -268,14 +294,16 @@ async fn coordinator_never_sees_a_share() {
             secrets.push(b[b.len() - 32..].try_into().unwrap());
         }
         let mut presigs = 0;
-        for id in store.presignature_ids().unwrap() {
-            if let Some(PresigRecord::Unused(p)) = store.presig(&id).unwrap() {
-                // The encoding ends with w_j || v_j.
-                let b = p.secret_bytes();
-                secrets.push(b[b.len() - 64..b.len() - 32].try_into().unwrap());
-                secrets.push(b[b.len() - 32..].try_into().unwrap());
-                presigs += 1;
-            }
+        let dump = std::fs::read(dir.join("presignatures.dump")).unwrap();
+        let mut rest = &dump[..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            // The encoding ends with w_j || v_j.
+            let b = &rest[4..4 + len];
+            secrets.push(b[b.len() - 64..b.len() - 32].try_into().unwrap());
+            secrets.push(b[b.len() - 32..].try_into().unwrap());
+            presigs += 1;
+            rest = &rest[4 + len..];
         }
         assert!(presigs > 0, "node {i} holds no presignature shares");
     }
@@ -301,17 +329,9 @@ async fn concurrent_requests_cannot_use_a_presignature_twice() {
     let mut c = TestCluster::start("concurrent", 3, 1, POOL_FLAGS);
     create_sign_key(&c, "k").await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
-    // Stop the coordinator and read a pooled presignature from its (public) store.
-    if let Some(mut p) = c.coordinator.take() {
-        p.terminate();
-    }
-    let store = quorate_coordinator::store::Store::open(
-        &c.dir.0.join("coordinator").join("coordinator.redb"),
-    )
-    .unwrap();
-    let key = store.keys().unwrap().into_iter().next().unwrap().public;
-    let presigs = store.presigs().unwrap();
-    drop(store);
+    // Acting as the coordinator (its certificate and store): presignatures to race on.
+    let (named, presigs) = c.presign_as_coordinator("k", 4).await;
+    let key = named.public;
     let one = quorate_crypto::params::PartyIndex::new(1).unwrap();
     let target: Vec<_> = presigs
         .iter()

@@ -172,37 +172,6 @@ fn refused(outcome: SignOutcome, words: &str) {
     }
 }
 
-/// Stops the coordinator and reads a named key and its pooled presignatures from its
-/// (public) store.
-fn stop_and_read(
-    c: &mut TestCluster,
-    name: &str,
-) -> (
-    quorate_coordinator::store::NamedKey,
-    Vec<PresignaturePublic>,
-) {
-    if let Some(mut p) = c.coordinator.take() {
-        p.terminate();
-    }
-    let store = quorate_coordinator::store::Store::open(
-        &c.dir.0.join("coordinator").join("coordinator.redb"),
-    )
-    .unwrap();
-    let key = store
-        .keys()
-        .unwrap()
-        .into_iter()
-        .find(|k| k.name == name)
-        .unwrap();
-    let presigs = store
-        .presigs()
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.key_id == key.public.key_id)
-        .collect();
-    (key, presigs)
-}
-
 /// Key profiles and node ceilings against a compromised coordinator (DESIGN.md §9):
 /// a token key outside any node's own ceiling is refused at DKG by that node, naming
 /// the ceiling; the audit checkpoint key signs neither a raw digest nor an access
@@ -261,7 +230,7 @@ async fn profiles_and_ceilings_hold_whatever_the_coordinator_asks() {
     assert!(s.message().contains("checkpoint profile"), "{s:?}");
 
     // From here on the test is the coordinator.
-    let (named, presigs) = stop_and_read(&mut c, "audit");
+    let (named, presigs) = c.presign_as_coordinator("audit", 4).await;
     assert_eq!(
         named.versions[0].profile,
         quorate_proto::profile::KeyProfile::Checkpoint
@@ -368,7 +337,7 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     );
 
     // From here on the test is the coordinator.
-    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let (named, presigs) = c.presign_as_coordinator("tokens", 4).await;
     assert_eq!(named.versions.len(), 1);
     assert_eq!(
         named.versions[0].profile.token_rules().map(|r| r.to_api()),
@@ -503,7 +472,7 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
     assert_eq!((t2.version, t2.token_rules.clone()), (2, Some(rules())));
     assert_ne!(t2.kid, t1.kid);
     c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
-    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let (named, presigs) = c.presign_as_coordinator("tokens", 4).await;
     let versions: Vec<_> = named.versions.iter().map(|v| v.version).collect();
     assert_eq!(versions.len(), 2);
     assert_eq!(versions[0].version, 1);
@@ -782,7 +751,7 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
 
     // From here on the test is the coordinator.
     let issuer = c.issuer();
-    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let (named, presigs) = c.presign_as_coordinator("tokens", 4).await;
     let key = named.public;
     let p = presigs.first().expect("no pooled presignature").clone();
     let members: Vec<u16> = p.sset.members().iter().map(|m| m.get()).collect();
@@ -964,7 +933,7 @@ async fn a_raw_audit_key_from_before_profiles_becomes_a_checkpoint_key() {
 
     // The nodes themselves refuse a raw digest with it now, and refuse to widen it back.
     c.wait_pools("audit", 1, Duration::from_secs(120)).await;
-    let (named, presigs) = stop_and_read(&mut c, "audit");
+    let (named, presigs) = c.presign_as_coordinator("audit", 4).await;
     assert_eq!(
         named.versions[0].profile,
         quorate_proto::profile::KeyProfile::Checkpoint
@@ -1204,7 +1173,7 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
 
     // From here on the test is the coordinator.
     let issuer = c.issuer();
-    let (named, presigs) = stop_and_read(&mut c, "tokens");
+    let (named, presigs) = c.presign_as_coordinator("tokens", 4).await;
     let key = named.public;
     let p = presigs.first().expect("no pooled presignature").clone();
     let p2 = presigs.get(1).expect("a second presignature").clone();
@@ -1380,7 +1349,16 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
     }
 
     // A credential for agent-1's task, derived by a coordinator for its own key.
-    let cred_key = stop_and_read(&mut c, "credentials").0.public;
+    let cred_key = quorate_coordinator::store::Store::open(
+        &c.dir.0.join("coordinator").join("coordinator.redb"),
+    )
+    .unwrap()
+    .keys()
+    .unwrap()
+    .into_iter()
+    .find(|k| k.name == "credentials")
+    .unwrap()
+    .public;
     let context = quorate_authz::credential::CredentialContext {
         key_name: "credentials".into(),
         key_id: cred_key.key_id.to_string(),

@@ -1,0 +1,179 @@
+//! Ephemeral presignatures (DESIGN.md §4.5, §5): a node's presignature shares live only
+//! in the memory of the process that made them. Consumption is recorded in memory, under
+//! the presignature's own shard lock, before its share leaves; a restart burns every
+//! presignature; nothing about them is written to disk. So no backup, snapshot or
+//! restored disk can bring a used presignature back to sign a second message.
+//!
+//! The book is split into [`SHARDS`] independently locked maps (by the first byte of the
+//! id), so concurrent sign batches for different presignatures proceed in parallel;
+//! only requests for presignatures in the same shard wait for each other, and only for
+//! the in-memory check-and-mark (no I/O happens under a lock).
+//!
+//! The node's log of what it signed (its trust domain's evidence) is written by a
+//! background thread ([`ReleaseLog`]) off the reply path: a crash may lose its last
+//! entries, which the coordinator's audit chain also holds.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
+
+use quorate_crypto::keys::KeyPublic;
+use quorate_crypto::presign::{PresigId, PresignatureShare};
+use quorate_crypto::sign::{self, PresigRecord, SignRequest, SignStep};
+
+use crate::store::{Release, Store};
+
+/// How many independently locked shards the book has.
+pub const SHARDS: usize = 64;
+
+/// The presignatures this process holds, unused or consumed.
+pub struct PresigBook {
+    shards: Vec<Mutex<HashMap<PresigId, PresigRecord>>>,
+}
+
+impl Default for PresigBook {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PresigBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresigBook")
+            .field("unused", &self.unused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PresigBook {
+    fn shard(&self, id: &PresigId) -> std::sync::MutexGuard<'_, HashMap<PresigId, PresigRecord>> {
+        let i = usize::from(id.0[0]) % SHARDS;
+        // Nothing panics while a shard lock is held, so a poisoned lock still guards a
+        // consistent map.
+        self.shards
+            .get(i)
+            .unwrap_or_else(|| unreachable_shard())
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds new presignature shares (unused). An id already held is left as it is.
+    pub fn insert(&self, shares: Vec<PresignatureShare>) {
+        for s in shares {
+            self.shard(&s.id)
+                .entry(s.id)
+                .or_insert(PresigRecord::Unused(s));
+        }
+    }
+
+    /// One signing step on presignature `r.presig_id` of `key`: checks and marks it
+    /// consumed for `r.digest` atomically (the secret shares `w_j, v_j` are dropped,
+    /// zeroized, as the record is replaced), or repeats the share of an earlier request
+    /// for the same digest. The error is a sentence.
+    pub fn sign(&self, key: &KeyPublic, r: &SignRequest) -> Result<SignStep, String> {
+        let mut shard = self.shard(&r.presig_id);
+        let record = shard.get(&r.presig_id).ok_or_else(|| {
+            format!(
+                "unknown presignature {} (this node holds presignatures only in memory; a restart burns them)",
+                r.presig_id
+            )
+        })?;
+        let step = sign::sign_step(key, record, r).map_err(|e| e.to_string())?;
+        if step.fresh {
+            shard.insert(r.presig_id, PresigRecord::Consumed(step.record.clone()));
+        }
+        Ok(step)
+    }
+
+    /// How many unused presignatures are held.
+    pub fn unused(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .filter(|r| matches!(r, PresigRecord::Unused(_)))
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    /// The secret encodings of the unused shares (for a test's dump only).
+    pub fn unused_secrets(&self) -> Vec<Vec<u8>> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .filter_map(|r| match r {
+                        PresigRecord::Unused(p) => Some(p.secret_bytes().to_vec()),
+                        PresigRecord::Consumed(_) => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Forgets every presignature, used or not (a coordinator that starts afresh holds
+    /// none of their public halves).
+    pub fn clear(&self) -> u64 {
+        let mut n = 0;
+        for s in &self.shards {
+            let mut s = s.lock().unwrap_or_else(PoisonError::into_inner);
+            n += s.len() as u64;
+            s.clear();
+        }
+        n
+    }
+}
+
+#[cold]
+fn unreachable_shard() -> ! {
+    // `id.0[0] % SHARDS` is always a valid index into `SHARDS` shards.
+    std::process::abort()
+}
+
+/// The node's release log, written by a background thread in group commits.
+pub struct ReleaseLog {
+    tx: Mutex<mpsc::Sender<Vec<Release>>>,
+}
+
+impl ReleaseLog {
+    /// Starts the writer over `store` (shared with the node).
+    pub fn start(store: std::sync::Arc<Store>) -> Self {
+        let (tx, rx) = mpsc::channel::<Vec<Release>>();
+        std::thread::Builder::new()
+            .name("release-log".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = first;
+                    while let Ok(more) = rx.try_recv() {
+                        batch.extend(more);
+                    }
+                    if let Err(e) = store.log_releases(&batch) {
+                        tracing::error!(error = %e, lost = batch.len(), "cannot append to the release log");
+                    }
+                }
+            })
+            .map_or_else(
+                |e| tracing::error!(error = %e, "cannot start the release log writer"),
+                |_| (),
+            );
+        Self { tx: Mutex::new(tx) }
+    }
+
+    /// Queues releases for the log; never blocks on I/O.
+    pub fn append(&self, releases: Vec<Release>) {
+        if releases.is_empty() {
+            return;
+        }
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        if tx.send(releases).is_err() {
+            tracing::error!("the release log writer stopped; releases are not logged");
+        }
+    }
+}
