@@ -317,7 +317,10 @@ impl Cluster {
         // whatever an earlier version stored is dropped.
         let dropped = store.drop_stored_pools()?;
         if dropped > 0 {
-            tracing::info!(dropped, "dropped presignature pools stored by an earlier version");
+            tracing::info!(
+                dropped,
+                "dropped presignature pools stored by an earlier version"
+            );
         }
         let cluster = Arc::new(Cluster {
             params,
@@ -507,11 +510,20 @@ impl Cluster {
                 Ok(Ok(r)) => {
                     let discarded = r.into_inner().discarded;
                     if discarded > 0 {
-                        tracing::info!(node = n.index.get(), discarded, "node forgot presignatures of an earlier coordinator");
+                        tracing::info!(
+                            node = n.index.get(),
+                            discarded,
+                            "node forgot presignatures of an earlier coordinator"
+                        );
                     }
                 }
-                Ok(Err(s)) => tracing::warn!(node = n.index.get(), error = %s.message(), "could not have the node discard old presignatures"),
-                Err(_) => tracing::warn!(node = n.index.get(), "could not have the node discard old presignatures: timed out"),
+                Ok(Err(s)) => {
+                    tracing::warn!(node = n.index.get(), error = %s.message(), "could not have the node discard old presignatures")
+                }
+                Err(_) => tracing::warn!(
+                    node = n.index.get(),
+                    "could not have the node discard old presignatures: timed out"
+                ),
             }
         }
     }
@@ -525,7 +537,11 @@ impl Cluster {
             s.pools.retain(|(_, set), _| !set.contains(j));
             let after: usize = s.pools.values().map(VecDeque::len).sum();
             if before > after {
-                tracing::info!(node = j.get(), dropped = before - after, "node restarted: its presignatures are gone; refilling");
+                tracing::info!(
+                    node = j.get(),
+                    dropped = before - after,
+                    "node restarted: its presignatures are gone; refilling"
+                );
             }
         }
         self.presig_drawn.notify_one();

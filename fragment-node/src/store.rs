@@ -53,7 +53,6 @@ const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles")
 /// The META entry holding the policy bundle's JWS.
 const POLICY_BUNDLE: &str = "policy_bundle";
 
-
 /// Store errors. Messages never contain secret material.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

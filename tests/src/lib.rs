@@ -527,7 +527,11 @@ impl TestCluster {
             let ch = transport::connect(addr, &Role::Node(i), DOMAIN, cfg)
                 .await
                 .unwrap();
-            channels.push((quorate_crypto::params::PartyIndex::new(i).unwrap(), addr, ch));
+            channels.push((
+                quorate_crypto::params::PartyIndex::new(i).unwrap(),
+                addr,
+                ch,
+            ));
         }
         let params = quorate_crypto::params::ThresholdParams::new(self.n, self.t).unwrap();
         let cluster =

@@ -87,7 +87,10 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(signed, "the cluster did not sign again after node 2 restarted");
+    assert!(
+        signed,
+        "the cluster did not sign again after node 2 restarted"
+    );
 
     // Acting as the coordinator: presignatures for every set, a copy of node 2's data
     // directory, then node 2 signs half of its presignatures.
@@ -99,8 +102,8 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
     let dir = c.dir.0.join("node-2");
     let copy = c.dir.0.join("node-2-copy");
     copy_dir(&dir, &copy);
-    let ask = |p: &quorate_crypto::presign::PresignaturePublic, digest: [u8; 32]| {
-        fragment::SignBatch {
+    let ask =
+        |p: &quorate_crypto::presign::PresignaturePublic, digest: [u8; 32]| fragment::SignBatch {
             requests: vec![
                 SignRequest {
                     key_id: key.key_id,
@@ -112,13 +115,15 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
             ],
             signing_inputs: Vec::new(),
             evidence: Vec::new(),
-        }
-    };
+        };
     let mut node = c.node_as_coordinator(2).await;
     for p in mine.iter().step_by(2) {
         let r = node.sign(ask(p, [0x11; 32])).await.unwrap().into_inner();
         assert!(
-            matches!(r.results[0].result, Some(fragment::sign_result::Result::Share(_))),
+            matches!(
+                r.results[0].result,
+                Some(fragment::sign_result::Result::Share(_))
+            ),
             "node 2 refused a fresh presignature: {:?}",
             r.results[0].result
         );
@@ -133,7 +138,10 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
         let r = node.sign(ask(p, [0x22; 32])).await.unwrap().into_inner();
         match r.results[0].result.as_ref().unwrap() {
             fragment::sign_result::Result::Refused(why) => {
-                assert!(why.contains("unknown presignature"), "unexpected refusal: {why}")
+                assert!(
+                    why.contains("unknown presignature"),
+                    "unexpected refusal: {why}"
+                )
             }
             fragment::sign_result::Result::Share(_) => {
                 panic!("a presignature from before the restore signed a new digest")
