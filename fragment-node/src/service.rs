@@ -144,6 +144,9 @@ pub struct Node {
     store: Arc<Store>,
     /// The presignatures this process holds (memory only, DESIGN.md §4.5).
     presigs: PresigBook,
+    /// Active key shares already opened from the store (each sign and DH needs one;
+    /// opening unseals and decodes it, point decompressions included).
+    key_cache: Mutex<HashMap<quorate_crypto::keys::KeyId, Arc<KeyShare>>>,
     /// The log of released shares, written in the background.
     releases: ReleaseLog,
     /// What token keys may be on this node (`--ceiling`); `None`: no token keys at all.
@@ -195,6 +198,7 @@ impl Node {
         let store = Arc::new(store);
         Ok(Node {
             presigs: PresigBook::default(),
+            key_cache: Mutex::new(HashMap::new()),
             releases: ReleaseLog::start(Arc::clone(&store)),
             index,
             domain,
@@ -423,6 +427,10 @@ impl Node {
             ));
         }
         self.store.activate(&session, &share).map_err(store_err)?;
+        self.key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&public.key_id);
         self.metrics.keys_activated.inc();
         tracing::info!(key = %public.key_id, epoch = public.epoch, "key share activated");
         Ok(())
@@ -556,8 +564,7 @@ impl Node {
                     return Err("the batch names this presignature twice".into());
                 }
                 let share = self
-                    .store
-                    .key(&r.key_id)
+                    .active_key(&r.key_id)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no active share of key {}", r.key_id))?;
                 self.presigs.sign(&share.public, &r)
@@ -693,8 +700,7 @@ impl Node {
                 })?;
         }
         let share = self
-            .store
-            .key(&r.key_id)
+            .active_key(&r.key_id)
             .map_err(store_err)?
             .ok_or_else(|| Status::not_found(format!("no active share of key {}", r.key_id)))?;
         let mut rng = request_rng().map_err(store_err)?;
@@ -783,6 +789,32 @@ impl Node {
         })
     }
 
+    /// The active share of key `id`, opened once and then kept in memory (dropped from
+    /// the cache when the key's share is replaced).
+    fn active_key(
+        &self,
+        id: &quorate_crypto::keys::KeyId,
+    ) -> Result<Option<Arc<KeyShare>>, StoreError> {
+        let cached = self
+            .key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(k) = cached {
+            return Ok(Some(k));
+        }
+        let Some(share) = self.store.key(id)? else {
+            return Ok(None);
+        };
+        let share = Arc::new(share);
+        self.key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(*id, Arc::clone(&share));
+        Ok(Some(share))
+    }
+
     /// Testing only ([`FailPoint::DumpPresignatures`]): the secret encodings of the
     /// unused presignature shares held.
     pub fn presignature_secrets_for_test(&self) -> Option<Vec<Vec<u8>>> {
@@ -826,9 +858,9 @@ impl Node {
 
 impl TokenKeys for Node {
     fn token_key(&self, id: &quorate_crypto::keys::KeyId) -> Option<(KeyPublic, TokenRules)> {
-        let share = self.store.key(id).ok().flatten()?;
+        let share = self.active_key(id).ok().flatten()?;
         match self.store.profile(id).ok().flatten()? {
-            KeyProfile::Token(rules) => Some((share.public, rules)),
+            KeyProfile::Token(rules) => Some((share.public.clone(), rules)),
             _ => None,
         }
     }
