@@ -26,15 +26,28 @@ use crate::store::{Release, Store};
 /// How many independently locked shards the book has.
 pub const SHARDS: usize = 64;
 
-/// The presignatures this process holds, unused or consumed.
+/// How many consumed records each shard keeps (the newest), so that a retried request
+/// for the same digest gets the same share again. An older consumed presignature is
+/// forgotten: a request for it is then refused as unknown, whatever its digest, so the
+/// book stays bounded however many signatures a node makes.
+pub const CONSUMED_PER_SHARD: usize = 1024;
+
+/// One shard: its records, and its consumed ids, oldest first.
+#[derive(Default)]
+struct Shard {
+    records: HashMap<PresigId, PresigRecord>,
+    consumed: std::collections::VecDeque<PresigId>,
+}
+
+/// The presignatures this process holds, unused or (recently) consumed.
 pub struct PresigBook {
-    shards: Vec<Mutex<HashMap<PresigId, PresigRecord>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl Default for PresigBook {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 }
@@ -48,7 +61,7 @@ impl std::fmt::Debug for PresigBook {
 }
 
 impl PresigBook {
-    fn shard(&self, id: &PresigId) -> std::sync::MutexGuard<'_, HashMap<PresigId, PresigRecord>> {
+    fn shard(&self, id: &PresigId) -> std::sync::MutexGuard<'_, Shard> {
         let i = usize::from(id.0[0]) % SHARDS;
         // Nothing panics while a shard lock is held, so a poisoned lock still guards a
         // consistent map.
@@ -63,6 +76,7 @@ impl PresigBook {
     pub fn insert(&self, shares: Vec<PresignatureShare>) {
         for s in shares {
             self.shard(&s.id)
+                .records
                 .entry(s.id)
                 .or_insert(PresigRecord::Unused(s));
         }
@@ -74,15 +88,23 @@ impl PresigBook {
     /// for the same digest. The error is a sentence.
     pub fn sign(&self, key: &KeyPublic, r: &SignRequest) -> Result<SignStep, String> {
         let mut shard = self.shard(&r.presig_id);
-        let record = shard.get(&r.presig_id).ok_or_else(|| {
+        let record = shard.records.get(&r.presig_id).ok_or_else(|| {
             format!(
-                "unknown presignature {} (this node holds presignatures only in memory; a restart burns them)",
+                "unknown presignature {} (this node holds presignatures only in memory: a restart burns them, and a long-used one is forgotten)",
                 r.presig_id
             )
         })?;
         let step = sign::sign_step(key, record, r).map_err(|e| e.to_string())?;
         if step.fresh {
-            shard.insert(r.presig_id, PresigRecord::Consumed(step.record.clone()));
+            shard
+                .records
+                .insert(r.presig_id, PresigRecord::Consumed(step.record.clone()));
+            shard.consumed.push_back(r.presig_id);
+            while shard.consumed.len() > CONSUMED_PER_SHARD {
+                if let Some(old) = shard.consumed.pop_front() {
+                    shard.records.remove(&old);
+                }
+            }
         }
         Ok(step)
     }
@@ -94,6 +116,7 @@ impl PresigBook {
             .map(|s| {
                 s.lock()
                     .unwrap_or_else(PoisonError::into_inner)
+                    .records
                     .values()
                     .filter(|r| matches!(r, PresigRecord::Unused(_)))
                     .count() as u64
@@ -108,6 +131,7 @@ impl PresigBook {
             .flat_map(|s| {
                 s.lock()
                     .unwrap_or_else(PoisonError::into_inner)
+                    .records
                     .values()
                     .filter_map(|r| match r {
                         PresigRecord::Unused(p) => Some(p.secret_bytes().to_vec()),
@@ -124,8 +148,9 @@ impl PresigBook {
         let mut n = 0;
         for s in &self.shards {
             let mut s = s.lock().unwrap_or_else(PoisonError::into_inner);
-            n += s.len() as u64;
-            s.clear();
+            n += s.records.len() as u64;
+            s.records.clear();
+            s.consumed.clear();
         }
         n
     }
