@@ -217,19 +217,10 @@ pub async fn approval(cmd: ApprovalCommand) -> Result<()> {
             }
             for a in list {
                 out(&format!(
-                    "{}  {:<8}  {} {} {} scopes=[{}] ttl={}s{}  policy {}  expires {}{}\n",
+                    "{}  {:<8}  {}  policy {}  expires {}{}\n",
                     a.id,
                     a.state,
-                    a.agent,
-                    a.action,
-                    a.resource,
-                    a.scopes.join(" "),
-                    a.ttl_seconds,
-                    if a.task_id.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" task={}", a.task_id)
-                    },
+                    request_line(&a),
                     a.policy_ids.join(","),
                     a.expires_at,
                     if a.decided_by.is_empty() {
@@ -264,6 +255,23 @@ async fn decide(d: DecideArgs, approve: bool) -> Result<()> {
     ))
 }
 
+/// What a pending request asks for, on one line.
+fn request_line(a: &quorate_proto::api::Approval) -> String {
+    format!(
+        "{} {} {} scopes=[{}] ttl={}s{}",
+        a.agent,
+        a.action,
+        a.resource,
+        a.scopes.join(" "),
+        a.ttl_seconds,
+        if a.task_id.is_empty() {
+            String::new()
+        } else {
+            format!(" task={}", a.task_id)
+        }
+    )
+}
+
 /// Signs an approval statement for pending request `id` as it is listed (the request
 /// is shown on stderr first: the approver signs exactly what it names).
 async fn sign_approval(
@@ -286,22 +294,13 @@ async fn sign_approval(
             ))
         })?;
     eprintln!(
-        "signing approval {id} as {approver}: {} {} {} scopes=[{}] ttl={}s{}{}",
-        a.agent,
-        a.action,
-        a.resource,
-        a.scopes.join(" "),
-        a.ttl_seconds,
-        if a.task_id.is_empty() {
-            String::new()
-        } else {
-            format!(" task={}", a.task_id)
-        },
+        "signing approval {id} as {approver}: {}{}",
+        request_line(&a),
         if a.jkt.is_empty() {
             String::new()
         } else {
             format!(" dpop={}", a.jkt)
-        },
+        }
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

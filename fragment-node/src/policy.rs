@@ -224,13 +224,7 @@ impl NodePolicy {
             resource: resource.clone(),
             context,
         });
-        if !decision.allowed {
-            return Err(format!(
-                "policy bundle {}: {}",
-                bundle.id(),
-                decision.explain()
-            ));
-        }
+        allowed(&bundle, &decision)?;
         if let Some(cap) = decision.max_ttl_seconds
             && u64::from(ev.ttl_seconds) > cap
         {
@@ -339,13 +333,7 @@ impl NodePolicy {
             resource: Resource::Target(ctx.target.clone()),
             context,
         });
-        if !decision.allowed {
-            return Err(format!(
-                "policy bundle {}: {}",
-                bundle.id(),
-                decision.explain()
-            ));
-        }
+        allowed(&bundle, &decision)?;
         if decision.approval_required {
             return Err(format!(
                 "policy bundle {}: policy {} asks for approval, which credential requests do not support",
@@ -354,6 +342,23 @@ impl NodePolicy {
             ));
         }
         Ok(())
+    }
+}
+
+/// A denial as a refusal naming the bundle, the deciding policies and any evaluation
+/// error.
+fn allowed(
+    bundle: &PolicyBundle,
+    decision: &quorate_authz::policy::Decision,
+) -> Result<(), String> {
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "policy bundle {}: {}",
+            bundle.id(),
+            decision.explain()
+        ))
     }
 }
 
