@@ -1668,8 +1668,8 @@ fn decode_all<T: Wire>(msgs: &[fragment::RoundMessage]) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Drains a node's sign queue: whatever is waiting goes out in one `Sign` RPC (one
-/// durable commit on the node), and each caller gets its own result.
+/// Drains a node's sign queue: whatever is waiting goes out in one `Sign` RPC, and each
+/// caller gets its own result.
 async fn sign_batcher(mut client: FragmentNodeClient<Channel>, mut rx: mpsc::Receiver<SignJob>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];

@@ -93,7 +93,7 @@ impl NodeMetrics {
         for (name, help, c) in [
             (
                 "quorate_node_sign_batches_total",
-                "Sign RPCs served (one durable commit each).",
+                "Sign RPCs served.",
                 &self.sign_batches,
             ),
             (
@@ -118,7 +118,7 @@ impl NodeMetrics {
             ),
             (
                 "quorate_node_presignatures_stored_total",
-                "Presignature shares stored durably.",
+                "Presignature shares made and held in memory.",
                 &self.presignatures_stored,
             ),
             (
