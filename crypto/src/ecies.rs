@@ -53,10 +53,7 @@ pub fn encrypt(
 ) -> Result<EciesCiphertext> {
     let e = SecretScalar::random(rng);
     let ephemeral = Point::nonzero(e.public_image(), "ephemeral is the identity")?;
-    let shared = Point::nonzero(
-        group::mul(&x.projective(), e.expose()),
-        "shared point is the identity",
-    )?;
+    let shared = Point::nonzero(group::mul(x, e.expose()), "shared point is the identity")?;
     let (c, nonce) = cipher(&shared.to_bytes(), &ephemeral, x)?;
     let ct = c
         .encrypt(

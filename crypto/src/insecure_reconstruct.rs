@@ -33,7 +33,6 @@ pub fn public_of(x: &SecretScalar) -> Option<Point> {
 /// The credential for `context` computed directly from a reconstructed key.
 pub fn reference_credential(x: &SecretScalar, context: &[u8]) -> Result<Credential> {
     let p = crate::hash::h2c("derive", context)?;
-    let xp = Point::new(group::mul(&p.projective(), x.expose()))
-        .ok_or(Error::Bug("x·P is the identity"))?;
+    let xp = Point::new(group::mul(&p, x.expose())).ok_or(Error::Bug("x·P is the identity"))?;
     tdh::derive_credential(&SharedPoint::from_point(&xp), context)
 }

@@ -105,7 +105,7 @@ impl Base<'_> {
     fn mul(&self, k: &Scalar) -> ProjectivePoint {
         match self {
             Base::G => group::mul_g(k),
-            Base::Point(p) => group::mul(&p.projective(), k),
+            Base::Point(p) => group::mul(p, k),
             Base::KnownLog(s) => group::mul_g(&(*k * s.expose())),
         }
     }
@@ -223,7 +223,7 @@ impl LinearProof {
         let t1 = Point::nonzero(k1.public_image(), "linear commitment is the identity")?;
         let t2 = Point::nonzero(k2.public_image(), "linear commitment is the identity")?;
         let t3 = Point::nonzero(
-            group::mul(&p.projective(), k1.expose()) + group::mul(&a.projective(), k2.expose()),
+            group::mul(p, k1.expose()) + group::mul(a, k2.expose()),
             "linear commitment is the identity",
         )?;
         let c = challenge("linear", ctx, &[&t1, &t2, &t3]);
@@ -337,7 +337,7 @@ mod tests {
         let w = SecretScalar::random(&mut rng);
         let b2 = rand_point(&mut rng);
         let a = Point::new(w.public_image()).unwrap();
-        let c = Point::new(group::mul(&b2.projective(), w.expose())).unwrap();
+        let c = Point::new(group::mul(&b2, w.expose())).unwrap();
         let proof = DleqProof::prove(&mut rng, b"c", Base::G, Base::Point(b2), &w).unwrap();
         let (fg, fa, fb2, fc) = (
             Form::generator(),
@@ -368,7 +368,7 @@ mod tests {
         let y = SecretScalar::random(&mut rng);
         let pp = rand_point(&mut rng);
         let a = rand_point(&mut rng);
-        let c = group::mul(&pp.projective(), x.expose()) + group::mul(&a.projective(), y.expose());
+        let c = group::mul(&pp, x.expose()) + group::mul(&a, y.expose());
         let proof = LinearProof::prove(&mut rng, b"c", &pp, &a, &x, &y).unwrap();
         let fx = Form::point(&Point::new(x.public_image()).unwrap());
         let fy = Form::point(&Point::new(y.public_image()).unwrap());

@@ -193,7 +193,7 @@ pub fn seal(
     let e = SecretScalar::random(rng);
     let epk = Point::nonzero(e.public_image(), "ephemeral key is the identity")?;
     let shared = Point::nonzero(
-        group::mul(&recipient.ecdh.projective(), e.expose()),
+        group::mul(&recipient.ecdh, e.expose()),
         "ECDH result is the identity",
     )?;
     let ss_ecdh = Zeroizing::new(shared.x_bytes());
@@ -223,7 +223,7 @@ pub fn open(sk: &KemSecretKey, ctx: &SealContext, sealed: &Sealed) -> Result<Zer
         .decapsulate_slice(&sealed.kem_ct)
         .map_err(|_| Error::input("sealed payload has a malformed ML-KEM ciphertext"))?;
     let shared = Point::nonzero(
-        group::mul(&sealed.epk.projective(), sk.ecdh.expose()),
+        group::mul(&sealed.epk, sk.ecdh.expose()),
         "ECDH result is the identity",
     )?;
     let ss_ecdh = Zeroizing::new(shared.x_bytes());

@@ -129,11 +129,9 @@ pub fn partial(
     }
     let p = req.input.point()?;
     let y = SecretScalar::random(rng);
-    let c = Point::new(
-        group::mul(&p.projective(), share.secret.expose())
-            + group::mul(&req.requester.projective(), y.expose()),
-    )
-    .ok_or_else(|| Error::input("degenerate input: masked partial is the identity"))?;
+    let c =
+        Point::new(group::mul(&p, share.secret.expose()) + group::mul(&req.requester, y.expose()))
+            .ok_or_else(|| Error::input("degenerate input: masked partial is the identity"))?;
     let y_pub = Point::nonzero(y.public_image(), "Y_i is the identity")?;
     let ctx = proof_context(&share.public, req, &p, share.index, &c, &y_pub);
     let proof = LinearProof::prove(rng, &ctx, &p, &req.requester, &share.secret, &y)?;
@@ -225,7 +223,7 @@ impl Requester {
 
     /// Unmasks `x·P = C − a·Y`.
     pub fn unmask(&self, resp: &DhResponse) -> Result<SharedPoint> {
-        let xp = resp.c.projective() - group::mul(&resp.y.projective(), self.a.expose());
+        let xp = resp.c.projective() - group::mul(&resp.y, self.a.expose());
         let p = Point::new(xp).ok_or(Error::Bug("unmasked point is the identity"))?;
         Ok(SharedPoint(p.to_bytes()))
     }

@@ -72,7 +72,7 @@ proptest! {
 
         // Independent HKDF (aws-lc-rs) over the same input gives the same credential.
         let xp = quorate_crypto::group::mul(
-            &quorate_crypto::hash::h2c("derive", ctx.as_bytes()).unwrap().projective(),
+            &quorate_crypto::hash::h2c("derive", ctx.as_bytes()).unwrap(),
             &quorate_crypto::group::scalar_from_bytes(&x.secret_bytes()[..]).unwrap(),
         );
         let xp = quorate_crypto::Point::new(xp).unwrap().to_bytes();
