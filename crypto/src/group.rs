@@ -29,6 +29,8 @@ pub use p256::Scalar;
 
 /// Length of a compressed SEC1 point.
 pub const POINT_LEN: usize = 33;
+/// Length of an uncompressed SEC1 point.
+pub const UNCOMPRESSED_POINT_LEN: usize = 65;
 /// Length of an encoded scalar.
 pub const SCALAR_LEN: usize = 32;
 
@@ -95,6 +97,32 @@ impl Point {
         Ok(Point(affine))
     }
 
+    /// Strict decoding of the uncompressed form: exactly 65 bytes, `04 || x || y`, both
+    /// coordinates reduced, on the curve (the identity has no such encoding). Costs a
+    /// curve-equation check, no square root.
+    pub fn from_uncompressed(bytes: &[u8]) -> Result<Point> {
+        use elliptic_curve::sec1::FromSec1Point;
+        let arr: [u8; UNCOMPRESSED_POINT_LEN] = bytes.try_into().map_err(|_| {
+            Error::input(format!(
+                "point must be {UNCOMPRESSED_POINT_LEN} bytes (uncompressed SEC1), got {}",
+                bytes.len()
+            ))
+        })?;
+        if arr[0] != 0x04 {
+            return Err(Error::input(
+                "point must be SEC1 uncompressed (first byte 0x04)",
+            ));
+        }
+        let enc = p256::Sec1Point::from_bytes(arr)
+            .map_err(|_| Error::input("point is not a SEC1 encoding"))?;
+        let affine: Option<p256::AffinePoint> = p256::AffinePoint::from_sec1_point(&enc).into();
+        let affine = affine.ok_or_else(|| Error::input("point is not on the P-256 curve"))?;
+        if bool::from(affine.is_identity()) {
+            return Err(Error::input("point is the identity"));
+        }
+        Ok(Point(affine))
+    }
+
     /// The 33-byte compressed SEC1 encoding.
     pub fn to_bytes(&self) -> [u8; POINT_LEN] {
         let repr = self.0.to_bytes();
@@ -104,11 +132,11 @@ impl Point {
     }
 
     /// The 65-byte uncompressed SEC1 encoding (`04 || x || y`), as verifiers and JWKs
-    /// expect.
-    pub fn to_uncompressed(&self) -> [u8; 65] {
+    /// expect, and as [`crate::wire`] carries points.
+    pub fn to_uncompressed(&self) -> [u8; UNCOMPRESSED_POINT_LEN] {
         use elliptic_curve::sec1::ToSec1Point;
         let enc = self.0.to_sec1_point(false);
-        let mut out = [0u8; 65];
+        let mut out = [0u8; UNCOMPRESSED_POINT_LEN];
         out.copy_from_slice(enc.as_bytes());
         out
     }
@@ -558,6 +586,43 @@ mod tests {
     }
 
     #[test]
+    fn uncompressed_round_trip_and_rejections() {
+        let mut rng = crate::sim::test_rng("uncompressed");
+        for p in [
+            Point::GENERATOR,
+            point_with_x_at_least_q(),
+            Point::new(mul_g(&random_nonzero(&mut rng))).unwrap(),
+        ] {
+            let enc = p.to_uncompressed();
+            assert_eq!(Point::from_uncompressed(&enc).ok(), Some(p));
+            // The compressed decoder refuses it and vice versa: one form per field.
+            assert!(Point::from_bytes(&enc).is_err());
+            assert!(Point::from_uncompressed(&p.to_bytes()).is_err());
+            // y + 1 is off the curve.
+            let mut off = enc;
+            off[64] ^= 1;
+            assert!(Point::from_uncompressed(&off).is_err());
+            // Any other tag.
+            for tag in [0x00u8, 0x02, 0x03, 0x06, 0x07] {
+                let mut t = enc;
+                t[0] = tag;
+                assert!(Point::from_uncompressed(&t).is_err(), "tag {tag:#x}");
+            }
+            assert!(Point::from_uncompressed(&enc[..64]).is_err());
+        }
+        let mut zero = [0u8; 65];
+        zero[0] = 0x04;
+        assert!(Point::from_uncompressed(&zero).is_err());
+        // x = p, unreduced.
+        let mut unreduced = Point::GENERATOR.to_uncompressed();
+        unreduced[1..33].copy_from_slice(&[
+            0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        assert!(Point::from_uncompressed(&unreduced).is_err());
+    }
+
+    #[test]
     fn scalar_rejects_unreduced() {
         let q_minus_1 = -Scalar::ONE;
         let enc = scalar_to_bytes(&q_minus_1);
@@ -635,7 +700,10 @@ mod tests {
     /// `cargo test --release -p quorate-crypto --lib msm_crossover -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, run on demand"]
-    #[allow(clippy::print_stdout, reason = "the table on stdout is the measurement")]
+    #[allow(
+        clippy::print_stdout,
+        reason = "the table on stdout is the measurement"
+    )]
     fn msm_crossover() {
         use std::time::Instant;
         let mut rng = crate::sim::test_rng("msm-crossover");

@@ -203,7 +203,8 @@ impl KeyShare {
     /// Strict decoding of [`KeyShare::secret_bytes`], validated against the public share.
     pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "KeyShare");
-        if r.u8()? != crate::wire::VERSION || r.u8()? != 0x11 {
+        r.version()?;
+        if r.u8()? != 0x11 {
             return Err(Error::input("KeyShare: unsupported version or wrong type"));
         }
         let public = r.nested::<KeyPublic>()?;

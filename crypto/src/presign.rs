@@ -1219,7 +1219,8 @@ impl PresignatureShare {
     /// Strict decoding of [`PresignatureShare::secret_bytes`].
     pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "PresignatureShare");
-        if r.u8()? != crate::wire::VERSION || r.u8()? != 0x46 {
+        r.version()?;
+        if r.u8()? != 0x46 {
             return Err(Error::input(
                 "PresignatureShare: unsupported version or wrong type",
             ));

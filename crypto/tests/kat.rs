@@ -126,8 +126,9 @@ fn seal_round_trip_with_fixed_keys() {
     let mut w = Writer::default();
     sealed.encode(&mut w);
     let bytes = w.into_bytes();
-    // ML-KEM ciphertext, ephemeral point, length-prefixed AEAD output with 16-byte tag.
-    assert_eq!(bytes.len(), seal::MLKEM_CT_LEN + 33 + 4 + msg.len() + 16);
+    // ML-KEM ciphertext, ephemeral point (uncompressed on the wire), length-prefixed AEAD
+    // output with 16-byte tag.
+    assert_eq!(bytes.len(), seal::MLKEM_CT_LEN + 65 + 4 + msg.len() + 16);
     let mut r = Reader::new(&bytes, "Sealed");
     let back = Sealed::decode(&mut r).unwrap();
     r.finish().unwrap();
