@@ -19,7 +19,8 @@ use std::sync::{Mutex, PoisonError};
 
 use quorate_crypto::keys::KeyPublic;
 use quorate_crypto::presign::{PresigId, PresignatureShare};
-use quorate_crypto::sign::{self, PresigRecord, SignRequest, SignStep};
+use quorate_crypto::sign::{self, ConsumedPresig, PresigRecord, SignRequest, SignStep};
+use zeroize::Zeroizing;
 
 use crate::store::{Release, Store};
 
@@ -32,10 +33,21 @@ pub const SHARDS: usize = 64;
 /// book stays bounded however many signatures a node makes.
 pub const CONSUMED_PER_SHARD: usize = 1024;
 
+/// What the book holds for one presignature, kept small: a node holds 100 000 of them
+/// in memory (BENCHMARKS.md, "Storage").
+enum Held {
+    /// Never used: the share's secret encoding
+    /// ([`PresignatureShare::secret_bytes`], about 200 bytes at (3,1)), zeroized on
+    /// drop; decoded only when it signs.
+    Unused(Zeroizing<Box<[u8]>>),
+    /// Used for exactly one digest: public data only.
+    Consumed(Box<ConsumedPresig>),
+}
+
 /// One shard: its records, and its consumed ids, oldest first.
 #[derive(Default)]
 struct Shard {
-    records: HashMap<PresigId, PresigRecord>,
+    records: HashMap<PresigId, Held>,
     consumed: std::collections::VecDeque<PresigId>,
 }
 
@@ -75,10 +87,11 @@ impl PresigBook {
     /// Adds new presignature shares (unused). An id already held is left as it is.
     pub fn insert(&self, shares: Vec<PresignatureShare>) {
         for s in shares {
+            let bytes = Zeroizing::new(s.secret_bytes().to_vec().into_boxed_slice());
             self.shard(&s.id)
                 .records
                 .entry(s.id)
-                .or_insert(PresigRecord::Unused(s));
+                .or_insert(Held::Unused(bytes));
         }
     }
 
@@ -94,11 +107,18 @@ impl PresigBook {
                 r.presig_id
             )
         })?;
-        let step = sign::sign_step(key, record, r).map_err(|e| e.to_string())?;
+        let record = match record {
+            Held::Unused(bytes) => PresigRecord::Unused(
+                PresignatureShare::from_secret_bytes(bytes)
+                    .map_err(|e| format!("presignature {}: {e}", r.presig_id))?,
+            ),
+            Held::Consumed(c) => PresigRecord::Consumed(ConsumedPresig::clone(c)),
+        };
+        let step = sign::sign_step(key, &record, r).map_err(|e| e.to_string())?;
         if step.fresh {
             shard
                 .records
-                .insert(r.presig_id, PresigRecord::Consumed(step.record.clone()));
+                .insert(r.presig_id, Held::Consumed(Box::new(step.record.clone())));
             shard.consumed.push_back(r.presig_id);
             while shard.consumed.len() > CONSUMED_PER_SHARD {
                 if let Some(old) = shard.consumed.pop_front() {
@@ -118,7 +138,7 @@ impl PresigBook {
                     .unwrap_or_else(PoisonError::into_inner)
                     .records
                     .values()
-                    .filter(|r| matches!(r, PresigRecord::Unused(_)))
+                    .filter(|r| matches!(r, Held::Unused(_)))
                     .count() as u64
             })
             .sum()
@@ -134,8 +154,8 @@ impl PresigBook {
                     .records
                     .values()
                     .filter_map(|r| match r {
-                        PresigRecord::Unused(p) => Some(p.secret_bytes().to_vec()),
-                        PresigRecord::Consumed(_) => None,
+                        Held::Unused(bytes) => Some(bytes.to_vec()),
+                        Held::Consumed(_) => None,
                     })
                     .collect::<Vec<_>>()
             })
