@@ -297,22 +297,41 @@ pub fn msm(terms: &[(ProjectivePoint, Scalar)]) -> ProjectivePoint {
         return ProjectivePoint::IDENTITY;
     }
     opcount::count_msm(terms.len());
-    msm_awslc(terms).unwrap_or_else(|| ProjectivePoint::lincomb_vartime(terms))
+    msm_awslc(terms)
+        .and_then(|sum| from_ec(&sum))
+        .unwrap_or_else(|| ProjectivePoint::lincomb_vartime(terms))
 }
 
-fn msm_awslc(terms: &[(ProjectivePoint, Scalar)]) -> Option<ProjectivePoint> {
+/// [`msm`] with the sum as a [`Point`], `None` for the identity: the affine result comes
+/// straight from aws-lc, without the field inversion of [`Point::new`].
+pub fn msm_point(terms: &[(ProjectivePoint, Scalar)]) -> Option<Point> {
+    if terms.is_empty() {
+        return None;
+    }
+    opcount::count_msm(terms.len());
+    match msm_awslc(terms) {
+        Some(sum) if sum.is_identity() => None,
+        Some(sum) => sum
+            .to_uncompressed()
+            .and_then(|b| Point::from_uncompressed(&b).ok())
+            .or_else(|| Point::new(ProjectivePoint::lincomb_vartime(terms))),
+        None => Point::new(ProjectivePoint::lincomb_vartime(terms)),
+    }
+}
+
+/// The sum on aws-lc; `None` only if aws-lc refused an operation on valid input.
+fn msm_awslc(terms: &[(ProjectivePoint, Scalar)]) -> Option<EcPoint> {
     use elliptic_curve::group::Curve;
     let projective: Vec<ProjectivePoint> = terms.iter().map(|(p, _)| *p).collect();
     let mut affine = vec![p256::AffinePoint::IDENTITY; terms.len()];
     ProjectivePoint::batch_normalize(&projective, &mut affine);
     let points = affine.iter().map(to_ec).collect::<Option<Vec<EcPoint>>>()?;
     let scalars: Vec<Scalar> = terms.iter().map(|(_, s)| *s).collect();
-    let sum = if terms.len() < PIPPENGER_MIN {
-        straus(&points, &scalars)?
+    if terms.len() < PIPPENGER_MIN {
+        straus(&points, &scalars)
     } else {
-        pippenger(&points, &scalars)?
-    };
-    from_ec(&sum)
+        pippenger(&points, &scalars)
+    }
 }
 
 /// A scalar as four little-endian 64-bit limbs.
@@ -687,10 +706,12 @@ mod tests {
                 "pippenger n = {n}"
             );
             assert_eq!(msm(&terms), want, "msm n = {n}");
+            assert_eq!(msm_point(&terms), Point::new(want), "msm_point n = {n}");
         }
         // All-zero scalars and all-identity points sum to the identity.
         let zeros = vec![(ProjectivePoint::GENERATOR, Scalar::ZERO); 3];
         assert_eq!(msm(&zeros), ProjectivePoint::IDENTITY);
+        assert_eq!(msm_point(&zeros), None);
         let ids = vec![(ProjectivePoint::IDENTITY, Scalar::ONE); 300];
         assert_eq!(msm(&ids), ProjectivePoint::IDENTITY);
     }

@@ -1002,37 +1002,26 @@ pub fn public_output(
     for (b, ub) in u.iter().enumerate() {
         let u_inv = group::invert(ub).ok_or(Error::Bug("u is zero"))?;
         let a = agg.a.get(b).ok_or(Error::Bug("batch index"))?;
-        // Dagg_k = Σ_i λ_i D_{i,k}; V_j = Σ_k j^k Dagg_k.
-        let len = cfg.key.params.commitment_len();
-        let mut dagg = Vec::with_capacity(len);
-        for k in 0..len {
-            let terms: Vec<_> = ordered
-                .iter()
-                .zip(&lambdas)
-                .map(|(m, (_, l))| {
-                    m.d_coms
-                        .get(b)
-                        .and_then(|c| c.get(k))
-                        .map(|p| (p.projective(), *l))
-                        .ok_or(Error::Bug("reduction commitment index"))
-                })
-                .collect::<Result<_>>()?;
-            dagg.push(group::msm(&terms));
-        }
+        // V_j = Σ_k j^k Σ_i λ_i D_{i,k}: one multi-scalar multiplication over every
+        // D_{i,k} per j (no intermediate sums: each costs a full set of doublings).
         let mut wv = Vec::with_capacity(cfg.sset.len());
         for &j in cfg.sset.members() {
             let x = j.scalar();
-            let mut pow = Scalar::ONE;
-            let terms: Vec<_> = dagg
-                .iter()
-                .map(|d| {
-                    let t = (*d, pow);
+            let mut terms = Vec::with_capacity(ordered.len() * cfg.key.params.commitment_len());
+            for (m, (_, l)) in ordered.iter().zip(&lambdas) {
+                let coms = m
+                    .d_coms
+                    .get(b)
+                    .filter(|c| c.len() == cfg.key.params.commitment_len())
+                    .ok_or(Error::Bug("reduction commitment index"))?;
+                let mut pow = *l;
+                for d in coms {
+                    terms.push((d.projective(), pow));
                     pow *= x;
-                    t
-                })
-                .collect();
-            let v_pub = Point::new(group::msm(&terms));
-            let w_pub = Point::new(group::msm(&a.eval_terms(j, u_inv)));
+                }
+            }
+            let v_pub = group::msm_point(&terms);
+            let w_pub = group::msm_point(&a.eval_terms(j, u_inv));
             match (w_pub, v_pub) {
                 (Some(w), Some(v)) => wv.push((w, v)),
                 _ => return Err(Error::blame(cfg.mset.members().to_vec(), Fault::Degenerate)),
