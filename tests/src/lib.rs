@@ -588,3 +588,27 @@ impl TestCluster {
         }
     }
 }
+
+/// A sign batch of one request, as the coordinator sends it to a node: presignature `p`
+/// of `key` for `digest`, with the signing input the digest was made from, if any.
+pub fn sign_batch(
+    key: &quorate_crypto::keys::KeyPublic,
+    p: &quorate_crypto::presign::PresignaturePublic,
+    digest: [u8; 32],
+    input: Option<&[u8]>,
+) -> quorate_proto::fragment::SignBatch {
+    use quorate_crypto::wire::Wire as _;
+    quorate_proto::fragment::SignBatch {
+        requests: vec![
+            quorate_crypto::sign::SignRequest {
+                key_id: key.key_id,
+                presig_id: p.id,
+                sset: p.sset.clone(),
+                digest,
+            }
+            .to_bytes(),
+        ],
+        signing_inputs: input.map(|i| vec![i.to_vec()]).unwrap_or_default(),
+        evidence: Vec::new(),
+    }
+}

@@ -102,20 +102,9 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
     let dir = c.dir.0.join("node-2");
     let copy = c.dir.0.join("node-2-copy");
     copy_dir(&dir, &copy);
-    let ask =
-        |p: &quorate_crypto::presign::PresignaturePublic, digest: [u8; 32]| fragment::SignBatch {
-            requests: vec![
-                SignRequest {
-                    key_id: key.key_id,
-                    presig_id: p.id,
-                    sset: p.sset.clone(),
-                    digest,
-                }
-                .to_bytes(),
-            ],
-            signing_inputs: Vec::new(),
-            evidence: Vec::new(),
-        };
+    let ask = |p: &quorate_crypto::presign::PresignaturePublic, digest: [u8; 32]| {
+        quorate_tests::sign_batch(&key, p, digest, None)
+    };
     let mut node = c.node_as_coordinator(2).await;
     for p in mine.iter().step_by(2) {
         let r = node.sign(ask(p, [0x11; 32])).await.unwrap().into_inner();

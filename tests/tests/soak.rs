@@ -25,10 +25,6 @@ use std::time::{Duration, Instant};
 
 use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
-use quorate_crypto::keys::KeyPublic;
-use quorate_crypto::presign::PresignaturePublic;
-use quorate_crypto::sign::SignRequest;
-use quorate_crypto::wire::Wire;
 use quorate_node::store::{Kek, Release, Store};
 use quorate_proto::api;
 use quorate_proto::api::key_service_client::KeyServiceClient;
@@ -171,7 +167,7 @@ async fn signing_survives_random_node_kills() {
         for j in p.sset.members() {
             let mut node = c.node_as_coordinator(j.get()).await;
             let first = node
-                .sign(sign_batch(&named.public, p, digest))
+                .sign(quorate_tests::sign_batch(&named.public, p, digest, None))
                 .await
                 .unwrap();
             assert!(
@@ -179,7 +175,7 @@ async fn signing_survives_random_node_kills() {
                 "node {j} refused a fresh presignature"
             );
             let second = node
-                .sign(sign_batch(&named.public, p, other))
+                .sign(quorate_tests::sign_batch(&named.public, p, other, None))
                 .await
                 .unwrap();
             if is_share(&second.into_inner()) {
@@ -242,23 +238,6 @@ fn killer(mut c: TestCluster, mut rng: StdRng, until: Instant) -> (TestCluster, 
         kills += 1;
         std::thread::sleep(Duration::from_millis(rng.random_range(0..=2_000)));
         c.restart_node(i, None);
-    }
-}
-
-/// A sign batch of one request: presignature `p` of `key` for `digest`.
-fn sign_batch(key: &KeyPublic, p: &PresignaturePublic, digest: [u8; 32]) -> fragment::SignBatch {
-    fragment::SignBatch {
-        requests: vec![
-            SignRequest {
-                key_id: key.key_id,
-                presig_id: p.id,
-                sset: p.sset.clone(),
-                digest,
-            }
-            .to_bytes(),
-        ],
-        signing_inputs: Vec::new(),
-        evidence: Vec::new(),
     }
 }
 

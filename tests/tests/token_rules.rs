@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use quorate_crypto::keys::KeyPublic;
 use quorate_crypto::presign::PresignaturePublic;
-use quorate_crypto::sign::{SignRequest, SignatureShare};
+use quorate_crypto::sign::SignatureShare;
 use quorate_crypto::wire::Wire;
 use quorate_proto::api;
 use quorate_proto::fragment::{self, sign_result::Result as SignOutcome};
-use quorate_tests::TestCluster;
+use quorate_tests::{TestCluster, sign_batch};
 
 const POOL_FLAGS: &[&str] = &[
     "--pool-low",
@@ -127,28 +127,6 @@ fn digest(input: &[u8]) -> [u8; 32] {
     quorate_crypto::hash::sha256(input)
 }
 
-/// One sign request for presignature `p` of `key`, with or without a signing input.
-fn batch(
-    key: &KeyPublic,
-    p: &PresignaturePublic,
-    d: [u8; 32],
-    input: Option<&[u8]>,
-) -> fragment::SignBatch {
-    fragment::SignBatch {
-        requests: vec![
-            SignRequest {
-                key_id: key.key_id,
-                presig_id: p.id,
-                sset: p.sset.clone(),
-                digest: d,
-            }
-            .to_bytes(),
-        ],
-        signing_inputs: input.map(|i| vec![i.to_vec()]).unwrap_or_default(),
-        evidence: Vec::new(),
-    }
-}
-
 /// Asks node `i` directly, as the coordinator would.
 async fn ask(c: &TestCluster, i: u16, b: fragment::SignBatch) -> SignOutcome {
     let reply = c
@@ -241,11 +219,11 @@ async fn profiles_and_ceilings_hold_whatever_the_coordinator_asks() {
     let access = token("at+jwt", &c.issuer(), t0, t0 + 300);
     for j in p.sset.members().iter().map(|m| m.get()) {
         refused(
-            ask(&c, j, batch(&key, &p, [7; 32], None)).await,
+            ask(&c, j, sign_batch(&key, &p, [7; 32], None)).await,
             "has the checkpoint profile: it signs only JWS statements of its profile",
         );
         refused(
-            ask(&c, j, batch(&key, &p, digest(&access), Some(&access))).await,
+            ask(&c, j, sign_batch(&key, &p, digest(&access), Some(&access))).await,
             "this key signs only audit checkpoints",
         );
     }
@@ -263,7 +241,13 @@ async fn profiles_and_ceilings_hold_whatever_the_coordinator_asks() {
     )
     .into_bytes();
     for j in p.sset.members().iter().map(|m| m.get()) {
-        match ask(&c, j, batch(&key, &p, digest(&statement), Some(&statement))).await {
+        match ask(
+            &c,
+            j,
+            sign_batch(&key, &p, digest(&statement), Some(&statement)),
+        )
+        .await
+        {
             SignOutcome::Share(_) => {}
             SignOutcome::Refused(why) => panic!("node {j} refused a checkpoint: {why}"),
         }
@@ -352,30 +336,35 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     // A day-long token.
     let long = token("at+jwt", ISSUER, t0, t0 + 86_400);
     refused(
-        ask(&c, first, batch(&key, &p, digest(&long), Some(&long))).await,
+        ask(&c, first, sign_batch(&key, &p, digest(&long), Some(&long))).await,
         "exp - iat = 86400 s exceeds this key's maximum token lifetime of 900 s",
     );
     // Another issuer.
     let foreign = token("at+jwt", "https://evil.test", t0, t0 + 300);
     refused(
-        ask(&c, first, batch(&key, &p, digest(&foreign), Some(&foreign))).await,
+        ask(
+            &c,
+            first,
+            sign_batch(&key, &p, digest(&foreign), Some(&foreign)),
+        )
+        .await,
         "iss is \"https://evil.test\"",
     );
     // Another typ.
     let jwt = token("JWT", ISSUER, t0, t0 + 300);
     refused(
-        ask(&c, first, batch(&key, &p, digest(&jwt), Some(&jwt))).await,
+        ask(&c, first, sign_batch(&key, &p, digest(&jwt), Some(&jwt))).await,
         "typ is \"JWT\"",
     );
     // A bare digest.
     refused(
-        ask(&c, first, batch(&key, &p, [7; 32], None)).await,
+        ask(&c, first, sign_batch(&key, &p, [7; 32], None)).await,
         "signs only JWS statements of its profile",
     );
     // A valid token, but the digest is of something else.
     let good = token("at+jwt", ISSUER, t0, t0 + 600);
     refused(
-        ask(&c, first, batch(&key, &p, [7; 32], Some(&good))).await,
+        ask(&c, first, sign_batch(&key, &p, [7; 32], Some(&good))).await,
         "does not hash",
     );
 
@@ -384,7 +373,7 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     let d = digest(&good);
     let mut shares = Vec::new();
     for &j in &members {
-        match ask(&c, j, batch(&key, &p, d, Some(&good))).await {
+        match ask(&c, j, sign_batch(&key, &p, d, Some(&good))).await {
             SignOutcome::Share(b) => shares.push(SignatureShare::from_bytes(&b).unwrap()),
             SignOutcome::Refused(why) => panic!("node {j} refused a valid token: {why}"),
         }
@@ -399,7 +388,12 @@ async fn nodes_enforce_token_rules_whatever_the_coordinator_asks() {
     // Now it is used: another valid token is refused for this presignature.
     let other = token("at+jwt", ISSUER, t0, t0 + 300);
     refused(
-        ask(&c, first, batch(&key, &p, digest(&other), Some(&other))).await,
+        ask(
+            &c,
+            first,
+            sign_batch(&key, &p, digest(&other), Some(&other)),
+        )
+        .await,
         "already used",
     );
 }
@@ -491,12 +485,17 @@ async fn rotation_adds_a_version_that_signs_from_then_on() {
     let p = &presigs[0];
     let j = p.sset.members()[0].get();
     refused(
-        ask(&c, j, batch(&named.public, p, [9; 32], None)).await,
+        ask(&c, j, sign_batch(&named.public, p, [9; 32], None)).await,
         "signs only JWS statements of its profile",
     );
     let long = token("at+jwt", ISSUER, now(), now() + 3600);
     refused(
-        ask(&c, j, batch(&named.public, p, digest(&long), Some(&long))).await,
+        ask(
+            &c,
+            j,
+            sign_batch(&named.public, p, digest(&long), Some(&long)),
+        )
+        .await,
         "exceeds this key's maximum token lifetime of 900 s",
     );
 
@@ -762,7 +761,7 @@ async fn nodes_check_evidence_whatever_the_coordinator_asks() {
         ..Default::default()
     };
     let with = |input: &[u8], ev: Option<fragment::TokenEvidence>| {
-        let mut b = batch(&key, &p, digest(input), Some(input));
+        let mut b = sign_batch(&key, &p, digest(input), Some(input));
         b.evidence = ev.into_iter().collect();
         b
     };
@@ -941,7 +940,7 @@ async fn a_raw_audit_key_from_before_profiles_becomes_a_checkpoint_key() {
     let p = presigs.first().expect("no pooled presignature").clone();
     for j in p.sset.members().iter().map(|m| m.get()) {
         refused(
-            ask(&c, j, batch(&named.public, &p, [3; 32], None)).await,
+            ask(&c, j, sign_batch(&named.public, &p, [3; 32], None)).await,
             "has the checkpoint profile",
         );
         let s = c
@@ -1187,7 +1186,7 @@ async fn nodes_decide_under_the_signed_policy_whatever_the_coordinator_asks() {
         ..Default::default()
     };
     let on = |p: &PresignaturePublic, input: &[u8], e: fragment::TokenEvidence| {
-        let mut batch = batch(&key, p, digest(input), Some(input));
+        let mut batch = sign_batch(&key, p, digest(input), Some(input));
         batch.evidence = vec![e];
         batch
     };

@@ -175,40 +175,38 @@ impl EcPoint {
     /// `k·G` for a 32-byte big-endian scalar `k`, in constant time (aws-lc's
     /// precomputed-table base-point multiplication). `k` may be secret.
     pub fn mul_base(k: &[u8; 32]) -> Option<EcPoint> {
-        let r = EcPoint::identity();
-        let scalar = ScalarBn::new(k)?;
-        // SAFETY: `r.0` is a valid, exclusively owned point; `scalar.0` is a valid BIGNUM;
-        // with `p` and `p_scalar` both NULL aws-lc computes `g_scalar·G` only; a NULL
-        // `BN_CTX` makes aws-lc use its own.
-        let ok = unsafe {
-            ffi::EC_POINT_mul(
-                group(),
-                r.0.as_ptr(),
-                scalar.0.as_ptr(),
-                ptr::null(),
-                ptr::null(),
-                ptr::null_mut(),
-            )
-        };
-        r.if_ok(ok)
+        EcPoint::product(None, k)
     }
 
     /// `k·self` for a 32-byte big-endian scalar `k`, in constant time (aws-lc's fixed-window
     /// multiplication with constant-time table lookups; it checks that the result is on
     /// the curve). `k` may be secret.
     pub fn mul(&self, k: &[u8; 32]) -> Option<EcPoint> {
+        EcPoint::product(Some(self), k)
+    }
+
+    /// `k·base`, or `k·G` without a base, through `EC_POINT_mul`.
+    fn product(base: Option<&EcPoint>, k: &[u8; 32]) -> Option<EcPoint> {
         let r = EcPoint::identity();
         let scalar = ScalarBn::new(k)?;
-        // SAFETY: `r.0` is a valid, exclusively owned point distinct from `self.0`, which
-        // is only read; `scalar.0` is a valid BIGNUM; `g_scalar` NULL means no base-point
-        // term; a NULL `BN_CTX` makes aws-lc use its own.
+        let k_ptr: *const ffi::BIGNUM = scalar.0.as_ptr();
+        // `EC_POINT_mul(group, r, g_scalar, p, p_scalar, ctx)` computes
+        // `g_scalar·G + p_scalar·p`; exactly one of the two terms is given here.
+        let (g_scalar, p, p_scalar) = match base {
+            None => (k_ptr, ptr::null(), ptr::null()),
+            Some(b) => (ptr::null(), b.0.as_ptr().cast_const(), k_ptr),
+        };
+        // SAFETY: `r.0` is a valid, exclusively owned point, distinct from `base`, which
+        // is only read; `scalar` (a valid BIGNUM) outlives the call; `p` and `p_scalar`
+        // are both NULL or both valid, as aws-lc requires; a NULL `BN_CTX` makes aws-lc
+        // use its own. aws-lc keeps none of the pointers.
         let ok = unsafe {
             ffi::EC_POINT_mul(
                 group(),
                 r.0.as_ptr(),
-                ptr::null(),
-                self.0.as_ptr(),
-                scalar.0.as_ptr(),
+                g_scalar,
+                p,
+                p_scalar,
                 ptr::null_mut(),
             )
         };
