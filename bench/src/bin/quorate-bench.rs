@@ -582,8 +582,92 @@ fn find<'a>(rows: &'a [Row], prefix: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.name.starts_with(prefix))
 }
 
+/// The arithmetic floor of one presignature at (n,t): the scalar multiplications that
+/// `quorate-opcount` counts for a batch of 64 (all parties), each priced at its cost
+/// measured here and now, in this process, on one thread.
+#[derive(Debug, Clone, Serialize)]
+struct ArithmeticFloor {
+    fixed_base: f64,
+    var_base: f64,
+    msm_calls: f64,
+    msm_terms: f64,
+    mul_g_us: f64,
+    mul_us: f64,
+    /// One multi-scalar multiplication of the average size (terms ÷ calls, rounded).
+    msm_avg_us: f64,
+    floor_ms: f64,
+}
+
+fn arithmetic_floor(n: u16, t: u16) -> Result<ArithmeticFloor, String> {
+    use quorate_crypto::group::{self, Point, random_nonzero};
+    use quorate_crypto::opcount;
+    use quorate_crypto::sim::Attack;
+    const BATCH: u32 = 64;
+    let e = |e: quorate_crypto::Error| format!("arithmetic floor: {e}");
+    let mut f = quorate_bench::SignFixture::new(n, t, 1).map_err(e)?;
+    let (m, s) = (quorate_bench::mset(t), quorate_bench::sset(t));
+    opcount::reset();
+    f.cluster
+        .presign(f.key.key_id, &m, &s, BATCH, Attack::None)
+        .map_err(e)?;
+    let c = opcount::snapshot();
+    let per = |x: u64| x as f64 / f64::from(BATCH);
+    let (fixed_base, var_base) = (per(c.fixed_base), per(c.var_base));
+    let (msm_calls, msm_terms) = (per(c.msm_calls), per(c.msm_terms));
+    let mut rng = quorate_bench::rng(0xf1);
+    let scalars: Vec<_> = (0..200).map(|_| random_nonzero(&mut rng)).collect();
+    let time_us = |reps: usize, f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        start.elapsed().as_secs_f64() * 1e6 / reps.max(1) as f64
+    };
+    let points: Vec<Point> = scalars
+        .iter()
+        .filter_map(|k| Point::new(group::mul_g(k)))
+        .collect();
+    let mut pairs = points.iter().zip(&scalars).cycle();
+    let mul_g_us = time_us(200, &mut || {
+        if let Some((_, k)) = pairs.next() {
+            std::hint::black_box(group::mul_g(k));
+        }
+    });
+    let mul_us = time_us(100, &mut || {
+        if let Some((p, k)) = pairs.next() {
+            std::hint::black_box(group::mul(p, k));
+        }
+    });
+    let size = if msm_calls > 0.0 {
+        (msm_terms / msm_calls).round().max(1.0) as usize
+    } else {
+        1
+    };
+    let terms: Vec<_> = points
+        .iter()
+        .zip(&scalars)
+        .take(size)
+        .map(|(p, k)| (p.projective(), *k))
+        .collect();
+    let msm_avg_us = time_us(50, &mut || {
+        std::hint::black_box(group::msm(&terms));
+    });
+    let floor_ms = (fixed_base * mul_g_us + var_base * mul_us + msm_calls * msm_avg_us) / 1_000.0;
+    Ok(ArithmeticFloor {
+        fixed_base,
+        var_base,
+        msm_calls,
+        msm_terms,
+        mul_g_us,
+        mul_us,
+        msm_avg_us,
+        floor_ms,
+    })
+}
+
 async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
     // In-process first, while no cluster competes for the CPU.
+    let floor = arithmetic_floor(o.nodes, o.threshold)?;
     results.rows.push(in_process(o, InProc::Jwt)?);
     results.rows.push(in_process(o, InProc::Online)?);
     results.rows.push(in_process(o, InProc::PresignSign)?);
@@ -650,6 +734,38 @@ async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
             format!("p99 {:.0} µs ÷ {:.0} µs", sign.p99_us, rtt.p99_us),
             ratio(sign.p99_us, rtt.p99_us),
             4.0,
+        ));
+    }
+    if let Some(tok) = find(rows, "token").filter(|r| !r.cpu.is_empty()) {
+        // Everything the cluster's processes spent, presigning included, over the
+        // presignatures made meanwhile (one per token at steady state).
+        let cluster_cpu: f64 = tok
+            .cpu
+            .iter()
+            .filter(|c| !c.process.starts_with("bench"))
+            .map(|c| c.cpu_seconds)
+            .sum();
+        let made = tok.presigs_per_sec.unwrap_or(0.0) * tok.seconds;
+        let per_presig_ms = if made > 0.0 {
+            cluster_cpu * 1e3 / made
+        } else {
+            f64::NAN
+        };
+        results.verdicts.push(Verdict::at_least(
+            "measured: cluster CPU per presignature during `token` ÷ its arithmetic floor (no target)",
+            format!(
+                "{per_presig_ms:.2} ms ÷ {:.2} ms (per presignature: {:.1} k·G at {:.1} µs, {:.1} k·P at {:.1} µs, {:.1} MSMs of {:.0} terms at {:.0} µs)",
+                floor.floor_ms,
+                floor.fixed_base,
+                floor.mul_g_us,
+                floor.var_base,
+                floor.mul_us,
+                floor.msm_calls,
+                floor.msm_terms / floor.msm_calls.max(1.0),
+                floor.msm_avg_us
+            ),
+            ratio(per_presig_ms, floor.floor_ms),
+            0.0,
         ));
     }
     if let (Some(ours), Some(frost)) = (find(rows, "quorate online"), find(rows, "baseline: FROST"))
