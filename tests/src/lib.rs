@@ -145,13 +145,33 @@ impl Drop for TempDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+/// A free TCP port on 127.0.0.1, for a process that must be told its port before it
+/// starts (bound and released, so only probably still free when used).
+///
+/// It is taken below the kernel's ephemeral range (32768–60999 by default), from which
+/// every `:0` bind and every outgoing connection draws: a port picked there can be taken
+/// by any other socket of a concurrent test between this check and its use, and was
+/// (`Address already in use` at a coordinator's start). Ports here come from a per-process
+/// sequence starting at a point derived from the process id, so concurrent tests of one
+/// binary never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
+    let _ = NEXT.compare_exchange(
+        u64::MAX,
+        u64::from(std::process::id()).wrapping_mul(7_919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(LOW + k).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Path of a workspace binary built by `cargo test --workspace`.
