@@ -180,16 +180,6 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
-    /// The smallest encoded size of a point in this reader's version, for
-    /// [`Reader::list`]'s bound.
-    pub fn point_len(&self) -> usize {
-        if self.version == VERSION_COMPRESSED_POINTS {
-            POINT_LEN
-        } else {
-            WIRE_POINT_LEN
-        }
-    }
-
     fn short(&self) -> Error {
         Error::input(format!("{}: truncated encoding", self.what))
     }
