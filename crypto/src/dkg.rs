@@ -15,6 +15,15 @@
 //! `C_0` and no proof are sent, each node adds its received shares to its old share,
 //! the public key is unchanged, and the epoch advances so that old and new shares are
 //! never mixed.
+//!
+//! **Resharing** ([`DkgMode::Reshare`]) hands an existing key to a new set of shares,
+//! possibly with a new `n` and `t`, without reconstructing it: `t+1` holders of the
+//! prior epoch (the *dealers*) each deal `λ_i·x_i` (Lagrange weight over the dealer
+//! set) with a polynomial of the new degree, and every recipient checks the constant
+//! commitment against the public `λ_i·X_i`, so a dealer cannot change the key. Nodes
+//! that deal nothing (a node that lost its disk, a new node) [`join`] and only receive.
+//! The public key is unchanged; the epoch advances and every old share, including the
+//! dealers' own, is replaced.
 
 use rand_core::CryptoRng;
 
@@ -46,6 +55,15 @@ pub enum DkgMode {
         /// The key's current public data.
         prior: KeyPublic,
     },
+    /// Hand an existing key to fresh shares for the parties of the new parameters
+    /// (repair, added nodes, a new threshold); the public key is unchanged.
+    Reshare {
+        /// The key's current public data (its parameters are the old ones).
+        prior: KeyPublic,
+        /// The `t_old + 1` holders of the prior epoch that deal; each must also be a
+        /// party of the new parameters.
+        dealers: PartySet,
+    },
 }
 
 /// Everything all parties must agree on before a DKG or refresh starts.
@@ -65,25 +83,56 @@ pub struct DkgConfig {
 
 impl DkgConfig {
     fn check(&self) -> Result<()> {
-        if self.roster.len() != usize::from(self.params.n()) {
-            return Err(Error::input(format!(
-                "roster lists {} nodes but the key has n = {}",
-                self.roster.len(),
-                self.params.n()
-            )));
-        }
-        if let DkgMode::Refresh { prior } = &self.mode
-            && (prior.key_id != self.key_id || prior.params != self.params)
-        {
-            return Err(Error::input(
-                "refresh: prior key data does not match the key id and parameters",
-            ));
+        self.roster.covers(&self.params.all_parties())?;
+        match &self.mode {
+            DkgMode::NewKey { .. } => {}
+            DkgMode::Refresh { prior } => {
+                if prior.key_id != self.key_id || prior.params != self.params {
+                    return Err(Error::input(
+                        "refresh: prior key data does not match the key id and parameters",
+                    ));
+                }
+            }
+            DkgMode::Reshare { prior, dealers } => {
+                if prior.key_id != self.key_id {
+                    return Err(Error::input(
+                        "reshare: prior key data belongs to another key id",
+                    ));
+                }
+                if dealers.len() != prior.params.commitment_len() {
+                    return Err(Error::input(format!(
+                        "reshare: {} dealers given, but the prior sharing needs exactly t + 1 = {}",
+                        dealers.len(),
+                        prior.params.commitment_len()
+                    )));
+                }
+                prior.params.check_members(dealers)?;
+                self.params.check_members(dealers)?;
+            }
         }
         Ok(())
     }
 
     fn is_refresh(&self) -> bool {
         matches!(self.mode, DkgMode::Refresh { .. })
+    }
+
+    fn is_reshare(&self) -> bool {
+        matches!(self.mode, DkgMode::Reshare { .. })
+    }
+
+    /// The parties that deal in this run: all of them, or a reshare's dealers.
+    pub fn dealers(&self) -> PartySet {
+        match &self.mode {
+            DkgMode::Reshare { dealers, .. } => dealers.clone(),
+            _ => self.params.all_parties(),
+        }
+    }
+
+    /// Whether party `p` deals in this run (a reshare recipient outside the dealers
+    /// does not: it calls [`join`] instead of [`round1`]).
+    pub fn is_dealer(&self, p: PartyIndex) -> bool {
+        self.dealers().contains(p)
     }
 
     /// A digest of the configuration, bound into every signature and proof.
@@ -102,6 +151,18 @@ impl DkgConfig {
             DkgMode::Refresh { prior } => {
                 t.point("X", &prior.public_key())
                     .u64("epoch", u64::from(prior.epoch));
+            }
+            DkgMode::Reshare { prior, dealers } => {
+                let d: Vec<u8> = dealers
+                    .members()
+                    .iter()
+                    .flat_map(|p| p.get().to_be_bytes())
+                    .collect();
+                t.point("X", &prior.public_key())
+                    .u64("epoch", u64::from(prior.epoch))
+                    .u64("prior-n", u64::from(prior.params.n()))
+                    .u64("prior-t", u64::from(prior.params.t()))
+                    .append("dealers", &d);
             }
         }
         t.digest().to_vec()
@@ -179,6 +240,11 @@ impl DkgRound2 {
         self.cfg.key_id
     }
 
+    /// The receiving party.
+    pub fn party(&self) -> PartyIndex {
+        self.me
+    }
+
     /// Whether this run refreshes an existing key (round 3 then needs the prior share).
     pub fn is_refresh(&self) -> bool {
         self.cfg.is_refresh()
@@ -238,6 +304,11 @@ pub fn round1(
 ) -> Result<(DkgRound1, DkgCommit)> {
     cfg.check()?;
     cfg.roster.get(me)?;
+    if cfg.is_reshare() {
+        return Err(Error::input(
+            "a reshare dealer starts with round1_reshare (it needs its prior share); a recipient with join",
+        ));
+    }
     let t = cfg.params.t();
     let (poly, commitments, pok) = if cfg.is_refresh() {
         let poly = Polynomial::random_zero(rng, t);
@@ -251,6 +322,17 @@ pub fn round1(
         let pok = SchnorrProof::prove(rng, &cfg.pok_context(me, &x0), &secret)?;
         (poly, c, Some(pok))
     };
+    Ok(commit_to(cfg, me, id, poly, commitments, pok))
+}
+
+fn commit_to(
+    cfg: DkgConfig,
+    me: PartyIndex,
+    id: &IdentityKey,
+    poly: Polynomial,
+    commitments: Vec<Point>,
+    pok: Option<SchnorrProof>,
+) -> (DkgRound1, DkgCommit) {
     let mut msg = DkgCommit {
         session: cfg.session,
         dealer: me,
@@ -258,7 +340,7 @@ pub fn round1(
         sig: [0; SIGNATURE_LEN],
     };
     msg.sign(id);
-    Ok((
+    (
         DkgRound1 {
             cfg,
             me,
@@ -267,7 +349,85 @@ pub fn round1(
             pok,
         },
         msg,
-    ))
+    )
+}
+
+/// Round 1 of a reshare for dealer `me` (§4.3): deals `λ_me·x_me`, with `λ` the
+/// Lagrange weight at zero over the dealer set, by a polynomial of the new degree, and
+/// sends only the commitment hash. `share` is `me`'s active share of the prior epoch.
+///
+/// Errors: the run is not a reshare, `me` is not a dealer, or `share` is not `me`'s
+/// share of exactly the prior key data.
+pub fn round1_reshare(
+    rng: &mut (impl CryptoRng + ?Sized),
+    cfg: DkgConfig,
+    me: PartyIndex,
+    id: &IdentityKey,
+    share: &KeyShare,
+) -> Result<(DkgRound1, DkgCommit)> {
+    cfg.check()?;
+    cfg.roster.get(me)?;
+    let DkgMode::Reshare { prior, dealers } = &cfg.mode else {
+        return Err(Error::input("round1_reshare: this run is not a reshare"));
+    };
+    if !dealers.contains(me) {
+        return Err(Error::input(format!(
+            "reshare: party {me} is not one of the dealers; it joins as a recipient"
+        )));
+    }
+    if &share.public != prior || share.index != me {
+        return Err(Error::input(
+            "reshare: this node's share is not its share of the key being reshared (another key or epoch)",
+        ));
+    }
+    let weighted = SecretScalar::new(*share.secret.expose() * dealers.lagrange(me)?);
+    let poly = Polynomial::random(rng, &weighted, cfg.params.t());
+    let commitments = poly.commit().to_points(false)?;
+    Ok(commit_to(cfg, me, id, poly, commitments, None))
+}
+
+/// A reshare recipient that deals nothing (a node that lost its disk, a new node):
+/// it skips rounds 1 and 2 and receives in [`round3`] after [`join_commits`].
+pub struct DkgJoin {
+    cfg: DkgConfig,
+    me: PartyIndex,
+}
+
+/// Starts a reshare as a recipient only. Errors if the run is not a reshare, or `me`
+/// is a dealer or not a party of the new parameters.
+pub fn join(cfg: DkgConfig, me: PartyIndex) -> Result<DkgJoin> {
+    cfg.check()?;
+    cfg.roster.get(me)?;
+    if !cfg.is_reshare() {
+        return Err(Error::input(
+            "only a reshare can be joined without dealing; a DKG or refresh needs every node to deal",
+        ));
+    }
+    if cfg.is_dealer(me) {
+        return Err(Error::input(format!(
+            "party {me} is a dealer of this reshare: it starts with round1_reshare"
+        )));
+    }
+    cfg.params.check_members(&PartySet::new(vec![me])?)?;
+    Ok(DkgJoin { cfg, me })
+}
+
+/// Takes the dealers' round-1 commitment hashes for a joining recipient (checking their
+/// signatures, as a dealer does in [`round2`]).
+pub fn join_commits(state: DkgJoin, commits: &[DkgCommit]) -> Result<DkgRound2> {
+    let DkgJoin { cfg, me } = state;
+    let commits = checked_commits(&cfg, commits)?;
+    Ok(DkgRound2 { cfg, me, commits })
+}
+
+fn checked_commits(cfg: &DkgConfig, commits: &[DkgCommit]) -> Result<Vec<DkgCommit>> {
+    let ordered = one_from_each(commits, &cfg.dealers(), |m| m.dealer)?;
+    for m in &ordered {
+        check_session(m.session, cfg)?;
+        cfg.roster
+            .verify_from(m.dealer, DkgCommit::PURPOSE, &m.unsigned_bytes(), &m.sig)?;
+    }
+    Ok(ordered.into_iter().cloned().collect())
 }
 
 fn check_session(session: SessionId, cfg: &DkgConfig) -> Result<()> {
@@ -294,12 +454,7 @@ pub fn round2(
         pok,
     } = state;
     let all = cfg.params.all_parties();
-    let ordered = one_from_each(commits, &all, |m| m.dealer)?;
-    for m in &ordered {
-        check_session(m.session, &cfg)?;
-        cfg.roster
-            .verify_from(m.dealer, DkgCommit::PURPOSE, &m.unsigned_bytes(), &m.sig)?;
-    }
+    let commits = checked_commits(&cfg, commits)?;
     let mut seals = Vec::with_capacity(all.len());
     for &j in all.members() {
         let share = poly.eval(j);
@@ -322,7 +477,6 @@ pub fn round2(
         sig: [0; SIGNATURE_LEN],
     };
     msg.sign(id);
-    let commits = ordered.into_iter().cloned().collect();
     Ok((DkgRound2 { cfg, me, commits }, msg))
 }
 
@@ -375,7 +529,7 @@ pub fn round3(
 ) -> Result<(KeyShare, DkgConfirm)> {
     let DkgRound2 { cfg, me, commits } = state;
     let all = cfg.params.all_parties();
-    let ordered = one_from_each(reveals, &all, |m| m.dealer)?;
+    let ordered = one_from_each(reveals, &cfg.dealers(), |m| m.dealer)?;
     let expected_len = cfg.params.commitment_len();
     let mut batch = BatchVerifier::new();
     let mut dealt = Vec::with_capacity(ordered.len());
@@ -394,7 +548,14 @@ pub fn round3(
         if cfg.commitment_hash(d, &m.commitments) != c.hash {
             return Err(Error::blame_one(d, Fault::CommitmentMismatch));
         }
-        match (&m.pok, cfg.is_refresh()) {
+        if let DkgMode::Reshare { prior, dealers } = &cfg.mode {
+            // The dealing must be of λ_d·x_d: then the dealt constants sum to X.
+            let expected = prior.public_share(d) * dealers.lagrange(d)?;
+            if com.constant() != expected {
+                return Err(Error::blame_one(d, Fault::WrongReshareConstant));
+            }
+        }
+        match (&m.pok, cfg.is_refresh() || cfg.is_reshare()) {
             (Some(pok), false) => {
                 let x0 = m
                     .commitments
@@ -440,6 +601,32 @@ pub fn round3(
                 prior_pub.commitments.add(&sum)?,
             )?;
             (public, SecretScalar::new(x + old.secret.expose()))
+        }
+        (
+            DkgMode::Reshare {
+                prior: prior_pub, ..
+            },
+            None,
+        ) => {
+            if sum.constant() != prior_pub.public_key().projective() {
+                return Err(Error::blame(
+                    cfg.dealers().members().to_vec(),
+                    Fault::Inconsistent,
+                ));
+            }
+            let public = KeyPublic::new(
+                cfg.key_id,
+                cfg.params,
+                prior_pub.purpose,
+                prior_pub.epoch + 1,
+                sum,
+            )?;
+            (public, SecretScalar::new(x))
+        }
+        (DkgMode::Reshare { .. }, Some(_)) => {
+            return Err(Error::input(
+                "a reshare replaces the share: round 3 takes no prior share",
+            ));
         }
         (DkgMode::NewKey { .. }, Some(_)) => {
             return Err(Error::input("new-key DKG takes no prior share"));
@@ -496,8 +683,8 @@ pub fn finalize(cfg: &DkgConfig, confirms: &[DkgConfirm]) -> Result<KeyPublic> {
     let com = Commitments::received(majority, cfg.params.commitment_len(), all_first(&all)?)?;
     let (purpose, epoch) = match &cfg.mode {
         DkgMode::NewKey { purpose } => (*purpose, 0),
-        DkgMode::Refresh { prior } => {
-            if Some(prior.public_key().projective()) != Some(com.constant()) {
+        DkgMode::Refresh { prior } | DkgMode::Reshare { prior, .. } => {
+            if prior.public_key().projective() != com.constant() {
                 return Err(Error::blame(all.members().to_vec(), Fault::Inconsistent));
             }
             (prior.purpose, prior.epoch + 1)

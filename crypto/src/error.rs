@@ -88,6 +88,10 @@ pub enum Fault {
     /// A party's message could not be decoded.
     #[error("message is malformed")]
     Malformed,
+    /// A resharing dealing does not deal the dealer's Lagrange-weighted share: its
+    /// constant commitment is not `λ_i·X_i` (DESIGN.md §4.3).
+    #[error("resharing dealing does not deal this dealer's share of the key (C_0 ≠ λ_i·X_i)")]
+    WrongReshareConstant,
     /// A party's reported result disagrees with the others'.
     #[error("reported result disagrees with the other parties")]
     Inconsistent,

@@ -83,6 +83,11 @@ pub enum Attack {
         /// Which seal.
         recipient: u16,
     },
+    /// Reshare: `dealer` deals a value other than its Lagrange-weighted share.
+    ReshareWrongValue {
+        /// The malicious dealer.
+        dealer: u16,
+    },
     /// Presign: `dealer` seals wrong `k`/`a` shares to `recipient`.
     PresignCorruptShare {
         /// The malicious dealer.
@@ -219,16 +224,18 @@ impl Cluster {
             mode,
             roster: self.roster.clone(),
         };
+        // Nodes beyond `params.n` (a cluster built to grow into) take no part.
+        let n = usize::from(self.params.n());
         let mut states = Vec::new();
         let mut commits = Vec::new();
-        for node in &self.nodes {
+        for node in self.nodes.iter().take(n) {
             let (s, m) = dkg::round1(&mut self.rng, cfg.clone(), node.index, &node.identity)?;
             states.push(s);
             commits.push(wire(&m)?);
         }
         let mut states2 = Vec::new();
         let mut reveals = Vec::new();
-        for (node, s) in self.nodes.iter().zip(states) {
+        for (node, s) in self.nodes.iter().take(n).zip(states) {
             let (s2, mut m) = dkg::round2(&mut self.rng, s, &commits, &node.identity)?;
             attack_reveal(&mut self.rng, &self.roster, &self.nodes, &mut m, attack)?;
             states2.push(s2);
@@ -236,7 +243,7 @@ impl Cluster {
         }
         let mut confirms = Vec::new();
         let mut new_shares = Vec::new();
-        for (node, s) in self.nodes.iter().zip(states2) {
+        for (node, s) in self.nodes.iter().take(n).zip(states2) {
             let prior = node.shares.get(&key_id).cloned();
             let prior = if matches!(cfg.mode, DkgMode::Refresh { .. }) {
                 prior
@@ -252,6 +259,94 @@ impl Cluster {
         for (node, share) in self.nodes.iter_mut().zip(new_shares) {
             node.shares.insert(key_id, share);
         }
+        self.keys.insert(key_id, public.clone());
+        Ok(public)
+    }
+
+    /// Hands key `key_id` to fresh shares for every party of `to` (nodes `1..=to.n`
+    /// of this cluster; it must have that many), dealt by the prior holders `dealers`.
+    /// Nodes in `wipe` lose their share first (a lost disk) and only receive. The
+    /// cluster's parameters become `to`.
+    pub fn reshare(
+        &mut self,
+        key_id: KeyId,
+        dealers: &[u16],
+        to: ThresholdParams,
+        wipe: &[u16],
+        attack: Attack,
+    ) -> Result<KeyPublic> {
+        let prior = self
+            .keys
+            .get(&key_id)
+            .cloned()
+            .ok_or_else(|| Error::input("no such key"))?;
+        for &w in wipe {
+            self.node_mut(idx(w)?)?.shares.remove(&key_id);
+        }
+        let cfg = DkgConfig {
+            session: SessionId::random(&mut self.rng),
+            key_id,
+            params: to,
+            mode: DkgMode::Reshare {
+                prior,
+                dealers: PartySet::from_indices(dealers)?,
+            },
+            roster: self.roster.clone(),
+        };
+        let parties = to.all_parties();
+        let mut dealing = Vec::new();
+        let mut joining = Vec::new();
+        let mut commits = Vec::new();
+        for &p in parties.members() {
+            let node = node_in(&self.nodes, p)?;
+            if cfg.is_dealer(p) {
+                let mut share = node
+                    .shares
+                    .get(&key_id)
+                    .cloned()
+                    .ok_or_else(|| Error::input(format!("dealer {p} holds no share")))?;
+                if attack == (Attack::ReshareWrongValue { dealer: p.get() }) {
+                    share.secret =
+                        SecretScalar::new(*share.secret.expose() + crate::group::Scalar::ONE);
+                }
+                let (s, m) =
+                    dkg::round1_reshare(&mut self.rng, cfg.clone(), p, &node.identity, &share)?;
+                dealing.push((p, s));
+                commits.push(wire(&m)?);
+            } else {
+                joining.push(dkg::join(cfg.clone(), p)?);
+            }
+        }
+        let mut states2 = Vec::new();
+        let mut reveals = Vec::new();
+        for (p, s) in dealing {
+            let node = node_in(&self.nodes, p)?;
+            let (s2, mut m) = dkg::round2(&mut self.rng, s, &commits, &node.identity)?;
+            attack_reveal(&mut self.rng, &self.roster, &self.nodes, &mut m, attack)?;
+            states2.push(s2);
+            reveals.push(wire(&m)?);
+        }
+        for j in joining {
+            states2.push(dkg::join_commits(j, &commits)?);
+        }
+        let mut confirms = Vec::new();
+        let mut new_shares = Vec::new();
+        for s in states2 {
+            let p = s.party();
+            let node = node_in(&self.nodes, p)?;
+            let (share, confirm) =
+                dkg::round3(&mut self.rng, s, &reveals, &node.kem, &node.identity, None)?;
+            new_shares.push((p, share));
+            confirms.push(wire(&confirm)?);
+        }
+        let public = dkg::finalize(&cfg, &confirms)?;
+        for node in &mut self.nodes {
+            node.shares.remove(&key_id);
+        }
+        for (p, share) in new_shares {
+            self.node_mut(p)?.shares.insert(key_id, share);
+        }
+        self.params = to;
         self.keys.insert(key_id, public.clone());
         Ok(public)
     }

@@ -42,6 +42,75 @@ fn cluster(n: u16, t: u16, label: &str) -> Cluster {
 // ---------------------------------------------------------------- DKG
 
 #[test]
+fn reshare_dealer_of_a_wrong_value_is_named_and_nothing_changes() {
+    let mut c = cluster(3, 1, "reshare-value");
+    let key = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
+    let before: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| n.shares[&key.key_id].clone())
+        .collect();
+    let params = c.params;
+    let err = c
+        .reshare(
+            key.key_id,
+            &[1, 3],
+            params,
+            &[2],
+            Attack::ReshareWrongValue { dealer: 3 },
+        )
+        .unwrap_err();
+    assert_blames(&err, &[3], Fault::WrongReshareConstant);
+    // No node's share was replaced (node 2's was wiped before the run).
+    for i in [0usize, 2] {
+        assert_eq!(c.nodes[i].shares[&key.key_id].public, before[i].public);
+    }
+    assert_eq!(c.keys[&key.key_id], key, "the key data must not change");
+}
+
+#[test]
+fn reshare_tampered_share_blames_dealer() {
+    let mut c = cluster(5, 2, "reshare-share");
+    let key = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
+    let params = c.params;
+    let err = c
+        .reshare(
+            key.key_id,
+            &[1, 2, 4],
+            params,
+            &[],
+            Attack::DkgCorruptShare {
+                dealer: 4,
+                recipient: 3,
+            },
+        )
+        .unwrap_err();
+    assert_blames(&err, &[4], Fault::BadShare);
+}
+
+#[test]
+fn reshare_needs_exactly_t_plus_one_dealers_holding_the_prior_share() {
+    let mut c = cluster(5, 2, "reshare-dealers");
+    let key = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
+    let params = c.params;
+    // Too few dealers cannot reach the key; too many are rejected as well.
+    for dealers in [&[1u16, 2][..], &[1, 2, 3, 4][..]] {
+        let err = c
+            .reshare(key.key_id, dealers, params, &[], Attack::None)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("t + 1 = 3"),
+            "unexpected error: {err}"
+        );
+    }
+    // A wiped node cannot deal.
+    let err = c
+        .reshare(key.key_id, &[1, 2, 3], params, &[3], Attack::None)
+        .unwrap_err();
+    assert!(err.to_string().contains("holds no share"), "{err}");
+}
+
+#[test]
 fn dkg_tampered_feldman_share_blames_dealer() {
     let mut c = cluster(5, 2, "dkg-share");
     let err = c

@@ -137,6 +137,60 @@ proptest! {
     }
 
     #[test]
+    fn reshare_keeps_the_key_repairs_a_wiped_node_and_changes_the_threshold(
+        (n, t, seed) in setting(), q in any::<u64>(), grow in any::<bool>()
+    ) {
+        // Room to grow: a cluster of up to 2t + 3 nodes (≤ 9), the key on the first n.
+        let room = if grow { (n + 2).max(2 * (t + 1) + 1).min(9) } else { n };
+        let mut c = cluster(room, t, seed);
+        c.params = quorate_crypto::params::ThresholdParams::new(n, t).unwrap();
+        let before = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
+        let old: Vec<KeyShare> = (1..=n).map(|i| c.nodes[usize::from(i) - 1].shares[&before.key_id].clone()).collect();
+        // One node loses its disk; t + 1 others deal.
+        let dealers: Vec<u16> = quorum(n, usize::from(t) + 2, q);
+        let wiped = dealers[usize::from(t) + 1];
+        let dealers = &dealers[..=usize::from(t)];
+        let to = if grow {
+            quorate_crypto::params::ThresholdParams::new(room, (room - 1) / 2).unwrap()
+        } else {
+            c.params
+        };
+        let after = c.reshare(before.key_id, dealers, to, &[wiped], Attack::None).unwrap();
+        prop_assert_eq!(after.public_key(), before.public_key());
+        prop_assert_eq!(after.epoch, before.epoch + 1);
+        prop_assert_eq!(after.params, to);
+        prop_assert_eq!(after.commitments().len(), usize::from(to.t()) + 1);
+        let new: Vec<KeyShare> = (1..=to.n()).map(|i| c.nodes[usize::from(i) - 1].shares[&before.key_id].clone()).collect();
+        // Every party of the new parameters holds a share that passes its public check,
+        // the wiped node included; every old share changed.
+        for s in &new {
+            s.validate().unwrap();
+        }
+        for i in 1..=n {
+            prop_assert!(!bool::from(
+                reconstruct_key(&[&old[usize::from(i) - 1]]).unwrap()
+                    .ct_eq(&reconstruct_key(&[&new[usize::from(i) - 1]]).unwrap())
+            ));
+        }
+        let qs = quorum(to.n(), usize::from(to.t()) + 1, q ^ 7);
+        let new_q: Vec<&KeyShare> = qs.iter().map(|&i| &new[usize::from(i) - 1]).collect();
+        prop_assert_eq!(reconstruct_key(&new_q).unwrap().public_image(), before.public_key().projective());
+        // And the new sharing signs, with the wiped node in the signing set.
+        let mut mset: Vec<u16> = quorum(to.n(), 2 * usize::from(to.t()) + 1, q ^ 9);
+        if !mset.contains(&wiped) {
+            mset[0] = wiped;
+            mset.sort_unstable();
+        }
+        let mut sset: Vec<u16> = mset.iter().copied().filter(|&i| i != wiped).take(usize::from(to.t())).collect();
+        sset.push(wiped);
+        sset.sort_unstable();
+        c.presign(before.key_id, &mset, &sset, 2, Attack::None).unwrap();
+        let d = quorate_crypto::hash::sha256(b"after reshare");
+        let sig = c.sign(before.key_id, d, Attack::None).unwrap();
+        prop_assert!(sig.verify(&before.public_key(), &d));
+    }
+
+    #[test]
     fn random_signing_sets_produce_valid_signatures((n, t, seed) in setting(), q in any::<u64>()) {
         let mut c = cluster(n, t, seed);
         let key = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
