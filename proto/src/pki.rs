@@ -8,7 +8,9 @@
 //!   years: it issues leaf certificates only.
 //! - A leaf certificate names its role as in [`Role`]: SPIFFE ID as its only URI SAN, the
 //!   role's DNS name as its only DNS SAN (no `localhost` or IP SANs: peers are checked by
-//!   role, not by address). Key usage `digitalSignature`, extended key usage `serverAuth`
+//!   role, not by address). [`ClusterCa::issue_with_ips`] also names the host's addresses
+//!   as IP SANs, for hosts whose certificates should say where they run; peers still check
+//!   only the role. Key usage `digitalSignature`, extended key usage `serverAuth`
 //!   and `clientAuth` (every process is both a TLS server and client), a random 128-bit
 //!   serial, valid from one hour ago (clock skew) for one year.
 //!
@@ -189,6 +191,29 @@ impl ClusterCa {
             SanType::URI(spiffe_id.try_into()?),
             SanType::DnsName(dns_name.clone().try_into()?),
         ];
+        self.issue_leaf(
+            dns_name,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// Issues a certificate for `role` as [`ClusterCa::issue`] does, that also names the
+    /// host's addresses `ips` as IP SANs (after the URI and DNS SANs). Peers check the
+    /// role, never the address, so such a certificate works wherever its holder runs;
+    /// the addresses only say where it was meant to (multi-host deployments and tests).
+    pub fn issue_with_ips(&self, role: &Role, ips: &[std::net::IpAddr]) -> Result<IssuedCert> {
+        role.validate()?;
+        let domain = &self.domain;
+        let dns_name = role.dns_name(domain);
+        let mut sans = vec![
+            SanType::URI(role.spiffe_id(domain).try_into()?),
+            SanType::DnsName(dns_name.clone().try_into()?),
+        ];
+        sans.extend(ips.iter().copied().map(SanType::IpAddress));
         self.issue_leaf(
             dns_name,
             sans,
@@ -426,6 +451,48 @@ mod tests {
         }
         assert!(ca.issue(&Role::Node(0)).is_err());
         assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn certificates_with_ip_sans_name_the_addresses_and_still_verify_by_role() {
+        let ca = ClusterCa::generate("quorate.local").unwrap();
+        let trust = Trust::from_pem(ca.cert_pem(), "quorate.local").unwrap();
+        let ips: [std::net::IpAddr; 2] = ["198.18.0.2".parse().unwrap(), "::1".parse().unwrap()];
+        let issued = ca.issue_with_ips(&Role::Node(3), &ips).unwrap();
+        let id = Identity::from_pem(&issued.cert_pem, &issued.key_pem).unwrap();
+        assert_eq!(
+            trust.verify_peer_chain(id.cert_chain()).unwrap(),
+            Role::Node(3)
+        );
+        let (_, cert) = x509_parser::parse_x509_certificate(id.cert_chain()[0].as_ref()).unwrap();
+        let mut named = Vec::new();
+        for name in &cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+        {
+            named.push(match name {
+                x509_parser::extensions::GeneralName::URI(u) => format!("uri {u}"),
+                x509_parser::extensions::GeneralName::DNSName(d) => format!("dns {d}"),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => format!("ip {ip:?}"),
+                other => format!("other {other:?}"),
+            });
+        }
+        assert_eq!(
+            named,
+            [
+                "uri spiffe://quorate.local/node/3".to_owned(),
+                "dns node-3.quorate.local".to_owned(),
+                format!("ip {:?}", [198u8, 18, 0, 2]),
+                format!("ip {:?}", std::net::Ipv6Addr::LOCALHOST.octets()),
+            ]
+        );
+        // Without addresses it is the role certificate `issue` makes.
+        let plain = ca.issue_with_ips(&Role::Coordinator, &[]).unwrap();
+        let id = Identity::from_pem(&plain.cert_pem, &plain.key_pem).unwrap();
+        assert_eq!(id.role("quorate.local").unwrap(), Role::Coordinator);
     }
 
     #[test]

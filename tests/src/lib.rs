@@ -14,6 +14,10 @@
     reason = "test harness: failing loudly is the point"
 )]
 
+pub mod faultproxy;
+pub mod multihost;
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
