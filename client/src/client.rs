@@ -78,6 +78,9 @@ pub struct KeyInfo {
     pub version: u32,
     /// The JWS `kid` of this version.
     pub kid: String,
+    /// When the shares were last renewed by refresh or reshare (Unix seconds); `None`
+    /// if never since the key was created.
+    pub renewed_at: Option<i64>,
 }
 
 /// A public key with its standard encodings.
@@ -135,6 +138,10 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// Every presignature pool.
     pub pools: Vec<PoolStatus>,
+    /// Every key's current version (share epoch, last renewal).
+    pub keys: Vec<KeyInfo>,
+    /// Renewals decided but not yet active on every node.
+    pub pending_activations: u32,
 }
 
 /// A connection to the coordinator's public API.
@@ -284,6 +291,33 @@ impl Client {
             .call("rotate the key", keys.rotate_key(self.request(req)))
             .await?;
         key_info(info)
+    }
+
+    /// Proactive refresh of a key's shares (DESIGN.md §4.3): same key id, public key
+    /// and JWKS entry; the returned key has the next epoch. Needs every node up.
+    pub async fn refresh_key(&self, name: &str) -> Result<KeyInfo> {
+        let req = api::RefreshKeyRequest {
+            name: name.to_owned(),
+        };
+        let mut keys = self.keys.clone();
+        let info = self
+            .call("refresh the key", keys.refresh_key(self.request(req)))
+            .await?;
+        key_info(info)
+    }
+
+    /// Gives node `index` (a lost disk, a replacement under the same index) a share of
+    /// every key again by resharing (DESIGN.md §4.3); returns every key's current
+    /// version after it. Needs every node up.
+    pub async fn repair_node(&self, index: u16) -> Result<Vec<KeyInfo>> {
+        let req = api::RepairNodeRequest {
+            index: u32::from(index),
+        };
+        let mut cluster = self.cluster.clone();
+        let reply = self
+            .call("repair the node", cluster.repair_node(self.request(req)))
+            .await?;
+        reply.keys.into_iter().map(key_info).collect()
     }
 
     /// Lists every key.
@@ -470,6 +504,12 @@ impl Client {
                     depth: p.depth,
                 })
                 .collect(),
+            keys: reply
+                .keys
+                .into_iter()
+                .map(key_info)
+                .collect::<Result<_>>()?,
+            pending_activations: reply.pending_activations,
         })
     }
 
@@ -551,6 +591,7 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
         profile,
         version: k.version,
         kid: k.kid,
+        renewed_at: (k.renewed_at > 0).then_some(k.renewed_at),
     })
 }
 

@@ -134,6 +134,15 @@ enum AdminCommand {
     /// Create a cluster CA and certificates for the nodes, the coordinator and an admin
     /// client, and print how to start each process
     Init(InitArgs),
+    /// Give a node that lost its disk (or a replacement with the same index and a
+    /// certificate for it) a share of every key again, by resharing from the others;
+    /// every node must be up
+    RepairNode {
+        /// The node's index (1..=n)
+        index: u16,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +186,14 @@ enum KeyCommand {
     /// Add a new version of a signing key (fresh key generation; same name, purpose and
     /// token rules); the previous version stays verifiable for its tokens' lifetime
     Rotate {
+        /// Key name
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Renew a key's shares on every node (proactive refresh): same key, public key
+    /// and JWKS entry, next epoch; a share stolen before is useless after
+    Refresh {
         /// Key name
         name: String,
         #[command(flatten)]
@@ -478,6 +495,19 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Approval(c) => governance::approval(c).await,
         Command::Credential(c) => governance::credential(c).await,
         Command::Admin(AdminCommand::Init(args)) => admin_init(&args),
+        Command::Admin(AdminCommand::RepairNode { index, conn }) => {
+            let client = conn.connect().await?;
+            eprintln!("repairing node {index}: resharing every key from the other nodes…");
+            let keys = client.repair_node(index).await?;
+            let mut s = format!(
+                "node {index} repaired: it holds a share of each of {} keys again\n",
+                keys.len()
+            );
+            for k in &keys {
+                s.push_str(&format!("  {:<20} epoch {}\n", k.name, k.epoch));
+            }
+            out(&s)
+        }
         Command::Status { conn } => {
             let client = conn.connect().await?;
             let status = client.status().await?;
@@ -499,6 +529,15 @@ async fn run(cli: Cli) -> Result<()> {
             let client = conn.connect().await?;
             let key = client.rotate_key(&name).await?;
             out(&describe_key("rotated", &key))
+        }
+        Command::Key(KeyCommand::Refresh { name, conn }) => {
+            let client = conn.connect().await?;
+            eprintln!("refreshing the shares of key `{name}` on every node…");
+            let key = client.refresh_key(&name).await?;
+            out(&format!(
+                "refreshed key `{}`: shares now at epoch {} on all {} nodes; public key and key id {} unchanged; older shares and presignatures are gone\n",
+                key.name, key.epoch, key.n, key.key_id
+            ))
         }
         Command::Key(KeyCommand::List { conn }) => {
             let client = conn.connect().await?;
@@ -670,6 +709,35 @@ fn format_status(client: &Client, status: &ClusterStatus) -> String {
         };
         let _ = writeln!(s, "  node {:<3} {:<22} {state}", node.index, node.address);
     }
+    if !status.keys.is_empty() {
+        let _ = writeln!(s, "keys (current versions):");
+        let width = status.keys.iter().map(|k| k.name.len()).max().unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        for k in &status.keys {
+            let renewed = k
+                .renewed_at
+                .map_or("shares never renewed".to_owned(), |at| {
+                    format!("shares renewed {} ago", age(now.saturating_sub(at)))
+                });
+            let _ = writeln!(
+                s,
+                "  {:<width$}  {:<10} v{}  epoch {}  {renewed}",
+                k.name,
+                k.profile.name(),
+                k.version,
+                k.epoch
+            );
+        }
+    }
+    if status.pending_activations > 0 {
+        let _ = writeln!(
+            s,
+            "renewals pending: {} (decided, not yet active on every node; the coordinator retries)",
+            status.pending_activations
+        );
+    }
     if status.pools.is_empty() {
         let _ = writeln!(
             s,
@@ -698,6 +766,19 @@ fn format_status(client: &Client, status: &ClusterStatus) -> String {
         }
     }
     s
+}
+
+/// A duration in seconds as operators read it: `42s`, `5m`, `3h`, `2d`.
+fn age(secs: i64) -> String {
+    if secs < 120 {
+        format!("{secs}s")
+    } else if secs < 7200 {
+        format!("{}m", secs / 60)
+    } else if secs < 172_800 {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{}d", secs / 86_400)
+    }
 }
 
 fn format_keys(keys: &[KeyInfo]) -> String {

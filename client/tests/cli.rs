@@ -342,6 +342,7 @@ fn default_key() -> api::KeyInfo {
         version: 1,
         kid: "kid-default".into(),
         profile: api::KeyProfile::Raw as i32,
+        renewed_at: 0,
     }
 }
 
@@ -357,6 +358,17 @@ fn lookup(name: &str) -> Result<api::KeyInfo, Status> {
 
 #[tonic::async_trait]
 impl KeyService for Fake {
+    async fn refresh_key(
+        &self,
+        req: Request<api::RefreshKeyRequest>,
+    ) -> Result<Response<api::KeyInfo>, Status> {
+        let key = lookup(&req.into_inner().name)?;
+        Ok(Response::new(api::KeyInfo {
+            epoch: key.epoch + 1,
+            ..key
+        }))
+    }
+
     async fn rotate_key(
         &self,
         req: Request<api::RotateKeyRequest>,
@@ -455,6 +467,13 @@ impl KeyService for Fake {
 
 #[tonic::async_trait]
 impl ClusterService for Fake {
+    async fn repair_node(
+        &self,
+        _req: Request<api::RepairNodeRequest>,
+    ) -> Result<Response<api::RepairNodeReply>, Status> {
+        Err(Status::unavailable("node 3 is unreachable"))
+    }
+
     async fn status(
         &self,
         _req: Request<api::StatusRequest>,
@@ -479,6 +498,8 @@ impl ClusterService for Fake {
                 signing_set: vec![1, 2],
                 depth: 42,
             }],
+            keys: vec![default_key()],
+            pending_activations: 0,
         }))
     }
 }

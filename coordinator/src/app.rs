@@ -82,8 +82,15 @@ async fn run(cfg: Config) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     // The nodes may hold presignatures of an earlier coordinator process, whose public
     // halves died with it: have them forgotten before pools fill again.
+    if let Some(p) = cfg.fail_point {
+        cluster.set_fail_point(p);
+    }
     cluster.discard_node_presignatures().await;
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
+    tokio::spawn(crate::lifecycle::run_forever(
+        cluster.clone(),
+        cfg.refresh_interval,
+    ));
     if let Some(m) = cfg.metrics_listen {
         let c = cluster.clone();
         let at = quorate_proto::metrics::serve(m, std::sync::Arc::new(move || c.render_metrics()))

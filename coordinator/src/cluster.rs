@@ -147,6 +147,9 @@ struct State {
     pools: HashMap<(KeyId, PartySet), VecDeque<PresignaturePublic>>,
     down: HashMap<PartyIndex, Instant>,
     culprits: HashSet<PartyIndex>,
+    /// Keys whose renewed shares are decided but not active on every node: nothing
+    /// presigns for them until the activation is done (nodes would hold two epochs).
+    renewing: HashSet<KeyId>,
 }
 
 /// One version of a named key.
@@ -185,7 +188,7 @@ impl KeyVersionInfo {
 }
 
 /// Current time, unix seconds.
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -204,6 +207,15 @@ pub struct NodeView {
     pub error: String,
 }
 
+/// Crash-test hook: where a key renewal stops the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenewalFailPoint {
+    /// Exit right after the renewal is recorded as pending, before any node activates.
+    AfterRecord,
+    /// Exit after the first node (by index) activated its new share.
+    AfterOneNode,
+}
+
 /// The coordinator's counters (Prometheus).
 #[derive(Debug, Default)]
 pub struct CoordMetrics {
@@ -215,6 +227,10 @@ pub struct CoordMetrics {
     pub presignatures_made: quorate_proto::metrics::Counter,
     /// Threshold-DH responses returned.
     pub dh_responses: quorate_proto::metrics::Counter,
+    /// Key share renewals (refresh, reshare, repair) active on every node.
+    pub renewals: quorate_proto::metrics::Counter,
+    /// Key share renewals that failed before activation.
+    pub renewal_failures: quorate_proto::metrics::Counter,
 }
 
 /// The coordinator's view of the cluster.
@@ -238,6 +254,11 @@ pub struct Cluster {
     policy_bundle: std::sync::RwLock<Option<(String, String)>>,
     /// The bundle each node is known to hold (or to need none: it enforces no bundle).
     policy_installed: Mutex<HashMap<PartyIndex, String>>,
+    /// Presigning sessions hold it shared; activating refreshed or reshared shares
+    /// holds it exclusively, so that no session mixes the shares of two epochs.
+    gate: tokio::sync::RwLock<()>,
+    /// Crash tests only.
+    fail_point: std::sync::OnceLock<RenewalFailPoint>,
 }
 
 /// Where a node stands after [`Cluster::install_policy`].
@@ -313,6 +334,9 @@ impl Cluster {
             }
             state.keys.insert(k.name.clone(), k);
         }
+        for (_, _, public) in store.pending_activations()? {
+            state.renewing.insert(public.key_id);
+        }
         // Presignatures live in memory only (DESIGN.md §4.5): pools start empty, and
         // whatever an earlier version stored is dropped.
         let dropped = store.drop_stored_pools()?;
@@ -335,6 +359,8 @@ impl Cluster {
             presig_drawn: tokio::sync::Notify::new(),
             policy_bundle: std::sync::RwLock::new(None),
             policy_installed: Mutex::new(HashMap::new()),
+            gate: tokio::sync::RwLock::new(()),
+            fail_point: std::sync::OnceLock::new(),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -372,6 +398,16 @@ impl Cluster {
                 "Threshold-DH responses returned.",
                 &m.dh_responses,
             ),
+            (
+                "quorate_coordinator_key_renewals_total",
+                "Key share renewals (refresh, reshare, repair) active on every node.",
+                &m.renewals,
+            ),
+            (
+                "quorate_coordinator_key_renewal_failures_total",
+                "Key share renewals that failed before activation.",
+                &m.renewal_failures,
+            ),
         ] {
             e.family(name, "counter", help).sample(name, &[], c.get());
         }
@@ -386,6 +422,33 @@ impl Cluster {
                 "quorate_coordinator_pool_depth",
                 &[("key", &key), ("set", &set)],
                 depth as u64,
+            );
+        }
+        let pending = self
+            .store
+            .pending_activations()
+            .map(|p| p.len())
+            .unwrap_or(0);
+        e.family(
+            "quorate_coordinator_pending_activations",
+            "gauge",
+            "Renewed key shares decided but not yet active on every node.",
+        )
+        .sample(
+            "quorate_coordinator_pending_activations",
+            &[],
+            pending as u64,
+        );
+        e.family(
+            "quorate_coordinator_key_epoch",
+            "gauge",
+            "Share epoch of each key's current version (+1 per refresh or reshare).",
+        );
+        for v in self.current_versions().unwrap_or_default() {
+            e.sample(
+                "quorate_coordinator_key_epoch",
+                &[("key", &v.name)],
+                u64::from(v.public.epoch),
             );
         }
         let excluded = self.state().map(|s| s.culprits.len()).unwrap_or(0);
@@ -788,12 +851,36 @@ impl Cluster {
         mode: DkgMode,
         profile: Option<&KeyProfile>,
     ) -> Result<KeyPublic> {
+        let (session, public) = self.dkg_rounds(key_id, mode, profile).await?;
+        self.activate_on_nodes(session, &public).await?;
+        Ok(public)
+    }
+
+    /// The rounds of a DKG, refresh or reshare (DESIGN.md §4.3) up to the checked
+    /// result; every node then holds its new share as pending. Parties that deal
+    /// nothing in a reshare answer rounds 1 and 2 with empty messages, which are not
+    /// relayed.
+    async fn dkg_rounds(
+        &self,
+        key_id: KeyId,
+        mode: DkgMode,
+        profile: Option<&KeyProfile>,
+    ) -> Result<(SessionId, KeyPublic)> {
         let (roster, verified) = self.roster().await?;
         let mut r = rng()?;
         let session = SessionId::random(&mut r);
-        let (purpose, prior) = match &mode {
-            DkgMode::NewKey { purpose } => (*purpose, Vec::new()),
-            DkgMode::Refresh { prior } => (prior.purpose, prior.to_bytes()),
+        let (purpose, prior, dealers) = match &mode {
+            DkgMode::NewKey { purpose } => (*purpose, Vec::new(), Vec::new()),
+            DkgMode::Refresh { prior } => (prior.purpose, prior.to_bytes(), Vec::new()),
+            DkgMode::Reshare { prior, dealers, .. } => (
+                prior.purpose,
+                prior.to_bytes(),
+                dealers
+                    .members()
+                    .iter()
+                    .map(|p| u32::from(p.get()))
+                    .collect(),
+            ),
         };
         let cfg = DkgConfig {
             session,
@@ -814,14 +901,16 @@ impl Cluster {
             token_rules: profile.and_then(|p| p.to_fragment().1),
             profile: profile.map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0)
                 as i32,
+            reshare_dealers: dealers,
         };
-        let commits = self
+        let mut commits = self
             .round(&all, "DKG commit", |mut c| {
                 let s = start.clone();
                 async move { c.dkg_commit(s).await }
             })
             .await?;
-        let reveals = self
+        commits.retain(|m| !m.message.is_empty());
+        let mut reveals = self
             .relay(
                 &all,
                 session,
@@ -830,6 +919,7 @@ impl Cluster {
                 |mut c, i| async move { c.dkg_reveal(i).await },
             )
             .await?;
+        reveals.retain(|m| !m.message.is_empty());
         let confirms = self
             .relay(
                 &all,
@@ -843,7 +933,14 @@ impl Cluster {
             .iter()
             .map(|m| dkg::DkgConfirm::from_bytes(&m.message).map_err(crypto))
             .collect::<Result<_>>()?;
-        let public = dkg::finalize(&cfg, &confirms).map_err(crypto)?;
+        let public = dkg::finalize(&cfg, &confirms).map_err(|e| self.blame(e))?;
+        Ok((session, public))
+    }
+
+    /// Asks every node to activate its pending share of `public` from `session`
+    /// (idempotent on the nodes: one that already holds it answers yes).
+    async fn activate_on_nodes(&self, session: SessionId, public: &KeyPublic) -> Result<()> {
+        let all: Vec<PartyIndex> = public.params.all_parties().members().to_vec();
         let activate = fragment::DkgActivateRequest {
             session_id: session.0.to_vec(),
             key_public: public.to_bytes(),
@@ -853,7 +950,240 @@ impl Cluster {
             async move { c.dkg_activate(a).await }
         })
         .await?;
-        Ok(public)
+        Ok(())
+    }
+
+    /// Makes the renewed shares of `name`'s current version active (refresh, reshare):
+    /// records the decision durably, waits for presigning sessions in flight to end,
+    /// activates on every node, then commits the new key data and drops the key's
+    /// pools — their presignatures were made from the old shares, and every node burns
+    /// its shares of them on activation (DESIGN.md §4.3). If a node cannot be reached,
+    /// the decision stays pending and [`Cluster::resume_activations`] finishes it.
+    async fn activate_renewal(
+        &self,
+        name: &str,
+        session: SessionId,
+        public: &KeyPublic,
+    ) -> Result<()> {
+        self.store.put_pending_activation(name, &session, public)?;
+        self.state()?.renewing.insert(public.key_id);
+        // Nothing else may fail between the record above and the activation below.
+        let _gate = self.gate.write().await;
+        match self.fail_point.get() {
+            Some(RenewalFailPoint::AfterRecord) => {
+                tracing::warn!("fail point renewal-after-record: exiting");
+                std::process::exit(3);
+            }
+            Some(RenewalFailPoint::AfterOneNode) => {
+                let first = public.params.all_parties().members().first().copied();
+                if let Some(first) = first {
+                    let a = fragment::DkgActivateRequest {
+                        session_id: session.0.to_vec(),
+                        key_public: public.to_bytes(),
+                    };
+                    let _ = self
+                        .round(&[first], "DKG activate", |mut c| {
+                            let a = a.clone();
+                            async move { c.dkg_activate(a).await }
+                        })
+                        .await;
+                }
+                tracing::warn!("fail point renewal-after-one-node: exiting");
+                std::process::exit(3);
+            }
+            None => {}
+        }
+        self.activate_on_nodes(session, public).await.map_err(|e| {
+            CoordError::Unavailable(format!(
+                "key {name}: the new shares (epoch {}) are decided but not yet active on every node; the coordinator keeps retrying: {e}",
+                public.epoch
+            ))
+        })?;
+        self.commit_renewal(name, public)
+    }
+
+    fn commit_renewal(&self, name: &str, public: &KeyPublic) -> Result<()> {
+        self.store.commit_activation(name, public, unix_now())?;
+        let dropped = {
+            let mut s = self.state()?;
+            if let Some(k) = s.keys.get_mut(name) {
+                for v in &mut k.versions {
+                    if v.public.key_id == public.key_id {
+                        v.public = public.clone();
+                    }
+                }
+                if k.public.key_id == public.key_id {
+                    k.public = public.clone();
+                }
+            }
+            s.renewing.remove(&public.key_id);
+            let before: usize = s.pools.values().map(VecDeque::len).sum();
+            s.pools.retain(|(k, _), _| *k != public.key_id);
+            before - s.pools.values().map(VecDeque::len).sum::<usize>()
+        };
+        self.metrics.renewals.inc();
+        tracing::info!(
+            key = name,
+            epoch = public.epoch,
+            dropped_presignatures = dropped,
+            "renewed key shares active on every node"
+        );
+        Ok(())
+    }
+
+    /// Finishes renewals that a previous run (or a failed call) decided but did not
+    /// activate everywhere. Returns how many are still pending.
+    pub async fn resume_activations(&self) -> Result<usize> {
+        if self.store.pending_activations()?.is_empty() {
+            return Ok(0);
+        }
+        // Not while a refresh or repair is running: it finishes its own activation.
+        let _admin = self.admin.lock().await;
+        let pending = self.store.pending_activations()?;
+        let mut left = 0;
+        for (name, session, public) in pending {
+            let _gate = self.gate.write().await;
+            match self.activate_on_nodes(session, &public).await {
+                Ok(()) => self.commit_renewal(&name, &public)?,
+                Err(e) => {
+                    left += 1;
+                    tracing::warn!(key = name, epoch = public.epoch, error = %e, "renewed shares not yet active everywhere; will retry");
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Proactive refresh (DESIGN.md §4.3): new shares of `name`'s current version by
+    /// dealings of zero from every node; the public key, key id and JWKS entry stay,
+    /// the epoch advances, and every old share is overwritten on its node. Needs every
+    /// node. Pools of untouched keys keep signing meanwhile; this key's pools are
+    /// dropped at activation and refill. Returns the version with its new epoch.
+    ///
+    /// Errors: no such key, a node unreachable ([`CoordError::Unavailable`]), a
+    /// dealing that fails its checks (the culprit is named and excluded).
+    pub async fn refresh_key(&self, name: &str) -> Result<KeyVersionInfo> {
+        let out = self.refresh_key_inner(name).await;
+        if out.is_err() {
+            self.metrics.renewal_failures.inc();
+        }
+        out
+    }
+
+    async fn refresh_key_inner(&self, name: &str) -> Result<KeyVersionInfo> {
+        let _admin = self.admin.lock().await;
+        let current = self.current_version(name)?;
+        let prior = current.public.clone();
+        let (session, public) = self
+            .dkg_rounds(
+                prior.key_id,
+                DkgMode::Refresh { prior },
+                Some(&current.profile),
+            )
+            .await?;
+        self.activate_renewal(name, session, &public).await?;
+        self.current_version(name)
+    }
+
+    /// Repairs node `index` (one that lost its disk, or was replaced under the same
+    /// index): every key's current version is reshared (DESIGN.md §4.3) by `t + 1`
+    /// other nodes holding it to fresh shares for all `n` nodes, so `index` gets a
+    /// share again and every other share is renewed. Needs every node up, `index`
+    /// included. Returns `(key name, new epoch)` per key, in the order done.
+    pub async fn repair_node(&self, index: u16) -> Result<Vec<(String, u32)>> {
+        let out = self.repair_node_inner(index).await;
+        if out.is_err() {
+            self.metrics.renewal_failures.inc();
+        }
+        out
+    }
+
+    async fn repair_node_inner(&self, index: u16) -> Result<Vec<(String, u32)>> {
+        let _admin = self.admin.lock().await;
+        let target = PartyIndex::new(index)
+            .filter(|p| self.params.all_parties().contains(*p))
+            .ok_or_else(|| {
+                CoordError::Invalid(format!(
+                    "node {index} is not a node of this cluster (1..={})",
+                    self.params.n()
+                ))
+            })?;
+        let keys: Vec<KeyVersionInfo> = self.current_versions()?;
+        let mut done = Vec::with_capacity(keys.len());
+        for v in keys {
+            let prior = v.public.clone();
+            let mut candidates: Vec<PartyIndex> = prior
+                .params
+                .all_parties()
+                .members()
+                .iter()
+                .copied()
+                .filter(|p| *p != target)
+                .collect();
+            // Healthy nodes deal first.
+            candidates.sort_by_key(|p| !self.usable(*p));
+            candidates.truncate(prior.params.commitment_len());
+            let dealers = PartySet::new(candidates).map_err(crypto)?;
+            if dealers.len() != prior.params.commitment_len() {
+                return Err(CoordError::Precondition(format!(
+                    "key {}: repairing node {index} needs {} other nodes holding the key",
+                    v.name,
+                    prior.params.commitment_len()
+                )));
+            }
+            tracing::info!(key = v.name, node = index, dealers = %dealers, "resharing to repair a node");
+            let binding = quorate_crypto::hash::sha256(&v.profile.to_bytes());
+            let (session, public) = self
+                .dkg_rounds(
+                    prior.key_id,
+                    DkgMode::Reshare {
+                        prior,
+                        dealers,
+                        binding,
+                    },
+                    Some(&v.profile),
+                )
+                .await?;
+            self.activate_renewal(&v.name, session, &public).await?;
+            done.push((v.name.clone(), public.epoch));
+        }
+        Ok(done)
+    }
+
+    /// Crash tests: arms a fail point (once).
+    pub fn set_fail_point(&self, p: RenewalFailPoint) {
+        let _ = self.fail_point.set(p);
+    }
+
+    /// Key `name` with every version, as held now.
+    pub fn named(&self, name: &str) -> Result<crate::store::NamedKey> {
+        self.state()?
+            .keys
+            .get(name)
+            .cloned()
+            .ok_or_else(|| no_such_key(name))
+    }
+
+    /// How many renewals are decided but not yet active on every node.
+    pub fn pending_activations(&self) -> u32 {
+        self.store
+            .pending_activations()
+            .map_or(0, |p| u32::try_from(p.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The public data of key version `id` as the coordinator holds it now.
+    fn public_of(&self, id: KeyId) -> Result<Option<KeyPublic>> {
+        let s = self.state()?;
+        Ok(s.names
+            .get(&id)
+            .and_then(|name| s.keys.get(name))
+            .and_then(|k| k.versions.iter().find(|v| v.public.key_id == id))
+            .map(|v| v.public.clone()))
+    }
+
+    /// When the shares of key version `id` were last renewed (Unix seconds).
+    pub fn renewed_at(&self, id: &KeyId) -> Result<Option<i64>> {
+        Ok(self.store.renewed_at(id)?)
     }
 
     /// Relays the previous round's messages to `members` and returns their replies.
@@ -906,6 +1236,9 @@ impl Cluster {
         sset: &PartySet,
         batch: u32,
     ) -> Result<usize> {
+        let _gate = self.gate.read().await;
+        // The key data as of now: a renewal may have become active since `key` was read.
+        let key = &self.public_of(key.key_id)?.unwrap_or_else(|| key.clone());
         let (roster, verified) = self.roster().await?;
         let mut r = rng()?;
         let session = SessionId::random(&mut r);
@@ -926,6 +1259,7 @@ impl Cluster {
             signing_set: sset.members().iter().map(|p| u32::from(p.get())).collect(),
             batch,
             roster: Some(roster),
+            key_epoch: key.epoch,
         };
         let commits = self
             .round(&members, "presign commit", |mut c| {
@@ -1005,11 +1339,28 @@ impl Cluster {
         }
         let n = public.len();
         self.metrics.presignatures_made.add(n as u64);
-        self.state()?
-            .pools
+        let mut s = self.state()?;
+        let current = s
+            .names
+            .get(&key.key_id)
+            .and_then(|name| s.keys.get(name))
+            .is_some_and(|k| {
+                k.versions
+                    .iter()
+                    .any(|v| v.public.key_id == key.key_id && v.public.epoch == key.epoch)
+            });
+        if !current {
+            // The key's shares were renewed meanwhile: these are of the old epoch.
+            return Err(CoordError::Unavailable(format!(
+                "key {}: its shares were renewed during presigning; the batch is void",
+                key.key_id
+            )));
+        }
+        s.pools
             .entry((key.key_id, sset.clone()))
             .or_default()
             .extend(public);
+        drop(s);
         self.presigs_added.notify_waiters();
         Ok(n)
     }
@@ -1628,7 +1979,7 @@ impl Cluster {
             .keys
             .values()
             .map(|k| &k.public)
-            .filter(|k| k.purpose == KeyPurpose::Sign)
+            .filter(|k| k.purpose == KeyPurpose::Sign && !s.renewing.contains(&k.key_id))
         {
             for (mset, sset) in self.sets() {
                 let d = s

@@ -71,6 +71,10 @@ pub struct Args {
     /// Testing: append every relayed round message to this file.
     #[arg(long, hide = true)]
     pub record_relay: Option<PathBuf>,
+    /// Crash tests: exit at a named point of a key renewal
+    /// (`renewal-after-record`, `renewal-after-one-node`).
+    #[arg(long, hide = true)]
+    pub fail_point: Option<String>,
     /// Log format: `plain` or `json` (filter from QUORATE_LOG).
     #[arg(long, env = "QUORATE_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,
@@ -133,6 +137,13 @@ pub struct Args {
     /// Seconds between threshold-signed checkpoints of the audit chain head.
     #[arg(long, default_value_t = 60)]
     pub audit_checkpoint_secs: u64,
+    /// Proactive refresh (DESIGN.md §4.3): renew every key's shares once they are this
+    /// many seconds old (since creation or the last refresh or reshare). 0 (the
+    /// default) refreshes only on demand (`quorate key refresh`). A refresh needs every
+    /// node; one that fails is retried at the next check (every minute, or sooner when
+    /// the interval is shorter).
+    #[arg(long, default_value_t = 0, env = "QUORATE_REFRESH_INTERVAL_SECS")]
+    pub refresh_interval_secs: u64,
     /// The name of the signing key for audit checkpoints (created on first use).
     #[arg(long, env = "QUORATE_AUDIT_KEY", default_value = "audit")]
     pub audit_key: String,
@@ -169,6 +180,8 @@ pub struct Config {
     pub grace: std::time::Duration,
     /// Relay recording.
     pub record_relay: Option<PathBuf>,
+    /// Crash-test hook.
+    pub fail_point: Option<crate::cluster::RenewalFailPoint>,
     /// Metrics address.
     pub metrics_listen: Option<SocketAddr>,
     /// Metadata listener address.
@@ -205,6 +218,8 @@ pub struct Config {
     pub credential_key: String,
     /// Approval lifetime.
     pub approval_ttl_seconds: i64,
+    /// Scheduled refresh: renew shares older than this (`None`: on demand only).
+    pub refresh_interval: Option<std::time::Duration>,
 }
 
 impl Args {
@@ -347,6 +362,17 @@ impl Args {
                 Err(e) => errors.push(format!("--audit-sink: {e}")),
             }
         }
+        let fail_point = match self.fail_point.as_deref() {
+            None => None,
+            Some("renewal-after-record") => Some(crate::cluster::RenewalFailPoint::AfterRecord),
+            Some("renewal-after-one-node") => Some(crate::cluster::RenewalFailPoint::AfterOneNode),
+            Some(other) => {
+                errors.push(format!(
+                    "--fail-point {other}: unknown (known: renewal-after-record, renewal-after-one-node)"
+                ));
+                None
+            }
+        };
         if self.audit_checkpoint_secs == 0 {
             errors.push("--audit-checkpoint-secs must be at least 1".into());
         }
@@ -371,6 +397,7 @@ impl Args {
                 },
                 grace: std::time::Duration::from_secs(self.grace_secs),
                 record_relay: self.record_relay,
+                fail_point,
                 metrics_listen: self.metrics_listen,
                 http_listen: self.http_listen,
                 http_cert,
@@ -389,6 +416,8 @@ impl Args {
                 audit_key: self.audit_key,
                 credential_key: self.credential_key,
                 approval_ttl_seconds: i64::try_from(self.approval_ttl_secs).unwrap_or(600),
+                refresh_interval: (self.refresh_interval_secs > 0)
+                    .then(|| std::time::Duration::from_secs(self.refresh_interval_secs)),
             }),
             _ => Err(errors),
         }

@@ -15,6 +15,7 @@ pub use quorate_authz::authn;
 pub mod cluster;
 pub mod config;
 pub mod identity;
+pub mod lifecycle;
 pub use quorate_authz::policy;
 pub mod pools;
 pub mod service;

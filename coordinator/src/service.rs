@@ -171,6 +171,7 @@ fn key_info(v: &KeyVersionInfo) -> api::KeyInfo {
         version: v.version,
         kid: v.kid(),
         profile: v.profile.to_api().0 as i32,
+        renewed_at: 0,
     }
 }
 
@@ -232,8 +233,39 @@ pub fn jwk(k: &KeyPublic) -> String {
     )
 }
 
+impl Api {
+    fn key_info_now(&self, v: &KeyVersionInfo) -> api::KeyInfo {
+        let mut info = key_info(v);
+        info.renewed_at = self
+            .cluster
+            .renewed_at(&v.public.key_id)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        info
+    }
+}
+
 #[tonic::async_trait]
 impl KeyService for Api {
+    #[tracing::instrument(skip(self, request))]
+    async fn refresh_key(
+        &self,
+        request: Request<api::RefreshKeyRequest>,
+    ) -> Result<Response<api::KeyInfo>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        check_name(&r.name)?;
+        let all = self.cluster.all_nodes();
+        let version = self
+            .audited(&caller, Action::Admin, "refresh_key", &r.name, async {
+                Ok((self.cluster.refresh_key(&r.name).await?, all))
+            })
+            .await?;
+        tracing::info!(%caller, key = r.name, epoch = version.public.epoch, "RefreshKey");
+        Ok(Response::new(self.key_info_now(&version)))
+    }
+
     #[tracing::instrument(skip(self, request))]
     async fn rotate_key(
         &self,
@@ -279,7 +311,7 @@ impl KeyService for Api {
         self.caller(&request)?;
         let keys = self.cluster.current_versions()?;
         Ok(Response::new(api::ListKeysReply {
-            keys: keys.iter().map(key_info).collect(),
+            keys: keys.iter().map(|k| self.key_info_now(k)).collect(),
         }))
     }
 
@@ -291,7 +323,7 @@ impl KeyService for Api {
         let name = request.into_inner().name;
         let v = self.cluster.current_version(&name)?;
         Ok(Response::new(api::PublicKeyReply {
-            key: Some(key_info(&v)),
+            key: Some(self.key_info_now(&v)),
             spki_pem: spki_pem(&v.public.public_key())?,
             jwk_json: jwk(&v.public),
         }))
@@ -401,6 +433,31 @@ impl KeyService for Api {
 
 #[tonic::async_trait]
 impl ClusterService for Api {
+    #[tracing::instrument(skip(self, request))]
+    async fn repair_node(
+        &self,
+        request: Request<api::RepairNodeRequest>,
+    ) -> Result<Response<api::RepairNodeReply>, Status> {
+        let caller = self.caller(&request)?;
+        let index = u16::try_from(request.into_inner().index)
+            .map_err(|_| Status::invalid_argument("node index out of range"))?;
+        let all = self.cluster.all_nodes();
+        let resource = format!("node-{index}");
+        let done = self
+            .audited(&caller, Action::Admin, "repair_node", &resource, async {
+                Ok((self.cluster.repair_node(index).await?, all))
+            })
+            .await?;
+        tracing::info!(%caller, node = index, keys = done.len(), "RepairNode");
+        let keys = self
+            .cluster
+            .current_versions()?
+            .iter()
+            .map(|v| self.key_info_now(v))
+            .collect();
+        Ok(Response::new(api::RepairNodeReply { keys }))
+    }
+
     async fn status(
         &self,
         request: Request<api::StatusRequest>,
@@ -429,11 +486,19 @@ impl ClusterService for Api {
                 depth: depth as u64,
             })
             .collect();
+        let keys = self
+            .cluster
+            .current_versions()?
+            .iter()
+            .map(|v| self.key_info_now(v))
+            .collect();
         Ok(Response::new(api::StatusReply {
             n: u32::from(params.n()),
             t: u32::from(params.t()),
             nodes,
             pools,
+            keys,
+            pending_activations: self.cluster.pending_activations(),
         }))
     }
 }

@@ -17,6 +17,7 @@
 use std::path::Path;
 
 use quorate_crypto::keys::{KeyId, KeyPublic};
+use quorate_crypto::params::SessionId;
 use quorate_crypto::wire::Wire;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
@@ -28,6 +29,13 @@ const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("key_version
 const RULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("token_rules");
 const PROFILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("profiles");
 const POOL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pool");
+/// Refreshes and reshares decided but not yet active on every node: key name →
+/// session id (32 bytes) || the new `KeyPublic`. Retried until every node holds it.
+const PENDING_ACTIVATIONS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("pending_activations");
+/// When each key version's shares were last renewed (refresh or reshare): key id →
+/// Unix seconds.
+const RENEWED: TableDefinition<&[u8], i64> = TableDefinition::new("key_renewed");
 
 /// Encoding version of a `key_versions` entry.
 const VERSIONS_V1: u8 = 1;
@@ -185,8 +193,8 @@ impl Store {
         Ok(())
     }
 
-    /// Records (or, for a refresh, replaces) the public data of a named key's current
-    /// version.
+    /// Records the public data of a named key's current version (as versions before
+    /// key versions existed stored it).
     pub fn put_key(&self, name: &str, key: &KeyPublic) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
@@ -197,6 +205,82 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records that the new shares of `key` (a refresh or reshare of `name`'s current
+    /// version, run `session`) are decided and must be activated on every node. Durable
+    /// before the first node activates, so a coordinator that dies midway finishes the
+    /// activation when it starts again ([`Store::pending_activations`]).
+    pub fn put_pending_activation(
+        &self,
+        name: &str,
+        session: &SessionId,
+        key: &KeyPublic,
+    ) -> Result<()> {
+        let mut v = session.0.to_vec();
+        v.extend_from_slice(&key.to_bytes());
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PENDING_ACTIVATIONS)?;
+            t.insert(name, v.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Activations recorded by [`Store::put_pending_activation`] and not yet committed.
+    pub fn pending_activations(&self) -> Result<Vec<(String, SessionId, KeyPublic)>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(PENDING_ACTIVATIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (name, v) = e?;
+            let name = name.value().to_string();
+            let v = v.value();
+            let corrupt = || StoreError(format!("pending activation of key {name} is malformed"));
+            let session = SessionId(
+                v.get(..32)
+                    .ok_or_else(corrupt)?
+                    .try_into()
+                    .map_err(|_| corrupt())?,
+            );
+            let key =
+                KeyPublic::from_bytes(v.get(32..).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
+            out.push((name, session, key));
+        }
+        Ok(out)
+    }
+
+    /// Every node holds the new shares of `key`: replaces its public data (same key
+    /// id, next epoch), records when, and clears the pending activation, in one
+    /// transaction.
+    pub fn commit_activation(&self, name: &str, key: &KeyPublic, at: i64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut k = tx.open_table(KEYS)?;
+            k.insert(&key.key_id.0[..], key.to_bytes().as_slice())?;
+            let mut r = tx.open_table(RENEWED)?;
+            r.insert(&key.key_id.0[..], at)?;
+            let mut p = tx.open_table(PENDING_ACTIVATIONS)?;
+            p.remove(name)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// When the shares of key version `id` were last renewed (Unix seconds), if ever.
+    pub fn renewed_at(&self, id: &KeyId) -> Result<Option<i64>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(RENEWED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(&id.0[..])?.map(|v| v.value()))
     }
 
     /// Records the profile of existing key versions (the narrowing raw → checkpoint,

@@ -63,6 +63,11 @@ pub enum DkgMode {
         /// The `t_old + 1` holders of the prior epoch that deal; each must also be a
         /// party of the new parameters.
         dealers: PartySet,
+        /// A digest of what else every dealer must agree on, bound into every message
+        /// of the run: the fragment nodes put the key's usage profile here, so that a
+        /// recipient with no record of the key (a repaired or new node) takes the
+        /// profile only if `t + 1` holders signed off on it.
+        binding: [u8; 32],
     },
 }
 
@@ -93,7 +98,7 @@ impl DkgConfig {
                     ));
                 }
             }
-            DkgMode::Reshare { prior, dealers } => {
+            DkgMode::Reshare { prior, dealers, .. } => {
                 if prior.key_id != self.key_id {
                     return Err(Error::input(
                         "reshare: prior key data belongs to another key id",
@@ -152,7 +157,11 @@ impl DkgConfig {
                 t.point("X", &prior.public_key())
                     .u64("epoch", u64::from(prior.epoch));
             }
-            DkgMode::Reshare { prior, dealers } => {
+            DkgMode::Reshare {
+                prior,
+                dealers,
+                binding,
+            } => {
                 let d: Vec<u8> = dealers
                     .members()
                     .iter()
@@ -162,7 +171,8 @@ impl DkgConfig {
                     .u64("epoch", u64::from(prior.epoch))
                     .u64("prior-n", u64::from(prior.params.n()))
                     .u64("prior-t", u64::from(prior.params.t()))
-                    .append("dealers", &d);
+                    .append("dealers", &d)
+                    .append("binding", binding);
             }
         }
         t.digest().to_vec()
@@ -367,7 +377,7 @@ pub fn round1_reshare(
 ) -> Result<(DkgRound1, DkgCommit)> {
     cfg.check()?;
     cfg.roster.get(me)?;
-    let DkgMode::Reshare { prior, dealers } = &cfg.mode else {
+    let DkgMode::Reshare { prior, dealers, .. } = &cfg.mode else {
         return Err(Error::input("round1_reshare: this run is not a reshare"));
     };
     if !dealers.contains(me) {
@@ -548,7 +558,7 @@ pub fn round3(
         if cfg.commitment_hash(d, &m.commitments) != c.hash {
             return Err(Error::blame_one(d, Fault::CommitmentMismatch));
         }
-        if let DkgMode::Reshare { prior, dealers } = &cfg.mode {
+        if let DkgMode::Reshare { prior, dealers, .. } = &cfg.mode {
             // The dealing must be of λ_d·x_d: then the dealt constants sum to X.
             let expected = prior.public_share(d) * dealers.lagrange(d)?;
             if com.constant() != expected {

@@ -1205,6 +1205,18 @@ impl PresignatureShare {
         zeroize::Zeroizing::new(w.into_bytes())
     }
 
+    /// The key id inside a [`PresignatureShare::secret_bytes`] encoding, read without
+    /// decoding the rest (no secret is parsed); `None` if the encoding is not one.
+    pub fn key_id_of(bytes: &[u8]) -> Option<KeyId> {
+        let mut r = Reader::new(bytes, "PresignatureShare");
+        r.version().ok()?;
+        if r.u8().ok()? != 0x46 {
+            return None;
+        }
+        let _id: [u8; 32] = r.array().ok()?;
+        r.array().ok().map(KeyId)
+    }
+
     /// Strict decoding of [`PresignatureShare::secret_bytes`].
     pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "PresignatureShare");

@@ -290,6 +290,7 @@ impl Cluster {
             mode: DkgMode::Reshare {
                 prior,
                 dealers: PartySet::from_indices(dealers)?,
+                binding: [0; 32],
             },
             roster: self.roster.clone(),
         };

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError};
 
-use quorate_crypto::keys::KeyPublic;
+use quorate_crypto::keys::{KeyId, KeyPublic};
 use quorate_crypto::presign::{PresigId, PresignatureShare};
 use quorate_crypto::sign::{self, ConsumedPresig, PresigRecord, SignRequest, SignStep};
 use zeroize::Zeroizing;
@@ -38,8 +38,11 @@ pub const CONSUMED_PER_SHARD: usize = 1024;
 enum Held {
     /// Never used: the share's secret encoding
     /// ([`PresignatureShare::secret_bytes`], about 200 bytes at (3,1)), zeroized on
-    /// drop; decoded only when it signs.
-    Unused(Zeroizing<Box<[u8]>>),
+    /// drop; decoded only when it signs. With the epoch of the key shares it was made
+    /// from: a refresh or reshare burns the presignatures of older epochs, because a
+    /// presignature share outliving a share refresh would let an adversary that
+    /// corrupts `t` nodes before and others after combine them (DESIGN.md §4.3).
+    Unused(u32, Zeroizing<Box<[u8]>>),
     /// Used for exactly one digest: public data only.
     Consumed(Box<ConsumedPresig>),
 }
@@ -84,15 +87,36 @@ impl PresigBook {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds new presignature shares (unused). An id already held is left as it is.
-    pub fn insert(&self, shares: Vec<PresignatureShare>) {
+    /// Adds new presignature shares (unused), made from shares of the key's `epoch`.
+    /// An id already held is left as it is.
+    pub fn insert(&self, epoch: u32, shares: Vec<PresignatureShare>) {
         for s in shares {
             let bytes = Zeroizing::new(s.secret_bytes().to_vec().into_boxed_slice());
             self.shard(&s.id)
                 .records
                 .entry(s.id)
-                .or_insert(Held::Unused(bytes));
+                .or_insert(Held::Unused(epoch, bytes));
         }
+    }
+
+    /// Burns (drops, zeroized) every unused presignature of `key` made before `epoch`.
+    /// Returns how many.
+    pub fn burn_older(&self, key: &KeyId, epoch: u32) -> u64 {
+        let mut n = 0;
+        for s in &self.shards {
+            let mut s = s.lock().unwrap_or_else(PoisonError::into_inner);
+            s.records.retain(|_, r| match r {
+                Held::Unused(e, bytes)
+                    if *e < epoch
+                        && PresignatureShare::key_id_of(bytes).is_none_or(|k| &k == key) =>
+                {
+                    n += 1;
+                    false
+                }
+                _ => true,
+            });
+        }
+        n
     }
 
     /// One signing step on presignature `r.presig_id` of `key`: checks and marks it
@@ -108,7 +132,15 @@ impl PresigBook {
             )
         })?;
         let record = match record {
-            Held::Unused(bytes) => PresigRecord::Unused(
+            Held::Unused(epoch, _) if *epoch != key.epoch => {
+                let epoch = *epoch;
+                shard.records.remove(&r.presig_id);
+                return Err(format!(
+                    "unknown presignature {}: it was made from epoch {epoch} of the key's shares, which is now at epoch {}; a refresh burns older presignatures",
+                    r.presig_id, key.epoch
+                ));
+            }
+            Held::Unused(_, bytes) => PresigRecord::Unused(
                 PresignatureShare::from_secret_bytes(bytes)
                     .map_err(|e| format!("presignature {}: {e}", r.presig_id))?,
             ),
@@ -138,7 +170,7 @@ impl PresigBook {
                     .unwrap_or_else(PoisonError::into_inner)
                     .records
                     .values()
-                    .filter(|r| matches!(r, Held::Unused(_)))
+                    .filter(|r| matches!(r, Held::Unused(..)))
                     .count() as u64
             })
             .sum()
@@ -154,7 +186,7 @@ impl PresigBook {
                     .records
                     .values()
                     .filter_map(|r| match r {
-                        Held::Unused(bytes) => Some(bytes.to_vec()),
+                        Held::Unused(_, bytes) => Some(bytes.to_vec()),
                         Held::Consumed(_) => None,
                     })
                     .collect::<Vec<_>>()

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use quorate_authz::credential::CredentialContext;
 use quorate_crypto::dkg::{self, DkgConfig, DkgMode};
 use quorate_crypto::identity::IdentityKey;
-use quorate_crypto::keys::{KeyPublic, KeyShare};
-use quorate_crypto::params::{PartyIndex, SessionId, ThresholdParams};
+use quorate_crypto::keys::{KeyId, KeyPublic, KeyShare};
+use quorate_crypto::params::{PartyIndex, PartySet, SessionId, ThresholdParams};
 use quorate_crypto::presign::{self, PresignConfig};
 use quorate_crypto::seal::KemSecretKey;
 use quorate_crypto::sign::{self, SignRequest};
@@ -40,12 +40,15 @@ use crate::store::{Release, Store, StoreError, request_rng};
 const SESSION_TTL: Duration = Duration::from_secs(300);
 
 enum Round {
-    Dkg1(dkg::DkgRound1),
-    Dkg2(dkg::DkgRound2),
+    Dkg1(dkg::DkgRound1, Option<KeyProfile>),
+    /// A reshare recipient that deals nothing, with the profile it will record.
+    DkgJoin(dkg::DkgJoin, KeyProfile),
+    Dkg2(dkg::DkgRound2, Option<KeyProfile>),
     Presign1(presign::PresignRound1),
     Presign2(presign::PresignRound2),
     Presign3(presign::PresignRound3, KeyShare),
-    Presign4(presign::PresignRound4),
+    /// With the epoch of the key share it used.
+    Presign4(presign::PresignRound4, u32),
 }
 
 struct Session {
@@ -305,6 +308,9 @@ impl Node {
         let t = u16::try_from(req.t).map_err(|_| Status::invalid_argument("t out of range"))?;
         let params = ThresholdParams::new(n, t).map_err(crypto_err)?;
         let roster = convert::verify_roster(req.roster.as_ref(), &self.trust, n)?;
+        if !req.reshare_dealers.is_empty() {
+            return self.reshare_start(&req, session, key_id, params, roster);
+        }
         let mode = if req.refresh_prior.is_empty() {
             let purpose = convert::purpose(req.purpose)?;
             // A new key needs an id this node has never used: activating it would
@@ -372,26 +378,121 @@ impl Node {
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             dkg::round1(&mut rng, cfg, self.index, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Dkg1(state))?;
+        self.put(session, Round::Dkg1(state, None))?;
         Ok(msg.to_bytes())
+    }
+
+    /// Round 1 of a reshare (DESIGN.md §4.3): a dealer checks that the coordinator's
+    /// prior key data and profile are its own and deals; any other party of the new
+    /// parameters joins as a recipient and answers with an empty message.
+    fn reshare_start(
+        &self,
+        req: &fragment::DkgStart,
+        session: SessionId,
+        key_id: KeyId,
+        params: ThresholdParams,
+        roster: quorate_crypto::identity::Roster,
+    ) -> Result<Vec<u8>, Status> {
+        let prior = KeyPublic::from_bytes(&req.refresh_prior).map_err(crypto_err)?;
+        if prior.key_id != key_id {
+            return Err(Status::invalid_argument(
+                "reshare: the prior key data is of another key",
+            ));
+        }
+        let dealers = req
+            .reshare_dealers
+            .iter()
+            .map(|&d| u16::try_from(d).unwrap_or(u16::MAX))
+            .collect::<Vec<_>>();
+        let dealers = PartySet::from_indices(&dealers).map_err(crypto_err)?;
+        let profile = KeyProfile::from_fragment(req.profile, req.token_rules.as_ref())?;
+        if profile.purpose() != prior.purpose {
+            return Err(Status::invalid_argument(format!(
+                "reshare: a {} profile does not fit a {} key",
+                profile.name(),
+                prior.purpose.name()
+            )));
+        }
+        let recorded = self.store.profile(&key_id).map_err(store_err)?;
+        if let Some(recorded) = &recorded
+            && recorded != &profile
+        {
+            return Err(Status::failed_precondition(format!(
+                "reshare: the coordinator gives key {key_id} the profile {profile}, but this node recorded {recorded}; a profile never changes by resharing"
+            )));
+        }
+        let binding = quorate_crypto::hash::sha256(&profile.to_bytes());
+        let cfg = DkgConfig {
+            session,
+            key_id,
+            params,
+            mode: DkgMode::Reshare {
+                prior: prior.clone(),
+                dealers,
+                binding,
+            },
+            roster,
+        };
+        if cfg.is_dealer(self.index) {
+            let mine = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "reshare: node {} is named as a dealer but holds no share of key {key_id}",
+                    self.index
+                ))
+            })?;
+            if mine.public != prior || recorded.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "reshare: node {}'s share of key {key_id} is of epoch {}, not the coordinator's epoch {}",
+                    self.index, mine.public.epoch, prior.epoch
+                )));
+            }
+            let mut rng = request_rng().map_err(store_err)?;
+            let (state, msg) =
+                dkg::round1_reshare(&mut rng, cfg, self.index, &self.identity, &mine)
+                    .map_err(crypto_err)?;
+            self.put(session, Round::Dkg1(state, None))?;
+            return Ok(msg.to_bytes());
+        }
+        if recorded.is_none()
+            && let Some(rules) = profile.token_rules()
+        {
+            let ceiling = self.ceiling.as_ref().ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "node {}: this node has no token ceiling (--ceiling FILE), so it takes part in no token key",
+                    self.index
+                ))
+            })?;
+            ceiling.admits(rules).map_err(|why| {
+                Status::permission_denied(format!("node {}: token key refused: {why}", self.index))
+            })?;
+        }
+        let state = dkg::join(cfg, self.index).map_err(crypto_err)?;
+        self.put(session, Round::DkgJoin(state, profile))?;
+        Ok(Vec::new())
     }
 
     fn dkg_reveal(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Dkg1(state) = self.take(&session)? else {
-            return Err(Self::wrong_round());
-        };
         let commits = Self::decode_all(&req.messages)?;
+        let (state, profile) = match self.take(&session)? {
+            Round::Dkg1(state, profile) => (state, profile),
+            Round::DkgJoin(state, profile) => {
+                let state = dkg::join_commits(state, &commits).map_err(crypto_err)?;
+                self.put(session, Round::Dkg2(state, Some(profile)))?;
+                return Ok(Vec::new());
+            }
+            _ => return Err(Self::wrong_round()),
+        };
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             dkg::round2(&mut rng, state, &commits, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Dkg2(state))?;
+        self.put(session, Round::Dkg2(state, profile))?;
         Ok(msg.to_bytes())
     }
 
     fn dkg_confirm(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Dkg2(state) = self.take(&session)? else {
+        let Round::Dkg2(state, profile) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let reveals: Vec<dkg::DkgReveal> = Self::decode_all(&req.messages)?;
@@ -406,6 +507,19 @@ impl Node {
         let (share, confirm) =
             dkg::round3(&mut rng, state, &reveals, &self.kem, &self.identity, prior)
                 .map_err(crypto_err)?;
+        // A reshare recipient with no record of the key takes the profile that the
+        // dealers' signatures vouched for (it is bound into every message it verified).
+        if let Some(profile) = profile
+            && !self
+                .store
+                .put_profile_once(&key_id, &profile)
+                .map_err(store_err)?
+            && self.store.profile(&key_id).map_err(store_err)?.as_ref() != Some(&profile)
+        {
+            return Err(Status::failed_precondition(format!(
+                "key {key_id} already has another profile on this node"
+            )));
+        }
         // Durable before the reply: the share is pending until the coordinator commits.
         self.store
             .put_pending(&session, &share)
@@ -416,23 +530,38 @@ impl Node {
     fn dkg_activate(&self, req: fragment::DkgActivateRequest) -> Result<(), Status> {
         let session = convert::session_id(&req.session_id)?;
         let public = KeyPublic::from_bytes(&req.key_public).map_err(crypto_err)?;
-        let share = self
-            .store
-            .pending(&session)
-            .map_err(store_err)?
-            .ok_or_else(|| Status::failed_precondition("no pending key share for this session"))?;
+        let active = self.store.key(&public.key_id).map_err(store_err)?;
+        let Some(share) = self.store.pending(&session).map_err(store_err)? else {
+            // Idempotent: a coordinator that crashed after some nodes activated sends
+            // the same request again.
+            if active.as_ref().is_some_and(|a| a.public == public) {
+                return Ok(());
+            }
+            return Err(Status::failed_precondition(
+                "no pending key share for this session",
+            ));
+        };
         if share.public != public {
             return Err(Status::failed_precondition(
                 "the coordinator's key data differs from this node's pending share: not activating",
             ));
+        }
+        if let Some(a) = &active
+            && a.public.epoch >= public.epoch
+        {
+            return Err(Status::failed_precondition(format!(
+                "key {} is active at epoch {} on this node: activating epoch {} would go back",
+                public.key_id, a.public.epoch, public.epoch
+            )));
         }
         self.store.activate(&session, &share).map_err(store_err)?;
         self.key_cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&public.key_id);
+        let burned = self.presigs.burn_older(&public.key_id, public.epoch);
         self.metrics.keys_activated.inc();
-        tracing::info!(key = %public.key_id, epoch = public.epoch, "key share activated");
+        tracing::info!(key = %public.key_id, epoch = public.epoch, burned, "key share activated");
         Ok(())
     }
 
@@ -442,6 +571,12 @@ impl Node {
         let share = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
             Status::not_found(format!("this node holds no active share of key {key_id}"))
         })?;
+        if share.public.epoch != req.key_epoch {
+            return Err(Status::failed_precondition(format!(
+                "this node holds epoch {} of key {key_id}, the coordinator presigns for epoch {}: a renewal is not yet active everywhere",
+                share.public.epoch, req.key_epoch
+            )));
+        }
         let roster =
             convert::verify_roster(req.roster.as_ref(), &self.trust, share.public.params.n())?;
         let cfg = PresignConfig {
@@ -499,13 +634,13 @@ impl Node {
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             presign::round4(&mut rng, state, &mus, &share, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Presign4(state))?;
+        self.put(session, Round::Presign4(state, share.public.epoch))?;
         Ok(msg.to_bytes())
     }
 
     fn presign_store(&self, req: fragment::RoundInput) -> Result<u32, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Presign4(state) = self.take(&session)? else {
+        let Round::Presign4(state, epoch) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let reductions = Self::decode_all(&req.messages)?;
@@ -514,7 +649,7 @@ impl Node {
             presign::round5(&mut rng, state, &reductions, &self.kem).map_err(crypto_err)?;
         let n = shares.len();
         // Held in memory only (DESIGN.md §4.5): a restart burns them.
-        self.presigs.insert(shares);
+        self.presigs.insert(epoch, shares);
         self.metrics.presignatures_stored.add(n as u64);
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }

@@ -530,6 +530,24 @@ impl TestCluster {
         quorate_coordinator::store::NamedKey,
         Vec<quorate_crypto::presign::PresignaturePublic>,
     ) {
+        let cluster = self.coordinator_in_process().await;
+        let named = cluster.named(name).unwrap();
+        for (mset, sset) in cluster.sets() {
+            cluster
+                .presign(&named.public, &mset, &sset, batch)
+                .await
+                .unwrap();
+        }
+        let presigs = cluster.pooled(named.public.key_id).unwrap();
+        (named, presigs)
+    }
+
+    /// Stops the coordinator process and takes its place in-process: its certificate and
+    /// store, real nodes over real TLS, no background tasks (no pools fill). Drop the
+    /// returned cluster before [`TestCluster::start_coordinator`]: it holds the store.
+    pub async fn coordinator_in_process(
+        &mut self,
+    ) -> std::sync::Arc<quorate_coordinator::cluster::Cluster> {
         if let Some(mut p) = self.coordinator.take() {
             p.terminate();
         }
@@ -537,12 +555,6 @@ impl TestCluster {
             &self.dir.0.join("coordinator").join("coordinator.redb"),
         )
         .unwrap();
-        let named = store
-            .keys()
-            .unwrap()
-            .into_iter()
-            .find(|k| k.name == name)
-            .unwrap();
         let (id, trust) = self.identity("coordinator");
         let mut channels = Vec::new();
         for i in 1..=self.n {
@@ -558,17 +570,7 @@ impl TestCluster {
             ));
         }
         let params = quorate_crypto::params::ThresholdParams::new(self.n, self.t).unwrap();
-        let cluster =
-            quorate_coordinator::cluster::Cluster::new(params, trust, channels, store, None)
-                .unwrap();
-        for (mset, sset) in cluster.sets() {
-            cluster
-                .presign(&named.public, &mset, &sset, batch)
-                .await
-                .unwrap();
-        }
-        let presigs = cluster.pooled(named.public.key_id).unwrap();
-        (named, presigs)
+        quorate_coordinator::cluster::Cluster::new(params, trust, channels, store, None).unwrap()
     }
 
     /// A fragment-node client to node `i`, presenting the coordinator's certificate.

@@ -1,0 +1,323 @@
+//! Key lifecycle without reconstruction (DESIGN.md §4.3) on real processes over real
+//! post-quantum mutual TLS: proactive refresh, repair of a node that lost its disk, and
+//! a coordinator that dies in the middle of activating renewed shares.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use quorate_proto::api;
+use quorate_proto::fragment;
+use quorate_tests::{DOMAIN, TestCluster, binary, sign_batch};
+
+const POOL_FLAGS: &[&str] = &[
+    "--pool-low",
+    "4",
+    "--pool-high",
+    "8",
+    "--presign-batch",
+    "8",
+];
+
+async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::KeyInfo {
+    c.keys()
+        .await
+        .create_key(api::CreateKeyRequest {
+            name: name.into(),
+            purpose: purpose as i32,
+            token_rules: None,
+            profile: api::KeyProfile::Unspecified as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    c.keys()
+        .await
+        .sign(api::SignRequest {
+            name: name.into(),
+            input: Some(api::sign_request::Input::Message(msg.to_vec())),
+            format: api::SignatureFormat::Raw as i32,
+        })
+        .await
+        .map(|r| r.into_inner().signature)
+}
+
+/// Verifies with aws-lc-rs under the key's public key as it was at creation.
+fn verify(public_compressed: &[u8], msg: &[u8], sig: &[u8]) {
+    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
+        .verify(msg, sig)
+        .expect("the signature does not verify under the key's original public key");
+}
+
+/// Each node's epoch of `key_id` (`None`: no active share).
+async fn epochs(c: &TestCluster, key_id: &str) -> Vec<Option<u32>> {
+    let mut out = Vec::new();
+    for i in 1..=c.n {
+        if c.nodes[usize::from(i) - 1].is_none() {
+            out.push(None);
+            continue;
+        }
+        let inv = c
+            .node_as_coordinator(i)
+            .await
+            .inventory(fragment::InventoryRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(
+            inv.keys
+                .iter()
+                .find(|k| hex::encode(&k.key_id) == key_id && k.active)
+                .map(|k| k.epoch),
+        );
+    }
+    out
+}
+
+/// Signs until success or `limit`; returns the signature and how long it took.
+async fn sign_within(c: &TestCluster, name: &str, msg: &[u8], limit: Duration) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        match sign(c, name, msg).await {
+            Ok(sig) => return sig,
+            Err(e) if start.elapsed() < limit => {
+                eprintln!("signing not yet possible: {e:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("no signature within {limit:?}: {e:?}"),
+        }
+    }
+}
+
+/// The `quorate` CLI as the cluster's admin.
+fn cli(c: &TestCluster, args: &[&str]) -> std::process::Output {
+    let d = &c.dir.0;
+    let out = std::process::Command::new(binary("quorate"))
+        .args(args)
+        .env("QUORATE_ADDR", c.coordinator_addr.to_string())
+        .env("QUORATE_CACERT", d.join("ca.pem"))
+        .env("QUORATE_CERT", d.join("client-admin.pem"))
+        .env("QUORATE_KEY", d.join("client-admin-key.pem"))
+        .env("QUORATE_DOMAIN", DOMAIN)
+        .output()
+        .unwrap();
+    eprintln!(
+        "quorate {}: {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A refresh gives every node a new share of the same key (same key id, public key and
+/// JWKS entry, next epoch), and burns every presignature made from the old shares: a
+/// presignature share that outlived a refresh would let an adversary that corrupts
+/// nodes before and after it combine what it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_keeps_the_key_and_burns_presignatures_of_the_old_shares() {
+    let mut c = TestCluster::start("refresh", 3, 1, POOL_FLAGS);
+    let created = create_key(&c, "k", api::Purpose::Sign).await;
+    assert_eq!(created.epoch, 0);
+    let before = sign_within(&c, "k", b"before", Duration::from_secs(60)).await;
+    verify(&created.public_key, b"before", &before);
+
+    // In the coordinator's place: presignatures whose public halves we hold.
+    let cluster = c.coordinator_in_process().await;
+    let named = cluster.named("k").unwrap();
+    for (mset, sset) in cluster.sets() {
+        cluster
+            .presign(&named.public, &mset, &sset, 2)
+            .await
+            .unwrap();
+    }
+    let old = cluster.pooled(named.public.key_id).unwrap();
+    assert_eq!(old.len(), 6);
+    // Before the refresh, a node signs with one of them (so the refusal below is the
+    // refresh's doing).
+    let used = &old[0];
+    let j = used.sset.members()[0].get();
+    let reply = c
+        .node_as_coordinator(j)
+        .await
+        .sign(sign_batch(&named.public, used, [1; 32], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        reply.results[0].result,
+        Some(fragment::sign_result::Result::Share(_))
+    ));
+
+    let refreshed = cluster.refresh_key("k").await.unwrap();
+    assert_eq!(refreshed.public.epoch, 1);
+    assert_eq!(refreshed.public.key_id, named.public.key_id);
+    assert_eq!(refreshed.public.public_key(), named.public.public_key());
+    assert!(
+        cluster.pooled(named.public.key_id).unwrap().is_empty(),
+        "the coordinator must drop the pools of the old shares"
+    );
+    assert_eq!(
+        epochs(&c, &created.key_id).await,
+        vec![Some(1); 3],
+        "every node holds the new epoch"
+    );
+    // Every old presignature is refused by every node of its set, fresh or repeated.
+    for p in &old[1..] {
+        for s in p.sset.members() {
+            let reply = c
+                .node_as_coordinator(s.get())
+                .await
+                .sign(sign_batch(&named.public, p, [2; 32], None))
+                .await
+                .unwrap()
+                .into_inner();
+            match &reply.results[0].result {
+                Some(fragment::sign_result::Result::Refused(e)) => {
+                    assert!(e.contains("unknown presignature"), "{e}");
+                }
+                other => panic!("node {s} signed with a pre-refresh presignature: {other:?}"),
+            }
+        }
+    }
+    drop(cluster);
+
+    // The coordinator process again: status shows the epoch, signing goes on, and the
+    // signature verifies under the public key from before the refresh.
+    c.start_coordinator();
+    let after = sign_within(&c, "k", b"after", Duration::from_secs(60)).await;
+    verify(&created.public_key, b"after", &after);
+    let status = cli(&c, &["status"]);
+    assert!(status.status.success());
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("epoch 1"), "{text}");
+    assert!(text.contains("shares renewed"), "{text}");
+    // And the CLI refreshes on demand.
+    let out = cli(&c, &["key", "refresh", "k"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 2"));
+    assert_eq!(epochs(&c, &created.key_id).await, vec![Some(2); 3]);
+    let again = sign_within(&c, "k", b"again", Duration::from_secs(60)).await;
+    verify(&created.public_key, b"again", &again);
+}
+
+/// A node whose disk is gone comes back empty; `quorate admin repair-node` reshares
+/// every key from the other nodes, and the repaired node then signs — in the only
+/// signing set left once another node is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_repaired_by_resharing_and_signs_again() {
+    let mut c = TestCluster::start("repair", 3, 1, POOL_FLAGS);
+    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    let d = create_key(&c, "d", api::Purpose::Derive).await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+
+    c.kill_node(2);
+    std::fs::remove_dir_all(c.dir.0.join("node-2")).unwrap();
+    c.restart_node(2, None);
+    assert_eq!(epochs(&c, &k.key_id).await, vec![Some(0), None, Some(0)]);
+
+    let out = cli(&c, &["admin", "repair-node", "2"]);
+    assert!(out.status.success(), "repair failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("node 2 repaired"), "{text}");
+    assert_eq!(epochs(&c, &k.key_id).await, vec![Some(1); 3]);
+    assert_eq!(epochs(&c, &d.key_id).await, vec![Some(1); 3]);
+
+    // Pools of the new epoch fill (presigning needs all three nodes at (3,1)); then
+    // node 1 goes down and only the set {2, 3} can sign.
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    c.kill_node(1);
+    for m in [&b"one"[..], b"two", b"three"] {
+        let sig = sign_within(&c, "k", m, Duration::from_secs(30)).await;
+        verify(&k.public_key, m, &sig);
+    }
+    // The repaired node's share is of the same key: list_keys reports it unchanged.
+    let keys = c
+        .keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let now_k = keys.iter().find(|x| x.name == "k").unwrap();
+    assert_eq!(now_k.public_key, k.public_key);
+    assert_eq!(now_k.key_id, k.key_id);
+    assert!(now_k.renewed_at > 0);
+}
+
+/// A coordinator killed after recording a renewal, or after only one node activated it,
+/// finishes the activation when it starts again: the nodes never stay on two epochs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_during_activation_finishes_it_on_restart() {
+    for fail_point in ["renewal-after-record", "renewal-after-one-node"] {
+        let mut flags: Vec<&str> = POOL_FLAGS.to_vec();
+        flags.extend(["--fail-point", fail_point]);
+        let mut c = TestCluster::start("renewal-crash", 3, 1, &flags);
+        let k = create_key(&c, "k", api::Purpose::Sign).await;
+        let err = c
+            .keys()
+            .await
+            .refresh_key(api::RefreshKeyRequest { name: "k".into() })
+            .await
+            .unwrap_err();
+        eprintln!("{fail_point}: refresh answered {err:?}");
+        let exited = c
+            .coordinator
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(10));
+        assert!(
+            exited.is_some(),
+            "{fail_point}: the coordinator did not exit"
+        );
+        c.coordinator = None;
+        let mid = epochs(&c, &k.key_id).await;
+        let expect_mid = if fail_point == "renewal-after-record" {
+            vec![Some(0); 3]
+        } else {
+            vec![Some(1), Some(0), Some(0)]
+        };
+        assert_eq!(mid, expect_mid, "{fail_point}");
+
+        c.coordinator_flags = POOL_FLAGS.iter().map(|s| s.to_string()).collect();
+        c.start_coordinator();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = c
+                .cluster()
+                .await
+                .status(api::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let epoch = st.keys.iter().find(|x| x.name == "k").map(|x| x.epoch);
+            if st.pending_activations == 0 && epoch == Some(1) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fail_point}: activation not finished: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            epochs(&c, &k.key_id).await,
+            vec![Some(1); 3],
+            "{fail_point}"
+        );
+        let sig = sign_within(&c, "k", b"m", Duration::from_secs(60)).await;
+        verify(&k.public_key, b"m", &sig);
+    }
+}
