@@ -114,6 +114,8 @@ pub struct NodeStatus {
     pub healthy: bool,
     /// The last error, if unhealthy.
     pub error: String,
+    /// The node's build version (empty if it did not answer).
+    pub version: String,
 }
 
 /// A presignature pool.
@@ -493,6 +495,7 @@ impl Client {
                     address: n.address,
                     healthy: n.healthy,
                     error: n.error,
+                    version: n.version,
                 })
                 .collect(),
             pools: reply

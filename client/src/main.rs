@@ -143,6 +143,38 @@ enum AdminCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Back up a stopped node: its sealed key shares and configuration only (no
+    /// presignatures); the KEK is not in the backup, keep it apart
+    BackupNode {
+        /// The node's data directory
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The node's key-encryption key (default: DIR/kek)
+        #[arg(long, value_name = "FILE")]
+        kek_file: Option<PathBuf>,
+        /// The node's ceiling file, to include
+        #[arg(long, value_name = "FILE")]
+        ceiling: Option<PathBuf>,
+        /// Where to write the backup (mode 0600; never overwritten)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a node backup into an empty data directory (the node stopped), with the
+    /// KEK it was sealed under
+    RestoreNode {
+        /// The backup file
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The node's (empty) data directory
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The key-encryption key the backup was sealed under (default: DIR/kek)
+        #[arg(long, value_name = "FILE")]
+        kek_file: Option<PathBuf>,
+        /// Write the backed-up ceiling file here
+        #[arg(long, value_name = "FILE")]
+        ceiling: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -495,6 +527,46 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Approval(c) => governance::approval(c).await,
         Command::Credential(c) => governance::credential(c).await,
         Command::Admin(AdminCommand::Init(args)) => admin_init(&args),
+        Command::Admin(AdminCommand::BackupNode {
+            data_dir,
+            kek_file,
+            ceiling,
+            out: file,
+        }) => {
+            let kek = kek_file.unwrap_or_else(|| data_dir.join("kek"));
+            let done = quorate_node::backup::backup(&data_dir, &kek, ceiling.as_deref(), &file)
+                .map_err(Error::Usage)?;
+            let mut s = format!(
+                "backed up {} key shares (sealed under {}, which is not in the backup){} to {}\n",
+                done.keys.len(),
+                kek.display(),
+                if done.ceiling { " and the ceiling" } else { "" },
+                file.display()
+            );
+            for (id, epoch) in &done.keys {
+                s.push_str(&format!("  key {id} epoch {epoch}\n"));
+            }
+            out(&s)
+        }
+        Command::Admin(AdminCommand::RestoreNode {
+            from,
+            data_dir,
+            kek_file,
+            ceiling,
+        }) => {
+            let kek = kek_file.unwrap_or_else(|| data_dir.join("kek"));
+            let done = quorate_node::backup::restore(&from, &data_dir, &kek, ceiling.as_deref())
+                .map_err(Error::Usage)?;
+            let mut s = format!(
+                "restored {} key shares into {}; start the node: it rejoins with no presignatures. If the cluster refreshed its keys since this backup, run `quorate admin repair-node` for it\n",
+                done.keys.len(),
+                data_dir.display()
+            );
+            for (id, epoch) in &done.keys {
+                s.push_str(&format!("  key {id} epoch {epoch}\n"));
+            }
+            out(&s)
+        }
         Command::Admin(AdminCommand::RepairNode { index, conn }) => {
             let client = conn.connect().await?;
             eprintln!("repairing node {index}: resharing every key from the other nodes…");
@@ -707,7 +779,16 @@ fn format_status(client: &Client, status: &ClusterStatus) -> String {
         } else {
             format!("UNHEALTHY: {}", node.error)
         };
-        let _ = writeln!(s, "  node {:<3} {:<22} {state}", node.index, node.address);
+        let version = if node.version.is_empty() {
+            String::new()
+        } else {
+            format!("v{}  ", node.version)
+        };
+        let _ = writeln!(
+            s,
+            "  node {:<3} {:<22} {version}{state}",
+            node.index, node.address
+        );
     }
     if !status.keys.is_empty() {
         let _ = writeln!(s, "keys (current versions):");

@@ -491,6 +491,7 @@ impl ClusterService for Fake {
                     } else {
                         String::new()
                     },
+                    version: "0.1.0".into(),
                 })
                 .collect(),
             pools: vec![api::PoolStatus {

@@ -87,6 +87,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     }
     cluster.discard_node_presignatures().await;
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
+    tokio::spawn(crate::lifecycle::heartbeat_forever(cluster.clone()));
     tokio::spawn(crate::lifecycle::run_forever(
         cluster.clone(),
         cfg.refresh_interval,

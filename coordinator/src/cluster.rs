@@ -48,6 +48,9 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node that failed is left out of new work.
 const DOWN_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long a heartbeat waits for each node.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most sign requests sent to one node in one RPC.
 const MAX_SIGN_BATCH: usize = 256;
 
@@ -150,6 +153,20 @@ struct State {
     /// Keys whose renewed shares are decided but not active on every node: nothing
     /// presigns for them until the activation is done (nodes would hold two epochs).
     renewing: HashSet<KeyId>,
+    /// Each node's process instance, as last reported (a change is a restart).
+    instances: HashMap<PartyIndex, Vec<u8>>,
+    /// Each node's build version, as last reported.
+    versions: HashMap<PartyIndex, String>,
+    /// Nodes whose store reports failing writes, with the reason.
+    store_faults: HashMap<PartyIndex, String>,
+}
+
+impl State {
+    fn usable(&self, i: PartyIndex) -> bool {
+        !self.culprits.contains(&i)
+            && !self.store_faults.contains_key(&i)
+            && self.down.get(&i).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
+    }
 }
 
 /// One version of a named key.
@@ -205,6 +222,8 @@ pub struct NodeView {
     pub healthy: bool,
     /// Why not.
     pub error: String,
+    /// The node's build version (empty if it did not answer).
+    pub version: String,
 }
 
 /// Crash-test hook: where a key renewal stops the process.
@@ -259,6 +278,8 @@ pub struct Cluster {
     gate: tokio::sync::RwLock<()>,
     /// Crash tests only.
     fail_point: std::sync::OnceLock<RenewalFailPoint>,
+    /// The last node info each node sent (its KEM key, signed by its certificate key).
+    infos: Mutex<HashMap<PartyIndex, fragment::NodeInfo>>,
 }
 
 /// Where a node stands after [`Cluster::install_policy`].
@@ -361,6 +382,7 @@ impl Cluster {
             policy_installed: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
             fail_point: std::sync::OnceLock::new(),
+            infos: Mutex::new(HashMap::new()),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -628,12 +650,63 @@ impl Cluster {
 
     /// Whether `i` may be given new work now.
     pub fn usable(&self, i: PartyIndex) -> bool {
-        self.state()
-            .map(|s| {
-                !s.culprits.contains(&i)
-                    && s.down.get(&i).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
-            })
-            .unwrap_or(false)
+        self.state().map(|s| s.usable(i)).unwrap_or(false)
+    }
+
+    /// Asks every node for its inventory, with a short time limit: a node that does not
+    /// answer is marked down; a node whose store reports write failures is left out of
+    /// new work until it reports none; a node that restarted (a new process instance)
+    /// holds none of the presignatures pooled for it, so its pools are dropped at once
+    /// rather than discovered one failed signature at a time (DESIGN.md §4.5).
+    pub async fn heartbeat(&self) {
+        let mut tasks = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let mut c = n.client.clone();
+            tasks.push((
+                n.index,
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        HEARTBEAT_TIMEOUT,
+                        c.inventory(fragment::InventoryRequest {}),
+                    )
+                    .await
+                }),
+            ));
+        }
+        for (i, t) in tasks {
+            let Ok(Ok(Ok(reply))) = t.await else {
+                self.mark_down(i);
+                continue;
+            };
+            let r = reply.into_inner();
+            let restarted = match self.state() {
+                Ok(mut s) => {
+                    s.versions.insert(i, r.version);
+                    if r.store_error.is_empty() {
+                        if s.store_faults.remove(&i).is_some() {
+                            tracing::info!(node = i.get(), "node's store accepts writes again");
+                        }
+                    } else if s.store_faults.insert(i, r.store_error.clone()).is_none() {
+                        tracing::warn!(
+                            node = i.get(),
+                            error = r.store_error,
+                            "node's store fails to write: leaving it out of new work"
+                        );
+                    }
+                    s.down.remove(&i);
+                    let prev = s.instances.insert(i, r.instance.clone());
+                    prev.is_some_and(|p| p != r.instance)
+                }
+                Err(_) => false,
+            };
+            if restarted {
+                tracing::info!(
+                    node = i.get(),
+                    "node restarted: its presignatures are gone, dropping its pools"
+                );
+                self.drop_pools_of(i);
+            }
+        }
     }
 
     fn record_relay(&self, msgs: &[Vec<u8>]) {
@@ -657,12 +730,30 @@ impl Cluster {
             + 'static,
         T: Send + 'static,
     {
+        self.round_within(members, what, ROUND_TIMEOUT, call).await
+    }
+
+    /// [`Cluster::round`] with its own time limit per node.
+    async fn round_within<F, Fut, T>(
+        &self,
+        members: &[PartyIndex],
+        what: &str,
+        limit: Duration,
+        call: F,
+    ) -> Result<Vec<T>>
+    where
+        F: Fn(FragmentNodeClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
         let mut tasks = Vec::with_capacity(members.len());
         for &i in members {
             let fut = call(self.node(i)?.client.clone());
             tasks.push((
                 i,
-                tokio::spawn(async move { tokio::time::timeout(ROUND_TIMEOUT, fut).await }),
+                tokio::spawn(async move { tokio::time::timeout(limit, fut).await }),
             ));
         }
         let mut out = Vec::with_capacity(tasks.len());
@@ -709,11 +800,54 @@ impl Cluster {
 
     async fn roster(&self) -> Result<(fragment::Roster, quorate_crypto::identity::Roster)> {
         let all: Vec<PartyIndex> = self.params.all_parties().members().to_vec();
-        let infos = self
-            .round(&all, "fetching node info", |mut c| async move {
-                c.info(fragment::InfoRequest {}).await
-            })
+        self.roster_for(&all).await
+    }
+
+    /// The roster with fresh node info from `members` (the nodes that take part) and
+    /// the last verified info of every other node, so that a node that is down or
+    /// partitioned delays nothing it has no part in. A node never heard from since
+    /// this process started is asked too.
+    async fn roster_for(
+        &self,
+        members: &[PartyIndex],
+    ) -> Result<(fragment::Roster, quorate_crypto::identity::Roster)> {
+        let mut ask: Vec<PartyIndex> = members.to_vec();
+        {
+            let cache = self
+                .infos
+                .lock()
+                .map_err(|_| CoordError::Internal("node info cache poisoned".into()))?;
+            for p in self.params.all_parties().members() {
+                if !ask.contains(p) && !cache.contains_key(p) {
+                    ask.push(*p);
+                }
+            }
+        }
+        ask.sort_unstable();
+        // Short: a node that does not answer this at once is not fit to presign.
+        let fresh = self
+            .round_within(
+                &ask,
+                "fetching node info",
+                ONLINE_TIMEOUT,
+                |mut c| async move { c.info(fragment::InfoRequest {}).await },
+            )
             .await?;
+        let infos = {
+            let mut cache = self
+                .infos
+                .lock()
+                .map_err(|_| CoordError::Internal("node info cache poisoned".into()))?;
+            for (p, info) in ask.iter().zip(fresh) {
+                cache.insert(*p, info);
+            }
+            self.params
+                .all_parties()
+                .members()
+                .iter()
+                .filter_map(|p| cache.get(p).cloned())
+                .collect()
+        };
         let roster = fragment::Roster { nodes: infos };
         let verified = convert::verify_roster(Some(&roster), &self.trust, self.params.n())
             .map_err(|e| CoordError::Internal(format!("node roster does not verify: {e}")))?;
@@ -1239,7 +1373,7 @@ impl Cluster {
         let _gate = self.gate.read().await;
         // The key data as of now: a renewal may have become active since `key` was read.
         let key = &self.public_of(key.key_id)?.unwrap_or_else(|| key.clone());
-        let (roster, verified) = self.roster().await?;
+        let (roster, verified) = self.roster_for(mset.members()).await?;
         let mut r = rng()?;
         let session = SessionId::random(&mut r);
         let cfg = PresignConfig {
@@ -1594,10 +1728,7 @@ impl Cluster {
     fn try_take_presig(&self, key: KeyId) -> Result<PresignaturePublic> {
         let presig = {
             let mut s = self.state()?;
-            let usable = |p: PartyIndex, s: &State| {
-                !s.culprits.contains(&p)
-                    && s.down.get(&p).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
-            };
+            let usable = |p: PartyIndex, s: &State| s.usable(p);
             let best = s
                 .pools
                 .iter()
@@ -1945,26 +2076,34 @@ impl Cluster {
                 c.inventory(fragment::InventoryRequest {}),
             )
             .await;
-            let (healthy, error) = match res {
-                Ok(Ok(_)) => {
+            let (healthy, error, version) = match res {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
                     let excluded = self
                         .state()
                         .map(|s| s.culprits.contains(&n.index))
                         .unwrap_or(false);
                     if excluded {
-                        (false, "excluded after misbehaving".to_string())
+                        (false, "excluded after misbehaving".to_string(), r.version)
+                    } else if !r.store_error.is_empty() {
+                        (
+                            false,
+                            format!("store failing: {}", r.store_error),
+                            r.version,
+                        )
                     } else {
-                        (true, String::new())
+                        (true, String::new(), r.version)
                     }
                 }
-                Ok(Err(s)) => (false, status_text(&s)),
-                Err(_) => (false, "timed out".into()),
+                Ok(Err(s)) => (false, status_text(&s), String::new()),
+                Err(_) => (false, "timed out".into(), String::new()),
             };
             out.push(NodeView {
                 index: n.index.get(),
                 addr: n.addr,
                 healthy,
                 error,
+                version,
             });
         }
         out

@@ -14,6 +14,17 @@ const RETRY_PENDING: Duration = Duration::from_secs(2);
 /// The longest pause between schedule checks.
 const CHECK_AT_MOST: Duration = Duration::from_secs(60);
 
+/// How often every node is asked how it is.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Runs [`Cluster::heartbeat`] forever.
+pub async fn heartbeat_forever(cluster: Arc<Cluster>) {
+    loop {
+        cluster.heartbeat().await;
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
 /// Runs forever: pending activations first, then due refreshes.
 pub async fn run_forever(cluster: Arc<Cluster>, refresh_every: Option<Duration>) {
     let tick = refresh_every.map_or(CHECK_AT_MOST, |d| {

@@ -474,6 +474,7 @@ impl ClusterService for Api {
                 address: v.addr.to_string(),
                 healthy: v.healthy,
                 error: v.error,
+                version: v.version,
             })
             .collect();
         let pools = self

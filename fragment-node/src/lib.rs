@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod backup;
 pub mod ceiling;
 pub mod config;
 pub mod evidence;

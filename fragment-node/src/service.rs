@@ -26,6 +26,7 @@ use quorate_proto::fragment::{self, fragment_node_server::FragmentNode};
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::{REFUSAL_PREFIX, TokenRules};
 use quorate_proto::tls::{Role, Trust};
+use rand::TryRng as _;
 use rustls::pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
@@ -152,6 +153,8 @@ pub struct Node {
     key_cache: Mutex<HashMap<quorate_crypto::keys::KeyId, Arc<KeyShare>>>,
     /// The log of released shares, written in the background.
     releases: ReleaseLog,
+    /// Random per process start (see `InventoryReply.instance`).
+    instance: [u8; 16],
     /// What token keys may be on this node (`--ceiling`); `None`: no token keys at all.
     ceiling: Option<Ceiling>,
     /// The node's own attestation verifier, when its ceiling names a trust config.
@@ -203,6 +206,13 @@ impl Node {
             presigs: PresigBook::default(),
             key_cache: Mutex::new(HashMap::new()),
             releases: ReleaseLog::start(Arc::clone(&store)),
+            instance: {
+                let mut b = [0u8; 16];
+                rand::rngs::SysRng
+                    .try_fill_bytes(&mut b)
+                    .map_err(|e| StoreError::Db(format!("system RNG failed: {e}")))?;
+                b
+            },
             index,
             domain,
             identity,
@@ -987,6 +997,9 @@ impl Node {
                 })
                 .collect::<Result<_, Status>>()?,
             unused_presignatures: self.presigs.unused(),
+            instance: self.instance.to_vec(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            store_error: self.releases.fault().unwrap_or_default(),
         })
     }
 }

@@ -178,6 +178,18 @@ pub struct Release {
     pub digest: [u8; 32],
 }
 
+/// Raw store entries for a backup ([`Store::backup_entries`]); the key shares and the
+/// KEM key stay sealed under the node's KEK.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupEntries {
+    /// Key id → sealed key share.
+    pub keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Key id → profile encoding.
+    pub profiles: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Metadata name → value (the KEM key sealed, the policy bundle).
+    pub meta: Vec<(String, Vec<u8>)>,
+}
+
 /// The node store.
 pub struct Store {
     db: Database,
@@ -345,6 +357,78 @@ impl Store {
         }
         tx.commit()?;
         Ok(sk)
+    }
+
+    /// The entries a backup holds (DESIGN.md §5: sealed key shares and configuration
+    /// only): every active key share as stored (sealed under the KEK), every profile,
+    /// and the metadata entries (the sealed KEM key, the policy bundle). Nothing about
+    /// presignatures, pending shares or the release log.
+    pub fn backup_entries(&self) -> Result<BackupEntries> {
+        let tx = self.db.begin_read()?;
+        let mut out = BackupEntries::default();
+        for e in tx.open_table(KEYS)?.iter()? {
+            let (k, v) = e?;
+            out.keys.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        for e in tx.open_table(PROFILES)?.iter()? {
+            let (k, v) = e?;
+            out.profiles.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        for e in tx.open_table(META)?.iter()? {
+            let (k, v) = e?;
+            out.meta.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes backup entries into this store in one transaction. Refuses a store that
+    /// already holds a key share (restore into an empty data directory); then checks
+    /// that every restored share opens under this store's KEK and matches its public
+    /// share, and returns them.
+    pub fn restore_entries(&self, b: &BackupEntries) -> Result<Vec<KeyShare>> {
+        if !self.keys()?.is_empty() {
+            return Err(StoreError::Db(
+                "the data directory already holds key shares: restore only into an empty one"
+                    .into(),
+            ));
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut keys = tx.open_table(KEYS)?;
+            for (k, v) in &b.keys {
+                keys.insert(k.as_slice(), v.as_slice())?;
+            }
+            let mut profiles = tx.open_table(PROFILES)?;
+            for (k, v) in &b.profiles {
+                profiles.insert(k.as_slice(), v.as_slice())?;
+            }
+            let mut meta = tx.open_table(META)?;
+            for (k, v) in &b.meta {
+                meta.insert(k.as_str(), v.as_slice())?;
+            }
+        }
+        // Check before committing: a wrong KEK or a corrupt backup leaves nothing behind.
+        let shares = {
+            let keys = tx.open_table(KEYS)?;
+            let mut out = Vec::new();
+            for e in keys.iter()? {
+                let (k, v) = e?;
+                let plain = self.open_sealed("keys", k.value(), v.value())?;
+                let share =
+                    KeyShare::from_secret_bytes(&plain).map_err(|e| StoreError::Corrupt {
+                        table: "keys",
+                        detail: e.to_string(),
+                    })?;
+                share.validate().map_err(|e| StoreError::Corrupt {
+                    table: "keys",
+                    detail: e.to_string(),
+                })?;
+                out.push(share);
+            }
+            out
+        };
+        tx.commit()?;
+        Ok(shares)
     }
 
     /// Durably records a pending key share for `session`.

@@ -321,3 +321,108 @@ async fn a_coordinator_killed_during_activation_finishes_it_on_restart() {
         verify(&k.public_key, b"m", &sig);
     }
 }
+
+/// `quorate admin backup-node` / `restore-node`: a node's sealed shares and
+/// configuration, restored into a new data directory with the KEK kept apart, rejoin
+/// and sign. A running node, a wrong KEK and a non-empty target are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_backup_rejoins_and_signs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = TestCluster::start("backup", 3, 1, POOL_FLAGS);
+    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    let d = c.dir.0.clone();
+    let node2 = d.join("node-2");
+    let backup = d.join("node-2.backup.json");
+    let ceiling = c.ceiling_path(2);
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "admin".to_owned(),
+            "backup-node".to_owned(),
+            "--data-dir".to_owned(),
+            node2.display().to_string(),
+            "--ceiling".to_owned(),
+            ceiling.display().to_string(),
+            "--out".to_owned(),
+            backup.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run =
+        |c: &TestCluster, a: &[String]| cli(c, &a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // While the node runs, its store is locked.
+    let out = run(&c, &args(&[]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop the node first"),
+        "{out:?}"
+    );
+    assert!(!backup.exists());
+
+    c.nodes[1].take().unwrap().terminate();
+    let out = run(&c, &args(&[]));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up 1 key shares"));
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(!text.contains("presig"), "a backup holds no presignatures");
+
+    // The disk is lost; the KEK was kept elsewhere.
+    let kek = d.join("node-2-kek.kept");
+    std::fs::copy(node2.join("kek"), &kek).unwrap();
+    std::fs::remove_dir_all(&node2).unwrap();
+
+    // A wrong KEK restores nothing.
+    let wrong = d.join("wrong-kek");
+    std::fs::write(&wrong, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let elsewhere = d.join("elsewhere");
+    let out = cli(
+        &c,
+        &[
+            "admin",
+            "restore-node",
+            "--from",
+            &backup.display().to_string(),
+            "--data-dir",
+            &elsewhere.display().to_string(),
+            "--kek-file",
+            &wrong.display().to_string(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key-encryption key"), "{err}");
+
+    std::fs::create_dir_all(&node2).unwrap();
+    std::fs::copy(&kek, node2.join("kek")).unwrap();
+    std::fs::set_permissions(node2.join("kek"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let restore = [
+        "admin",
+        "restore-node",
+        "--from",
+        &backup.display().to_string(),
+        "--data-dir",
+        &node2.display().to_string(),
+    ];
+    let out = cli(&c, &restore);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restored 1 key shares"));
+    // Twice: the data directory now holds shares.
+    let out = cli(&c, &restore);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+
+    let addr = c.node_addrs[1];
+    c.nodes[1] = Some(c.spawn_node(2, addr, None));
+    assert_eq!(epochs(&c, &k.key_id).await, vec![Some(0); 3]);
+    // Pools refill (presigning needs all three nodes); then only {2, 3} can sign.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    c.kill_node(1);
+    let sig = sign_within(&c, "k", b"restored", Duration::from_secs(30)).await;
+    verify(&k.public_key, b"restored", &sig);
+}
