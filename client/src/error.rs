@@ -137,10 +137,39 @@ fn non_empty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
     if s.trim().is_empty() { fallback } else { s }
 }
 
-/// What to do when the cluster cannot be reached: a failed handshake is a certificate
-/// problem, anything else most likely a cluster that is not running or a wrong address.
+/// What to do when the cluster cannot be reached: a handshake refused over a certificate
+/// (an alert, an unknown issuer, a wrong name) is a certificate problem; a connection
+/// that broke during the handshake is not (the coordinator stopping, restarting or
+/// overloaded); anything else most likely a cluster that is not running or a wrong
+/// address.
 fn unreachable_hint(detail: &str) -> String {
-    if detail.contains("TLS handshake") || detail.contains("certificate") {
+    let d = detail.to_ascii_lowercase();
+    let about_certificates = [
+        "certificate",
+        "alert",
+        "issuer",
+        "name",
+        "expired",
+        "signature",
+    ]
+    .iter()
+    .any(|w| d.contains(w));
+    let broke = [
+        "eof",
+        "reset",
+        "closed",
+        "broken pipe",
+        "timed out",
+        "timeout",
+    ]
+    .iter()
+    .any(|w| d.contains(w));
+    if d.contains("tls handshake") && broke && !about_certificates {
+        "the connection broke during the TLS handshake, before any certificate was refused: \
+         the coordinator may be stopping, restarting or overloaded; retry, and read its log if \
+         this persists"
+            .to_owned()
+    } else if d.contains("tls handshake") || about_certificates {
         "the TLS handshake failed: check that --cacert (QUORATE_CACERT) is this cluster's CA, \
          that --cert/--key (QUORATE_CERT/QUORATE_KEY) are a client certificate issued by it \
          (`quorate admin init` writes client-admin.pem), and that --domain (QUORATE_DOMAIN) \
@@ -249,5 +278,17 @@ mod tests {
         assert!(e.to_string().contains("--cacert"), "{e}");
         let e = Error::connect(addr(), "Connection refused".into());
         assert!(e.to_string().contains("quorate dev"), "{e}");
+        // A coordinator that dies mid-handshake is not a certificate problem.
+        let e = Error::connect(
+            addr(),
+            "TLS handshake with coordinator at 127.0.0.1:7100 failed: peer closed connection without sending TLS close_notify (unexpected EOF)".into(),
+        );
+        assert!(!e.to_string().contains("--cacert"), "{e}");
+        assert!(e.to_string().contains("restarting"), "{e}");
+        let e = Error::connect(
+            addr(),
+            "TLS handshake with coordinator failed: received fatal alert: UnknownCA".into(),
+        );
+        assert!(e.to_string().contains("--cacert"), "{e}");
     }
 }

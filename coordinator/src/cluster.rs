@@ -159,12 +159,15 @@ struct State {
     versions: HashMap<PartyIndex, String>,
     /// Nodes whose store reports failing writes, with the reason.
     store_faults: HashMap<PartyIndex, String>,
+    /// Nodes that did not answer the last heartbeat: no new work until one answers.
+    unreachable: HashSet<PartyIndex>,
 }
 
 impl State {
     fn usable(&self, i: PartyIndex) -> bool {
         !self.culprits.contains(&i)
             && !self.store_faults.contains_key(&i)
+            && !self.unreachable.contains(&i)
             && self.down.get(&i).is_none_or(|t| t.elapsed() > DOWN_BACKOFF)
     }
 }
@@ -268,6 +271,8 @@ pub struct Cluster {
     presigs_added: tokio::sync::Notify,
     /// Signalled when a presignature is taken (the filler re-checks the watermarks).
     presig_drawn: tokio::sync::Notify,
+    /// Signalled when a node is marked down (waits on it give up early).
+    down_changed: tokio::sync::Notify,
     /// The operator-signed policy bundle the identity plane decides under (id, JWS):
     /// installed on a node before it is asked to sign under it (DESIGN.md §9).
     policy_bundle: std::sync::RwLock<Option<(String, String)>>,
@@ -378,6 +383,7 @@ impl Cluster {
             admin: tokio::sync::Mutex::new(()),
             presigs_added: tokio::sync::Notify::new(),
             presig_drawn: tokio::sync::Notify::new(),
+            down_changed: tokio::sync::Notify::new(),
             policy_bundle: std::sync::RwLock::new(None),
             policy_installed: Mutex::new(HashMap::new()),
             gate: tokio::sync::RwLock::new(()),
@@ -636,6 +642,38 @@ impl Cluster {
         if let Ok(mut s) = self.state() {
             s.down.insert(i, Instant::now());
         }
+        self.down_changed.notify_waiters();
+    }
+
+    /// Waits for node `j`'s answer to a request sent at `sent`, up to
+    /// [`ONLINE_TIMEOUT`]; gives up early (`None`) once `j` is marked down after `sent`
+    /// (by the heartbeat or another request), so that a partitioned node holds a
+    /// signature up for about a heartbeat, not the whole time limit.
+    async fn await_node<T>(
+        &self,
+        j: PartyIndex,
+        sent: Instant,
+        rx: oneshot::Receiver<T>,
+    ) -> Option<Result<T, oneshot::error::RecvError>> {
+        let deadline = tokio::time::Instant::now() + ONLINE_TIMEOUT;
+        tokio::pin!(rx);
+        loop {
+            let down = self.down_changed.notified();
+            tokio::pin!(down);
+            down.as_mut().enable();
+            let gone = self
+                .state()
+                .map(|s| s.down.get(&j).is_some_and(|t| *t > sent))
+                .unwrap_or(false);
+            if gone {
+                return None;
+            }
+            tokio::select! {
+                r = &mut rx => return Some(r),
+                () = &mut down => {}
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
     }
 
     /// Every node's index (the nodes a DKG runs on).
@@ -675,6 +713,14 @@ impl Cluster {
         }
         for (i, t) in tasks {
             let Ok(Ok(Ok(reply))) = t.await else {
+                if let Ok(mut s) = self.state()
+                    && s.unreachable.insert(i)
+                {
+                    tracing::warn!(
+                        node = i.get(),
+                        "node does not answer: no new work for it until it does"
+                    );
+                }
                 self.mark_down(i);
                 continue;
             };
@@ -694,6 +740,9 @@ impl Cluster {
                         );
                     }
                     s.down.remove(&i);
+                    if s.unreachable.remove(&i) {
+                        tracing::info!(node = i.get(), "node answers again");
+                    }
                     let prev = s.instances.insert(i, r.instance.clone());
                     prev.is_some_and(|p| p != r.instance)
                 }
@@ -1900,6 +1949,7 @@ impl Cluster {
                 self.ensure_policy(j, &ev.policy_bundle).await?;
             }
         }
+        let sent = Instant::now();
         let mut waits = Vec::new();
         for &j in presig.sset.members() {
             let (tx, rx) = oneshot::channel();
@@ -1920,7 +1970,7 @@ impl Cluster {
         // Rules refusals: (reason, nodes giving it).
         let mut by_rules: Vec<(String, Vec<PartyIndex>)> = Vec::new();
         for (j, rx) in waits {
-            match tokio::time::timeout(ONLINE_TIMEOUT, rx).await {
+            match self.await_node(j, sent, rx).await.ok_or(()) {
                 Ok(Ok(Ok(share))) => shares.push(share),
                 Ok(Ok(Err(why))) => {
                     if why.starts_with("unavailable") {

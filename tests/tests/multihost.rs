@@ -443,34 +443,17 @@ fn assert_correct(w: &Window) {
 }
 
 /// (a) one node partitioned (blackholed) at (5,1): tokens keep being issued, from the
-/// pools of the signing sets without it; (b) healed: every pool refills. Prints what the
-/// clients saw before, during and after.
+/// pools of the signing sets without it, and the nodes left refill the pools of the sets
+/// whose multiplication set leaves the partitioned node out ({4,5} and {1,5}), as
+/// DESIGN.md §4.4 intends ("keep pools for several sets so an outage of a node leaves
+/// usable sets"); (b) healed: every pool refills. Prints what the clients saw before,
+/// during and after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitioned_node_then_healed() {
     if !skip_unless_available("partitioned_node_then_healed") {
         return;
     }
-    partition_case("mh-partition", false).await;
-}
-
-/// As [`partitioned_node_then_healed`], and also asks that the nodes left refill the
-/// pools of the sets whose multiplication set leaves the partitioned node out ({4,5}
-/// and {1,5} at (5,1)) during the partition, as DESIGN.md §4.4 ("keep pools for several
-/// sets so an outage of a node leaves usable sets") intends. Fails today: presigning
-/// for any set first fetches every node's `Info` (the roster), and the call to a
-/// blackholed node waits for the 120 s round timeout, so one partitioned node stops
-/// every refill. Run with:
-///
-/// ```text
-/// cargo test --release -p quorate-tests --test multihost -- --ignored --nocapture sets_without
-/// ```
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails until presigning no longer needs every node (see the doc comment)"]
-async fn partitioned_node_sets_without_it_refill() {
-    if !skip_unless_available("partitioned_node_sets_without_it_refill") {
-        return;
-    }
-    partition_case("mh-partition-strict", true).await;
+    partition_case("mh-partition", true).await;
 }
 
 async fn partition_case(label: &str, strict: bool) {
