@@ -558,7 +558,7 @@ async fn refresh_and_repair_under_load_keep_signing() {
         (seen, r)
     };
     assert_eq!(refreshed.0.epoch, 1);
-    println!(
+    eprintln!(
         "refresh under load: refresh took {:?}; over {:?}: {} signatures, {} failed (all retryable), longest stretch without a signature {:?}; failures: {:?}",
         refreshed.1,
         started.elapsed(),
@@ -595,7 +595,7 @@ async fn refresh_and_repair_under_load_keep_signing() {
         };
         tokio::join!(load, repair)
     };
-    println!(
+    eprintln!(
         "repair under load: repair took {took:?}; over {:?}: {} signatures, {} failed (all retryable), longest stretch without a signature {:?}; failures: {:?}",
         started.elapsed(),
         seen.ok,
