@@ -606,3 +606,48 @@ async fn refresh_and_repair_under_load_keep_signing() {
     assert!(seen.ok > 0);
     assert_eq!(epochs(&c, &k.key_id).await, vec![Some(2); 3]);
 }
+
+/// `--refresh-interval-secs`: the coordinator refreshes every key once its shares are
+/// that old, without being asked; the lifecycle metrics count it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_refreshed_on_schedule_and_counted() {
+    let metrics_port = quorate_tests::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut flags: Vec<&str> = POOL_FLAGS.to_vec();
+    flags.extend(["--refresh-interval-secs", "2", "--metrics-listen", &metrics]);
+    let c = TestCluster::start("scheduled-refresh", 3, 1, &flags);
+    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let epoch = loop {
+        let e = epochs(&c, &k.key_id).await;
+        if e.iter().all(|x| x.is_some_and(|x| x >= 2)) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no scheduled refresh: {e:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("epochs after the schedule ran: {epoch:?}");
+    let sig = sign_within(&c, "k", b"scheduled", Duration::from_secs(60)).await;
+    verify(&k.public_key, b"scheduled", &sig);
+
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let renewals: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("quorate_coordinator_key_renewals_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no renewal counter in {body}"));
+    assert!(renewals >= 2, "{body}");
+    assert!(
+        body.contains("quorate_coordinator_key_epoch{key=\"k\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("quorate_coordinator_pending_activations 0"),
+        "{body}"
+    );
+}
