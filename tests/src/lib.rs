@@ -615,6 +615,61 @@ impl TestCluster {
     }
 }
 
+/// Small pools for process tests: refill below 4, up to 8, in batches of 8.
+pub const POOL_FLAGS: &[&str] = &[
+    "--pool-low",
+    "4",
+    "--pool-high",
+    "8",
+    "--presign-batch",
+    "8",
+];
+
+impl TestCluster {
+    /// Creates key `name` (legacy purpose, no token rules) as the admin client.
+    pub async fn create_key(
+        &self,
+        name: &str,
+        purpose: quorate_proto::api::Purpose,
+    ) -> quorate_proto::api::KeyInfo {
+        self.keys()
+            .await
+            .create_key(quorate_proto::api::CreateKeyRequest {
+                name: name.into(),
+                purpose: purpose as i32,
+                token_rules: None,
+                profile: quorate_proto::api::KeyProfile::Unspecified as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Signs `msg` with key `name` through the API (raw `r || s`).
+    pub async fn sign(&self, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        use quorate_proto::api;
+        self.keys()
+            .await
+            .sign(api::SignRequest {
+                name: name.into(),
+                input: Some(api::sign_request::Input::Message(msg.to_vec())),
+                format: api::SignatureFormat::Raw as i32,
+            })
+            .await
+            .map(|r| r.into_inner().signature)
+    }
+}
+
+/// Verifies an ES256 signature (`r || s`) on `msg` with aws-lc-rs, under the compressed
+/// SEC1 public key `public_compressed`; panics if it does not verify.
+pub fn verify_es256(public_compressed: &[u8], msg: &[u8], sig: &[u8]) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
+        .verify(msg, sig)
+        .expect("aws-lc-rs rejects the cluster's signature");
+}
+
 /// A sign batch of one request, as the coordinator sends it to a node: presignature `p`
 /// of `key` for `digest`, with the signing input the digest was made from, if any.
 pub fn sign_batch(

@@ -10,54 +10,11 @@
 
 use std::time::Duration;
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use quorate_crypto::tdh::{self, DhResponse, Requester};
 use quorate_crypto::wire::Wire;
 use quorate_proto::api;
-use quorate_tests::{DOMAIN, TestCluster};
+use quorate_tests::{DOMAIN, POOL_FLAGS, TestCluster, verify_es256 as verify_aws};
 use sha2::Digest;
-
-const POOL_FLAGS: &[&str] = &[
-    "--pool-low",
-    "4",
-    "--pool-high",
-    "8",
-    "--presign-batch",
-    "8",
-];
-
-async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::KeyInfo {
-    c.keys()
-        .await
-        .create_key(api::CreateKeyRequest {
-            name: name.into(),
-            purpose: purpose as i32,
-            token_rules: None,
-            profile: api::KeyProfile::Unspecified as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-fn verify_aws(public_compressed: &[u8], msg: &[u8], sig: &[u8]) {
-    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
-        .verify(msg, sig)
-        .expect("aws-lc-rs rejects the cluster's signature");
-}
-
-async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    c.keys()
-        .await
-        .sign(api::SignRequest {
-            name: name.into(),
-            input: Some(api::sign_request::Input::Message(msg.to_vec())),
-            format: api::SignatureFormat::Raw as i32,
-        })
-        .await
-        .map(|r| r.into_inner().signature)
-}
 
 async fn derive(c: &TestCluster, name: &str, context: &[u8]) -> [u8; 32] {
     let mut rng = rand_rng();
@@ -105,7 +62,7 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
     let mut flags = POOL_FLAGS.to_vec();
     flags.extend(["--metrics-listen", metrics_addr.as_str()]);
     let mut c = TestCluster::start("e2e", 3, 1, &flags);
-    let key = create_key(&c, "tokens", api::Purpose::Sign).await;
+    let key = c.create_key("tokens", api::Purpose::Sign).await;
     assert_eq!((key.n, key.t), (3, 1));
     let pools = c.wait_pools("tokens", 4, Duration::from_secs(120)).await;
     assert_eq!(pools.len(), 3, "one pool per signing set: {pools:?}");
@@ -116,7 +73,7 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
 
     for k in 0..5 {
         let msg = format!("token {k}");
-        let sig = sign(&c, "tokens", msg.as_bytes()).await.unwrap();
+        let sig = c.sign("tokens", msg.as_bytes()).await.unwrap();
         verify_aws(&key.public_key, msg.as_bytes(), &sig);
     }
 
@@ -132,11 +89,11 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
     );
 
     // Derivation: the same credential through different quorums.
-    let dkey = create_key(&c, "creds", api::Purpose::Derive).await;
+    let dkey = c.create_key("creds", api::Purpose::Derive).await;
     let ctx = b"quorate/derive/v1|target=db|agent=a|task=1";
     let first = derive(&c, "creds", ctx).await;
     // Decryption round trip.
-    let ekey = create_key(&c, "secrets", api::Purpose::Decrypt).await;
+    let ekey = c.create_key("secrets", api::Purpose::Decrypt).await;
     let mut rng = rand_rng();
     let x = quorate_crypto::Point::from_bytes(&ekey.public_key).unwrap();
     let ct = quorate_crypto::ecies::encrypt(&mut rng, &x, b"db password", b"aad").unwrap();
@@ -164,7 +121,7 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
     c.kill_node(1);
     for k in 0..3 {
         let msg = format!("during outage {k}");
-        let sig = sign(&c, "tokens", msg.as_bytes()).await.unwrap();
+        let sig = c.sign("tokens", msg.as_bytes()).await.unwrap();
         verify_aws(&key.public_key, msg.as_bytes(), &sig);
     }
     let second = derive(&c, "creds", ctx).await;
@@ -179,7 +136,7 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
         pools.iter().all(|(_, d)| *d >= 4),
         "pools did not refill after restart: {pools:?}"
     );
-    let sig = sign(&c, "tokens", b"after restart").await.unwrap();
+    let sig = c.sign("tokens", b"after restart").await.unwrap();
     verify_aws(&key.public_key, b"after restart", &sig);
 
     // The coordinator restarts and keeps its keys and pools.
@@ -187,7 +144,8 @@ async fn dkg_sign_derive_decrypt_and_node_outage() {
         p.terminate();
     }
     c.start_coordinator();
-    let sig = sign(&c, "tokens", b"after coordinator restart")
+    let sig = c
+        .sign("tokens", b"after coordinator restart")
         .await
         .unwrap();
     verify_aws(&key.public_key, b"after coordinator restart", &sig);
@@ -217,7 +175,7 @@ async fn a_burst_beyond_the_pools_waits_for_presignatures() {
             &metrics_addr,
         ],
     );
-    let key = create_key(&c, "burst", api::Purpose::Sign).await;
+    let key = c.create_key("burst", api::Purpose::Sign).await;
     c.wait_pools("burst", 2, Duration::from_secs(60)).await;
     let mut burst = tokio::task::JoinSet::new();
     for i in 0..24u32 {

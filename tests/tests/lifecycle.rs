@@ -11,53 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use quorate_proto::api;
 use quorate_proto::fragment;
-use quorate_tests::{DOMAIN, TestCluster, binary, sign_batch};
-
-const POOL_FLAGS: &[&str] = &[
-    "--pool-low",
-    "4",
-    "--pool-high",
-    "8",
-    "--presign-batch",
-    "8",
-];
-
-async fn create_key(c: &TestCluster, name: &str, purpose: api::Purpose) -> api::KeyInfo {
-    c.keys()
-        .await
-        .create_key(api::CreateKeyRequest {
-            name: name.into(),
-            purpose: purpose as i32,
-            token_rules: None,
-            profile: api::KeyProfile::Unspecified as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    c.keys()
-        .await
-        .sign(api::SignRequest {
-            name: name.into(),
-            input: Some(api::sign_request::Input::Message(msg.to_vec())),
-            format: api::SignatureFormat::Raw as i32,
-        })
-        .await
-        .map(|r| r.into_inner().signature)
-}
-
-/// Verifies with aws-lc-rs under the key's public key as it was at creation.
-fn verify(public_compressed: &[u8], msg: &[u8], sig: &[u8]) {
-    let x = quorate_crypto::Point::from_bytes(public_compressed).unwrap();
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, x.to_uncompressed())
-        .verify(msg, sig)
-        .expect("the signature does not verify under the key's original public key");
-}
+use quorate_tests::{DOMAIN, POOL_FLAGS, TestCluster, binary, sign_batch, verify_es256 as verify};
 
 /// Each node's epoch of `key_id` (`None`: no active share).
 async fn epochs(c: &TestCluster, key_id: &str) -> Vec<Option<u32>> {
@@ -88,7 +44,7 @@ async fn epochs(c: &TestCluster, key_id: &str) -> Vec<Option<u32>> {
 async fn sign_within(c: &TestCluster, name: &str, msg: &[u8], limit: Duration) -> Vec<u8> {
     let start = Instant::now();
     loop {
-        match sign(c, name, msg).await {
+        match c.sign(name, msg).await {
             Ok(sig) => return sig,
             Err(e) if start.elapsed() < limit => {
                 eprintln!("signing not yet possible: {e:?}");
@@ -128,7 +84,7 @@ fn cli(c: &TestCluster, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_keeps_the_key_and_burns_presignatures_of_the_old_shares() {
     let mut c = TestCluster::start("refresh", 3, 1, POOL_FLAGS);
-    let created = create_key(&c, "k", api::Purpose::Sign).await;
+    let created = c.create_key("k", api::Purpose::Sign).await;
     assert_eq!(created.epoch, 0);
     let before = sign_within(&c, "k", b"before", Duration::from_secs(60)).await;
     verify(&created.public_key, b"before", &before);
@@ -218,8 +174,8 @@ async fn refresh_keeps_the_key_and_burns_presignatures_of_the_old_shares() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_disk_is_repaired_by_resharing_and_signs_again() {
     let mut c = TestCluster::start("repair", 3, 1, POOL_FLAGS);
-    let k = create_key(&c, "k", api::Purpose::Sign).await;
-    let d = create_key(&c, "d", api::Purpose::Derive).await;
+    let k = c.create_key("k", api::Purpose::Sign).await;
+    let d = c.create_key("d", api::Purpose::Derive).await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
 
     c.kill_node(2);
@@ -265,7 +221,7 @@ async fn a_coordinator_killed_during_activation_finishes_it_on_restart() {
         let mut flags: Vec<&str> = POOL_FLAGS.to_vec();
         flags.extend(["--fail-point", fail_point]);
         let mut c = TestCluster::start("renewal-crash", 3, 1, &flags);
-        let k = create_key(&c, "k", api::Purpose::Sign).await;
+        let k = c.create_key("k", api::Purpose::Sign).await;
         let err = c
             .keys()
             .await
@@ -329,7 +285,7 @@ async fn a_coordinator_killed_during_activation_finishes_it_on_restart() {
 async fn a_node_restored_from_backup_rejoins_and_signs() {
     use std::os::unix::fs::PermissionsExt as _;
     let mut c = TestCluster::start("backup", 3, 1, POOL_FLAGS);
-    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    let k = c.create_key("k", api::Purpose::Sign).await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
     let d = c.dir.0.clone();
     let node2 = d.join("node-2");
@@ -531,7 +487,7 @@ async fn refresh_and_repair_under_load_keep_signing() {
             "16",
         ],
     );
-    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    let k = c.create_key("k", api::Purpose::Sign).await;
     c.wait_pools("k", 32, Duration::from_secs(120)).await;
 
     // Refresh under load.
@@ -616,7 +572,7 @@ async fn keys_are_refreshed_on_schedule_and_counted() {
     let mut flags: Vec<&str> = POOL_FLAGS.to_vec();
     flags.extend(["--refresh-interval-secs", "2", "--metrics-listen", &metrics]);
     let c = TestCluster::start("scheduled-refresh", 3, 1, &flags);
-    let k = create_key(&c, "k", api::Purpose::Sign).await;
+    let k = c.create_key("k", api::Purpose::Sign).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let epoch = loop {
         let e = epochs(&c, &k.key_id).await;

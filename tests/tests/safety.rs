@@ -17,41 +17,7 @@ use quorate_proto::api;
 use quorate_proto::fragment;
 use quorate_proto::tls::{self, Role};
 use quorate_proto::transport;
-use quorate_tests::{DOMAIN, TestCluster};
-
-const POOL_FLAGS: &[&str] = &[
-    "--pool-low",
-    "4",
-    "--pool-high",
-    "8",
-    "--presign-batch",
-    "8",
-];
-
-async fn create_sign_key(c: &TestCluster, name: &str) {
-    c.keys()
-        .await
-        .create_key(api::CreateKeyRequest {
-            name: name.into(),
-            purpose: api::Purpose::Sign as i32,
-            token_rules: None,
-            profile: api::KeyProfile::Unspecified as i32,
-        })
-        .await
-        .unwrap();
-}
-
-async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-    c.keys()
-        .await
-        .sign(api::SignRequest {
-            name: name.into(),
-            input: Some(api::sign_request::Input::Message(msg.to_vec())),
-            format: api::SignatureFormat::Raw as i32,
-        })
-        .await
-        .map(|r| r.into_inner().signature)
-}
+use quorate_tests::{DOMAIN, POOL_FLAGS, TestCluster};
 
 /// A node killed between marking a presignature used and replying, and a node whose
 /// data directory is put back to a copy taken before it signed (a restored backup or VM
@@ -61,13 +27,13 @@ async fn sign(c: &TestCluster, name: &str, msg: &[u8]) -> Result<Vec<u8>, tonic:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
     let mut c = TestCluster::start("crash", 3, 1, POOL_FLAGS);
-    create_sign_key(&c, "k").await;
+    c.create_key("k", api::Purpose::Sign).await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
     // Node 2 now dies right after marking a sign batch used, before it replies.
     c.restart_node(2, Some("sign-after-commit"));
     let mut crashed = false;
     for k in 0..12 {
-        let _ = sign(&c, "k", format!("m{k}").as_bytes()).await;
+        let _ = c.sign("k", format!("m{k}").as_bytes()).await;
         if let Some(p) = c.nodes[1].as_mut()
             && p.wait_exit(Duration::from_millis(300)).is_some()
         {
@@ -81,7 +47,7 @@ async fn a_restart_or_a_restored_disk_never_signs_with_an_old_presignature() {
     // The coordinator notices the burnt presignatures and signs from new ones.
     let mut signed = false;
     for _ in 0..20 {
-        if sign(&c, "k", b"after crash").await.is_ok() {
+        if c.sign("k", b"after crash").await.is_ok() {
             signed = true;
             break;
         }
@@ -265,7 +231,7 @@ async fn coordinator_never_sees_a_share() {
     for i in 1..=3 {
         c.restart_node(i, Some("dump-presignatures"));
     }
-    create_sign_key(&c, "k").await;
+    c.create_key("k", api::Purpose::Sign).await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
     if let Some(mut p) = c.coordinator.take() {
         p.terminate();
@@ -324,7 +290,7 @@ async fn coordinator_never_sees_a_share() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_cannot_use_a_presignature_twice() {
     let mut c = TestCluster::start("concurrent", 3, 1, POOL_FLAGS);
-    create_sign_key(&c, "k").await;
+    c.create_key("k", api::Purpose::Sign).await;
     c.wait_pools("k", 4, Duration::from_secs(120)).await;
     // Acting as the coordinator (its certificate and store): presignatures to race on.
     let (named, presigs) = c.presign_as_coordinator("k", 4).await;
@@ -373,7 +339,7 @@ async fn concurrent_requests_cannot_use_a_presignature_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_status_and_loses_nothing() {
     let c = TestCluster::start("badinput", 3, 1, POOL_FLAGS);
-    create_sign_key(&c, "k").await;
+    c.create_key("k", api::Purpose::Sign).await;
     c.keys()
         .await
         .create_key(api::CreateKeyRequest {
@@ -477,5 +443,5 @@ async fn bad_input_gets_a_clear_status_and_loses_nothing() {
         "key name",
     );
     // Nothing was lost: the cluster still signs.
-    assert!(sign(&c, "k", b"still fine").await.is_ok());
+    assert!(c.sign("k", b"still fine").await.is_ok());
 }
