@@ -86,6 +86,35 @@ async fn run(cfg: Config) -> Result<(), String> {
         cluster.set_fail_point(p);
     }
     cluster.discard_node_presignatures().await;
+    let other = cluster
+        .keys_with_other_params()
+        .map_err(|e| e.to_string())?;
+    if !other.is_empty() {
+        let names: Vec<String> = other
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} ({},{})",
+                    v.name,
+                    v.public.params.n(),
+                    v.public.params.t()
+                )
+            })
+            .collect();
+        let (n, t) = (cfg.params.n(), cfg.params.t());
+        if !cfg.reshare {
+            return Err(format!(
+                "keys held with other parameters than this coordinator's ({n},{t}): {}; start once with --reshare (every node of the old and new sets up) to reshare them, or give the old --node list and --threshold",
+                names.join(", ")
+            ));
+        }
+        tracing::info!(keys = %names.join(", "), n, t, "resharing keys to this coordinator's parameters");
+        let done = cluster
+            .reshare_to_params()
+            .await
+            .map_err(|e| format!("resharing to ({n},{t}) failed: {e}"))?;
+        tracing::info!(keys = done.len(), n, t, "keys reshared");
+    }
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
     tokio::spawn(crate::lifecycle::heartbeat_forever(cluster.clone()));
     tokio::spawn(crate::lifecycle::run_forever(

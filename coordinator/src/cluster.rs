@@ -1282,7 +1282,6 @@ impl Cluster {
     }
 
     async fn repair_node_inner(&self, index: u16) -> Result<Vec<(String, u32)>> {
-        let _admin = self.admin.lock().await;
         let target = PartyIndex::new(index)
             .filter(|p| self.params.all_parties().contains(*p))
             .ok_or_else(|| {
@@ -1291,7 +1290,20 @@ impl Cluster {
                     self.params.n()
                 ))
             })?;
-        let keys: Vec<KeyVersionInfo> = self.current_versions()?;
+        let _admin = self.admin.lock().await;
+        self.reshare_keys(self.current_versions()?, Some(target))
+            .await
+    }
+
+    /// Reshares each of `keys` (current versions) from `t_old + 1` of its holders —
+    /// never `exclude` — to fresh shares for every node of this coordinator's
+    /// parameters, which may have more nodes and a higher threshold than the key's.
+    /// Caller holds the admin lock.
+    async fn reshare_keys(
+        &self,
+        keys: Vec<KeyVersionInfo>,
+        exclude: Option<PartyIndex>,
+    ) -> Result<Vec<(String, u32)>> {
         let mut done = Vec::with_capacity(keys.len());
         for v in keys {
             let prior = v.public.clone();
@@ -1301,20 +1313,20 @@ impl Cluster {
                 .members()
                 .iter()
                 .copied()
-                .filter(|p| *p != target)
+                .filter(|p| Some(*p) != exclude)
                 .collect();
             // Healthy nodes deal first.
             candidates.sort_by_key(|p| !self.usable(*p));
             candidates.truncate(prior.params.commitment_len());
-            let dealers = PartySet::new(candidates).map_err(crypto)?;
-            if dealers.len() != prior.params.commitment_len() {
+            if candidates.len() != prior.params.commitment_len() {
                 return Err(CoordError::Precondition(format!(
-                    "key {}: repairing node {index} needs {} other nodes holding the key",
+                    "key {}: resharing needs {} nodes holding the key besides the one being repaired",
                     v.name,
                     prior.params.commitment_len()
                 )));
             }
-            tracing::info!(key = v.name, node = index, dealers = %dealers, "resharing to repair a node");
+            let dealers = PartySet::new(candidates).map_err(crypto)?;
+            tracing::info!(key = v.name, dealers = %dealers, from = %format!("({},{})", prior.params.n(), prior.params.t()), to = %format!("({},{})", self.params.n(), self.params.t()), "resharing");
             let binding = quorate_crypto::hash::sha256(&v.profile.to_bytes());
             let (session, public) = self
                 .dkg_rounds(
@@ -1331,6 +1343,40 @@ impl Cluster {
             done.push((v.name.clone(), public.epoch));
         }
         Ok(done)
+    }
+
+    /// The current key versions whose shares are held with other parameters than this
+    /// coordinator's (`--node` list and `--threshold`).
+    pub fn keys_with_other_params(&self) -> Result<Vec<KeyVersionInfo>> {
+        Ok(self
+            .current_versions()?
+            .into_iter()
+            .filter(|v| v.public.params != self.params)
+            .collect())
+    }
+
+    /// Reshares every key held with other parameters to this coordinator's: adding
+    /// nodes and raising the threshold (DESIGN.md §4.3), e.g. (3,1) → (5,2). Every node
+    /// of both sets must be up. Fewer nodes than a key's are refused (the nodes left out
+    /// would keep their old shares). Returns `(key, new epoch)` per key reshared.
+    pub async fn reshare_to_params(&self) -> Result<Vec<(String, u32)>> {
+        let _admin = self.admin.lock().await;
+        let keys = self.keys_with_other_params()?;
+        for v in &keys {
+            if v.public.params.n() > self.params.n() {
+                return Err(CoordError::Precondition(format!(
+                    "key {} is held by {} nodes, more than the {} configured: resharing to fewer nodes is not supported (their shares would stay on the nodes left out)",
+                    v.name,
+                    v.public.params.n(),
+                    self.params.n()
+                )));
+            }
+        }
+        let out = self.reshare_keys(keys, None).await;
+        if out.is_err() {
+            self.metrics.renewal_failures.inc();
+        }
+        out
     }
 
     /// Crash tests: arms a fail point (once).

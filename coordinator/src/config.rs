@@ -144,6 +144,12 @@ pub struct Args {
     /// the interval is shorter).
     #[arg(long, default_value_t = 0, env = "QUORATE_REFRESH_INTERVAL_SECS")]
     pub refresh_interval_secs: u64,
+    /// At start, reshare every key held with other parameters than `--node`/`--threshold`
+    /// (more nodes, a higher threshold; DESIGN.md §4.3) before serving. Without it, such
+    /// keys stop the coordinator with an error naming them. Needs every node of the old
+    /// and the new set up.
+    #[arg(long)]
+    pub reshare: bool,
     /// The name of the signing key for audit checkpoints (created on first use).
     #[arg(long, env = "QUORATE_AUDIT_KEY", default_value = "audit")]
     pub audit_key: String,
@@ -220,6 +226,8 @@ pub struct Config {
     pub approval_ttl_seconds: i64,
     /// Scheduled refresh: renew shares older than this (`None`: on demand only).
     pub refresh_interval: Option<std::time::Duration>,
+    /// Reshare keys held with other parameters at start.
+    pub reshare: bool,
 }
 
 impl Args {
@@ -418,6 +426,7 @@ impl Args {
                 approval_ttl_seconds: i64::try_from(self.approval_ttl_secs).unwrap_or(600),
                 refresh_interval: (self.refresh_interval_secs > 0)
                     .then(|| std::time::Duration::from_secs(self.refresh_interval_secs)),
+                reshare: self.reshare,
             }),
             _ => Err(errors),
         }

@@ -607,3 +607,98 @@ async fn keys_are_refreshed_on_schedule_and_counted() {
         "{body}"
     );
 }
+
+/// Growing a cluster from (3,1) to (5,2) without reconstruction: two new nodes start
+/// empty, the coordinator restarted with five `--node`s, `--threshold 2` and
+/// `--reshare` reshares every key (old shares overwritten, same public key), and the
+/// key then signs with any three nodes — here with two of the old ones down. Without
+/// `--reshare` the coordinator refuses to start and names the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_grows_from_3_1_to_5_2_by_resharing() {
+    let mut c = TestCluster::start("grow", 3, 1, POOL_FLAGS);
+    let k = c.create_key("k", api::Purpose::Sign).await;
+    let d = c.create_key("d", api::Purpose::Derive).await;
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    // Two new nodes, with certificates from the cluster CA.
+    let dir = c.dir.0.clone();
+    let ca = quorate_proto::pki::ClusterCa::from_pem(
+        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+        DOMAIN,
+    )
+    .unwrap();
+    for i in [4u16, 5] {
+        let issued = ca.issue(&quorate_proto::tls::Role::Node(i)).unwrap();
+        std::fs::write(dir.join(format!("node-{i}.pem")), &issued.cert_pem).unwrap();
+        std::fs::write(
+            dir.join(format!("node-{i}-key.pem")),
+            issued.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
+        c.node_addrs.push(p.addr);
+        c.nodes.push(Some(p));
+    }
+    c.n = 5;
+    c.t = 2;
+
+    // Without --reshare: refused, naming the keys.
+    let mut cmd = std::process::Command::new(binary("quorate-coordinator"));
+    cmd.arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(dir.join("coordinator"))
+        .arg("--cert")
+        .arg(dir.join("coordinator.pem"))
+        .arg("--key")
+        .arg(dir.join("coordinator-key.pem"))
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .arg("--domain")
+        .arg(DOMAIN)
+        .arg("--threshold")
+        .arg("2")
+        .arg("--http-listen")
+        .arg("127.0.0.1:0")
+        .env("QUORATE_LOG", "warn");
+    for (j, a) in c.node_addrs.iter().enumerate() {
+        cmd.arg("--node").arg(format!("{}={a}", j + 1));
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--reshare") && err.contains("k (3,1)"),
+        "{err}"
+    );
+
+    c.coordinator_flags.push("--reshare".into());
+    c.start_coordinator();
+    let keys = c
+        .keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    for (before, name) in [(&k, "k"), (&d, "d")] {
+        let now = keys.iter().find(|x| x.name == name).unwrap();
+        assert_eq!((now.n, now.t, now.epoch), (5, 2, 1), "{name}");
+        assert_eq!(now.public_key, before.public_key, "{name}");
+        assert_eq!(now.key_id, before.key_id, "{name}");
+        assert_eq!(epochs(&c, &before.key_id).await, vec![Some(1); 5], "{name}");
+    }
+    // Pools of the new parameters fill (presigning needs all five nodes at t = 2);
+    // then two nodes go down and the set {3, 4, 5} signs.
+    c.wait_pools("k", 4, Duration::from_secs(120)).await;
+    c.kill_node(1);
+    c.kill_node(2);
+    for m in [&b"grown"[..], b"again"] {
+        let sig = sign_within(&c, "k", m, Duration::from_secs(30)).await;
+        verify(&k.public_key, m, &sig);
+    }
+}
