@@ -452,11 +452,7 @@ impl Cluster {
                 depth as u64,
             );
         }
-        let pending = self
-            .store
-            .pending_activations()
-            .map(|p| p.len())
-            .unwrap_or(0);
+        let pending = self.pending_activations();
         e.family(
             "quorate_coordinator_pending_activations",
             "gauge",
@@ -1395,9 +1391,10 @@ impl Cluster {
 
     /// How many renewals are decided but not yet active on every node.
     pub fn pending_activations(&self) -> u32 {
-        self.store
-            .pending_activations()
-            .map_or(0, |p| u32::try_from(p.len()).unwrap_or(u32::MAX))
+        // `renewing` mirrors the store's pending activations (loaded at start, added
+        // with each record, removed with each commit): no store read per scrape.
+        self.state()
+            .map_or(0, |s| u32::try_from(s.renewing.len()).unwrap_or(u32::MAX))
     }
 
     /// The public data of key version `id` as the coordinator holds it now.
@@ -1569,22 +1566,7 @@ impl Cluster {
         let n = public.len();
         self.metrics.presignatures_made.add(n as u64);
         let mut s = self.state()?;
-        let current = s
-            .names
-            .get(&key.key_id)
-            .and_then(|name| s.keys.get(name))
-            .is_some_and(|k| {
-                k.versions
-                    .iter()
-                    .any(|v| v.public.key_id == key.key_id && v.public.epoch == key.epoch)
-            });
-        if !current {
-            // The key's shares were renewed meanwhile: these are of the old epoch.
-            return Err(CoordError::Unavailable(format!(
-                "key {}: its shares were renewed during presigning; the batch is void",
-                key.key_id
-            )));
-        }
+        // No renewal can have become active meanwhile: this session holds the gate.
         s.pools
             .entry((key.key_id, sset.clone()))
             .or_default()
