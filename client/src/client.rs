@@ -81,6 +81,8 @@ pub struct KeyInfo {
     /// When the shares were last renewed by refresh or reshare (Unix seconds); `None`
     /// if never since the key was created.
     pub renewed_at: Option<i64>,
+    /// The indices of the `n` nodes holding the shares, increasing.
+    pub holders: Vec<u32>,
 }
 
 /// A public key with its standard encodings.
@@ -595,6 +597,11 @@ fn key_info(k: api::KeyInfo) -> Result<KeyInfo> {
         version: k.version,
         kid: k.kid,
         renewed_at: (k.renewed_at > 0).then_some(k.renewed_at),
+        holders: if k.holders.is_empty() {
+            (1..=k.n).collect()
+        } else {
+            k.holders
+        },
     })
 }
 

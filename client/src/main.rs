@@ -607,8 +607,16 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("refreshing the shares of key `{name}` on every node…");
             let key = client.refresh_key(&name).await?;
             out(&format!(
-                "refreshed key `{}`: shares now at epoch {} on all {} nodes; public key and key id {} unchanged; older shares and presignatures are gone\n",
-                key.name, key.epoch, key.n, key.key_id
+                "refreshed key `{}`: shares now at epoch {} on all {} nodes ({}); public key and key id {} unchanged; older shares and presignatures are gone\n",
+                key.name,
+                key.epoch,
+                key.n,
+                key.holders
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                key.key_id
             ))
         }
         Command::Key(KeyCommand::List { conn }) => {
@@ -804,11 +812,18 @@ fn format_status(client: &Client, status: &ClusterStatus) -> String {
                 });
             let _ = writeln!(
                 s,
-                "  {:<width$}  {:<10} v{}  epoch {}  {renewed}",
+                "  {:<width$}  {:<10} v{}  epoch {}  ({},{}) on nodes {}  {renewed}",
                 k.name,
                 k.profile.name(),
                 k.version,
-                k.epoch
+                k.epoch,
+                k.n,
+                k.t,
+                k.holders
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
         }
     }

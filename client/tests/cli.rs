@@ -343,6 +343,7 @@ fn default_key() -> api::KeyInfo {
         kid: "kid-default".into(),
         profile: api::KeyProfile::Raw as i32,
         renewed_at: 0,
+        holders: Vec::new(),
     }
 }
 

@@ -80,6 +80,18 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.record_relay.clone(),
     )
     .map_err(|e| e.to_string())?;
+    let mut retiring = Vec::new();
+    for (i, addr) in &cfg.retire {
+        let ch = match addr {
+            None => None,
+            Some(a) => Some(
+                transport::connect_lazy(*a, &Role::Node(i.get()), &cfg.domain, client_tls.clone())
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        retiring.push((*i, ch));
+    }
+    cluster.set_retiring(retiring);
     // The nodes may hold presignatures of an earlier coordinator process, whose public
     // halves died with it: have them forgotten before pools fill again.
     if let Some(p) = cfg.fail_point {
@@ -92,28 +104,31 @@ async fn run(cfg: Config) -> Result<(), String> {
     if !other.is_empty() {
         let names: Vec<String> = other
             .iter()
-            .map(|v| {
-                format!(
-                    "{} ({},{})",
-                    v.name,
-                    v.public.params.n(),
-                    v.public.params.t()
-                )
-            })
+            .map(|v| format!("{} {}", v.name, crate::cluster::describe(&v.public.params)))
             .collect();
-        let (n, t) = (cfg.params.n(), cfg.params.t());
+        let to = crate::cluster::describe(&cfg.params);
         if !cfg.reshare {
             return Err(format!(
-                "keys held with other parameters than this coordinator's ({n},{t}): {}; start once with --reshare (every node of the old and new sets up) to reshare them, or give the old --node list and --threshold",
+                "keys held with other parameters than this coordinator's {to}: {}; start once with --reshare (every node of the new set up, and --retire for each node leaving) to reshare them, or give the old --node list and --threshold",
                 names.join(", ")
             ));
         }
-        tracing::info!(keys = %names.join(", "), n, t, "resharing keys to this coordinator's parameters");
+        tracing::info!(keys = %names.join(", "), to = %to, "resharing keys to this coordinator's parameters");
         let done = cluster
             .reshare_to_params()
             .await
-            .map_err(|e| format!("resharing to ({n},{t}) failed: {e}"))?;
-        tracing::info!(keys = done.len(), n, t, "keys reshared");
+            .map_err(|e| format!("resharing to {to} failed: {e}"))?;
+        tracing::info!(keys = done.len(), to = %to, "keys reshared");
+    }
+    let left = cluster
+        .retire_moved_shares()
+        .await
+        .map_err(|e| e.to_string())?;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "old key shares not yet destroyed on nodes that left the cluster (see above)"
+        );
     }
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
     tokio::spawn(crate::lifecycle::heartbeat_forever(cluster.clone()));
@@ -159,7 +174,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         None => None,
     };
     let identity_api = IdentityApi::new(issuer.plane);
-    tracing::info!(%addr, n = cfg.params.n(), t = cfg.params.t(), "coordinator listening");
+    tracing::info!(%addr, params = %crate::cluster::describe(&cfg.params), "coordinator listening");
     #[allow(
         clippy::print_stdout,
         reason = "the readiness line is read by `quorate dev` and tests"

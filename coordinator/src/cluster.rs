@@ -135,6 +135,23 @@ struct SignJob {
 }
 
 /// One fragment node as the coordinator sees it.
+/// A finished DKG, refresh or reshare run, not yet activated.
+struct DkgRun {
+    session: SessionId,
+    public: KeyPublic,
+    /// What every node was started with.
+    start: fragment::DkgStart,
+    /// Every holder's signed confirmation (quorate-crypto encoding).
+    confirms: Vec<Vec<u8>>,
+}
+
+/// A node leaving the cluster ([`Cluster::set_retiring`]).
+struct Retiring {
+    index: PartyIndex,
+    /// `None`: the node is gone for good (nothing to ask).
+    client: Option<FragmentNodeClient<Channel>>,
+}
+
 struct NodeHandle {
     index: PartyIndex,
     addr: SocketAddr,
@@ -285,6 +302,8 @@ pub struct Cluster {
     fail_point: std::sync::OnceLock<RenewalFailPoint>,
     /// The last node info each node sent (its KEM key, signed by its certificate key).
     infos: Mutex<HashMap<PartyIndex, fragment::NodeInfo>>,
+    /// Nodes leaving the cluster (`--retire`).
+    retiring: std::sync::OnceLock<Vec<Retiring>>,
 }
 
 /// Where a node stands after [`Cluster::install_policy`].
@@ -303,6 +322,15 @@ pub enum BundleReport {
 fn rng() -> Result<rand::rngs::StdRng> {
     rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| CoordError::Internal(format!("system RNG failed: {e}")))
+}
+
+/// `(n,t)`, with the holders when they are not `1..=n`: `(3,1) on nodes {1,3,4}`.
+pub fn describe(p: &ThresholdParams) -> String {
+    if p.is_contiguous() {
+        format!("({},{})", p.n(), p.t())
+    } else {
+        format!("({},{}) on nodes {}", p.n(), p.t(), p.all_parties())
+    }
 }
 
 fn status_text(s: &tonic::Status) -> String {
@@ -389,6 +417,7 @@ impl Cluster {
             gate: tokio::sync::RwLock::new(()),
             fail_point: std::sync::OnceLock::new(),
             infos: Mutex::new(HashMap::new()),
+            retiring: std::sync::OnceLock::new(),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -493,7 +522,8 @@ impl Cluster {
 
     fn node(&self, i: PartyIndex) -> Result<&NodeHandle> {
         self.nodes
-            .get(usize::from(i.get()) - 1)
+            .iter()
+            .find(|n| n.index == i)
             .ok_or_else(|| CoordError::Internal(format!("no node {i}")))
     }
 
@@ -894,8 +924,9 @@ impl Cluster {
                 .collect()
         };
         let roster = fragment::Roster { nodes: infos };
-        let verified = convert::verify_roster(Some(&roster), &self.trust, self.params.n())
-            .map_err(|e| CoordError::Internal(format!("node roster does not verify: {e}")))?;
+        let verified =
+            convert::verify_roster(Some(&roster), &self.trust, &self.params.all_parties())
+                .map_err(|e| CoordError::Internal(format!("node roster does not verify: {e}")))?;
         Ok((roster, verified))
     }
 
@@ -1045,6 +1076,18 @@ impl Cluster {
         mode: DkgMode,
         profile: Option<&KeyProfile>,
     ) -> Result<(SessionId, KeyPublic)> {
+        let run = self.dkg_run(key_id, mode, profile).await?;
+        Ok((run.session, run.public))
+    }
+
+    /// [`Cluster::dkg_rounds`], keeping the start message and the confirmations: the
+    /// evidence a node leaving the key checks before it destroys its share.
+    async fn dkg_run(
+        &self,
+        key_id: KeyId,
+        mode: DkgMode,
+        profile: Option<&KeyProfile>,
+    ) -> Result<DkgRun> {
         let (roster, verified) = self.roster().await?;
         let mut r = rng()?;
         let session = SessionId::random(&mut r);
@@ -1081,6 +1124,7 @@ impl Cluster {
             profile: profile.map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0)
                 as i32,
             reshare_dealers: dealers,
+            holders: convert::holders_to_wire(&self.params),
         };
         let mut commits = self
             .round(&all, "DKG commit", |mut c| {
@@ -1108,12 +1152,17 @@ impl Cluster {
                 |mut c, i| async move { c.dkg_confirm(i).await },
             )
             .await?;
-        let confirms: Vec<dkg::DkgConfirm> = confirms
+        let decoded: Vec<dkg::DkgConfirm> = confirms
             .iter()
             .map(|m| dkg::DkgConfirm::from_bytes(&m.message).map_err(crypto))
             .collect::<Result<_>>()?;
-        let public = dkg::finalize(&cfg, &confirms).map_err(|e| self.blame(e))?;
-        Ok((session, public))
+        let public = dkg::finalize(&cfg, &decoded).map_err(|e| self.blame(e))?;
+        Ok(DkgRun {
+            session,
+            public,
+            start,
+            confirms: confirms.into_iter().map(|m| m.message).collect(),
+        })
     }
 
     /// Asks every node to activate its pending share of `public` from `session`
@@ -1282,8 +1331,8 @@ impl Cluster {
             .filter(|p| self.params.all_parties().contains(*p))
             .ok_or_else(|| {
                 CoordError::Invalid(format!(
-                    "node {index} is not a node of this cluster (1..={})",
-                    self.params.n()
+                    "node {index} is not a node of this cluster {}",
+                    self.params.all_parties()
                 ))
             })?;
         let _admin = self.admin.lock().await;
@@ -1291,10 +1340,12 @@ impl Cluster {
             .await
     }
 
-    /// Reshares each of `keys` (current versions) from `t_old + 1` of its holders —
-    /// never `exclude` — to fresh shares for every node of this coordinator's
-    /// parameters, which may have more nodes and a higher threshold than the key's.
-    /// Caller holds the admin lock.
+    /// Reshares each of `keys` (current versions) from `t_old + 1` of its holders that
+    /// stay holders — never `exclude` — to fresh shares for every node of this
+    /// coordinator's parameters, which may name other nodes, more or fewer, and
+    /// another threshold than the key's. Holders that leave destroy their shares once
+    /// the new ones are active ([`Cluster::retire_moved_shares`]). Caller holds the
+    /// admin lock.
     async fn reshare_keys(
         &self,
         keys: Vec<KeyVersionInfo>,
@@ -1309,23 +1360,34 @@ impl Cluster {
                 .members()
                 .iter()
                 .copied()
-                .filter(|p| Some(*p) != exclude)
+                .filter(|p| Some(*p) != exclude && self.params.holds(*p))
                 .collect();
             // Healthy nodes deal first.
             candidates.sort_by_key(|p| !self.usable(*p));
             candidates.truncate(prior.params.commitment_len());
             if candidates.len() != prior.params.commitment_len() {
                 return Err(CoordError::Precondition(format!(
-                    "key {}: resharing needs {} nodes holding the key besides the one being repaired",
+                    "key {}: resharing needs {} of its holders {} to stay in the cluster {} (besides a node being repaired) to deal, but only {} do",
                     v.name,
-                    prior.params.commitment_len()
+                    prior.params.commitment_len(),
+                    prior.params.all_parties(),
+                    self.params.all_parties(),
+                    candidates.len()
                 )));
             }
+            let leaving: Vec<PartyIndex> = prior
+                .params
+                .all_parties()
+                .members()
+                .iter()
+                .copied()
+                .filter(|p| !self.params.holds(*p))
+                .collect();
             let dealers = PartySet::new(candidates).map_err(crypto)?;
-            tracing::info!(key = v.name, dealers = %dealers, from = %format!("({},{})", prior.params.n(), prior.params.t()), to = %format!("({},{})", self.params.n(), self.params.t()), "resharing");
+            tracing::info!(key = v.name, dealers = %dealers, from = %describe(&prior.params), to = %describe(&self.params), "resharing");
             let binding = quorate_crypto::hash::sha256(&v.profile.to_bytes());
-            let (session, public) = self
-                .dkg_rounds(
+            let run = self
+                .dkg_run(
                     prior.key_id,
                     DkgMode::Reshare {
                         prior,
@@ -1335,8 +1397,20 @@ impl Cluster {
                     Some(&v.profile),
                 )
                 .await?;
-            self.activate_renewal(&v.name, session, &public).await?;
-            done.push((v.name.clone(), public.epoch));
+            if !leaving.is_empty() {
+                let evidence = fragment::RetireKeyRequest {
+                    start: Some(run.start.clone()),
+                    confirms: run.confirms.clone(),
+                };
+                self.store.put_retirements(
+                    &run.public.key_id,
+                    &leaving,
+                    &prost::Message::encode_to_vec(&evidence),
+                )?;
+            }
+            self.activate_renewal(&v.name, run.session, &run.public)
+                .await?;
+            done.push((v.name.clone(), run.public.epoch));
         }
         Ok(done)
     }
@@ -1351,23 +1425,104 @@ impl Cluster {
             .collect())
     }
 
-    /// Reshares every key held with other parameters to this coordinator's: adding
-    /// nodes and raising the threshold (DESIGN.md §4.3), e.g. (3,1) → (5,2). Every node
-    /// of both sets must be up. Fewer nodes than a key's are refused (the nodes left out
-    /// would keep their old shares). Returns `(key, new epoch)` per key reshared.
-    pub async fn reshare_to_params(&self) -> Result<Vec<(String, u32)>> {
-        let _admin = self.admin.lock().await;
-        let keys = self.keys_with_other_params()?;
-        for v in &keys {
-            if v.public.params.n() > self.params.n() {
-                return Err(CoordError::Precondition(format!(
-                    "key {} is held by {} nodes, more than the {} configured: resharing to fewer nodes is not supported (their shares would stay on the nodes left out)",
-                    v.name,
-                    v.public.params.n(),
-                    self.params.n()
-                )));
+    /// Sets the nodes leaving the cluster (`--retire`): index and, unless the node is
+    /// gone, a channel to it. Once.
+    pub fn set_retiring(&self, nodes: Vec<(PartyIndex, Option<Channel>)>) {
+        let nodes = nodes
+            .into_iter()
+            .map(|(index, ch)| Retiring {
+                index,
+                client: ch.map(FragmentNodeClient::new),
+            })
+            .collect();
+        let _ = self.retiring.set(nodes);
+    }
+
+    /// Holders of keys with other parameters that are not in this coordinator's node
+    /// set and not named as leaving (`--retire`): `(key name, node)`.
+    pub fn unaccounted_holders(&self) -> Result<Vec<(String, PartyIndex)>> {
+        let retiring = self.retiring.get().map_or(&[][..], Vec::as_slice);
+        let mut out = Vec::new();
+        for v in self.keys_with_other_params()? {
+            for p in v.public.params.all_parties().members() {
+                if !self.params.holds(*p) && !retiring.iter().any(|r| r.index == *p) {
+                    out.push((v.name.clone(), *p));
+                }
             }
         }
+        Ok(out)
+    }
+
+    /// Asks every node that a reshare moved a key away from to destroy its share
+    /// (`RetireKey`: the node checks the new holders' signed confirmations first), for
+    /// reshares whose new shares are active. A node named gone (`--retire INDEX`) is
+    /// struck off; one not named, or unreachable, is asked again at the next start.
+    /// Returns how many retirements are left.
+    pub async fn retire_moved_shares(&self) -> Result<usize> {
+        let retiring = self.retiring.get().map_or(&[][..], Vec::as_slice);
+        let renewing = self.state()?.renewing.clone();
+        let mut left = 0;
+        for (key, node, evidence) in self.store.retirements()? {
+            if renewing.contains(&key) {
+                left += 1;
+                continue;
+            }
+            let Some(r) = retiring.iter().find(|r| r.index == node) else {
+                tracing::warn!(key = %key, node = node.get(), "node {node} still holds an old share of key {key}: give it with --retire {node}=HOST:PORT to have the share destroyed, or --retire {node} once its disk is destroyed");
+                left += 1;
+                continue;
+            };
+            let Some(client) = &r.client else {
+                tracing::info!(key = %key, node = node.get(), "node {node} is gone (--retire {node}): no share to destroy");
+                self.store.remove_retirement(&key, node)?;
+                continue;
+            };
+            let req: fragment::RetireKeyRequest = prost::Message::decode(evidence.as_slice())
+                .map_err(|e| {
+                    CoordError::Internal(format!(
+                        "retirement record of key {key} is malformed: {e}"
+                    ))
+                })?;
+            let mut c = client.clone();
+            let call = tokio::time::timeout(ONLINE_TIMEOUT, c.retire_key(req)).await;
+            match call {
+                Ok(Ok(reply)) => {
+                    tracing::info!(key = %key, node = node.get(), destroyed = reply.get_ref().destroyed, "node {node} holds no share of key {key} any more");
+                    self.store.remove_retirement(&key, node)?;
+                }
+                Ok(Err(e))
+                    if !matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+                {
+                    left += 1;
+                    tracing::warn!(key = %key, node = node.get(), error = %status_text(&e), "node {node} refused to destroy its old share of key {key}");
+                }
+                Ok(Err(_)) | Err(_) => {
+                    left += 1;
+                    tracing::warn!(key = %key, node = node.get(), "node {node} cannot be reached; its old share of key {key} is destroyed at a later start (--retire {node}=HOST:PORT)");
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Reshares every key held with other parameters to this coordinator's (DESIGN.md
+    /// §4.3): nodes added, replaced or removed and the threshold changed, e.g. (3,1) →
+    /// (5,2), or {1,2,3} → {1,3,4}. Every node of the new set and `t_old + 1` holders
+    /// staying must be up; every holder leaving must be named with `--retire`
+    /// ([`Cluster::unaccounted_holders`]). Returns `(key, new epoch)` per key reshared;
+    /// leaving nodes then destroy their shares ([`Cluster::retire_moved_shares`]).
+    pub async fn reshare_to_params(&self) -> Result<Vec<(String, u32)>> {
+        let _admin = self.admin.lock().await;
+        let missing = self.unaccounted_holders()?;
+        if let Some((key, node)) = missing.first() {
+            return Err(CoordError::Precondition(format!(
+                "key {key} is held by node {node}, which is not given with --node: name it with --retire {node}=HOST:PORT (it destroys its share once the new holders hold theirs) or --retire {node} (it is gone)"
+            )));
+        }
+        let keys = self.keys_with_other_params()?;
         let out = self.reshare_keys(keys, None).await;
         if out.is_err() {
             self.metrics.renewal_failures.inc();
@@ -1441,13 +1596,19 @@ impl Cluster {
     /// multiplication set `M_k = {k, …, k+2t}`, so that any single node outage leaves
     /// sets whose pools keep signing.
     pub fn sets(&self) -> Vec<(PartySet, PartySet)> {
-        let n = self.params.n();
-        let t = self.params.t();
+        let holders = self.params.all_parties();
+        let m = holders.members();
+        let n = m.len();
+        let t = usize::from(self.params.t());
         (0..n)
             .filter_map(|k| {
-                let pick = |len: u16| {
-                    PartySet::from_indices(&(0..len).map(|j| (k + j) % n + 1).collect::<Vec<_>>())
-                        .ok()
+                let pick = |len: usize| {
+                    PartySet::new(
+                        (0..len)
+                            .filter_map(|j| m.get((k + j) % n).copied())
+                            .collect(),
+                    )
+                    .ok()
                 };
                 Some((pick(2 * t + 1)?, pick(t + 1)?))
             })

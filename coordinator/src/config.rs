@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use quorate_crypto::params::{PartyIndex, ThresholdParams};
+use quorate_crypto::params::{PartyIndex, PartySet, ThresholdParams};
 
 use crate::pools::Watermarks;
 
@@ -39,7 +39,10 @@ pub struct Args {
     /// Trust domain of the cluster's SPIFFE IDs.
     #[arg(long, env = "QUORATE_DOMAIN", default_value = "quorate.local")]
     pub domain: String,
-    /// A fragment node, `INDEX=HOST:PORT`; give one per node, indices 1..=n.
+    /// A fragment node, `INDEX=HOST:PORT`; give one per node, each index once. The
+    /// indices are the nodes' identities (`spiffe://<domain>/node/<INDEX>`): usually
+    /// 1..=n, any set after a node was replaced (e.g. 1, 3, 4 once node 4 took node 2's
+    /// place with `--reshare --retire 2=HOST:PORT`).
     #[arg(
         long = "node",
         env = "QUORATE_COORDINATOR_NODES",
@@ -150,6 +153,17 @@ pub struct Args {
     /// and the new set up.
     #[arg(long)]
     pub reshare: bool,
+    /// A node leaving the cluster, `INDEX=HOST:PORT` (it destroys its shares once
+    /// `--reshare` has moved every key to the `--node` set; it checks the new holders'
+    /// signed confirmations first) or `INDEX` alone (the node is gone for good, its disk
+    /// destroyed: nothing to ask). Every holder of a key that is not in `--node` must
+    /// be named here.
+    #[arg(
+        long = "retire",
+        env = "QUORATE_COORDINATOR_RETIRE",
+        value_delimiter = ','
+    )]
+    pub retire: Vec<String>,
     /// The name of the signing key for audit checkpoints (created on first use).
     #[arg(long, env = "QUORATE_AUDIT_KEY", default_value = "audit")]
     pub audit_key: String,
@@ -176,7 +190,7 @@ pub struct Config {
     pub ca: PathBuf,
     /// Trust domain.
     pub domain: String,
-    /// Nodes in index order.
+    /// Nodes in index order (any distinct indices).
     pub nodes: Vec<(PartyIndex, SocketAddr)>,
     /// Parameters.
     pub params: ThresholdParams,
@@ -228,6 +242,8 @@ pub struct Config {
     pub refresh_interval: Option<std::time::Duration>,
     /// Reshare keys held with other parameters at start.
     pub reshare: bool,
+    /// Nodes leaving the cluster: index, and address unless the node is gone.
+    pub retire: Vec<(PartyIndex, Option<SocketAddr>)>,
 }
 
 impl Args {
@@ -259,22 +275,48 @@ impl Args {
             }
         }
         nodes.sort_by_key(|(i, _)| *i);
-        for (k, (i, _)) in nodes.iter().enumerate() {
-            if usize::from(i.get()) != k + 1 {
-                errors.push(format!(
-                    "--node indices must be 1..=n, each once; found {i} at position {}",
-                    k + 1
-                ));
-                break;
+        if let Some(w) = nodes
+            .windows(2)
+            .find(|w| w.first().map(|a| a.0) == w.get(1).map(|b| b.0))
+            && let Some((i, _)) = w.first()
+        {
+            errors.push(format!("--node {i} is given twice"));
+        }
+        let mut retire = Vec::new();
+        for spec in &self.retire {
+            let (i, addr) = match spec.split_once('=') {
+                Some((i, a)) => (i, Some(a)),
+                None => (spec.as_str(), None),
+            };
+            let index = i.trim().parse().ok().and_then(PartyIndex::new);
+            let addr = addr.map(|a| a.trim().parse::<SocketAddr>().ok());
+            match (index, addr) {
+                (Some(i), None) => retire.push((i, None)),
+                (Some(i), Some(Some(a))) => retire.push((i, Some(a))),
+                _ => errors.push(format!(
+                    "--retire {spec}: expected INDEX=HOST:PORT (the leaving node destroys its shares) or INDEX (the node is gone), e.g. 2=127.0.0.1:7102"
+                )),
             }
         }
-        let n = u16::try_from(nodes.len()).unwrap_or(u16::MAX);
-        let params = match ThresholdParams::new(n, self.threshold) {
+        for (i, _) in &retire {
+            if nodes.iter().any(|(n, _)| n == i) {
+                errors.push(format!(
+                    "--retire {i}: node {i} is also given with --node; a node either stays or leaves"
+                ));
+            }
+        }
+        let params = PartySet::new(nodes.iter().map(|(i, _)| *i).collect())
+            .map_err(|e| e.to_string())
+            .and_then(|set| {
+                ThresholdParams::with_holders(&set, self.threshold).map_err(|e| e.to_string())
+            });
+        let params = match params {
             Ok(p) => Some(p),
             Err(e) => {
                 errors.push(format!(
-                    "--threshold {} with {n} nodes: {e}",
-                    self.threshold
+                    "--threshold {} with {} nodes: {e}",
+                    self.threshold,
+                    nodes.len()
                 ));
                 None
             }
@@ -427,6 +469,7 @@ impl Args {
                 refresh_interval: (self.refresh_interval_secs > 0)
                     .then(|| std::time::Duration::from_secs(self.refresh_interval_secs)),
                 reshare: self.reshare,
+                retire,
             }),
             _ => Err(errors),
         }

@@ -172,6 +172,13 @@ fn key_info(v: &KeyVersionInfo) -> api::KeyInfo {
         kid: v.kid(),
         profile: v.profile.to_api().0 as i32,
         renewed_at: 0,
+        holders: k
+            .params
+            .all_parties()
+            .members()
+            .iter()
+            .map(|p| u32::from(p.get()))
+            .collect(),
     }
 }
 

@@ -17,7 +17,7 @@
 use std::path::Path;
 
 use quorate_crypto::keys::{KeyId, KeyPublic};
-use quorate_crypto::params::SessionId;
+use quorate_crypto::params::{PartyIndex, SessionId};
 use quorate_crypto::wire::Wire;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
@@ -36,6 +36,17 @@ const PENDING_ACTIVATIONS: TableDefinition<&str, &[u8]> =
 /// When each key version's shares were last renewed (refresh or reshare): key id →
 /// Unix seconds.
 const RENEWED: TableDefinition<&[u8], i64> = TableDefinition::new("key_renewed");
+
+/// Shares to destroy on nodes a reshare moved a key away from: key id (16 bytes) ||
+/// node index (2 bytes, big-endian) → the node's `RetireKeyRequest` (protobuf: the
+/// reshare's start and every new holder's signed confirmation).
+const RETIREMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retirements");
+
+fn retirement_key(key: &KeyId, node: PartyIndex) -> Vec<u8> {
+    let mut k = key.0.to_vec();
+    k.extend_from_slice(&node.get().to_be_bytes());
+    k
+}
 
 /// Encoding version of a `key_versions` entry.
 const VERSIONS_V1: u8 = 1;
@@ -267,6 +278,59 @@ impl Store {
             r.insert(&key.key_id.0[..], at)?;
             let mut p = tx.open_table(PENDING_ACTIVATIONS)?;
             p.remove(name)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that `nodes` must destroy their shares of `key` once its reshare is
+    /// active, with the evidence each is to be shown (`request`). Durable before the
+    /// activation, so a coordinator that dies midway still retires them.
+    pub fn put_retirements(&self, key: &KeyId, nodes: &[PartyIndex], request: &[u8]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(RETIREMENTS)?;
+            for n in nodes {
+                t.insert(retirement_key(key, *n).as_slice(), request)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Retirements recorded by [`Store::put_retirements`] and not yet done.
+    pub fn retirements(&self) -> Result<Vec<(KeyId, PartyIndex, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(RETIREMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let k = k.value();
+            let corrupt = || StoreError("a retirement record is malformed".into());
+            let id: [u8; 16] = k
+                .get(..16)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(corrupt)?;
+            let i: [u8; 2] = k
+                .get(16..)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(corrupt)?;
+            let node = PartyIndex::new(u16::from_be_bytes(i)).ok_or_else(corrupt)?;
+            out.push((KeyId(id), node, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Node `node` no longer holds a share of `key` (or is gone).
+    pub fn remove_retirement(&self, key: &KeyId, node: PartyIndex) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(RETIREMENTS)?;
+            t.remove(retirement_key(key, node).as_slice())?;
         }
         tx.commit()?;
         Ok(())

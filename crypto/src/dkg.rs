@@ -71,6 +71,15 @@ pub enum DkgMode {
     },
 }
 
+/// The holder indices, big-endian `u16` each, for transcripts.
+fn holder_bytes(p: &ThresholdParams) -> Vec<u8> {
+    p.all_parties()
+        .members()
+        .iter()
+        .flat_map(|i| i.get().to_be_bytes())
+        .collect()
+}
+
 /// Everything all parties must agree on before a DKG or refresh starts.
 #[derive(Clone, Debug)]
 pub struct DkgConfig {
@@ -78,7 +87,7 @@ pub struct DkgConfig {
     pub session: SessionId,
     /// The key being generated or refreshed.
     pub key_id: KeyId,
-    /// Threshold parameters (all `n` nodes take part).
+    /// Threshold parameters (all `n` holders take part).
     pub params: ThresholdParams,
     /// New key or refresh.
     pub mode: DkgMode,
@@ -149,6 +158,9 @@ impl DkgConfig {
             .u64("n", u64::from(self.params.n()))
             .u64("t", u64::from(self.params.t()))
             .u64("party", u64::from(party.get()));
+        if !self.params.is_contiguous() {
+            t.append("holders", &holder_bytes(&self.params));
+        }
         match &self.mode {
             DkgMode::NewKey { purpose } => {
                 t.u64("purpose", u64::from(purpose.to_u8()));
@@ -171,6 +183,7 @@ impl DkgConfig {
                     .u64("epoch", u64::from(prior.epoch))
                     .u64("prior-n", u64::from(prior.params.n()))
                     .u64("prior-t", u64::from(prior.params.t()))
+                    .append("prior-holders", &holder_bytes(&prior.params))
                     .append("dealers", &d)
                     .append("binding", binding);
             }

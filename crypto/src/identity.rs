@@ -119,17 +119,40 @@ pub struct NodePublic {
     pub kem: KemPublicKey,
 }
 
-/// The verified public material of every node of the cluster, indexed `1..=n`.
+/// The verified public material of the nodes taking part in a run, by party index
+/// (indices may have gaps: a key resharded onto `{1, 3, 4}`).
 #[derive(Clone, Debug)]
 pub struct Roster {
-    nodes: Vec<NodePublic>,
+    /// Slot `k` belongs to party `k + 1`.
+    nodes: Vec<Option<NodePublic>>,
 }
 
 impl Roster {
-    /// A roster; entry `k` belongs to party `k + 1`.
+    /// A roster of parties `1..=nodes.len()`; entry `k` belongs to party `k + 1`.
     pub fn new(nodes: Vec<NodePublic>) -> Result<Self> {
         if nodes.is_empty() || nodes.len() > usize::from(crate::params::MAX_PARTIES) {
             return Err(Error::input("roster must list between 1 and 255 nodes"));
+        }
+        Ok(Roster {
+            nodes: nodes.into_iter().map(Some).collect(),
+        })
+    }
+
+    /// A roster of the given parties. Errors if it is empty or names a party twice.
+    pub fn from_entries(entries: Vec<(PartyIndex, NodePublic)>) -> Result<Self> {
+        let top = entries
+            .iter()
+            .map(|(i, _)| i.get())
+            .max()
+            .ok_or_else(|| Error::input("roster must list between 1 and 255 nodes"))?;
+        let mut nodes: Vec<Option<NodePublic>> = vec![None; usize::from(top)];
+        for (i, node) in entries {
+            let slot = nodes
+                .get_mut(usize::from(i.get()) - 1)
+                .ok_or(Error::Bug("roster slot below the highest index"))?;
+            if slot.replace(node).is_some() {
+                return Err(Error::input(format!("roster lists node {i} twice")));
+            }
         }
         Ok(Roster { nodes })
     }
@@ -138,17 +161,18 @@ impl Roster {
     pub fn get(&self, i: PartyIndex) -> Result<&NodePublic> {
         self.nodes
             .get(usize::from(i.get()) - 1)
+            .and_then(Option::as_ref)
             .ok_or_else(|| Error::input(format!("party {i} is not in the roster")))
     }
 
-    /// Number of nodes.
+    /// Number of nodes listed.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.nodes.iter().flatten().count()
     }
 
-    /// Whether the roster is empty (never: [`Roster::new`] rejects that).
+    /// Whether the roster is empty (never: the constructors reject that).
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.len() == 0
     }
 
     /// Checks that every member of `set` is in the roster.

@@ -138,8 +138,7 @@ impl Wire for KeyPublic {
 
     fn encode_body(&self, w: &mut Writer) {
         w.fixed(&self.key_id.0);
-        w.u16(self.params.n());
-        w.u16(self.params.t());
+        w.params(&self.params);
         w.u8(self.purpose.to_u8());
         w.u32(self.epoch);
         // Group commitments are never the identity for a real key (C_0 = X ≠ O, and the
@@ -150,7 +149,7 @@ impl Wire for KeyPublic {
 
     fn decode_body(r: &mut Reader<'_>) -> Result<Self> {
         let key_id = KeyId(r.array()?);
-        let params = ThresholdParams::new(r.u16()?, r.u16()?)?;
+        let params = r.params()?;
         let purpose = KeyPurpose::from_u8(r.u8()?)?;
         let epoch = r.u32()?;
         let pts = r.list(33, |r| r.point())?;

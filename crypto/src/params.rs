@@ -38,23 +38,81 @@ impl core::fmt::Display for PartyIndex {
     }
 }
 
-/// `(n, t)`: `n` nodes, any `t` of which learn nothing; `n >= 2t + 1`, `t >= 1`.
+/// The parties that hold a key, as a bit set over indices `1..=MAX_PARTIES` (so that
+/// [`ThresholdParams`] stays `Copy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Holders([u64; 4]);
+
+impl Holders {
+    fn first(n: u16) -> Self {
+        let mut h = Holders([0; 4]);
+        for i in (1..=n).filter_map(PartyIndex::new) {
+            h.insert(i);
+        }
+        h
+    }
+
+    fn insert(&mut self, p: PartyIndex) {
+        let i = usize::from(p.get());
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1u64 << (i % 64);
+        }
+    }
+
+    fn contains(&self, p: PartyIndex) -> bool {
+        let i = usize::from(p.get());
+        self.0
+            .get(i / 64)
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+
+    fn len(&self) -> u16 {
+        // At most 256 bits are set.
+        u16::try_from(self.0.iter().map(|w| w.count_ones()).sum::<u32>()).unwrap_or(u16::MAX)
+    }
+
+    fn members(&self) -> Vec<PartyIndex> {
+        (1..=MAX_PARTIES)
+            .filter_map(PartyIndex::new)
+            .filter(|p| self.contains(*p))
+            .collect()
+    }
+}
+
+/// `(n, t)` over a holder set: the `n` nodes that hold a key (indices `1..=n` unless the
+/// cluster was resharded onto others, e.g. `{1, 3, 4}` after node 2 was replaced by node
+/// 4), any `t` of which learn nothing; `n >= 2t + 1`, `t >= 1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ThresholdParams {
-    n: u16,
+    holders: Holders,
     t: u16,
 }
 
 impl ThresholdParams {
-    /// Validated parameters.
+    /// Validated parameters over the holders `1..=n`.
     pub fn new(n: u16, t: u16) -> Result<Self> {
-        if t == 0 {
-            return Err(Error::input("threshold t must be at least 1"));
-        }
         if n > MAX_PARTIES {
             return Err(Error::input(format!(
                 "at most {MAX_PARTIES} nodes are supported, got n = {n}"
             )));
+        }
+        Self::checked(Holders::first(n), t)
+    }
+
+    /// Validated parameters over any holder set (DESIGN.md §4.3 resharing to a new node
+    /// set). Errors as [`Self::new`].
+    pub fn with_holders(holders: &PartySet, t: u16) -> Result<Self> {
+        let mut h = Holders([0; 4]);
+        for p in holders.members() {
+            h.insert(*p);
+        }
+        Self::checked(h, t)
+    }
+
+    fn checked(holders: Holders, t: u16) -> Result<Self> {
+        let n = holders.len();
+        if t == 0 {
+            return Err(Error::input("threshold t must be at least 1"));
         }
         if u32::from(n) < 2 * u32::from(t) + 1 {
             return Err(Error::input(format!(
@@ -62,12 +120,18 @@ impl ThresholdParams {
                 2 * u32::from(t) + 1
             )));
         }
-        Ok(ThresholdParams { n, t })
+        Ok(ThresholdParams { holders, t })
     }
 
-    /// Number of nodes.
+    /// Number of nodes holding the key.
     pub fn n(&self) -> u16 {
-        self.n
+        self.holders.len()
+    }
+
+    /// Whether the holders are `1..=n` (the parameters of a cluster never resharded onto
+    /// other indices; encodings keep their original short form for these).
+    pub fn is_contiguous(&self) -> bool {
+        self.holders == Holders::first(self.n())
     }
 
     /// Corruption threshold (polynomial degree).
@@ -80,17 +144,22 @@ impl ThresholdParams {
         usize::from(self.t) + 1
     }
 
-    /// All parties `1..=n`.
+    /// All holders, in increasing order.
     pub fn all_parties(&self) -> PartySet {
-        PartySet((1..=self.n).filter_map(PartyIndex::new).collect())
+        PartySet(self.holders.members())
     }
 
-    /// Checks that `set` only names parties `1..=n`.
+    /// Whether `p` holds the key.
+    pub fn holds(&self, p: PartyIndex) -> bool {
+        self.holders.contains(p)
+    }
+
+    /// Checks that `set` only names holders.
     pub fn check_members(&self, set: &PartySet) -> Result<()> {
-        match set.0.iter().find(|p| p.get() > self.n) {
+        match set.0.iter().find(|p| !self.holders.contains(**p)) {
             Some(p) => Err(Error::input(format!(
-                "party {p} is outside the cluster of {} nodes",
-                self.n
+                "party {p} is not one of the key's holders {}",
+                self.all_parties()
             ))),
             None => Ok(()),
         }
@@ -275,6 +344,41 @@ mod tests {
         assert!(ThresholdParams::new(7, 3).is_ok());
         assert!(ThresholdParams::new(6, 3).is_err());
         assert!(ThresholdParams::new(300, 3).is_err());
+    }
+
+    #[test]
+    fn holder_sets() {
+        let p =
+            ThresholdParams::with_holders(&PartySet::from_indices(&[1, 3, 4]).unwrap(), 1).unwrap();
+        assert_eq!(p.n(), 3);
+        assert!(!p.is_contiguous());
+        assert_eq!(p.all_parties(), PartySet::from_indices(&[1, 3, 4]).unwrap());
+        assert!(
+            p.signing_set(PartySet::from_indices(&[3, 4]).unwrap())
+                .is_ok()
+        );
+        let e = p
+            .signing_set(PartySet::from_indices(&[1, 2]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("party 2 is not one of the key's holders {1,3,4}"),
+            "{e}"
+        );
+        assert!(
+            ThresholdParams::with_holders(&PartySet::from_indices(&[1, 255]).unwrap(), 1).is_err()
+        );
+        let wide =
+            ThresholdParams::with_holders(&PartySet::from_indices(&[64, 128, 255]).unwrap(), 1)
+                .unwrap();
+        assert_eq!(
+            wide.all_parties().members().last().map(|p| p.get()),
+            Some(255)
+        );
+        let c =
+            ThresholdParams::with_holders(&PartySet::from_indices(&[1, 2, 3]).unwrap(), 1).unwrap();
+        assert!(c.is_contiguous());
+        assert_eq!(c, ThresholdParams::new(3, 1).unwrap());
     }
 
     #[test]

@@ -18,7 +18,10 @@
 
 use crate::error::{Error, Result};
 use crate::group::{self, POINT_LEN, Point, SCALAR_LEN, Scalar};
-use crate::params::{PartyIndex, PartySet};
+use crate::params::{PartyIndex, PartySet, ThresholdParams};
+
+/// Marks threshold parameters whose holders are listed ([`Writer::params`]).
+const HOLDERS_FLAG: u16 = 0x8000;
 
 /// The current encoding version: points uncompressed.
 pub const VERSION: u8 = 2;
@@ -127,6 +130,20 @@ impl Writer {
         self.u32(s.len() as u32);
         for p in s.members() {
             self.party(*p);
+        }
+    }
+    /// Threshold parameters: `n, t` for holders `1..=n` (the original form), or
+    /// `0x8000 | n, t` followed by the `n` holder indices.
+    pub fn params(&mut self, p: &ThresholdParams) {
+        if p.is_contiguous() {
+            self.u16(p.n());
+            self.u16(p.t());
+        } else {
+            self.u16(HOLDERS_FLAG | p.n());
+            self.u16(p.t());
+            for i in p.all_parties().members() {
+                self.party(*i);
+            }
         }
     }
     /// A list, each element by `f`.
@@ -247,6 +264,18 @@ impl<'a> Reader<'a> {
         let n = self.count(2)?;
         let parties = (0..n).map(|_| self.party()).collect::<Result<Vec<_>>>()?;
         PartySet::new(parties)
+    }
+    /// Threshold parameters written by [`Writer::params`].
+    pub fn params(&mut self) -> Result<ThresholdParams> {
+        let n = self.u16()?;
+        let t = self.u16()?;
+        if n & HOLDERS_FLAG == 0 {
+            return ThresholdParams::new(n, t);
+        }
+        let n = n & !HOLDERS_FLAG;
+        let parties = (0..n).map(|_| self.party()).collect::<Result<Vec<_>>>()?;
+        let set = PartySet::new(parties)?;
+        ThresholdParams::with_holders(&set, t)
     }
     /// A list length, checked against the remaining input assuming each element takes
     /// at least `min_elem` bytes.

@@ -41,6 +41,10 @@ fn quorum(n: u16, size: usize, seed: u64) -> Vec<u16> {
     all
 }
 
+fn sim_wire(k: &quorate_crypto::keys::KeyPublic) -> quorate_crypto::keys::KeyPublic {
+    quorate_crypto::sim::wire(k).unwrap()
+}
+
 fn cluster(n: u16, t: u16, seed: u64) -> Cluster {
     use rand::SeedableRng;
     Cluster::new(n, t, rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
@@ -188,6 +192,62 @@ proptest! {
         let d = quorate_crypto::hash::sha256(b"after reshare");
         let sig = c.sign(before.key_id, d, Attack::None).unwrap();
         prop_assert!(sig.verify(&before.public_key(), &d));
+    }
+
+    #[test]
+    fn reshare_moves_the_key_onto_another_holder_set(
+        (n, t, seed) in setting(), q in any::<u64>(), t_new in 1u16..=3
+    ) {
+        // The key on 1..=n inside a room of 9 nodes; the new holders are any 2t'+1 or
+        // more of the room that keep at least t + 1 old holders (the dealers): a node
+        // replaced by another index, nodes added or removed, the threshold changed.
+        let room = 9u16;
+        let mut c = cluster(room, t, seed);
+        c.params = quorate_crypto::params::ThresholdParams::new(n, t).unwrap();
+        let before = c.dkg(KeyPurpose::Sign, Attack::None).unwrap();
+        let dealers = quorum(n, usize::from(t) + 1, q);
+        let size = usize::from(2 * t_new + 1).max(dealers.len()) + usize::try_from(q % 3).unwrap();
+        let mut holders = dealers.clone();
+        for i in quorum(room, usize::from(room), q ^ 3) {
+            if holders.len() < size && !holders.contains(&i) {
+                holders.push(i);
+            }
+        }
+        holders.sort_unstable();
+        let to = quorate_crypto::params::ThresholdParams::with_holders(
+            &PartySet::from_indices(&holders).unwrap(), t_new).unwrap();
+        prop_assert_eq!(to.all_parties().members().iter().map(|p| p.get()).collect::<Vec<_>>(), holders.clone());
+        let after = c.reshare(before.key_id, &dealers, to, &[], Attack::None).unwrap();
+        prop_assert_eq!(after.public_key(), before.public_key());
+        prop_assert_eq!(after.params, to);
+        prop_assert_eq!(sim_wire(&after), after.clone());
+        // Exactly the new holders hold shares; each passes its public check.
+        for node in &c.nodes {
+            let held = node.shares.get(&before.key_id);
+            prop_assert_eq!(held.is_some(), holders.contains(&node.index.get()), "node {}", node.index);
+            if let Some(s) = held {
+                s.validate().unwrap();
+            }
+        }
+        let qs: Vec<u16> = quorum(u16::try_from(holders.len()).unwrap(), usize::from(t_new) + 1, q ^ 7)
+            .iter().map(|&k| holders[usize::from(k) - 1]).collect();
+        let shares: Vec<&KeyShare> = qs.iter().map(|&i| &c.nodes[usize::from(i) - 1].shares[&before.key_id]).collect();
+        prop_assert_eq!(reconstruct_key(&shares).unwrap().public_image(), before.public_key().projective());
+        // Signing sets come from the new holders; one naming a non-holder is refused.
+        let mset: Vec<u16> = holders[..usize::from(2 * t_new + 1)].to_vec();
+        let sset: Vec<u16> = mset[..usize::from(t_new) + 1].to_vec();
+        c.presign(before.key_id, &mset, &sset, 1, Attack::None).unwrap();
+        let d = quorate_crypto::hash::sha256(b"after moving");
+        let sig = c.sign(before.key_id, d, Attack::None).unwrap();
+        prop_assert!(sig.verify(&before.public_key(), &d));
+        if let Some(outsider) = (1..=room).find(|i| !holders.contains(i)) {
+            let mut bad = mset.clone();
+            bad[0] = outsider;
+            bad.sort_unstable();
+            let sset: Vec<u16> = bad[..usize::from(t_new) + 1].to_vec();
+            let err = c.presign(before.key_id, &bad, &sset, 1, Attack::None).unwrap_err();
+            prop_assert!(err.to_string().contains("not one of the key's holders"), "{}", err);
+        }
     }
 
     #[test]

@@ -314,10 +314,16 @@ impl Node {
     fn dkg_commit(&self, req: fragment::DkgStart) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
         let key_id = convert::key_id(&req.key_id)?;
-        let n = u16::try_from(req.n).map_err(|_| Status::invalid_argument("n out of range"))?;
-        let t = u16::try_from(req.t).map_err(|_| Status::invalid_argument("t out of range"))?;
-        let params = ThresholdParams::new(n, t).map_err(crypto_err)?;
-        let roster = convert::verify_roster(req.roster.as_ref(), &self.trust, n)?;
+        let params = convert::dkg_params(&req)?;
+        if !params.holds(self.index) {
+            return Err(Status::invalid_argument(format!(
+                "node {} is not one of the holders {} of this run",
+                self.index,
+                params.all_parties()
+            )));
+        }
+        let roster =
+            convert::verify_roster(req.roster.as_ref(), &self.trust, &params.all_parties())?;
         if !req.reshare_dealers.is_empty() {
             return self.reshare_start(&req, session, key_id, params, roster);
         }
@@ -392,17 +398,18 @@ impl Node {
         Ok(msg.to_bytes())
     }
 
-    /// Round 1 of a reshare (DESIGN.md §4.3): a dealer checks that the coordinator's
-    /// prior key data and profile are its own and deals; any other party of the new
-    /// parameters joins as a recipient and answers with an empty message.
-    fn reshare_start(
+    /// The configuration of the reshare `req` starts, as every party rebuilds it: the
+    /// prior key data, dealers and profile the coordinator names, the profile checked
+    /// against the one this node recorded for the key (if any). Returns the
+    /// configuration, the profile and the recorded profile.
+    fn reshare_config(
         &self,
         req: &fragment::DkgStart,
         session: SessionId,
         key_id: KeyId,
         params: ThresholdParams,
         roster: quorate_crypto::identity::Roster,
-    ) -> Result<Vec<u8>, Status> {
+    ) -> Result<(DkgConfig, KeyProfile, Option<KeyProfile>), Status> {
         let prior = KeyPublic::from_bytes(&req.refresh_prior).map_err(crypto_err)?;
         if prior.key_id != key_id {
             return Err(Status::invalid_argument(
@@ -437,12 +444,86 @@ impl Node {
             key_id,
             params,
             mode: DkgMode::Reshare {
-                prior: prior.clone(),
+                prior,
                 dealers,
                 binding,
             },
             roster,
         };
+        Ok((cfg, profile, recorded))
+    }
+
+    /// Deletes this node's share of a key that a reshare moved elsewhere, once every
+    /// new holder's confirmation of that reshare verifies (see `RetireKey` in
+    /// fragment.proto). Idempotent: a node holding no share answers `false`.
+    fn retire_key(&self, req: fragment::RetireKeyRequest) -> Result<bool, Status> {
+        let start = req
+            .start
+            .ok_or_else(|| Status::invalid_argument("retire: the reshare's DkgStart is missing"))?;
+        let session = convert::session_id(&start.session_id)?;
+        let key_id = convert::key_id(&start.key_id)?;
+        let params = convert::dkg_params(&start)?;
+        if start.reshare_dealers.is_empty() {
+            return Err(Status::invalid_argument(
+                "retire: the DkgStart given is not a reshare's",
+            ));
+        }
+        if params.holds(self.index) {
+            return Err(Status::failed_precondition(format!(
+                "retire: node {} is one of the new holders {} of key {key_id}; it keeps its share",
+                self.index,
+                params.all_parties()
+            )));
+        }
+        let Some(mine) = self.store.key(&key_id).map_err(store_err)? else {
+            return Ok(false);
+        };
+        let roster =
+            convert::verify_roster(start.roster.as_ref(), &self.trust, &params.all_parties())?;
+        let (cfg, _, _) = self.reshare_config(&start, session, key_id, params, roster)?;
+        let DkgMode::Reshare { prior, .. } = &cfg.mode else {
+            return Err(Status::internal("reshare configuration is not a reshare"));
+        };
+        // The reshare may start from a later epoch than this node's share (it missed a
+        // refresh); it may not start from an earlier one, or from another key.
+        if prior.public_key() != mine.public.public_key() || prior.epoch < mine.public.epoch {
+            return Err(Status::failed_precondition(format!(
+                "retire: this node holds epoch {} of key {key_id}, which the reshare (from epoch {}) does not succeed",
+                mine.public.epoch, prior.epoch
+            )));
+        }
+        let confirms: Vec<dkg::DkgConfirm> = Self::decode_all(&req.confirms)?;
+        let moved = dkg::finalize(&cfg, &confirms).map_err(|e| {
+            Status::failed_precondition(format!(
+                "retire: the new holders' confirmations do not verify, so the share stays: {e}"
+            ))
+        })?;
+        let held = self.store.retire_key(&key_id).map_err(store_err)?;
+        self.key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key_id);
+        let burned = self.presigs.burn_older(&key_id, u32::MAX);
+        tracing::info!(key = %key_id, epoch = mine.public.epoch, holders = %moved.params.all_parties(), new_epoch = moved.epoch, burned, "key share destroyed: the key moved to other nodes");
+        Ok(held)
+    }
+
+    /// Round 1 of a reshare (DESIGN.md §4.3): a dealer checks that the coordinator's
+    /// prior key data and profile are its own and deals; any other party of the new
+    /// parameters joins as a recipient and answers with an empty message.
+    fn reshare_start(
+        &self,
+        req: &fragment::DkgStart,
+        session: SessionId,
+        key_id: KeyId,
+        params: ThresholdParams,
+        roster: quorate_crypto::identity::Roster,
+    ) -> Result<Vec<u8>, Status> {
+        let (cfg, profile, recorded) = self.reshare_config(req, session, key_id, params, roster)?;
+        let DkgMode::Reshare { prior, .. } = &cfg.mode else {
+            return Err(Status::internal("reshare configuration is not a reshare"));
+        };
+        let prior = prior.clone();
         if cfg.is_dealer(self.index) {
             let mine = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
                 Status::failed_precondition(format!(
@@ -587,8 +668,11 @@ impl Node {
                 share.public.epoch, req.key_epoch
             )));
         }
-        let roster =
-            convert::verify_roster(req.roster.as_ref(), &self.trust, share.public.params.n())?;
+        let roster = convert::verify_roster(
+            req.roster.as_ref(),
+            &self.trust,
+            &share.public.params.all_parties(),
+        )?;
         let cfg = PresignConfig {
             session,
             key: share.public.clone(),
@@ -1101,6 +1185,18 @@ impl FragmentNode for Service {
     ) -> Result<Response<fragment::DkgActivateReply>, Status> {
         self.run(request, |n, r| {
             n.dkg_activate(r).map(|()| fragment::DkgActivateReply {})
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(node = %self.node.index))]
+    async fn retire_key(
+        &self,
+        request: Request<fragment::RetireKeyRequest>,
+    ) -> Result<Response<fragment::RetireKeyReply>, Status> {
+        self.run(request, |n, r| {
+            n.retire_key(r)
+                .map(|destroyed| fragment::RetireKeyReply { destroyed })
         })
         .await
     }

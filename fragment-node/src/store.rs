@@ -477,6 +477,22 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the active share of `key`, its profile and token rules, in one
+    /// transaction (a reshare moved the key to other nodes). Returns whether a share
+    /// was held. The sealed bytes may linger in the file's free pages until reused.
+    pub fn retire_key(&self, key: &KeyId) -> Result<bool> {
+        let tx = self.db.begin_write()?;
+        let held = {
+            let mut k = tx.open_table(KEYS)?;
+            let held = k.remove(&key.0[..])?.is_some();
+            tx.open_table(PROFILES)?.remove(&key.0[..])?;
+            tx.open_table(TOKEN_RULES)?.remove(&key.0[..])?;
+            held
+        };
+        tx.commit()?;
+        Ok(held)
+    }
+
     /// The active share of `key`.
     pub fn key(&self, key: &KeyId) -> Result<Option<KeyShare>> {
         let tx = self.db.begin_read()?;

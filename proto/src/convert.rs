@@ -9,7 +9,7 @@
 
 use quorate_crypto::identity::{IdentityKey, IdentityPublic, NodePublic, Roster};
 use quorate_crypto::keys::{KeyId, KeyPurpose};
-use quorate_crypto::params::{PartyIndex, PartySet, SessionId};
+use quorate_crypto::params::{PartyIndex, PartySet, SessionId, ThresholdParams};
 use quorate_crypto::seal::KemPublicKey;
 use rustls::pki_types::CertificateDer;
 
@@ -161,27 +161,68 @@ pub fn verify_node_info(
     Ok((index, NodePublic { identity, kem }))
 }
 
-/// Verifies a whole roster of `n` nodes (each index `1..=n` exactly once).
+/// The threshold parameters of a [`fragment::DkgStart`]: `n`, `t` and its holder list
+/// (empty: holders `1..=n`). Errors name the field that is wrong.
+pub fn dkg_params(req: &fragment::DkgStart) -> Result<ThresholdParams, ConvertError> {
+    let n = u16::try_from(req.n).map_err(|_| err(format!("n = {} is out of range", req.n)))?;
+    let t = u16::try_from(req.t).map_err(|_| err(format!("t = {} is out of range", req.t)))?;
+    if req.holders.is_empty() {
+        return Ok(ThresholdParams::new(n, t)?);
+    }
+    if req.holders.len() != usize::from(n) {
+        return Err(err(format!(
+            "{} holders listed for n = {n}",
+            req.holders.len()
+        )));
+    }
+    let holders = req
+        .holders
+        .iter()
+        .map(|&i| {
+            u16::try_from(i)
+                .ok()
+                .and_then(PartyIndex::new)
+                .ok_or_else(|| err(format!("holder index {i} is outside 1..=255")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ThresholdParams::with_holders(&PartySet::new(holders)?, t)?)
+}
+
+/// The `holders` field of a [`fragment::DkgStart`] for `params`: empty for `1..=n`.
+pub fn holders_to_wire(params: &ThresholdParams) -> Vec<u32> {
+    if params.is_contiguous() {
+        Vec::new()
+    } else {
+        params
+            .all_parties()
+            .members()
+            .iter()
+            .map(|p| u32::from(p.get()))
+            .collect()
+    }
+}
+
+/// Verifies a roster that lists exactly `parties`, each once, every entry signed by a
+/// certificate of the cluster CA. Errors name the node that is missing, extra or bad.
 pub fn verify_roster(
     roster: Option<&fragment::Roster>,
     trust: &Trust,
-    n: u16,
+    parties: &PartySet,
 ) -> Result<Roster, ConvertError> {
     let roster = roster.ok_or_else(|| err("roster is missing"))?;
-    let mut slots: Vec<Option<NodePublic>> = vec![None; usize::from(n)];
+    let mut entries = Vec::with_capacity(roster.nodes.len());
     for info in &roster.nodes {
         let (i, node) = verify_node_info(info, trust)?;
-        let slot = slots
-            .get_mut(usize::from(i.get()) - 1)
-            .ok_or_else(|| err(format!("roster names node {i} but the cluster has {n}")))?;
-        if slot.replace(node).is_some() {
-            return Err(err(format!("roster lists node {i} twice")));
+        if !parties.contains(i) {
+            return Err(err(format!(
+                "roster names node {i}, which is not one of the parties {parties}"
+            )));
         }
+        entries.push((i, node));
     }
-    let nodes = slots
-        .into_iter()
-        .enumerate()
-        .map(|(k, s)| s.ok_or_else(|| err(format!("roster lacks node {}", k + 1))))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Roster::new(nodes)?)
+    let roster = Roster::from_entries(entries)?;
+    if let Some(p) = parties.members().iter().find(|p| roster.get(**p).is_err()) {
+        return Err(err(format!("roster lacks node {p}")));
+    }
+    Ok(roster)
 }

@@ -293,6 +293,9 @@ pub struct TestCluster {
     /// Port of the coordinator's HTTPS metadata listener (fixed across restarts, so the
     /// issuer URL is too).
     pub http_port: u16,
+    /// Nodes left out of the coordinator's `--node` list (replaced or removed; their
+    /// processes and addresses stay for the test to inspect).
+    pub left: Vec<u16>,
 }
 
 impl TestCluster {
@@ -310,6 +313,7 @@ impl TestCluster {
             t,
             coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
             http_port: free_port(),
+            left: Vec::new(),
         };
         for i in 1..=n {
             let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
@@ -368,6 +372,14 @@ impl TestCluster {
 
     /// Starts the coordinator (again).
     pub fn start_coordinator(&mut self) {
+        let p = spawn_ready(self.coordinator_command());
+        self.coordinator_addr = p.addr;
+        self.coordinator = Some(p);
+    }
+
+    /// The coordinator's command line: every node not in [`Self::left`], the threshold
+    /// [`Self::t`], [`Self::coordinator_flags`].
+    pub fn coordinator_command(&self) -> Command {
         let d = &self.dir.0;
         let mut cmd = Command::new(binary("quorate-coordinator"));
         let listen = if self.coordinator_addr.port() == 0 {
@@ -394,15 +406,15 @@ impl TestCluster {
             .arg("--issuer-url")
             .arg(self.issuer())
             .env("QUORATE_LOG", "warn");
-        for (k, a) in self.node_addrs.iter().enumerate() {
-            cmd.arg("--node").arg(format!("{}={a}", k + 1));
+        for (i, a) in (1u16..).zip(&self.node_addrs) {
+            if !self.left.contains(&i) {
+                cmd.arg("--node").arg(format!("{i}={a}"));
+            }
         }
         for f in &self.coordinator_flags {
             cmd.arg(f);
         }
-        let p = spawn_ready(cmd);
-        self.coordinator_addr = p.addr;
-        self.coordinator = Some(p);
+        cmd
     }
 
     /// Stops node `i` with SIGKILL.

@@ -55,6 +55,59 @@ async fn sign_within(c: &TestCluster, name: &str, msg: &[u8], limit: Duration) -
     }
 }
 
+/// Starts node `i` (the next index) with a certificate from the cluster CA.
+fn add_node(c: &mut TestCluster, i: u16) {
+    assert_eq!(usize::from(i), c.node_addrs.len() + 1);
+    let dir = c.dir.0.clone();
+    let ca = quorate_proto::pki::ClusterCa::from_pem(
+        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+        DOMAIN,
+    )
+    .unwrap();
+    let issued = ca.issue(&quorate_proto::tls::Role::Node(i)).unwrap();
+    std::fs::write(dir.join(format!("node-{i}.pem")), &issued.cert_pem).unwrap();
+    std::fs::write(
+        dir.join(format!("node-{i}-key.pem")),
+        issued.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
+    c.node_addrs.push(p.addr);
+    c.nodes.push(Some(p));
+    c.n = i;
+}
+
+/// Runs the coordinator as configured and expects it to refuse to start; returns its
+/// error output.
+fn refused(c: &TestCluster) -> String {
+    let log = c.dir.0.join("refused.log");
+    let mut child = c
+        .coordinator_command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the coordinator started instead of refusing: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
 /// The `quorate` CLI as the cluster's admin.
 fn cli(c: &TestCluster, args: &[&str]) -> std::process::Output {
     let d = &c.dir.0;
@@ -623,53 +676,12 @@ async fn a_cluster_grows_from_3_1_to_5_2_by_resharing() {
         p.terminate();
     }
     // Two new nodes, with certificates from the cluster CA.
-    let dir = c.dir.0.clone();
-    let ca = quorate_proto::pki::ClusterCa::from_pem(
-        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
-        &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
-        DOMAIN,
-    )
-    .unwrap();
-    for i in [4u16, 5] {
-        let issued = ca.issue(&quorate_proto::tls::Role::Node(i)).unwrap();
-        std::fs::write(dir.join(format!("node-{i}.pem")), &issued.cert_pem).unwrap();
-        std::fs::write(
-            dir.join(format!("node-{i}-key.pem")),
-            issued.key_pem.as_bytes(),
-        )
-        .unwrap();
-        let p = c.spawn_node(i, "127.0.0.1:0".parse().unwrap(), None);
-        c.node_addrs.push(p.addr);
-        c.nodes.push(Some(p));
-    }
-    c.n = 5;
+    add_node(&mut c, 4);
+    add_node(&mut c, 5);
     c.t = 2;
 
     // Without --reshare: refused, naming the keys.
-    let mut cmd = std::process::Command::new(binary("quorate-coordinator"));
-    cmd.arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data-dir")
-        .arg(dir.join("coordinator"))
-        .arg("--cert")
-        .arg(dir.join("coordinator.pem"))
-        .arg("--key")
-        .arg(dir.join("coordinator-key.pem"))
-        .arg("--ca")
-        .arg(dir.join("ca.pem"))
-        .arg("--domain")
-        .arg(DOMAIN)
-        .arg("--threshold")
-        .arg("2")
-        .arg("--http-listen")
-        .arg("127.0.0.1:0")
-        .env("QUORATE_LOG", "warn");
-    for (j, a) in c.node_addrs.iter().enumerate() {
-        cmd.arg("--node").arg(format!("{}={a}", j + 1));
-    }
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused(&c);
     assert!(
         err.contains("--reshare") && err.contains("k (3,1)"),
         "{err}"
@@ -701,4 +713,200 @@ async fn a_cluster_grows_from_3_1_to_5_2_by_resharing() {
         let sig = sign_within(&c, "k", m, Duration::from_secs(30)).await;
         verify(&k.public_key, m, &sig);
     }
+}
+
+/// Node 2 is replaced by a new node 4: the coordinator, started with `--node 1,3,4
+/// --reshare --retire 2=ADDR`, reshares every key from nodes 1 and 3 onto {1, 3, 4}
+/// (same public key and key id, next epoch), and node 2 destroys its share only on
+/// evidence it checks itself: every new holder's signed confirmation. Forged or
+/// partial evidence (what a compromised coordinator could send) leaves the share in
+/// place; a node that was down when the key moved is retired at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_2_is_replaced_by_node_4_and_destroys_its_share_on_checked_evidence() {
+    let mut c = TestCluster::start("replace", 3, 1, POOL_FLAGS);
+    let k = c.create_key("k", api::Purpose::Sign).await;
+    let d = c.create_key("d", api::Purpose::Derive).await;
+    c.wait_pools("k", 2, Duration::from_secs(120)).await;
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    add_node(&mut c, 4);
+    c.left = vec![2];
+    // Keys held by node 2, which is not in --node: refused without --reshare, and
+    // with it, refused until node 2 is accounted for.
+    let err = refused(&c);
+    assert!(
+        err.contains("--reshare") && err.contains("k (3,1)"),
+        "{err}"
+    );
+    c.coordinator_flags.push("--reshare".into());
+    let err = refused(&c);
+    assert!(
+        err.contains("held by node 2") && err.contains("--retire 2=HOST:PORT"),
+        "{err}"
+    );
+    // Node 2 is down while the keys move: they move anyway (nodes 1 and 3 deal), and
+    // its retirement waits.
+    c.kill_node(2);
+    let addr2 = c.node_addrs[1];
+    c.coordinator_flags.push(format!("--retire=2={addr2}"));
+    c.start_coordinator();
+    let keys = c
+        .keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    for (before, name) in [(&k, "k"), (&d, "d")] {
+        let now = keys.iter().find(|x| x.name == name).unwrap();
+        assert_eq!((now.n, now.t, now.epoch), (3, 1, 1), "{name}");
+        assert_eq!(now.holders, vec![1, 3, 4], "{name}");
+        assert_eq!(now.public_key, before.public_key, "{name}");
+        assert_eq!(now.key_id, before.key_id, "{name}");
+    }
+    let sig = sign_within(&c, "k", b"replaced", Duration::from_secs(60)).await;
+    verify(&k.public_key, b"replaced", &sig);
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+
+    // Node 2 comes back with its old shares. The evidence the coordinator keeps for it:
+    let store = quorate_coordinator::store::Store::open(
+        &c.dir.0.join("coordinator").join("coordinator.redb"),
+    )
+    .unwrap();
+    let pending = store.retirements().unwrap();
+    drop(store);
+    assert_eq!(pending.len(), 2, "one retirement per key for node 2");
+    assert!(pending.iter().all(|(_, n, _)| n.get() == 2));
+    c.restart_node(2, None);
+    assert_eq!(
+        epochs(&c, &k.key_id).await,
+        vec![Some(1), Some(0), Some(1), Some(1)]
+    );
+    let mut node2 = c.node_as_coordinator(2).await;
+    let (_, _, evidence) = pending
+        .iter()
+        .find(|(id, _, _)| id.to_string() == k.key_id)
+        .unwrap();
+    let genuine: fragment::RetireKeyRequest = prost::Message::decode(evidence.as_slice()).unwrap();
+    // Partial evidence: one new holder's confirmation missing.
+    let mut partial = genuine.clone();
+    partial.confirms.pop();
+    // Forged: one confirmation's signature altered.
+    let mut forged = genuine.clone();
+    let last = forged.confirms[0].len() - 1;
+    forged.confirms[0][last] ^= 1;
+    // Another run's key data: a key that did not move.
+    let mut other = genuine.clone();
+    other.start.as_mut().unwrap().key_id = hex::decode(&d.key_id).unwrap();
+    for (what, req) in [
+        ("partial", partial),
+        ("forged", forged),
+        ("other key", other),
+    ] {
+        let e = node2.retire_key(req).await.unwrap_err();
+        eprintln!("{what}: {e:?}");
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+            ),
+            "{what}: {e:?}"
+        );
+    }
+    assert_eq!(
+        epochs(&c, &k.key_id).await[1],
+        Some(0),
+        "node 2 kept its share"
+    );
+    // A new holder is never told to drop its share by this evidence.
+    let e = c
+        .node_as_coordinator(1)
+        .await
+        .retire_key(genuine.clone())
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("one of the new holders"), "{e:?}");
+
+    // The next start retires node 2 with the genuine evidence.
+    c.start_coordinator();
+    for before in [&k, &d] {
+        assert_eq!(
+            epochs(&c, &before.key_id).await,
+            vec![Some(1), None, Some(1), Some(1)]
+        );
+    }
+    let store_left = {
+        if let Some(mut p) = c.coordinator.take() {
+            p.terminate();
+        }
+        let store = quorate_coordinator::store::Store::open(
+            &c.dir.0.join("coordinator").join("coordinator.redb"),
+        )
+        .unwrap();
+        store.retirements().unwrap().len()
+    };
+    assert_eq!(store_left, 0);
+    // Idempotent: node 2 holds nothing of the key now.
+    let again = node2.retire_key(genuine).await.unwrap().into_inner();
+    assert!(!again.destroyed);
+    // The new holders sign without node 1 (once pools are made: at (3,1) presigning
+    // needs all three).
+    c.start_coordinator();
+    c.wait_pools("k", 2, Duration::from_secs(120)).await;
+    c.kill_node(1);
+    let sig = sign_within(&c, "k", b"without node 1", Duration::from_secs(60)).await;
+    verify(&k.public_key, b"without node 1", &sig);
+}
+
+/// A cluster shrinks from (5,2) to (3,1) on nodes {1, 3, 4}: node 2 leaves and
+/// destroys its share, node 5 is gone for good (`--retire 5`); the key keeps its
+/// public key and signs with the new threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_shrinks_from_5_2_to_3_1_on_other_nodes() {
+    let mut c = TestCluster::start("shrink", 5, 2, POOL_FLAGS);
+    let k = c.create_key("k", api::Purpose::Sign).await;
+    if let Some(mut p) = c.coordinator.take() {
+        p.terminate();
+    }
+    c.kill_node(5);
+    c.left = vec![2, 5];
+    c.t = 1;
+    let addr2 = c.node_addrs[1];
+    c.coordinator_flags.extend([
+        "--reshare".into(),
+        format!("--retire=2={addr2}"),
+        "--retire=5".into(),
+    ]);
+    c.start_coordinator();
+    let now = c
+        .keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .find(|x| x.name == "k")
+        .unwrap();
+    assert_eq!(
+        (now.n, now.t, now.epoch, now.holders.clone()),
+        (3, 1, 1, vec![1, 3, 4])
+    );
+    assert_eq!(now.public_key, k.public_key);
+    assert_eq!(
+        epochs(&c, &k.key_id).await,
+        vec![Some(1), None, Some(1), Some(1), None]
+    );
+    let out = cli(&c, &["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("(3,1) on nodes 1,3,4"), "{status}");
+    c.wait_pools("k", 2, Duration::from_secs(120)).await;
+    c.kill_node(3);
+    let sig = sign_within(&c, "k", b"shrunk", Duration::from_secs(60)).await;
+    verify(&k.public_key, b"shrunk", &sig);
 }
