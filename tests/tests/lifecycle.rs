@@ -750,7 +750,9 @@ async fn node_2_is_replaced_by_node_4_and_destroys_its_share_on_checked_evidence
     c.kill_node(2);
     let addr2 = c.node_addrs[1];
     c.coordinator_flags.push(format!("--retire=2={addr2}"));
+    let restart = Instant::now();
     c.start_coordinator();
+    let serving = restart.elapsed();
     let keys = c
         .keys()
         .await
@@ -768,6 +770,11 @@ async fn node_2_is_replaced_by_node_4_and_destroys_its_share_on_checked_evidence
     }
     let sig = sign_within(&c, "k", b"replaced", Duration::from_secs(60)).await;
     verify(&k.public_key, b"replaced", &sig);
+    eprintln!(
+        "replacing node 2 by node 4 (2 keys): coordinator serving after {:.2} s, first signature after {:.2} s",
+        serving.as_secs_f64(),
+        restart.elapsed().as_secs_f64()
+    );
     if let Some(mut p) = c.coordinator.take() {
         p.terminate();
     }
