@@ -221,7 +221,7 @@ impl Config {
             audience: args.audience,
             scope: args.scope,
             listen: args.listen,
-            resource: args.resource.map(|r| r.trim_end_matches('/').to_owned()),
+            resource: args.resource,
             public_url: args.public_url.map(|u| u.trim_end_matches('/').to_owned()),
         })
     }
@@ -267,6 +267,32 @@ fn check_resource(r: &str) -> Result<(), &'static str> {
         return Err("must be printable ASCII without spaces, quotes or backslashes");
     }
     Ok(())
+}
+
+/// Where the metadata of `resource` lives (RFC 9728 §3.1): the well-known suffix
+/// inserted between the host component and the path (and query), after dropping a
+/// terminating `/` that follows the host. `http://h:1/tools/echo` →
+/// `(http://h:1/.well-known/oauth-protected-resource/tools/echo, its path)`;
+/// `https://h/` → `(https://h/.well-known/oauth-protected-resource, …)`. The resource
+/// must have passed `check_resource`.
+pub fn metadata_location(resource: &str) -> (String, String) {
+    let after_scheme = resource.find("://").map_or(0, |i| i + 3);
+    let (origin, rest) = match resource
+        .get(after_scheme..)
+        .and_then(|r| r.find(['/', '?']))
+    {
+        Some(i) => resource.split_at(after_scheme + i),
+        None => (resource, ""),
+    };
+    let rest = if rest == "/" { "" } else { rest };
+    let rest = rest
+        .strip_prefix("/?")
+        .map_or(rest.to_owned(), |q| format!("?{q}"));
+    let path = rest.split('?').next().unwrap_or_default();
+    (
+        format!("{origin}{METADATA_PATH}{rest}"),
+        format!("{METADATA_PATH}{path}"),
+    )
 }
 
 /// The public URL must be an absolute http(s) URL without query or fragment (requests'
@@ -991,6 +1017,8 @@ pub struct AppState {
     verifier: Verifier,
     resource: String,
     resource_metadata: String,
+    /// The path the metadata is served at (RFC 9728 §3.1).
+    metadata_path: String,
     scope: String,
     /// Where clients reach this server: DPoP `htu` = `public_url` + request path.
     public_url: String,
@@ -999,16 +1027,22 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for `resource` (the resource identifier, no trailing `/`) whose tool requires
-    /// `scope`. The public URL defaults to the resource identifier; set it with
-    /// [`AppState::with_public_url`].
+    /// State for `resource` (the resource identifier, announced exactly as given, RFC
+    /// 9728 §3.3) whose tool requires `scope`. The public URL defaults to the resource
+    /// identifier's origin; set it with [`AppState::with_public_url`].
     pub fn new(verifier: Verifier, resource: &str, scope: &str) -> Self {
-        let resource = resource.trim_end_matches('/').to_owned();
+        let (resource_metadata, metadata_path) = metadata_location(resource);
+        let origin = resource_metadata
+            .split(METADATA_PATH)
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         Self {
             verifier,
-            resource_metadata: format!("{resource}{METADATA_PATH}"),
-            public_url: resource.clone(),
-            resource,
+            resource_metadata,
+            metadata_path,
+            public_url: origin,
+            resource: resource.to_owned(),
             scope: scope.to_owned(),
             replay: ReplayCache::default(),
         }
@@ -1107,11 +1141,12 @@ impl AppState {
     }
 }
 
-/// The routes: `GET` [`METADATA_PATH`] and `POST` [`TOOL_PATH`] (bodies up to
-/// [`MAX_BODY`]).
+/// The routes: `GET` the resource's metadata path (RFC 9728 §3.1: [`METADATA_PATH`]
+/// followed by the resource identifier's path, see [`metadata_location`]) and `POST`
+/// [`TOOL_PATH`] (bodies up to [`MAX_BODY`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route(METADATA_PATH, get(metadata))
+        .route(&state.metadata_path.clone(), get(metadata))
         .route(TOOL_PATH, post(echo))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -1926,7 +1961,9 @@ mod tests {
         })
         .unwrap();
         assert!(ok.roots.is_empty());
-        assert_eq!(ok.resource.as_deref(), Some(RESOURCE));
+        // The resource identifier is kept exactly (RFC 9728 §3.3); the public URL, a
+        // prefix for request paths, loses its trailing slash.
+        assert_eq!(ok.resource, Some(format!("{RESOURCE}/")));
         assert_eq!(ok.public_url.as_deref(), Some("https://tools.test"));
     }
 
@@ -2134,6 +2171,89 @@ mod tests {
             .unwrap();
         let (status, h, json) = call(&app, dpop_call(TOOL_PATH, &bound, &[&p])).await;
         assert_bad_proof(status, &h, &json, "claim htu");
+    }
+
+    #[test]
+    fn metadata_urls_insert_the_well_known_suffix_after_the_host() {
+        for (resource, url, path) in [
+            (
+                "http://127.0.0.1:8081/tools/echo",
+                "http://127.0.0.1:8081/.well-known/oauth-protected-resource/tools/echo",
+                "/.well-known/oauth-protected-resource/tools/echo",
+            ),
+            (
+                "https://tools.example.com/api/",
+                "https://tools.example.com/.well-known/oauth-protected-resource/api/",
+                "/.well-known/oauth-protected-resource/api/",
+            ),
+            (
+                "https://tools.example.com/",
+                "https://tools.example.com/.well-known/oauth-protected-resource",
+                "/.well-known/oauth-protected-resource",
+            ),
+            (
+                "https://tools.example.com",
+                "https://tools.example.com/.well-known/oauth-protected-resource",
+                "/.well-known/oauth-protected-resource",
+            ),
+            (
+                "https://tools.example.com/?tenant=a",
+                "https://tools.example.com/.well-known/oauth-protected-resource?tenant=a",
+                "/.well-known/oauth-protected-resource",
+            ),
+            (
+                "https://tools.example.com/r?tenant=a",
+                "https://tools.example.com/.well-known/oauth-protected-resource/r?tenant=a",
+                "/.well-known/oauth-protected-resource/r",
+            ),
+        ] {
+            assert_eq!(
+                metadata_location(resource),
+                (url.to_owned(), path.to_owned()),
+                "{resource}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn metadata_of_a_resource_with_a_path_is_served_where_rfc_9728_puts_it() {
+        let key = TestKey::new("k1");
+        let resource = "http://127.0.0.1:8081/tools/echo/";
+        let app = router(Arc::new(AppState::new(verifier(&key), resource, SCOPE)));
+        let (status, _, doc) = call(
+            &app,
+            Request::get("/.well-known/oauth-protected-resource/tools/echo/")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            doc["resource"], resource,
+            "announced exactly, trailing slash kept"
+        );
+        assert_eq!(doc["authorization_servers"], json!([ISS]));
+        let (status, _, _) = call(
+            &app,
+            Request::get(METADATA_PATH).body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "the root document would name another resource"
+        );
+        // The challenge points at the path-inserted URL.
+        let (status, headers, _) =
+            call(&app, Request::post(TOOL_PATH).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let challenge = headers.get(WWW_AUTHENTICATE).unwrap().to_str().unwrap();
+        assert!(
+            challenge.contains(
+                "resource_metadata=\"http://127.0.0.1:8081/.well-known/oauth-protected-resource/tools/echo/\""
+            ),
+            "{challenge}"
+        );
     }
 
     #[tokio::test]
