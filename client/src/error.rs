@@ -217,8 +217,13 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
         }
         tonic::Code::NotFound => "list the cluster's keys with `quorate key list`",
         tonic::Code::AlreadyExists => "choose another name, or use the existing key",
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+        // The coordinator could not tell who the caller is: a certificate matter.
+        tonic::Code::Unauthenticated => {
             "use a client certificate this cluster accepts (--cert/--key, QUORATE_CERT/QUORATE_KEY)"
+        }
+        // It knew the caller and its policy said no: not a certificate matter.
+        tonic::Code::PermissionDenied => {
+            "the cluster's policy refused this client (the message names what decided it);              `quorate policy show` lists the active policy set"
         }
         tonic::Code::ResourceExhausted => "retry shortly, or send less data (e.g. `--digest`)",
         tonic::Code::FailedPrecondition => {
@@ -267,6 +272,25 @@ mod tests {
         assert_eq!(Error::Usage("x".into()).exit_code(), 2);
         assert_eq!(Error::Config("x".into()).exit_code(), 2);
         assert_eq!(Error::Other("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn only_an_unknown_caller_is_pointed_at_certificates() {
+        let denied = Error::from_status(
+            "list approvals",
+            addr(),
+            &tonic::Status::permission_denied("policy forbids Client::\"ci\" list_approvals"),
+        )
+        .to_string();
+        assert!(!denied.contains("--cert"), "{denied}");
+        assert!(denied.contains("policy"), "{denied}");
+        let unknown = Error::from_status(
+            "list approvals",
+            addr(),
+            &tonic::Status::unauthenticated("no client certificate"),
+        )
+        .to_string();
+        assert!(unknown.contains("--cert"), "{unknown}");
     }
 
     #[test]
