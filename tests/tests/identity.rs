@@ -40,6 +40,10 @@ when { principal.hasTag("team") && principal.getTag("team") == "blue" };
 forbid (principal, action == Action::"issue_token", resource)
 when { context has environment && context.environment == "prod" && context.scopes.contains("delete") };
 
+@id("delegate-tools")
+permit (principal is Agent, action == Action::"exchange_token", resource == Audience::"tools")
+when { context has on_behalf_of };
+
 @id("admin-client")
 permit (principal == Client::"admin", action, resource);
 "#;
@@ -864,5 +868,179 @@ async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsEr
         c.issue_token(request("", 60))
             .await
             .expect_err("a certificate from outside the SVID bundles must not get in");
+    }
+}
+
+/// The OAuth token endpoint (RFC 6749 §3.2) on the HTTPS listener decides as the gRPC
+/// API does: the jwt-bearer grant (RFC 7523, the attestation as assertion, RFC 8707
+/// `resource` as audience) and token exchange (RFC 8693), with RFC 6749 §5.2 errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_grants_and_errors() {
+    const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+    const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+    let env = Env::start().await;
+    let url = format!("{}/token", env.cluster.issuer());
+    // No client certificate: the assertion is the credential.
+    let tls = https::public_client_config(env.roots()).unwrap();
+    let post = |form: Vec<(&'static str, String)>| {
+        let tls = Arc::clone(&tls);
+        let url = url.clone();
+        async move {
+            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = https::post_form(&url, tls, &pairs).await.unwrap();
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            eprintln!("{} {body}", r.status);
+            (r.status, body)
+        }
+    };
+    let meta = https::get(
+        &format!(
+            "{}/.well-known/oauth-authorization-server",
+            env.cluster.issuer()
+        ),
+        Arc::clone(&tls),
+    )
+    .await
+    .unwrap();
+    let meta: Value = serde_json::from_slice(&meta.body).unwrap();
+    assert_eq!(meta["token_endpoint"], url);
+    assert_eq!(meta["grant_types_supported"], json!([JWT_BEARER, EXCHANGE]));
+
+    let blue = env.issuer.attest("agent-1", json!({"team": "blue"}));
+    let (status, body) = post(vec![
+        ("grant_type", JWT_BEARER.into()),
+        ("assertion", blue.clone()),
+        ("resource", "tools".into()),
+        ("scope", "tools:read tools:write".into()),
+        ("ttl", "300".into()),
+    ])
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "tools:read tools:write");
+    let expires_in = body["expires_in"].as_i64().unwrap();
+    assert!((290..=300).contains(&expires_in), "{expires_in}");
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let claims = env.verify(&token).await;
+    assert_eq!(
+        claims["sub"],
+        format!("spiffe://{DOMAIN}/agent/test/agent-1")
+    );
+    assert_eq!(claims["aud"], "tools");
+    assert!(env.introspect(&token).await);
+
+    // Token exchange: a sub-agent acts for agent-1.
+    let helper = env.issuer.attest("helper", json!({"team": "blue"}));
+    let (status, body) = post(vec![
+        ("grant_type", EXCHANGE.into()),
+        ("subject_token", token.clone()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:access_token".into(),
+        ),
+        ("actor_token", helper.clone()),
+        (
+            "actor_token_type",
+            "urn:ietf:params:oauth:token-type:jwt".into(),
+        ),
+        ("scope", "tools:read".into()),
+    ])
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    let delegated = env.verify(body["access_token"].as_str().unwrap()).await;
+    assert_eq!(delegated["sub"], claims["sub"]);
+    assert_eq!(
+        delegated["act"]["sub"],
+        format!("spiffe://{DOMAIN}/agent/test/helper")
+    );
+    assert_eq!(delegated["scope"], "tools:read");
+
+    // Refusals, as RFC 6749 §5.2 names them.
+    let red = env.issuer.attest("agent-red", json!({"team": "red"}));
+    for (form, error) in [
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("assertion", red),
+                ("resource", "tools".into()),
+            ],
+            "invalid_grant",
+        ),
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("assertion", "not.a.jwt".into()),
+                ("resource", "tools".into()),
+            ],
+            "invalid_grant",
+        ),
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("resource", "tools".into()),
+            ],
+            "invalid_request",
+        ),
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("assertion", blue.clone()),
+            ],
+            "invalid_target",
+        ),
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("assertion", blue.clone()),
+                ("resource", "tools".into()),
+                ("audience", "tools".into()),
+            ],
+            "invalid_target",
+        ),
+        (
+            vec![
+                ("grant_type", JWT_BEARER.into()),
+                ("assertion", blue.clone()),
+                ("resource", "tools".into()),
+                ("scope", "a".into()),
+                ("scope", "b".into()),
+            ],
+            "invalid_request",
+        ),
+        (
+            vec![("grant_type", "password".into())],
+            "unsupported_grant_type",
+        ),
+        (vec![("assertion", blue.clone())], "invalid_request"),
+        (
+            vec![
+                ("grant_type", EXCHANGE.into()),
+                ("subject_token", token.clone()),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token".into(),
+                ),
+                ("actor_token", helper),
+                (
+                    "actor_token_type",
+                    "urn:ietf:params:oauth:token-type:id_token".into(),
+                ),
+            ],
+            "invalid_request",
+        ),
+    ] {
+        let (status, body) = post(form).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"], error, "{body}");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
     }
 }
