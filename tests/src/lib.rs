@@ -17,6 +17,7 @@
 pub mod faultproxy;
 pub mod multihost;
 pub mod netns;
+pub mod tmpfs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
