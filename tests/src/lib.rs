@@ -15,6 +15,7 @@
 )]
 
 pub mod faultproxy;
+pub mod load;
 pub mod multihost;
 pub mod netns;
 pub mod tmpfs;

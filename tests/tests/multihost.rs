@@ -39,6 +39,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use quorate_proto::api;
 use quorate_proto::fragment;
+use quorate_tests::load::RETRYABLE;
 use quorate_tests::multihost::MultiHostCluster;
 use quorate_tests::netns::skip_unless_available;
 use quorate_tests::{TempDir, TestIssuer};
@@ -58,14 +59,6 @@ const BACKOFF: Duration = Duration::from_millis(100);
 /// under (an unpaced client drains them faster than presigning refills them, and a
 /// rolling restart then never sees its pools full again).
 const PACE: Duration = Duration::from_millis(50);
-
-/// Statuses a client retries (the CLI reports the first two as "cluster unreachable",
-/// `client/src/error.rs`; `ResourceExhausted` asks to retry shortly).
-const RETRYABLE: [tonic::Code; 3] = [
-    tonic::Code::Unavailable,
-    tonic::Code::DeadlineExceeded,
-    tonic::Code::ResourceExhausted,
-];
 
 /// Small pools, so that refills show.
 const POOL_FLAGS: [&str; 6] = [
@@ -766,16 +759,7 @@ async fn refresh_and_repair_under_load() {
     }
     const WIPED: u16 = 2;
     let mut env = Env::start("mh-lifecycle", 3, 1, &[Work::Token]).await;
-    let listed = |keys: Vec<api::KeyInfo>| keys.into_iter().find(|k| k.name == TOKEN_KEY).unwrap();
-    let created = listed(
-        env.c
-            .keys()
-            .list_keys(api::ListKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys,
-    );
+    let created = token_key_info(&env).await;
     assert_eq!(env.c.epochs(&created.key_id).await, vec![Some(0); 3]);
     let load = env.load(&[Work::Token; 4], 5);
     let t0 = Instant::now();
@@ -877,16 +861,22 @@ async fn refresh_and_repair_under_load() {
         vec![Some(2); 3],
         "every node holds the repaired epoch"
     );
-    let now = listed(
-        env.c
-            .keys()
-            .list_keys(api::ListKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys,
-    );
+    let now = token_key_info(&env).await;
     assert_eq!(now.public_key, created.public_key, "the key changed");
     assert_eq!(now.key_id, created.key_id);
     assert_eq!(now.epoch, 2);
+}
+
+/// The token key as `ListKeys` reports it.
+async fn token_key_info(env: &Env) -> api::KeyInfo {
+    env.c
+        .keys()
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .find(|k| k.name == TOKEN_KEY)
+        .unwrap_or_else(|| panic!("ListKeys has no key {TOKEN_KEY}"))
 }

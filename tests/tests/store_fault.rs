@@ -23,12 +23,11 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use quorate_proto::api;
 use quorate_proto::fragment;
+use quorate_tests::load::SignLoad;
 use quorate_tests::tmpfs::Tmpfs;
 use quorate_tests::{TestCluster, verify_es256 as verify};
 
@@ -56,69 +55,6 @@ const POOLS: &[&str] = &[
     "--presign-batch",
     "32",
 ];
-
-/// What the signers saw.
-#[derive(Debug, Default)]
-struct Seen {
-    ok: u64,
-    failed: Vec<String>,
-    /// Ends of successful requests.
-    successes: Vec<Instant>,
-}
-
-/// Runs `signers` concurrent signers of key `name` until `stop` is set; every
-/// signature must verify under `public`.
-fn load(
-    c: &TestCluster,
-    name: &str,
-    public: &[u8],
-    signers: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Seen>> {
-    let mut tasks = Vec::new();
-    for s in 0..signers {
-        let (id, trust) = c.identity("client-admin");
-        let cfg = quorate_proto::tls::client_config(&id, &trust).unwrap();
-        let ch = quorate_proto::transport::connect_lazy(
-            c.coordinator_addr,
-            &quorate_proto::tls::Role::Coordinator,
-            quorate_tests::DOMAIN,
-            cfg,
-        )
-        .unwrap();
-        let (stop, name, public) = (stop.clone(), name.to_owned(), public.to_vec());
-        tasks.push(tokio::spawn(async move {
-            let mut keys = api::key_service_client::KeyServiceClient::new(ch);
-            let mut seen = Seen::default();
-            let mut k = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                k += 1;
-                let msg = format!("signer {s} message {k}");
-                let r = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    keys.sign(api::SignRequest {
-                        name: name.clone(),
-                        input: Some(api::sign_request::Input::Message(msg.clone().into_bytes())),
-                        format: api::SignatureFormat::Raw as i32,
-                    }),
-                )
-                .await;
-                match r {
-                    Ok(Ok(sig)) => {
-                        verify(&public, msg.as_bytes(), &sig.into_inner().signature);
-                        seen.ok += 1;
-                        seen.successes.push(Instant::now());
-                    }
-                    Ok(Err(e)) => seen.failed.push(format!("{:?}: {}", e.code(), e.message())),
-                    Err(_) => seen.failed.push("no answer within 30 s".to_owned()),
-                }
-                tokio::time::sleep(PACE).await;
-            }
-            seen
-        }));
-    }
-    tasks
-}
 
 /// Node `i`'s inventory, asked directly as the coordinator.
 async fn inventory(c: &TestCluster, i: u16) -> fragment::InventoryReply {
@@ -196,9 +132,7 @@ async fn a_node_whose_disk_filled_up_recovers_without_a_restart() {
     assert!(before.store_error.is_empty(), "{before:?}");
     let pid = c.nodes[usize::from(FULL) - 1].as_ref().unwrap().child.id();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let signers = load(&c, "k", &k.public_key, 2, stop.clone());
-    let t0 = Instant::now();
+    let load = SignLoad::start(&c, "k", &k.public_key, 2, PACE).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The disk fills up.
@@ -265,39 +199,24 @@ async fn a_node_whose_disk_filled_up_recovers_without_a_restart() {
         "node {FULL} lost its share: {after:?}"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let t_end = Instant::now();
-    let mut seen = Seen::default();
-    for s in signers {
-        let s = s.await.unwrap();
-        seen.ok += s.ok;
-        seen.failed.extend(s.failed);
-        seen.successes.extend(s.successes);
-    }
-    seen.successes.sort();
-    let mut longest = Duration::ZERO;
-    let mut last = t0;
-    for s in &seen.successes {
-        longest = longest.max(s.saturating_duration_since(last));
-        last = last.max(*s);
-    }
-    longest = longest.max(t_end.saturating_duration_since(last));
+    let seen = load.finish().await;
     eprintln!(
-        "store fault: over {:.1} s of load (2 signers): {} signatures, {} failed requests, longest \
-         without a signature {:.2} s; node {FULL} unhealthy for {:.1} s, healthy again {:.2} s \
-         after the filler was deleted (same process); failures: {:?}",
-        (t_end - t0).as_secs_f64(),
+        "store fault: over {:.1} s of load (2 signers): {} signatures, {} failed requests, {} \
+         unanswered at the deadline, longest without a signature {:.2} s; node {FULL} unhealthy \
+         for {:.1} s, healthy again {:.2} s after the filler was deleted (same process); \
+         failures: {:?}",
+        seen.ran.as_secs_f64(),
         seen.ok,
         seen.failed.len(),
-        longest.as_secs_f64(),
+        seen.hung,
+        seen.longest_gap.as_secs_f64(),
         (healthy_at - unhealthy_at).as_secs_f64(),
         recovery.as_secs_f64(),
         seen.failed.iter().take(3).collect::<Vec<_>>()
     );
     assert!(
-        seen.failed.is_empty(),
-        "requests failed while node {FULL}'s disk was full: {:?}",
-        seen.failed
+        seen.failed.is_empty() && seen.hung == 0,
+        "requests failed while node {FULL}'s disk was full: {seen:?}"
     );
     assert!(seen.ok > 0);
 
