@@ -272,6 +272,8 @@ struct Fault {
     reopen: bool,
     /// Failed attempts to open it again (the first is logged as a warning).
     reopen_failures: u64,
+    /// Times it was opened again during this fault (the first is logged).
+    reopened: u64,
 }
 
 impl Health {
@@ -387,6 +389,7 @@ impl Store {
                     since: Instant::now(),
                     reopen,
                     reopen_failures: 0,
+                    reopened: 0,
                 });
             }
         }
@@ -418,13 +421,20 @@ impl Store {
             Ok(new) => {
                 *db = Some(new);
                 s.reopens += 1;
+                let took_ms = started.elapsed().as_millis() as u64;
+                // While the disk stays full this repeats every step: logged once a fault.
                 if let Some(f) = &mut s.fault {
                     f.reopen = false;
+                    f.reopened += 1;
+                    if f.reopened == 1 {
+                        tracing::info!(
+                            took_ms,
+                            "node store: database opened again after an I/O failure"
+                        );
+                    } else {
+                        tracing::debug!(took_ms, "node store: database opened again");
+                    }
                 }
-                tracing::info!(
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "node store: database opened again after an I/O failure"
-                );
                 Ok(())
             }
             Err(e) => {
