@@ -214,18 +214,17 @@ fn unreachable_shard() -> ! {
     std::process::abort()
 }
 
-/// The node's release log, written by a background thread in group commits.
+/// The node's release log, written by a background thread in group commits. A batch
+/// that fails to commit is lost (and logged); the failure marks the store unhealthy
+/// ([`Store::fault`]) until its recovery thread sees a write commit again.
 pub struct ReleaseLog {
     tx: Mutex<mpsc::Sender<Vec<Release>>>,
-    fault: std::sync::Arc<Mutex<Option<String>>>,
 }
 
 impl ReleaseLog {
     /// Starts the writer over `store` (shared with the node).
     pub fn start(store: std::sync::Arc<Store>) -> Self {
         let (tx, rx) = mpsc::channel::<Vec<Release>>();
-        let fault = std::sync::Arc::new(Mutex::new(None));
-        let seen = std::sync::Arc::clone(&fault);
         std::thread::Builder::new()
             .name("release-log".into())
             .spawn(move || {
@@ -234,18 +233,8 @@ impl ReleaseLog {
                     while let Ok(more) = rx.try_recv() {
                         batch.extend(more);
                     }
-                    let outcome = store.log_releases(&batch);
-                    let mut f = seen.lock().unwrap_or_else(PoisonError::into_inner);
-                    match outcome {
-                        Ok(()) => {
-                            if f.take().is_some() {
-                                tracing::info!("the store accepts writes again");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, lost = batch.len(), "cannot append to the release log");
-                            *f = Some(format!("cannot append to the release log: {e}"));
-                        }
+                    if let Err(e) = store.log_releases(&batch) {
+                        tracing::error!(error = %e, lost = batch.len(), "cannot append to the release log");
                     }
                 }
             })
@@ -253,18 +242,7 @@ impl ReleaseLog {
                 |e| tracing::error!(error = %e, "cannot start the release log writer"),
                 |_| (),
             );
-        Self {
-            tx: Mutex::new(tx),
-            fault,
-        }
-    }
-
-    /// Why the last write of the log failed, while writes fail.
-    pub fn fault(&self) -> Option<String> {
-        self.fault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        Self { tx: Mutex::new(tx) }
     }
 
     /// Queues releases for the log; never blocks on I/O.

@@ -202,6 +202,9 @@ impl Node {
     ) -> Result<Self, StoreError> {
         let kem = store.kem_key()?;
         let store = Arc::new(store);
+        Store::start_recovery(&store).map_err(|e| {
+            StoreError::Db(format!("cannot start the store's recovery thread: {e}"))
+        })?;
         Ok(Node {
             presigs: PresigBook::default(),
             key_cache: Mutex::new(HashMap::new()),
@@ -1061,29 +1064,44 @@ impl Node {
         n
     }
 
-    fn inventory(&self) -> Result<fragment::InventoryReply, Status> {
-        let keys = self.store.keys().map_err(store_err)?;
-        Ok(fragment::InventoryReply {
-            keys: keys
-                .iter()
-                .map(|k| {
-                    let profile = self
-                        .store
-                        .profile(&k.public.key_id)
-                        .map_err(store_err)?
-                        .map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0);
-                    Ok(fragment::KeyHolding {
-                        key_id: k.public.key_id.0.to_vec(),
-                        epoch: k.public.epoch,
-                        active: true,
-                        profile: profile as i32,
-                    })
+    /// The node's key holdings, from its store.
+    fn holdings(&self) -> Result<Vec<fragment::KeyHolding>, StoreError> {
+        self.store
+            .keys()?
+            .iter()
+            .map(|k| {
+                let profile = self
+                    .store
+                    .profile(&k.public.key_id)?
+                    .map_or(fragment::KeyProfile::Unspecified, |p| p.to_fragment().0);
+                Ok(fragment::KeyHolding {
+                    key_id: k.public.key_id.0.to_vec(),
+                    epoch: k.public.epoch,
+                    active: true,
+                    profile: profile as i32,
                 })
-                .collect::<Result<_, Status>>()?,
+            })
+            .collect()
+    }
+
+    fn inventory(&self) -> Result<fragment::InventoryReply, Status> {
+        // A store that an I/O failure keeps from reading still answers, with no keys and
+        // the fault: the coordinator learns why the node is out of work, and that the
+        // process (its instance, its presignatures) lives on.
+        let (keys, fault) = match self.holdings() {
+            Ok(keys) => (keys, self.store.fault()),
+            Err(e @ StoreError::Io(_)) => (
+                Vec::new(),
+                Some(self.store.fault().unwrap_or_else(|| e.to_string())),
+            ),
+            Err(e) => return Err(store_err(e)),
+        };
+        Ok(fragment::InventoryReply {
+            keys,
             unused_presignatures: self.presigs.unused(),
             instance: self.instance.to_vec(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            store_error: self.releases.fault().unwrap_or_default(),
+            store_error: fault.unwrap_or_default(),
         })
     }
 }

@@ -15,8 +15,10 @@
 )]
 
 pub mod faultproxy;
+pub mod load;
 pub mod multihost;
 pub mod netns;
+pub mod tmpfs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

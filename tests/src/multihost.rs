@@ -166,7 +166,7 @@ impl MultiHostCluster {
         cmd.arg("--listen")
             .arg(self.node_addr(i).to_string())
             .arg("--data-dir")
-            .arg(d.join(format!("node-{i}")))
+            .arg(self.node_data_dir(i))
             .arg("--cert")
             .arg(d.join(format!("node-{i}.pem")))
             .arg("--key")
@@ -231,11 +231,27 @@ impl MultiHostCluster {
 
     /// Stops node `i` gracefully (SIGTERM; it drains) and starts it again.
     pub fn restart_node(&mut self, i: u16) {
+        self.stop_node(i);
+        self.start_node(i);
+    }
+
+    /// Stops node `i` gracefully (SIGTERM; it drains), if it runs.
+    pub fn stop_node(&mut self, i: u16) {
         if let Some(mut p) = self.nodes[usize::from(i) - 1].take() {
             p.terminate();
         }
+    }
+
+    /// Starts node `i` (again) and waits until it is ready.
+    pub fn start_node(&mut self, i: u16) {
         let p = self.spawn_node(i);
         self.nodes[usize::from(i) - 1] = Some(p);
+    }
+
+    /// Node `i`'s data directory (its store and key-encryption key; its certificate and
+    /// ceiling live beside it in the cluster directory).
+    pub fn node_data_dir(&self, i: u16) -> PathBuf {
+        self.dir.0.join(format!("node-{i}"))
     }
 
     /// Identity and trust for a certificate in the cluster directory.
@@ -267,9 +283,16 @@ impl MultiHostCluster {
         api::identity_service_client::IdentityServiceClient::new(self.api_channel())
     }
 
-    /// How many unused presignatures node `i` holds (its `Inventory`, asked directly as
-    /// the coordinator, not through the link).
-    pub async fn node_presignatures(&self, i: u16) -> Result<u64, String> {
+    /// ClusterService client.
+    pub fn cluster(&self) -> api::cluster_service_client::ClusterServiceClient<Channel> {
+        api::cluster_service_client::ClusterServiceClient::new(self.api_channel())
+    }
+
+    /// Node `i`'s `Inventory`, asked directly as the coordinator, not through the link.
+    pub async fn node_inventory(
+        &self,
+        i: u16,
+    ) -> Result<quorate_proto::fragment::InventoryReply, String> {
         let (id, trust) = self.identity("coordinator");
         let cfg = tls::client_config(&id, &trust).map_err(|e| e.to_string())?;
         let ch = transport::connect(self.node_addr(i), &Role::Node(i), DOMAIN, cfg)
@@ -280,13 +303,41 @@ impl MultiHostCluster {
             .inventory(quorate_proto::fragment::InventoryRequest {})
             .await
             .map_err(|e| e.to_string())?;
-        Ok(reply.into_inner().unused_presignatures)
+        Ok(reply.into_inner())
+    }
+
+    /// How many unused presignatures node `i` holds ([`MultiHostCluster::node_inventory`]).
+    pub async fn node_presignatures(&self, i: u16) -> Result<u64, String> {
+        Ok(self.node_inventory(i).await?.unused_presignatures)
+    }
+
+    /// Each node's epoch of the key with id `key_id` (hex), from its own inventory
+    /// (`None`: stopped, unreachable, or no active share).
+    pub async fn epochs(&self, key_id: &str) -> Vec<Option<u32>> {
+        let mut out = Vec::new();
+        for i in 1..=self.n {
+            let inv = if self.nodes[usize::from(i) - 1].is_some() {
+                self.node_inventory(i).await.ok()
+            } else {
+                None
+            };
+            out.push(inv.and_then(|inv| {
+                inv.keys
+                    .iter()
+                    .find(|k| hex::encode(&k.key_id) == key_id && k.active)
+                    .map(|k| k.epoch)
+            }));
+        }
+        out
     }
 
     /// The depth of each pool of `key`: (signing set, depth).
     pub async fn pools(&self, key: &str) -> Result<Vec<(Vec<u32>, u64)>, tonic::Status> {
-        let mut c = api::cluster_service_client::ClusterServiceClient::new(self.api_channel());
-        let st = c.status(api::StatusRequest {}).await?.into_inner();
+        let st = self
+            .cluster()
+            .status(api::StatusRequest {})
+            .await?
+            .into_inner();
         Ok(st
             .pools
             .iter()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use quorate_proto::api;
 use quorate_proto::fragment;
+use quorate_tests::load::{Seen, SignLoad};
 use quorate_tests::{DOMAIN, POOL_FLAGS, TestCluster, binary, sign_batch, verify_es256 as verify};
 
 /// Each node's epoch of `key_id` (`None`: no active share).
@@ -436,97 +437,11 @@ async fn a_node_restored_from_backup_rejoins_and_signs() {
     verify(&k.public_key, b"restored", &sig);
 }
 
-/// What concurrent signers saw during one phase of a load test.
-#[derive(Debug, Default)]
-struct Seen {
-    ok: u64,
-    failed: Vec<String>,
-    /// Longest stretch without a successful signature, across all signers.
-    longest_gap: Duration,
-}
-
-/// Runs `signers` concurrent signers of key `name` until `stop` is set; every success
-/// must verify under `public`, every failure must be a retryable status, and no request
-/// may run past 30 s.
-async fn load(
-    c: &TestCluster,
-    name: &str,
-    public: &[u8],
-    signers: usize,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Seen {
-    use std::sync::atomic::Ordering;
-    let last_ok = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
-    let gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    let mut tasks = Vec::new();
-    for s in 0..signers {
-        let ch = c.api_channel().await;
-        let (stop, last_ok, gap) = (stop.clone(), last_ok.clone(), gap.clone());
-        let (name, public) = (name.to_owned(), public.to_vec());
-        tasks.push(tokio::spawn(async move {
-            let mut keys = api::key_service_client::KeyServiceClient::new(ch);
-            let mut seen = Seen::default();
-            let mut k = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                k += 1;
-                let msg = format!("signer {s} message {k}");
-                let started = Instant::now();
-                let r = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    keys.sign(api::SignRequest {
-                        name: name.clone(),
-                        input: Some(api::sign_request::Input::Message(msg.clone().into_bytes())),
-                        format: api::SignatureFormat::Raw as i32,
-                    }),
-                )
-                .await
-                .unwrap_or_else(|_| panic!("a request hung for {:?}", started.elapsed()));
-                match r {
-                    Ok(sig) => {
-                        verify(&public, msg.as_bytes(), &sig.into_inner().signature);
-                        seen.ok += 1;
-                        let now = Instant::now();
-                        let mut l = last_ok.lock().unwrap();
-                        let mut g = gap.lock().unwrap();
-                        *g = (*g).max(now - *l);
-                        *l = now;
-                    }
-                    Err(e) => {
-                        assert!(
-                            matches!(
-                                e.code(),
-                                tonic::Code::Unavailable
-                                    | tonic::Code::DeadlineExceeded
-                                    | tonic::Code::ResourceExhausted
-                            ),
-                            "not a retryable failure: {e:?}"
-                        );
-                        seen.failed.push(format!("{:?}: {}", e.code(), e.message()));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-            seen
-        }));
-    }
-    let mut all = Seen::default();
-    for t in tasks {
-        let s = t.await.unwrap();
-        all.ok += s.ok;
-        all.failed.extend(s.failed);
-    }
-    let tail = last_ok.lock().unwrap().elapsed();
-    all.longest_gap = (*gap.lock().unwrap()).max(tail);
-    all
-}
-
 /// Refresh and repair while two clients sign: every request succeeds or fails with a
 /// retryable status, none hangs, and the figures (signatures, failures, the longest
 /// stretch without a signature) are printed for BENCHMARKS.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_and_repair_under_load_keep_signing() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut c = TestCluster::start(
         "lifecycle-load",
         3,
@@ -544,76 +459,69 @@ async fn refresh_and_repair_under_load_keep_signing() {
     c.wait_pools("k", 32, Duration::from_secs(120)).await;
 
     // Refresh under load.
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let (seen, refreshed) = {
-        let load = load(&c, "k", &k.public_key, 2, stop.clone());
-        let refresh = async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let t = Instant::now();
-            let r = c
-                .keys()
-                .await
-                .refresh_key(api::RefreshKeyRequest { name: "k".into() })
-                .await
-                .unwrap()
-                .into_inner();
-            let took = t.elapsed();
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            stop.store(true, Ordering::Relaxed);
-            (r, took)
-        };
-        let (seen, r) = tokio::join!(load, refresh);
-        (seen, r)
-    };
-    assert_eq!(refreshed.0.epoch, 1);
+    let load = SignLoad::start(&c, "k", &k.public_key, 2, Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let refreshed = c
+        .keys()
+        .await
+        .refresh_key(api::RefreshKeyRequest { name: "k".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = load.finish().await;
+    assert_eq!(refreshed.epoch, 1);
     eprintln!(
-        "refresh under load: refresh took {:?}; over {:?}: {} signatures, {} failed (all retryable), longest stretch without a signature {:?}; failures: {:?}",
-        refreshed.1,
-        started.elapsed(),
+        "refresh under load: refresh took {took:?}; over {:?}: {} signatures, {} failed (all retryable), longest stretch without a signature {:?}; failures: {:?}",
+        seen.ran,
         seen.ok,
         seen.failed.len(),
         seen.longest_gap,
         seen.failed.iter().take(3).collect::<Vec<_>>()
     );
-    assert!(seen.ok > 0);
+    signing_went_on(&seen);
 
     // Repair of a wiped node under load.
     c.kill_node(2);
     std::fs::remove_dir_all(c.dir.0.join("node-2")).unwrap();
     c.restart_node(2, None);
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let (seen, took) = {
-        let load = load(&c, "k", &k.public_key, 2, stop.clone());
-        let repair = async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let t = Instant::now();
-            let r = c
-                .cluster()
-                .await
-                .repair_node(api::RepairNodeRequest { index: 2 })
-                .await
-                .unwrap()
-                .into_inner();
-            let took = t.elapsed();
-            assert_eq!(r.keys.iter().find(|x| x.name == "k").unwrap().epoch, 2);
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            stop.store(true, Ordering::Relaxed);
-            took
-        };
-        tokio::join!(load, repair)
-    };
+    let load = SignLoad::start(&c, "k", &k.public_key, 2, Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let r = c
+        .cluster()
+        .await
+        .repair_node(api::RepairNodeRequest { index: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = t.elapsed();
+    assert_eq!(r.keys.iter().find(|x| x.name == "k").unwrap().epoch, 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = load.finish().await;
     eprintln!(
         "repair under load: repair took {took:?}; over {:?}: {} signatures, {} failed (all retryable), longest stretch without a signature {:?}; failures: {:?}",
-        started.elapsed(),
+        seen.ran,
         seen.ok,
         seen.failed.len(),
         seen.longest_gap,
         seen.failed.iter().take(3).collect::<Vec<_>>()
     );
-    assert!(seen.ok > 0);
+    signing_went_on(&seen);
     assert_eq!(epochs(&c, &k.key_id).await, vec![Some(2); 3]);
+}
+
+/// Every failure had a retryable status, no request hung, and signatures were made.
+fn signing_went_on(seen: &Seen) {
+    assert!(
+        seen.fatal().is_empty(),
+        "not retryable failures: {:?}",
+        seen.fatal()
+    );
+    assert_eq!(seen.hung, 0, "requests hung");
+    assert!(seen.ok > 0);
 }
 
 /// `--refresh-interval-secs`: the coordinator refreshes every key once its shares are

@@ -39,6 +39,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use quorate_proto::api;
 use quorate_proto::fragment;
+use quorate_tests::load::RETRYABLE;
 use quorate_tests::multihost::MultiHostCluster;
 use quorate_tests::netns::skip_unless_available;
 use quorate_tests::{TempDir, TestIssuer};
@@ -58,14 +59,6 @@ const BACKOFF: Duration = Duration::from_millis(100);
 /// under (an unpaced client drains them faster than presigning refills them, and a
 /// rolling restart then never sees its pools full again).
 const PACE: Duration = Duration::from_millis(50);
-
-/// Statuses a client retries (the CLI reports the first two as "cluster unreachable",
-/// `client/src/error.rs`; `ResourceExhausted` asks to retry shortly).
-const RETRYABLE: [tonic::Code; 3] = [
-    tonic::Code::Unavailable,
-    tonic::Code::DeadlineExceeded,
-    tonic::Code::ResourceExhausted,
-];
 
 /// Small pools, so that refills show.
 const POOL_FLAGS: [&str; 6] = [
@@ -749,4 +742,141 @@ async fn node_round_trips(env: &Env, n: usize) -> Vec<Duration> {
         out.push(start.elapsed());
     }
     out
+}
+
+/// (e) Key lifecycle under load: a refresh of the token key (`KeyService.RefreshKey`),
+/// then the repair of node 2 after its data directory was wiped (stopped, its store and
+/// key-encryption key deleted — its certificate and ceiling stay — started empty, and
+/// `ClusterService.RepairNode`), while four clients ask for tokens. Every request
+/// succeeds or fails with a retryable status, none runs past its deadline, every token
+/// verifies under the key's public key from before (which `ListKeys` still reports),
+/// and every node ends at epoch 2 (refresh, then repair). Prints how long each took and
+/// what the clients saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_and_repair_under_load() {
+    if !skip_unless_available("refresh_and_repair_under_load") {
+        return;
+    }
+    const WIPED: u16 = 2;
+    let mut env = Env::start("mh-lifecycle", 3, 1, &[Work::Token]).await;
+    let created = token_key_info(&env).await;
+    assert_eq!(env.c.epochs(&created.key_id).await, vec![Some(0); 3]);
+    let load = env.load(&[Work::Token; 4], 5);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Refresh under load.
+    let t1 = Instant::now();
+    let refreshed = env
+        .c
+        .keys()
+        .refresh_key(api::RefreshKeyRequest {
+            name: TOKEN_KEY.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refresh_took = t1.elapsed();
+    assert_eq!(refreshed.epoch, 1);
+    assert_eq!(refreshed.public_key, created.public_key);
+    let refill_after_refresh = refill(&env).await;
+    let t2 = Instant::now();
+    assert_eq!(
+        env.c.epochs(&created.key_id).await,
+        vec![Some(1); 3],
+        "every node holds the refreshed share"
+    );
+
+    // Node 2 loses its disk: stopped, data directory wiped, started empty, repaired.
+    env.c.stop_node(WIPED);
+    std::fs::remove_dir_all(env.c.node_data_dir(WIPED)).unwrap();
+    env.c.start_node(WIPED);
+    let t3 = Instant::now();
+    assert_eq!(
+        env.c.epochs(&created.key_id).await,
+        vec![Some(1), None, Some(1)],
+        "node {WIPED} starts empty"
+    );
+    let repaired = env
+        .c
+        .cluster()
+        .repair_node(api::RepairNodeRequest {
+            index: u32::from(WIPED),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let repair_took = t3.elapsed();
+    let repaired_key = repaired
+        .keys
+        .iter()
+        .find(|k| k.name == TOKEN_KEY)
+        .unwrap_or_else(|| panic!("the repair did not cover {TOKEN_KEY}: {repaired:?}"));
+    assert_eq!(repaired_key.epoch, 2);
+    assert_eq!(repaired_key.public_key, created.public_key);
+    let refill_after_repair = refill(&env).await;
+    let t4 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = Instant::now();
+    let records = load.finish().await;
+
+    let all = window("lifecycle: whole run", &records, t0, end);
+    let before = window("lifecycle: before", &records, t0, t1);
+    let refresh = window("lifecycle: refresh until pools refilled", &records, t1, t2);
+    let wipe = window(
+        &format!("lifecycle: node {WIPED} stopped, wiped, restarted"),
+        &records,
+        t2,
+        t3,
+    );
+    let repair = window("lifecycle: repair until pools refilled", &records, t3, t4);
+    let after = window("lifecycle: after", &records, t4, end);
+    eprintln!(
+        "multihost lifecycle: RefreshKey took {:.0} ms, pools refilled {:.2} s after it began; \
+         node {WIPED} stop + wipe + start {:.2} s; RepairNode took {:.0} ms, pools refilled \
+         {:.2} s after it began",
+        ms(refresh_took),
+        (t2 - t1).as_secs_f64(),
+        (t3 - t2).as_secs_f64(),
+        ms(repair_took),
+        (t4 - t3).as_secs_f64(),
+    );
+    for w in [&all, &before, &refresh, &wipe, &repair, &after] {
+        assert_correct(w);
+    }
+    assert!(
+        refill_after_refresh.is_none(),
+        "pools did not refill after the refresh: {}",
+        refill_after_refresh.unwrap()
+    );
+    assert!(
+        refill_after_repair.is_none(),
+        "pools did not refill after the repair: {}",
+        refill_after_repair.unwrap()
+    );
+    assert!(before.ok > 0, "no token before the refresh");
+    assert!(after.ok > 0, "no token after the repair");
+    assert_eq!(
+        env.c.epochs(&created.key_id).await,
+        vec![Some(2); 3],
+        "every node holds the repaired epoch"
+    );
+    let now = token_key_info(&env).await;
+    assert_eq!(now.public_key, created.public_key, "the key changed");
+    assert_eq!(now.key_id, created.key_id);
+    assert_eq!(now.epoch, 2);
+}
+
+/// The token key as `ListKeys` reports it.
+async fn token_key_info(env: &Env) -> api::KeyInfo {
+    env.c
+        .keys()
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .find(|k| k.name == TOKEN_KEY)
+        .unwrap_or_else(|| panic!("ListKeys has no key {TOKEN_KEY}"))
 }
