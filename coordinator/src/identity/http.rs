@@ -283,6 +283,24 @@ fn scopes(form: &HashMap<String, String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The agent an attestation proves, or the refusal (recorded in the audit trail) as a
+/// token endpoint error.
+async fn authenticated(
+    s: &Http,
+    attestation: &str,
+    kind: &str,
+    action: crate::policy::Action,
+    caller: Option<&str>,
+) -> Result<crate::authn::Attestation, Box<Response>> {
+    match s.plane.authenticate(attestation).await {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            let e = s.plane.refuse(kind, action, caller, e).await;
+            Err(Box::new(token_error(&e)))
+        }
+    }
+}
+
 fn token_success(issued: &super::Issued, exchanged: bool) -> Response {
     let token_type = if issued.claims.cnf.is_some() {
         "DPoP"
@@ -383,20 +401,17 @@ async fn token(
                     "name the token's audience with `resource` (RFC 8707) or `audience`",
                 );
             }
-            let agent = match s.plane.authenticate(&assertion).await {
+            let agent = match authenticated(
+                &s,
+                &assertion,
+                "token",
+                crate::policy::Action::IssueToken,
+                caller.as_deref(),
+            )
+            .await
+            {
                 Ok(a) => a,
-                Err(e) => {
-                    let e = s
-                        .plane
-                        .refuse(
-                            "token",
-                            crate::policy::Action::IssueToken,
-                            caller.as_deref(),
-                            e,
-                        )
-                        .await;
-                    return token_error(&e);
-                }
+                Err(r) => return *r,
             };
             let outcome = s
                 .plane
@@ -463,20 +478,17 @@ async fn token(
                     &format!("only {ACCESS_TOKEN_TYPE} can be issued"),
                 );
             }
-            let actor = match s.plane.authenticate(&actor).await {
+            let actor = match authenticated(
+                &s,
+                &actor,
+                "exchange",
+                crate::policy::Action::ExchangeToken,
+                caller.as_deref(),
+            )
+            .await
+            {
                 Ok(a) => a,
-                Err(e) => {
-                    let e = s
-                        .plane
-                        .refuse(
-                            "exchange",
-                            crate::policy::Action::ExchangeToken,
-                            caller.as_deref(),
-                            e,
-                        )
-                        .await;
-                    return token_error(&e);
-                }
+                Err(r) => return *r,
             };
             let issued = s
                 .plane
