@@ -19,11 +19,14 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const BACKOFF: Duration = Duration::from_millis(100);
 
 /// Statuses a client retries (the CLI reports the first two as "cluster unreachable",
-/// `client/src/error.rs`; `ResourceExhausted` asks to retry shortly).
-pub const RETRYABLE: [tonic::Code; 3] = [
+/// `client/src/error.rs`; `ResourceExhausted` asks to retry shortly). `Cancelled` is
+/// how the HTTP/2 client reports a stream the restarting coordinator cut; signing and
+/// token issuance are safe to retry after it (the CLI does not retry it yet).
+pub const RETRYABLE: [tonic::Code; 4] = [
     tonic::Code::Unavailable,
     tonic::Code::DeadlineExceeded,
     tonic::Code::ResourceExhausted,
+    tonic::Code::Cancelled,
 ];
 
 /// What the signers saw.
