@@ -56,6 +56,17 @@ async fn sign_within(c: &TestCluster, name: &str, msg: &[u8], limit: Duration) -
     }
 }
 
+/// The coordinator's current key versions.
+async fn list_keys(c: &TestCluster) -> Vec<api::KeyInfo> {
+    c.keys()
+        .await
+        .list_keys(api::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+}
+
 /// Starts node `i` (the next index) with a certificate from the cluster CA.
 fn add_node(c: &mut TestCluster, i: u16) {
     assert_eq!(usize::from(i), c.node_addrs.len() + 1);
@@ -253,14 +264,7 @@ async fn a_node_that_lost_its_disk_is_repaired_by_resharing_and_signs_again() {
         verify(&k.public_key, m, &sig);
     }
     // The repaired node's share is of the same key: list_keys reports it unchanged.
-    let keys = c
-        .keys()
-        .await
-        .list_keys(api::ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_keys(&c).await;
     let now_k = keys.iter().find(|x| x.name == "k").unwrap();
     assert_eq!(now_k.public_key, k.public_key);
     assert_eq!(now_k.key_id, k.key_id);
@@ -597,14 +601,7 @@ async fn a_cluster_grows_from_3_1_to_5_2_by_resharing() {
 
     c.coordinator_flags.push("--reshare".into());
     c.start_coordinator();
-    let keys = c
-        .keys()
-        .await
-        .list_keys(api::ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_keys(&c).await;
     for (before, name) in [(&k, "k"), (&d, "d")] {
         let now = keys.iter().find(|x| x.name == name).unwrap();
         assert_eq!((now.n, now.t, now.epoch), (5, 2, 1), "{name}");
@@ -661,14 +658,7 @@ async fn node_2_is_replaced_by_node_4_and_destroys_its_share_on_checked_evidence
     let restart = Instant::now();
     c.start_coordinator();
     let serving = restart.elapsed();
-    let keys = c
-        .keys()
-        .await
-        .list_keys(api::ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_keys(&c).await;
     for (before, name) in [(&k, "k"), (&d, "d")] {
         let now = keys.iter().find(|x| x.name == name).unwrap();
         assert_eq!((now.n, now.t, now.epoch), (3, 1, 1), "{name}");
@@ -797,14 +787,8 @@ async fn a_cluster_shrinks_from_5_2_to_3_1_on_other_nodes() {
         "--retire=5".into(),
     ]);
     c.start_coordinator();
-    let now = c
-        .keys()
+    let now = list_keys(&c)
         .await
-        .list_keys(api::ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
         .into_iter()
         .find(|x| x.name == "k")
         .unwrap();
