@@ -165,13 +165,15 @@ pub struct PolicyInfo {
 pub enum Principal {
     /// An authenticated AI agent (Cedar `Agent::"<subject>"`).
     Agent {
-        /// `spiffe://<domain>/agent/<issuer-label>/<sub>`; the entity id.
+        /// The agent's SPIFFE ID ([`crate::authn::Attestation::subject`]); the entity id.
         subject: String,
-        /// The issuer that vouched for the agent (OIDC `iss`, SVID trust domain).
+        /// The issuer that vouched for the agent (OIDC `iss`, `spiffe://<trust domain>`
+        /// of an SVID, a registered client's id).
         issuer: String,
-        /// The subject as that issuer names it (OIDC `sub`, SVID URI).
+        /// The subject as that issuer names it (OIDC `sub`, SVID URI, client id).
         external_subject: String,
-        /// How the agent authenticated: `"oidc"` or `"x509-svid"`.
+        /// How the agent authenticated ([`crate::authn::AuthMethod`]): `"oidc"`,
+        /// `"x509-svid"`, `"jwt-svid"` or `"private-key-jwt"`.
         method: String,
         /// Attestation claims, given to Cedar as string tags of the entity.
         claims: BTreeMap<String, String>,
@@ -1352,6 +1354,84 @@ mod tests {
         ));
         assert!(!d.allowed);
         assert!(d.errors.is_empty(), "{d:?}");
+    }
+
+    /// Each way of authenticating reaches Cedar as its own `principal.method`, so policy
+    /// can tell a JWT-SVID from a client assertion from an OIDC JWT.
+    #[test]
+    fn policy_tells_authentication_methods_apart() {
+        use crate::authn::{Attestation, AuthMethod};
+        let policy = r#"
+            @id("workloads")
+            permit (principal is Agent, action == Action::"issue_token", resource == Audience::"mesh")
+            when { principal.method == "jwt-svid" && principal.issuer == "spiffe://example.org" };
+
+            @id("clients")
+            permit (principal is Agent, action == Action::"issue_token", resource == Audience::"billing")
+            when { principal.method == "private-key-jwt" && principal.external_subject == "billing-bot" };
+        "#;
+        let engine = PolicyEngine::from_files(files(&[("m.cedar", policy)]), "test").unwrap();
+        let attested = |method: AuthMethod, issuer: &str, external: &str| Attestation {
+            subject: "spiffe://example.org/w".to_owned(),
+            issuer: issuer.to_owned(),
+            external_subject: external.to_owned(),
+            method,
+            claims: BTreeMap::new(),
+            expires_at: None,
+            jti: None,
+            presented: None,
+        };
+        let cases = [
+            (
+                AuthMethod::Oidc,
+                "spiffe://example.org",
+                "billing-bot",
+                [false, false],
+            ),
+            (
+                AuthMethod::X509Svid,
+                "spiffe://example.org",
+                "billing-bot",
+                [false, false],
+            ),
+            (
+                AuthMethod::JwtSvid,
+                "spiffe://example.org",
+                "billing-bot",
+                [true, false],
+            ),
+            (
+                AuthMethod::JwtSvid,
+                "spiffe://other.org",
+                "x",
+                [false, false],
+            ),
+            (
+                AuthMethod::PrivateKeyJwt,
+                "billing-bot",
+                "billing-bot",
+                [false, true],
+            ),
+            (
+                AuthMethod::PrivateKeyJwt,
+                "other-bot",
+                "other-bot",
+                [false, false],
+            ),
+        ];
+        for (method, issuer, external, expected) in cases {
+            let principal = Principal::agent(&attested(method, issuer, external));
+            let Principal::Agent { method: text, .. } = &principal else {
+                panic!("{principal:?}")
+            };
+            assert_eq!(text, method.as_str());
+            let allowed = ["mesh", "billing"].map(|aud| {
+                engine
+                    .decide(&token_request(principal.clone(), aud, 60))
+                    .allowed
+            });
+            assert_eq!(allowed, expected, "{method} {issuer} {external}");
+        }
     }
 
     #[test]

@@ -114,8 +114,9 @@ pub struct Args {
     /// How often to look for policy changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
-    /// Trusted attestation issuers (JSON: OIDC issuers with their JWKS, SVID trust
-    /// bundles). Without it, every attestation is refused.
+    /// Trusted attestation issuers (JSON: OIDC issuers with their JWKS, SPIFFE trust
+    /// domains with their X.509 and JWT bundles, registered `private_key_jwt` clients;
+    /// see `quorate_authz::authn`). Without it, every attestation is refused.
     #[arg(long, env = "QUORATE_TRUST_CONFIG")]
     pub trust_config: Option<PathBuf>,
     /// The name of the key that signs access tokens.

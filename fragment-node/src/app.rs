@@ -52,10 +52,14 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
     let kek = Kek::load(&cfg.kek_file, cfg.init_kek).map_err(|e| e.to_string())?;
     let store = Store::open(&cfg.data_dir.join("node.redb"), &kek).map_err(|e| e.to_string())?;
-    let evidence = match cfg.ceiling.as_ref().and_then(|c| c.trust_config()) {
+    let evidence = match cfg
+        .ceiling
+        .as_ref()
+        .and_then(|c| c.trust_config().map(|path| (path, c.token_issuers())))
+    {
         None => None,
-        Some(path) => Some(
-            crate::evidence::EvidenceCheck::load(path, &cfg.domain)
+        Some((path, issuers)) => Some(
+            crate::evidence::EvidenceCheck::load(path, &cfg.domain, issuers)
                 .await
                 .map_err(|e| e.join("\n"))?,
         ),

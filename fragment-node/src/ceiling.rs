@@ -20,8 +20,11 @@
 //!   credential again under the bundle it holds ([`crate::policy`]); needs
 //!   `trust_config`.
 //! - `trust_config`: the identity providers this node trusts (the coordinator's
-//!   `--trust-config` format). With it, the node checks the evidence of every token
-//!   ([`crate::evidence`]); without it, it checks rules and ceiling only.
+//!   `--trust-config` format: OIDC issuers, SPIFFE trust domains with JWT bundles,
+//!   registered clients). With it, the node checks the evidence of every token
+//!   ([`crate::evidence`]); without it, it checks rules and ceiling only. Registered
+//!   clients' assertions must then be addressed to one of `token_issuers` `I`, or to
+//!   `I/token` (what the coordinator accepts too).
 //!
 //! A relative path resolves against the file's directory; unknown fields are errors and
 //! every problem is reported at once. A node started without `--ceiling` takes part in
@@ -155,6 +158,13 @@ impl Ceiling {
             ));
         }
         Ok(())
+    }
+
+    /// The `iss` values a token key may sign for: also what identifies this node's
+    /// token service to registered clients' assertions (each issuer `I`, and `I/token`;
+    /// [`quorate_authz::authn::client_assertion_audiences_for`]).
+    pub fn token_issuers(&self) -> &[String] {
+        &self.issuers
     }
 
     /// The trust configuration whose identity providers this node verifies agents'

@@ -4,12 +4,26 @@
 //! trusts.
 //!
 //! A node checks evidence when its ceiling names a `trust_config` (the same JSON format
-//! as the coordinator's `--trust-config`: OIDC issuers with JWKS from a file, or fetched
-//! by the node itself over HTTPS; never keys relayed by the coordinator). Then, for every
-//! token of a token key:
-//! - **issuance**: [`TokenEvidence::attestation`] must be an OIDC JWT that verifies now
-//!   (signature, `iss`, `aud`, `exp`, `nbf`, `iat`, strict parsing), and the token's `sub`
-//!   and `client_id` must both be the agent's SPIFFE ID derived from it, with no `act`;
+//! as the coordinator's `--trust-config`, read by [`quorate_authz::authn`]; keys come
+//! from files, or are fetched by the node itself over HTTPS, never relayed by the
+//! coordinator). The attestation it verifies is a JWT of one of three kinds, each
+//! checked as [`quorate_authz::authn::Authenticator::verify_jwt`] describes (signature,
+//! `aud`, `exp`, `nbf`, `iat`, strict parsing):
+//! - an **OIDC JWT** of a configured issuer; the agent is
+//!   `spiffe://<domain>/agent/<issuer name>/<sub>`;
+//! - a **JWT-SVID** of a trust domain the node holds a JWT bundle for (`svid` entries
+//!   with `jwt_bundle_file` or `jwt_bundle_url`); the agent is the SPIFFE ID itself;
+//! - a **client assertion** (`private_key_jwt`) of a registered client (`clients`); the
+//!   agent is `spiffe://<domain>/client/<client_id>`. Its `aud` must name this node's
+//!   token service: one of the ceiling's `token_issuers` `I`, or `I/token` — what the
+//!   coordinator accepts for its own issuer URL. A node does not remember `jti`s: it may
+//!   see one assertion once per signature, so one-time use is the coordinator's check.
+//!
+//! Then, for every token of a token key:
+//! - **issuance**: [`TokenEvidence::attestation`] must verify now, and the token's `sub`
+//!   and `client_id` must both be the agent's SPIFFE ID derived from it (for a client
+//!   assertion too: `client_id` is the client's SPIFFE ID, not its bare id), with no
+//!   `act`;
 //! - **exchange** (RFC 8693): [`TokenEvidence::subject_token`] must be an ES256 token of a
 //!   token key this node holds a share of, of that key's issuer and `typ`, not expired;
 //!   the attestation is the actor's; the new token's `sub` is the subject token's,
@@ -23,15 +37,18 @@
 //! What this does not cover (stated in the README): an agent authenticated by an
 //! X.509-SVID has no evidence a node can verify (the SVID proves possession to the
 //! coordinator's TLS listener only), so such tokens are refused by a node that checks
-//! evidence; and a coordinator that has seen a bearer attestation can replay it until
-//! it expires, within what policy allows that agent.
+//! evidence; and a coordinator that has seen a bearer attestation (an OIDC JWT, a
+//! JWT-SVID, a client assertion) can replay it to the nodes until it expires, within
+//! what policy allows that agent.
 
 use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use p256::ecdsa::signature::Verifier as _;
-use quorate_authz::authn::{Attestation, Authenticator, AuthnConfig};
+use quorate_authz::authn::{
+    Attestation, Authenticator, AuthnConfig, client_assertion_audiences_for,
+};
 use quorate_crypto::keys::{KeyId, KeyPublic};
 use quorate_proto::fragment::TokenEvidence;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, TokenRules};
@@ -47,6 +64,7 @@ impl std::fmt::Debug for EvidenceCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EvidenceCheck")
             .field("issuers", &self.authn.issuers())
+            .field("clients", &self.authn.clients())
             .finish()
     }
 }
@@ -68,16 +86,24 @@ pub trait TokenKeys {
 
 impl EvidenceCheck {
     /// Loads the trust configuration at `path` (every problem at once) and builds the
-    /// verifier for the cluster `domain` (agents' SPIFFE IDs are in it).
-    pub async fn load(path: &std::path::Path, domain: &str) -> Result<Self, Vec<String>> {
+    /// verifier for the cluster `domain` (agents' SPIFFE IDs are in it). Client
+    /// assertions must be addressed to one of `token_issuers` (the ceiling's) or its
+    /// `/token` endpoint.
+    pub async fn load(
+        path: &std::path::Path,
+        domain: &str,
+        token_issuers: &[String],
+    ) -> Result<Self, Vec<String>> {
         let cfg = AuthnConfig::from_file(path).map_err(|e| {
             e.into_iter()
                 .map(|m| format!("trust_config {}: {m}", path.display()))
                 .collect::<Vec<_>>()
         })?;
+        let audiences = client_assertion_audiences_for(token_issuers.iter().map(String::as_str));
         let authn = Authenticator::new(cfg, domain)
             .await
-            .map_err(|e| vec![format!("trust_config {}: {e}", path.display())])?;
+            .map_err(|e| vec![format!("trust_config {}: {e}", path.display())])?
+            .with_client_assertion_audiences(audiences);
         Ok(EvidenceCheck {
             authn: Arc::new(authn),
         })
@@ -98,7 +124,7 @@ impl EvidenceCheck {
             "evidence: the request carries none; this node signs a token only for an attested agent",
         )?;
         if ev.attestation.trim().is_empty() {
-            return Err("evidence: no attestation (this node verifies the agent's OIDC JWT itself; an X.509-SVID is not evidence a node can check)".into());
+            return Err("evidence: no attestation (this node verifies the agent's OIDC JWT, JWT-SVID or client assertion itself; an X.509-SVID is not evidence a node can check)".into());
         }
         let agent = self.attestation(&ev.attestation)?;
         let string = |name: &str| match payload.get(name) {
@@ -140,8 +166,9 @@ impl EvidenceCheck {
         })
     }
 
-    /// Verifies an agent's OIDC JWT attestation against this node's own trust
-    /// configuration. Blocks: call it from a blocking thread inside the runtime.
+    /// Verifies an agent's attestation (an OIDC JWT, a JWT-SVID or a client assertion)
+    /// against this node's own trust configuration. Blocks: call it from a blocking
+    /// thread inside the runtime.
     pub fn attestation(&self, jwt: &str) -> Result<Attestation, String> {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| "evidence: no runtime to verify the attestation on".to_string())?;

@@ -38,7 +38,7 @@ use sha2::Digest as _;
 
 use crate::audit::AuditLog;
 use crate::audit::record::{Fields, Outcome};
-use crate::authn::{Attestation, Authenticator, AuthnError};
+use crate::authn::{Attestation, AuthMethod, Authenticator, AuthnError};
 use crate::cluster::{Cluster, CoordError};
 use quorate_proto::fragment::TokenEvidence;
 
@@ -308,6 +308,9 @@ pub struct IdentityPlane {
     audit: Arc<AuditLog>,
     approvals: approval::Approvals,
     dpop_seen: quorate_proto::dpop::ReplayCache,
+    /// `(client_id, jti)` of the client assertions accepted, until they expire: each
+    /// authenticates one request (RFC 7523 §3 item 7).
+    assertions_seen: quorate_proto::dpop::ReplayCache,
 }
 
 /// Unix seconds now.
@@ -331,6 +334,7 @@ impl IdentityPlane {
         use rand::SeedableRng as _;
         let rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
             .map_err(|e| format!("system RNG failed: {e}"))?;
+        let authn = with_client_assertion_audiences(authn, &cfg.issuer);
         Ok(IdentityPlane {
             cluster,
             policy,
@@ -341,6 +345,7 @@ impl IdentityPlane {
             audit,
             approvals: approval::Approvals::default(),
             dpop_seen: quorate_proto::dpop::ReplayCache::default(),
+            assertions_seen: quorate_proto::dpop::ReplayCache::default(),
         })
     }
 
@@ -542,14 +547,37 @@ impl IdentityPlane {
         Ok(())
     }
 
-    /// Authenticates an OIDC attestation JWT.
+    /// Authenticates an attestation JWT: an OIDC JWT, a JWT-SVID, or a registered
+    /// client's assertion, which authenticates one request only (its `jti` is
+    /// remembered until it expires).
     pub async fn authenticate(&self, attestation: &str) -> Result<Attestation> {
         if attestation.trim().is_empty() {
             return Err(IdentityError::Invalid(
-                "no attestation: pass the agent's OIDC JWT".into(),
+                "no attestation: pass the agent's OIDC JWT, JWT-SVID or client assertion".into(),
             ));
         }
-        Ok(self.authn.verify_jwt(attestation.trim()).await?)
+        let agent = self.authn.verify_jwt(attestation.trim()).await?;
+        if agent.method == AuthMethod::PrivateKeyJwt {
+            let now = now();
+            let jti = agent.jti.as_deref().unwrap_or_default();
+            // Valid until `exp` plus the leeway the verifier allows.
+            let until = agent
+                .expires_at
+                .unwrap_or(now)
+                .saturating_add(i64::try_from(crate::authn::LEEWAY_SECONDS).unwrap_or(0));
+            if !self
+                .assertions_seen
+                .check_and_insert(&agent.external_subject, jti, until, now)
+            {
+                return Err(AuthnError::ClientAssertion(format!(
+                    "jti `{}` of client `{}` was already used: sign a new assertion, with a new jti, for every request (RFC 7523 §3 item 7)",
+                    jti.escape_debug(),
+                    agent.external_subject
+                ))
+                .into());
+            }
+        }
+        Ok(agent)
     }
 
     /// Issues a token: checks deprovisioning and the task, asks policy (waiting for a
@@ -1764,6 +1792,28 @@ fn evidence_of(
         ttl_seconds: u32::try_from(ttl_seconds).unwrap_or(u32::MAX),
         context: context.clone().into_iter().collect(),
         approval: String::new(),
+    }
+}
+
+/// The authenticator with the audiences client assertions to this coordinator carry:
+/// its issuer URL and token endpoint ([`crate::authn::client_assertion_audiences_for`]),
+/// unless the embedding process set its own. An authenticator shared elsewhere cannot
+/// be changed; it then keeps refusing client assertions, which is logged.
+fn with_client_assertion_audiences(authn: Arc<Authenticator>, issuer: &str) -> Arc<Authenticator> {
+    if !authn.client_assertion_audiences().is_empty() {
+        return authn;
+    }
+    let audiences = crate::authn::client_assertion_audiences_for([issuer]);
+    match Arc::try_unwrap(authn) {
+        Ok(a) => Arc::new(a.with_client_assertion_audiences(audiences)),
+        Err(shared) => {
+            if !shared.clients().is_empty() {
+                tracing::warn!(
+                    "the authenticator is shared and names no client-assertion audience: registered clients' assertions will be refused"
+                );
+            }
+            shared
+        }
     }
 }
 
