@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quorate_client::dev::{DevCluster, DevOptions};
+use quorate_cli::dev::{DevCluster, DevOptions};
 use quorate_client::{Client, ClientConfig};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

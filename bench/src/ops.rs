@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use quorate_client::dev_issuer;
+use quorate_cli::dev_issuer;
 use quorate_client::{Client, Format, KeyPurpose, SignInput, TokenRequest};
 use quorate_coordinator::identity::token::{self, AccessClaims, AttestationClaim};
 use quorate_crypto::sign;
@@ -25,7 +25,7 @@ pub const TOKEN_TTL: u32 = 300;
 pub const DERIVE_KEY: &str = "bench-derive";
 
 /// The signing key of `sign` (the one `quorate dev` makes).
-pub const SIGN_KEY: &str = quorate_client::dev::DEFAULT_KEY;
+pub const SIGN_KEY: &str = quorate_cli::dev::DEFAULT_KEY;
 
 /// A 32-byte digest that differs per operation (each signature uses its own digest).
 pub fn digest_for(i: u64) -> [u8; 32] {

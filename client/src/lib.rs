@@ -1,24 +1,34 @@
 //! # quorate-client
 //!
-//! A typed async client for a Quorate cluster, and the machinery behind the `quorate`
-//! command-line tool.
+//! A typed async client library for a Quorate cluster. It links only the protocol math
+//! (`quorate-crypto`) and the wire contracts (`quorate-proto`): no fragment-node,
+//! coordinator or policy-engine code, so integrators can depend on it alone. The
+//! `quorate` command-line tool, built on this library, is the `quorate-cli` crate.
 //!
-//! - [`Client`] talks to the coordinator's public API (KeyService and ClusterService)
-//!   over post-quantum mutual TLS (TLS 1.3, X25519MLKEM768 only; see
-//!   [`quorate_proto::tls`]). Derivation and decryption are confidential to the caller:
-//!   the client sends a fresh requester key with every request and unmasks the reply
-//!   itself (DESIGN.md §4.6), so neither the coordinator nor any node learns the
-//!   credential or the plaintext.
+//! - [`Client`] talks to the coordinator's public API — KeyService, ClusterService, and
+//!   the identity, audit and approval services — over post-quantum mutual TLS (TLS 1.3,
+//!   X25519MLKEM768 only; see [`quorate_proto::tls`]). Derivation, decryption and
+//!   credential requests are confidential to the caller: the client sends a fresh
+//!   requester key with every request and unmasks the reply itself (DESIGN.md §4.6), so
+//!   neither the coordinator nor any node learns the credential or the plaintext.
 //! - [`ClientConfig`] holds the connection settings: the coordinator's address, the
-//!   cluster CA, and a client certificate and key, from flags or the environment
-//!   (`QUORATE_ADDR`, `QUORATE_CACERT`, `QUORATE_CERT`, `QUORATE_KEY`, `QUORATE_DOMAIN`).
+//!   cluster CA, and a client certificate and key. [`ClientConfig::from_env`] reads them
+//!   from the environment:
+//!
+//!   | variable | meaning |
+//!   | --- | --- |
+//!   | `QUORATE_ADDR` ([`ENV_ADDR`]) | the coordinator's public API, `HOST:PORT` |
+//!   | `QUORATE_CACERT` ([`ENV_CACERT`]) | the cluster CA certificate (PEM file) |
+//!   | `QUORATE_CERT` ([`ENV_CERT`]) | this client's certificate (PEM file) |
+//!   | `QUORATE_KEY` ([`ENV_KEY`]) | this client's private key (PKCS#8 PEM file) |
+//!   | `QUORATE_DOMAIN` ([`ENV_DOMAIN`]) | the trust domain, default [`DEFAULT_DOMAIN`] |
+//!
+//!   [`ClientConfig::from_options`] takes the same settings from elsewhere (flags), and
+//!   [`ClientConfig::admin`] those of a cluster directory's admin client.
 //! - [`Error`] separates what the user can fix locally (exit code 2), an unreachable
-//!   cluster (3) and a request the cluster refused (4); [`Error::exit_code`] gives the
-//!   code the CLI exits with.
-//! - [`keyfmt`] renders public keys as SPKI PEM and JWK.
-//! - [`dev`] runs a local development cluster (`quorate dev`): certificates, fragment
-//!   nodes and a coordinator as child processes, a default signing key, filled
-//!   presignature pools, and an environment file for the other commands.
+//!   cluster (3), a request the cluster refused or a failed check (4) and one waiting
+//!   for approval (5); [`Error::exit_code`] gives the code a command-line tool exits with.
+//! - [`keyfmt`] renders public keys as SPKI (DER, PEM) and JWK.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), quorate_client::Error> {
@@ -38,8 +48,6 @@
 
 mod client;
 mod config;
-pub mod dev;
-pub mod dev_issuer;
 mod error;
 pub mod keyfmt;
 

@@ -3,6 +3,8 @@
 //! Quorate's gRPC contracts and the code every service shares to speak them:
 //! - [`fragment`]: the fragment-node API (coordinator → node);
 //! - [`api`]: the public KeyService and ClusterService (clients → coordinator);
+//! - [`audit`]: the audit event format, hash chaining and the offline chain and
+//!   checkpoint verifier (the coordinator appends, `quorate audit verify` checks);
 //! - [`convert`]: conversions between wire messages and `quorate-crypto` domain types;
 //! - [`dpop`]: RFC 9449 DPoP keys, proofs, proof verification and the replay cache;
 //! - [`json`]: JSON objects with unique member names at every depth (JWS parts);
@@ -39,6 +41,7 @@ pub mod api {
     tonic::include_proto!("quorate.v1");
 }
 
+pub mod audit;
 pub mod convert;
 pub mod dpop;
 pub mod https;

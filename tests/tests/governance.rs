@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use quorate_coordinator::audit::record;
 use quorate_crypto::tdh::{self, DhResponse, Requester};
 use quorate_crypto::wire::Wire as _;
 use quorate_proto::api;
 use quorate_proto::api::approval_service_client::ApprovalServiceClient;
 use quorate_proto::api::identity_service_client::IdentityServiceClient;
+use quorate_proto::audit;
 use quorate_proto::https;
 use quorate_tests::{TempDir, TestCluster, TestIssuer, binary};
 use serde_json::{Value, json};
@@ -722,8 +722,7 @@ async fn governance_end_to_end() {
         "the checkpoint key is in the issuer's JWKS"
     );
     let claims =
-        record::verify_checkpoint(checkpoint["checkpoint"]["jws"].as_str().unwrap(), &jwks)
-            .unwrap();
+        audit::verify_checkpoint(checkpoint["checkpoint"]["jws"].as_str().unwrap(), &jwks).unwrap();
     assert_eq!(claims.iss, g.cluster.issuer());
     // And with plain jsonwebtoken, as any verifier would.
     let jws = checkpoint["checkpoint"]["jws"].as_str().unwrap();
@@ -787,7 +786,7 @@ async fn governance_end_to_end() {
             let Ok(tampered) = String::from_utf8(bytes) else {
                 continue;
             };
-            let broken = record::verify_chain(&tampered, &jwks).expect_err(&format!(
+            let broken = audit::verify_chain(&tampered, &jwks).expect_err(&format!(
                 "a flip in line {} byte {pos} went unnoticed",
                 i + 1
             ));
@@ -814,9 +813,9 @@ async fn governance_end_to_end() {
     );
     // Rewriting hashes after the change is caught by the checkpoint signature.
     let mut forged = String::new();
-    let mut prev = record::GENESIS.to_owned();
+    let mut prev = audit::GENESIS.to_owned();
     for (i, l) in lines.iter().enumerate() {
-        let mut ev: record::Event = serde_json::from_str(l).unwrap();
+        let mut ev: audit::Event = serde_json::from_str(l).unwrap();
         if i == victim {
             ev.fields.reason = Some("nothing to see".into());
         }
@@ -826,7 +825,7 @@ async fn governance_end_to_end() {
         forged.push_str(&ev.to_line().unwrap());
         forged.push('\n');
     }
-    let broken = record::verify_chain(&forged, &jwks).unwrap_err();
+    let broken = audit::verify_chain(&forged, &jwks).unwrap_err();
     assert!(
         broken.why.contains("signed head") || broken.why.contains("checkpoint"),
         "{broken}"
@@ -1210,7 +1209,7 @@ async fn a_failing_audit_sink_fails_requests() {
         text.push_str(&r.json);
         text.push('\n');
     }
-    let v = record::verify_chain(&text, &jsonwebtoken::jwk::JwkSet { keys: vec![] }).unwrap();
+    let v = audit::verify_chain(&text, &jsonwebtoken::jwk::JwkSet { keys: vec![] }).unwrap();
     assert!(v.events >= 4, "{v:?}");
     assert!(
         text.contains("\"key\":\"k2\""),

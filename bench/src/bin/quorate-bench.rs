@@ -188,7 +188,7 @@ struct StorageOpts {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match quorate_client::dev::runtime() {
+    let runtime = match quorate_cli::dev::runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -418,7 +418,7 @@ impl Op {
     /// The key whose pool the sampler follows.
     fn key(self) -> &'static str {
         match self {
-            Op::Token => quorate_client::dev::TOKEN_KEY,
+            Op::Token => quorate_cli::dev::TOKEN_KEY,
             _ => ops::SIGN_KEY,
         }
     }
@@ -554,7 +554,7 @@ async fn drain(o: &Opts, target: &Target, client: &quorate_client::Client) -> Re
     let req = Arc::new(ops::token_request(target)?);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let depth = depth_of(metrics, quorate_client::dev::TOKEN_KEY).await?;
+        let depth = depth_of(metrics, quorate_cli::dev::TOKEN_KEY).await?;
         if depth < u64::from(o.batch) || Instant::now() >= deadline {
             return Ok(());
         }
@@ -902,7 +902,7 @@ async fn scale_one(o: &ScalingOpts, target: &Target, n: u16, t: u16) -> Result<S
     let disk0 = dir_bytes(&dir.join("node-1"));
     let (made, secs, cpu) = wait_full(
         metrics,
-        &[ops::SIGN_KEY, quorate_client::dev::TOKEN_KEY],
+        &[ops::SIGN_KEY, quorate_cli::dev::TOKEN_KEY],
         u64::from(n),
         o.pool as u64,
         Duration::from_secs(1800),
@@ -1035,7 +1035,7 @@ async fn storage_run(
     let started = Instant::now();
     let mut series = Vec::new();
     let mut next_mark = 0.0;
-    let keys = [ops::SIGN_KEY, quorate_client::dev::TOKEN_KEY];
+    let keys = [ops::SIGN_KEY, quorate_cli::dev::TOKEN_KEY];
     let share = f64::from(t + 1) / f64::from(n);
     loop {
         let s = local::scrape(metrics).await?;

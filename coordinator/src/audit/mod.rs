@@ -18,7 +18,10 @@
 //! a fingerprint of their public context.
 
 pub mod checkpoint;
-pub mod record;
+/// The event format, hash chaining and the offline verifier live in
+/// [`quorate_proto::audit`], shared with `quorate audit verify`; this path keeps naming
+/// them here, next to the writer that uses them.
+pub use quorate_proto::audit as record;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use quorate_client::{Client, ClientConfig, Error, Result};
 use quorate_crypto::ThresholdParams;
-
 use quorate_proto::pki;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::rules::TokenRules;
@@ -41,10 +41,6 @@ use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
-
-use crate::client::Client;
-use crate::config::ClientConfig;
-use crate::error::{Error, Result};
 
 /// The multi-threaded tokio runtime of the executables that run a dev cluster's
 /// processes (`quorate`, `quorate-bench`); on failure it says why on stderr.
@@ -132,7 +128,7 @@ impl DevOptions {
             dir: dir.into(),
             nodes: 3,
             threshold: 1,
-            domain: crate::config::DEFAULT_DOMAIN.to_owned(),
+            domain: quorate_client::DEFAULT_DOMAIN.to_owned(),
             node_bin: None,
             coordinator_bin: None,
             pool_target: 16,
@@ -446,7 +442,7 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
 
 /// How to start a node or the coordinator: an explicit executable, or this very
 /// `quorate` executable with the hidden `node` / `coordinator` subcommand (so that
-/// `cargo run -p quorate-client --bin quorate -- dev` needs nothing else built). Either
+/// `cargo run -p quorate-cli --bin quorate -- dev` needs nothing else built). Either
 /// way each runs as a separate process.
 struct Launcher {
     program: PathBuf,

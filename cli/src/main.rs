@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use quorate_client::dev::{self, DevCluster, DevOptions, WaitOutcome, shell_quote};
+use quorate_cli::dev::{self, DevCluster, DevOptions, WaitOutcome, shell_quote};
 use quorate_client::{
     Client, ClientConfig, ClusterStatus, Error, Format, KeyInfo, KeyProfile, KeyPurpose, Result,
     SignInput,
@@ -481,7 +481,7 @@ enum SigFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match quorate_client::dev::runtime() {
+    let runtime = match quorate_cli::dev::runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use quorate_client::{Error, Result};
 
 /// The audience dev attestations are for (the coordinator checks it).
 pub const DEV_AUDIENCE: &str = "quorate";

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use quorate_client::dev_issuer;
+use quorate_cli::dev_issuer;
 use quorate_client::{Error, ExchangeRequest, Result, RevokeTarget, TokenRequest};
 
 use crate::{ConnArgs, out, read_input};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use quorate_client::{CredentialFor, Error, Result};
-use quorate_coordinator::audit::record;
+use quorate_proto::audit;
 
 use crate::agent::{pairs, read_text};
 use crate::{ConnArgs, out};
@@ -141,7 +141,7 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Error::Usage(format!("{}: {e}", file.display())))?;
             let set = load_jwks(&jwks, cacert.as_deref()).await?;
-            match record::verify_chain(&text, &set) {
+            match audit::verify_chain(&text, &set) {
                 Ok(v) => {
                     let tail = v.unsigned_tail();
                     out(&format!(

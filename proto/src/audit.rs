@@ -1,5 +1,6 @@
 //! The audit event format and the chain rules, shared by the coordinator (which appends)
-//! and `quorate audit verify` (which checks a chain offline).
+//! and `quorate audit verify` (which checks a chain offline). It lives here, in the crate
+//! both already link, so that neither has to link the other.
 //!
 //! Each event is one JSON line. Its `hash` is
 //! `SHA-256("QUORATE-AUDIT-V1\n" || line-without-hash)` in hex, where
