@@ -2507,6 +2507,17 @@ impl Authenticator {
         })
     }
 
+    /// The names of the configured X.509-SVID CAs, as a TLS server offers them to
+    /// clients (`certificate_authorities`); empty when no trust domain has an X.509
+    /// bundle. The listeners verify presented chains per request with
+    /// [`Authenticator::verify_svid`].
+    pub fn svid_root_hints(&self) -> Vec<rustls::DistinguishedName> {
+        self.svid
+            .iter()
+            .flat_map(|t| t.verifier.root_hint_subjects().to_vec())
+            .collect()
+    }
+
     /// The client-certificate verifier of the agent listener, where agents authenticate
     /// with their X.509-SVID: `None` when no SVID trust domain is configured.
     pub fn svid_client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {

@@ -97,11 +97,24 @@ impl Error {
                 ),
                 hint: unreachable_hint(status.message()),
             },
-            _ if transport => Error::Unreachable {
-                addr,
-                detail: format!("{op}: {}", non_empty(status.message(), "connection lost")),
-                hint: unreachable_hint(status.message()),
-            },
+            _ if transport => {
+                // tonic says only "transport error"; the reason (a TLS alert from the
+                // server, a reset) is in the source chain.
+                let mut detail = non_empty(status.message(), "connection lost").to_owned();
+                let mut source = status.source();
+                while let Some(e) = source {
+                    let text = e.to_string();
+                    if !detail.contains(&text) {
+                        detail = format!("{detail}: {text}");
+                    }
+                    source = e.source();
+                }
+                Error::Unreachable {
+                    addr,
+                    hint: unreachable_hint(&detail),
+                    detail: format!("{op}: {detail}"),
+                }
+            }
             code => Error::Refused {
                 op,
                 code,
@@ -164,7 +177,23 @@ fn unreachable_hint(detail: &str) -> String {
     ]
     .iter()
     .any(|w| d.contains(w));
-    if d.contains("tls handshake") && broke && !about_certificates {
+    if d.contains("received fatal alert: handshakefailure") {
+        "the coordinator ended the TLS handshake (alert HandshakeFailure): the two sides share \
+         no TLS 1.3 key-exchange group or cipher suite; Quorate's API accepts only \
+         X25519MLKEM768"
+            .to_owned()
+    } else if d.contains("received fatal alert") {
+        "the coordinator refused this client's certificate during the TLS handshake (a TLS \
+         alert carries no reason; the coordinator's log has it): check that --cert/--key \
+         (QUORATE_CERT/QUORATE_KEY) are a client certificate issued by this cluster's CA \
+         (`quorate admin init` writes client-admin.pem) and still valid"
+            .to_owned()
+    } else if d.contains("invalid peer certificate") {
+        "this client does not trust the coordinator's certificate: check that --cacert \
+         (QUORATE_CACERT) is this cluster's CA and that --domain (QUORATE_DOMAIN) matches \
+         the cluster's trust domain"
+            .to_owned()
+    } else if d.contains("tls handshake") && broke && !about_certificates {
         "the connection broke during the TLS handshake, before any certificate was refused: \
          the coordinator may be stopping, restarting or overloaded; retry, and read its log if \
          this persists"
@@ -223,7 +252,7 @@ fn refused_hint(op: &str, code: tonic::Code) -> String {
         }
         // It knew the caller and its policy said no: not a certificate matter.
         tonic::Code::PermissionDenied => {
-            "the cluster's policy refused this client (the message names what decided it);              `quorate policy show` lists the active policy set"
+            "the cluster's policy refused this client (the message names what decided it); `quorate policy show` lists the active policy set"
         }
         tonic::Code::ResourceExhausted => "retry shortly, or send less data (e.g. `--digest`)",
         tonic::Code::FailedPrecondition => {
@@ -309,10 +338,55 @@ mod tests {
         );
         assert!(!e.to_string().contains("--cacert"), "{e}");
         assert!(e.to_string().contains("restarting"), "{e}");
+        // The coordinator refused our certificate: a client certificate matter.
         let e = Error::connect(
             addr(),
             "TLS handshake with coordinator failed: received fatal alert: UnknownCA".into(),
         );
+        assert!(
+            e.to_string().contains("refused this client's certificate"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--cert/--key"), "{e}");
+        // We refused the coordinator's: the CA or the domain.
+        let e = Error::connect(
+            addr(),
+            "TLS handshake with coordinator failed: invalid peer certificate: UnknownIssuer".into(),
+        );
         assert!(e.to_string().contains("--cacert"), "{e}");
+        assert!(!e.to_string().contains("--cert/--key"), "{e}");
+        let e = Error::connect(
+            addr(),
+            "TLS handshake failed: received fatal alert: HandshakeFailure".into(),
+        );
+        assert!(e.to_string().contains("X25519MLKEM768"), "{e}");
+    }
+
+    /// tonic reports a connection the server broke off as "transport error"; the reason
+    /// (here a TLS alert after the handshake, as TLS 1.3 sends a client-certificate
+    /// refusal) is in its source chain, and must reach the user.
+    #[test]
+    fn a_transport_error_carries_its_source() {
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connection error")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let inner = Wrapped(std::io::Error::other(
+            "received fatal alert: BadCertificate",
+        ));
+        let status = tonic::Status::from_error(Box::new(inner));
+        let e = Error::from_status("issue a token", addr(), &status);
+        assert_eq!(e.exit_code(), 3, "{e}");
+        let text = e.to_string();
+        assert!(text.contains("BadCertificate"), "{text}");
+        assert!(text.contains("refused this client's certificate"), "{text}");
     }
 }

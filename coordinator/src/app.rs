@@ -203,17 +203,23 @@ async fn run(cfg: Config) -> Result<(), String> {
 }
 
 /// Binds the agent listener: gRPC `IdentityService` for agents that authenticate with
-/// their X.509-SVID (hybrid-only TLS, client certificates from the configured SVID trust
-/// bundles, never the cluster CA).
+/// their X.509-SVID (hybrid-only TLS; each request's chain verified against the
+/// configured SVID trust bundles, never the cluster CA).
 async fn start_agent_listener(
     at: std::net::SocketAddr,
     identity: &Identity,
     plane: Arc<IdentityPlane>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let verifier = plane.authn().svid_client_verifier().ok_or_else(|| {
-        "--agent-listen: the trust config names no `svid` trust domain".to_owned()
-    })?;
-    let tls = tls::agent_server_config(identity, verifier).map_err(|e| e.to_string())?;
+    let hints = plane.authn().svid_root_hints();
+    if hints.is_empty() {
+        return Err(
+            "--agent-listen: the trust config names no `svid` trust domain with an X.509 bundle"
+                .to_owned(),
+        );
+    }
+    // The chain is verified per request (IdentityApi::for_agents), so that a refused
+    // SVID hears why.
+    let tls = tls::agent_server_config(identity, &hints).map_err(|e| e.to_string())?;
     let (listener, addr) = transport::bind(at)
         .await
         .map_err(|e| format!("cannot listen on {at}: {e}"))?;
@@ -276,16 +282,6 @@ async fn start_identity_http(
     if let Some(dir) = &cfg.policy_dir {
         Arc::clone(&policy).watch(dir.clone(), cfg.policy_poll);
     }
-    let authn = match &cfg.trust_config {
-        Some(path) => {
-            let ac = AuthnConfig::from_file(path)
-                .map_err(|errs| format!("--trust-config: {}", errs.join("; ")))?;
-            Authenticator::new(ac, &cfg.domain).await?
-        }
-        None => Authenticator::empty(&cfg.domain),
-    };
-    let web = Identity::from_pem_files(&cfg.http_cert, &cfg.http_key).map_err(|e| e.to_string())?;
-    let http_tls = tls::metadata_server_config(&web, trust).map_err(|e| e.to_string())?;
     let (listener, http_addr) = transport::bind(cfg.http_listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.http_listen))?;
@@ -293,10 +289,27 @@ async fn start_identity_http(
         .issuer_url
         .clone()
         .unwrap_or_else(|| format!("https://localhost:{}", http_addr.port()));
+    let authn = match &cfg.trust_config {
+        Some(path) => {
+            let ac = AuthnConfig::from_file(path)
+                .map_err(|errs| format!("--trust-config: {}", errs.join("; ")))?;
+            Authenticator::new(ac, &cfg.domain).await?
+        }
+        None => Authenticator::empty(&cfg.domain),
+    }
+    // Registered clients' assertions (private_key_jwt) name the issuer or the token
+    // endpoint as their audience (RFC 7523 §3; fragment nodes accept the same).
+    .with_client_assertion_audiences(vec![url.clone(), format!("{url}/token")]);
+    let web = Identity::from_pem_files(&cfg.http_cert, &cfg.http_key).map_err(|e| e.to_string())?;
+    // Agents' X.509-SVIDs are offered as client CAs too, for tls_client_auth at the
+    // token endpoint.
+    let http_tls = tls::metadata_server_config(&web, trust, &authn.svid_root_hints())
+        .map_err(|e| e.to_string())?;
+    let authn = Arc::new(authn);
     let plane = Arc::new(IdentityPlane::new(
         cluster,
         policy,
-        Arc::new(authn),
+        authn,
         store,
         IdentityConfig {
             issuer: url.clone(),
@@ -334,6 +347,7 @@ async fn start_identity_http(
         listener,
         http_tls,
         Arc::clone(&plane),
+        trust.clone(),
         cfg.allow_classic_token_endpoints,
     );
     tracing::info!(%http_addr, issuer = %url, "metadata listener (discovery, JWKS, introspection, revocation)");

@@ -946,13 +946,22 @@ pub fn negotiated_group_name(conn: &rustls::ServerConnection) -> Option<String> 
 
 /// Server configuration of the HTTPS metadata listener: TLS 1.3, [`public_provider`]
 /// groups (the hybrid one preferred by the server), ALPN `http/1.1`, and an *optional*
-/// client certificate verified against the cluster CA — endpoints that carry tokens
-/// (introspection, revocation) require one, and the hybrid group, per request.
-pub fn metadata_server_config(id: &Identity, trust: &Trust) -> Result<Arc<ServerConfig>> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::clone(&trust.roots), public_provider())
-            .allow_unauthenticated()
-            .build()?;
+/// client certificate whose chain the handshake does not judge (see
+/// [`DeferredClientAuth`]): the listener verifies it per request against each trust
+/// anchor alone — the cluster CA ([`Trust::verify_peer_chain`]) for introspection and
+/// revocation, an agent's trust domain for `tls_client_auth` at the token endpoint (RFC
+/// 8705 §2) — so a refusal reaches the client with its reason, and an agent CA can never
+/// vouch for a cluster role. `agent_hints`: the agents' CA names, offered to clients
+/// besides the cluster CA's. Endpoints that carry tokens require the hybrid group per
+/// request.
+pub fn metadata_server_config(
+    id: &Identity,
+    trust: &Trust,
+    agent_hints: &[DistinguishedName],
+) -> Result<Arc<ServerConfig>> {
+    let mut hints = trust.verifier.root_hint_subjects().to_vec();
+    hints.extend(agent_hints.iter().cloned());
+    let verifier = Arc::new(DeferredClientAuth::new(false, hints));
     let mut config = ServerConfig::builder_with_provider(public_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -960,6 +969,75 @@ pub fn metadata_server_config(id: &Identity, trust: &Trust) -> Result<Arc<Server
     config.ignore_client_order = true;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A client-certificate verifier that leaves the chain to the application: the
+/// handshake still proves possession of the certificate's key (CertificateVerify,
+/// checked with the provider's signature algorithms), but any chain is admitted, so
+/// that the service can refuse an untrusted one *with its reason* — a TLS alert carries
+/// none (a bare `bad_certificate`). Every handler behind a listener built with it must
+/// verify the peer's chain itself before trusting anything in it.
+#[derive(Debug)]
+struct DeferredClientAuth {
+    mandatory: bool,
+    hints: Vec<DistinguishedName>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl DeferredClientAuth {
+    fn new(mandatory: bool, hints: Vec<DistinguishedName>) -> Self {
+        DeferredClientAuth {
+            mandatory,
+            hints,
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ClientCertVerifier for DeferredClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        // Deferred: see the type's docs.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// Client configuration for the metadata listener's token-carrying endpoints: TLS 1.3,
@@ -976,12 +1054,15 @@ pub fn metadata_client_config(id: &Identity, trust: &Trust) -> Result<Arc<Client
 
 /// Server configuration of the coordinator's agent listener: TLS 1.3, X25519MLKEM768
 /// only, ALPN `h2`, presenting `id` (the coordinator), and requiring a client
-/// certificate accepted by `verifier` — agents' X.509-SVIDs from their own trust
-/// domains, not the cluster CA.
+/// certificate whose chain the handshake admits unjudged ([`DeferredClientAuth`]): the
+/// agent service verifies every request's X.509-SVID against its trust domain's bundle
+/// and refuses with the reason (an unknown CA, a leaf outside the SVID profile), which a
+/// TLS alert could not carry. `hints`: the agents' CA names offered to clients.
 pub fn agent_server_config(
     id: &Identity,
-    verifier: Arc<dyn ClientCertVerifier>,
+    hints: &[DistinguishedName],
 ) -> Result<Arc<ServerConfig>> {
+    let verifier = Arc::new(DeferredClientAuth::new(true, hints.to_vec()));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

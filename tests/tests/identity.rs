@@ -803,16 +803,17 @@ permit (principal == Client::"admin", action, resource);
     }
 
     // An SVID from a CA the cluster does not trust, and the cluster's own admin
-    // certificate, are refused during the handshake (or the first call).
+    // certificate, are refused, and the agent hears why (a TLS alert would carry no
+    // reason).
     let other = SvidCa::new();
     let (cert, key) = other.svid("spiffe://agents.test/ci/job-2");
-    refused(connect(cert, key).await).await;
+    refused(connect(cert, key).await, "agents.test").await;
     let d = &cluster.dir.0;
     let admin = (
         std::fs::read_to_string(d.join("client-admin.pem")).unwrap(),
         std::fs::read_to_string(d.join("client-admin-key.pem")).unwrap(),
     );
-    refused(connect(admin.0, admin.1).await).await;
+    refused(connect(admin.0, admin.1).await, DOMAIN).await;
 }
 
 /// Attestations that verify cryptographically but break the JWT rules are refused,
@@ -862,13 +863,20 @@ async fn malformed_attestations_are_refused_naming_the_problem() {
     );
 }
 
-async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsError>) {
-    if let Ok(ch) = ch {
-        let mut c = api::identity_service_client::IdentityServiceClient::new(ch);
-        c.issue_token(request("", 60))
-            .await
-            .expect_err("a certificate from outside the SVID bundles must not get in");
-    }
+/// A certificate from outside the SVID bundles gets through the handshake (the listener
+/// judges chains per request) and is refused with the reason, `words`.
+async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsError>, words: &str) {
+    let mut c = api::identity_service_client::IdentityServiceClient::new(ch.unwrap());
+    let s = c
+        .issue_token(request("", 60))
+        .await
+        .expect_err("a certificate from outside the SVID bundles must not get in");
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert!(
+        s.message().contains(words),
+        "{words:?} not in {:?}",
+        s.message()
+    );
 }
 
 /// The OAuth token endpoint (RFC 6749 §3.2) on the HTTPS listener decides as the gRPC
@@ -904,7 +912,10 @@ async fn token_endpoint_grants_and_errors() {
     .unwrap();
     let meta: Value = serde_json::from_slice(&meta.body).unwrap();
     assert_eq!(meta["token_endpoint"], url);
-    assert_eq!(meta["grant_types_supported"], json!([JWT_BEARER, EXCHANGE]));
+    assert_eq!(
+        meta["grant_types_supported"],
+        json!([JWT_BEARER, EXCHANGE, "client_credentials"])
+    );
 
     let blue = env.issuer.attest("agent-1", json!({"team": "blue"}));
     let (status, body) = post(vec![
@@ -1043,4 +1054,252 @@ async fn token_endpoint_grants_and_errors() {
             "{body}"
         );
     }
+}
+
+/// `client_credentials` at the token endpoint (RFC 6749 §4.4): a registered client
+/// authenticates with its own key (`private_key_jwt`, RFC 7523 §2.2), each assertion
+/// once; an agent with an X.509-SVID authenticates with it on the connection
+/// (`tls_client_auth`, RFC 8705 §2) and names its SPIFFE ID as `client_id`. Everything
+/// else is `invalid_client` (401), naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_by_private_key_jwt_and_tls_client_auth() {
+    const CC: &str = "client_credentials";
+    const ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+    let cfg = TempDir::new("identity-cc");
+    let oidc = TestIssuer::new(&cfg.0);
+    // The SVID trust domain, and the registered client `ci-bot` with its JWKS.
+    let ca = SvidCa::new();
+    std::fs::write(cfg.0.join("bundle.pem"), &ca.cert_pem).unwrap();
+    let bot = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = bot.public_key_raw();
+    let jwks = json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "bot-1",
+        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+    }]});
+    std::fs::write(cfg.0.join("ci-bot.jwks.json"), jwks.to_string()).unwrap();
+    let mut trust: Value =
+        serde_json::from_slice(&std::fs::read(cfg.0.join("trust.json")).unwrap()).unwrap();
+    trust["svid"] = json!([{ "trust_domain": "agents.test", "bundle_file": "bundle.pem" }]);
+    trust["clients"] = json!([{ "client_id": "ci-bot", "jwks_file": "ci-bot.jwks.json" }]);
+    std::fs::write(cfg.0.join("trust.json"), trust.to_string()).unwrap();
+    let policy_dir = cfg.0.join("policy");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(
+        policy_dir.join("clients.cedar"),
+        r#"@id("clients")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.method == "private-key-jwt" || principal.method == "x509-svid" };
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#,
+    )
+    .unwrap();
+    let (pd, tc) = (
+        policy_dir.display().to_string(),
+        cfg.0.join("trust.json").display().to_string(),
+    );
+    let cluster = TestCluster::start(
+        "identity-cc",
+        3,
+        1,
+        &["--policy-dir", &pd, "--trust-config", &tc],
+    );
+    cluster.create_token_key("tokens", 900, 4).await;
+    let issuer = cluster.issuer();
+    let url = format!("{issuer}/token");
+    let (_, cluster_trust) = cluster.identity("client-admin");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cluster_trust.ca_der().clone()).unwrap();
+    let public = https::public_client_config(roots).unwrap();
+    let post = |tls: Arc<rustls::ClientConfig>, form: Vec<(&'static str, String)>| {
+        let url = url.clone();
+        async move {
+            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = https::post_form(&url, tls, &pairs).await.unwrap();
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            eprintln!("{} {body}", r.status);
+            (r.status, body)
+        }
+    };
+    let claims = |token: &str| -> Value {
+        serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let meta = https::get(
+        &format!("{issuer}/.well-known/oauth-authorization-server"),
+        Arc::clone(&public),
+    )
+    .await
+    .unwrap();
+    let meta: Value = serde_json::from_slice(&meta.body).unwrap();
+    assert!(
+        meta["grant_types_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(CC)),
+        "{meta}"
+    );
+    assert_eq!(
+        meta["token_endpoint_auth_methods_supported"],
+        json!(["none", "private_key_jwt", "tls_client_auth"])
+    );
+
+    // private_key_jwt: iss = sub = client_id, aud = the token endpoint, short-lived, jti.
+    let bot_key = EncodingKey::from_ec_der(&bot.serialize_der());
+    let mut n = 0;
+    let mut assertion = |aud: &str, lifetime: i64| {
+        n += 1;
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("bot-1".into());
+        let now = now();
+        let c = json!({"iss": "ci-bot", "sub": "ci-bot", "aud": aud, "iat": now,
+                       "exp": now + lifetime, "jti": format!("a-{n}")});
+        jsonwebtoken::encode(&h, &c, &bot_key).unwrap()
+    };
+    let cc_form = |assertion: String| {
+        vec![
+            ("grant_type", CC.to_owned()),
+            ("client_id", "ci-bot".to_owned()),
+            ("client_assertion_type", ASSERTION.to_owned()),
+            ("client_assertion", assertion),
+            ("resource", "tools".to_owned()),
+        ]
+    };
+    let first = assertion(&url, 60);
+    let (status, body) = post(Arc::clone(&public), cc_form(first.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let c = claims(body["access_token"].as_str().unwrap());
+    assert_eq!(c["sub"], format!("spiffe://{DOMAIN}/client/ci-bot"));
+    assert_eq!(c["client_id"], c["sub"]);
+    assert_eq!(c["aud"], "tools");
+    // The issuer URL is an audience too (RFC 7523 §3).
+    let (status, body) = post(Arc::clone(&public), cc_form(assertion(&issuer, 60))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Each assertion authenticates one request.
+    let (status, body) = post(Arc::clone(&public), cc_form(first)).await;
+    assert_eq!((status, &body["error"]), (401, &json!("invalid_client")));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{body}"
+    );
+    // Another audience, a lifetime over 300 s, another client_id, an agent's
+    // attestation in place of a client assertion, another assertion type: all refused.
+    for (form, words) in [
+        (
+            cc_form(assertion("https://elsewhere.test/token", 60)),
+            "aud",
+        ),
+        (cc_form(assertion(&url, 3600)), "300"),
+        (
+            {
+                let mut f = cc_form(assertion(&url, 60));
+                f[1].1 = "other-bot".into();
+                f
+            },
+            "client_id",
+        ),
+        (
+            cc_form(oidc.attest("agent-1", json!({"team": "blue"}))),
+            "registered client",
+        ),
+        (
+            {
+                let mut f = cc_form(assertion(&url, 60));
+                f[2].1 = "urn:example:saml".into();
+                f
+            },
+            "client_assertion_type",
+        ),
+        (
+            vec![
+                ("grant_type", CC.to_owned()),
+                ("resource", "tools".to_owned()),
+            ],
+            "private_key_jwt",
+        ),
+    ] {
+        let (status, body) = post(Arc::clone(&public), form).await;
+        assert_eq!((status, &body["error"]), (401, &json!("invalid_client")));
+        let text = body["error_description"].as_str().unwrap();
+        assert!(text.contains(words), "{words:?} not in {text:?}");
+    }
+    // A client assertion belongs to client_credentials only.
+    let (status, body) = post(
+        Arc::clone(&public),
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:jwt-bearer".into(),
+            ),
+            ("assertion", oidc.attest("agent-1", json!({"team": "blue"}))),
+            ("resource", "tools".into()),
+            ("client_assertion_type", ASSERTION.into()),
+            ("client_assertion", assertion(&url, 60)),
+        ],
+    )
+    .await;
+    assert_eq!((status, &body["error"]), (400, &json!("invalid_request")));
+
+    // tls_client_auth: the X.509-SVID on the connection, its SPIFFE ID as client_id.
+    let svid_tls = |(cert, key): (String, String)| {
+        let id = tls::Identity::from_pem(&cert, &key).unwrap();
+        tls::metadata_client_config(&id, &cluster_trust).unwrap()
+    };
+    let job = "spiffe://agents.test/ci/job-1";
+    let agent = svid_tls(ca.svid(job));
+    let svid_form = |client_id: &str| {
+        vec![
+            ("grant_type", CC.to_owned()),
+            ("client_id", client_id.to_owned()),
+            ("resource", "tools".to_owned()),
+        ]
+    };
+    let (status, body) = post(Arc::clone(&agent), svid_form(job)).await;
+    assert_eq!(status, 200, "{body}");
+    let c = claims(body["access_token"].as_str().unwrap());
+    assert_eq!(c["sub"], job);
+    assert_eq!(c["attestation"]["method"], "x509-svid");
+    for (tls, client_id, words) in [
+        (
+            Arc::clone(&agent),
+            "spiffe://agents.test/ci/job-2",
+            "not the SPIFFE ID",
+        ),
+        (Arc::clone(&agent), "", "needs `client_id`"),
+        // A leaf outside the SVID profile passes the handshake, not the service.
+        (
+            svid_tls(ca.svid_with(job, vec![rcgen::KeyUsagePurpose::KeyCertSign])),
+            job,
+            "keyCertSign",
+        ),
+        // The cluster's own client certificate is no agent.
+        (
+            {
+                let (id, trust) = cluster.identity("client-admin");
+                tls::metadata_client_config(&id, &trust).unwrap()
+            },
+            job,
+            "cluster client certificate",
+        ),
+    ] {
+        let (status, body) = post(tls, svid_form(client_id)).await;
+        assert_eq!((status, &body["error"]), (401, &json!("invalid_client")));
+        let text = body["error_description"].as_str().unwrap();
+        assert!(text.contains(words), "{words:?} not in {text:?}");
+    }
+    // An SVID from a CA nobody trusts: the handshake admits it, the endpoint refuses it
+    // and says why.
+    let stranger = svid_tls(SvidCa::new().svid(job));
+    let (status, body) = post(stranger, svid_form(job)).await;
+    assert_eq!((status, &body["error"]), (401, &json!("invalid_client")));
+    let text = body["error_description"].as_str().unwrap();
+    assert!(text.contains("agents.test"), "{text:?}");
 }

@@ -360,6 +360,7 @@ async fn openid_client_and_jose_against_the_token_endpoint() {
     let seen = env.introspect(token).await;
     assert_eq!(seen["active"], true, "{seen}");
     assert_eq!(seen["cnf"]["jkt"], jkt, "{seen}");
+    assert_eq!(seen["token_type"], "DPoP", "RFC 9449 §6.2: {seen}");
     assert_eq!(seen["jti"], claims["jti"]);
 
     // 2. Token exchange of that token for a sub-agent, with a proof by the same key.
@@ -439,7 +440,6 @@ fn client_key(kid: &str) -> (String, Value) {
 /// client_credentials grant for a client registered in the trust configuration; an
 /// assertion signed by another key is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs client_credentials"]
 async fn authlib_client_credentials_with_private_key_jwt() {
     let Some(python) = python_client() else {
         return;

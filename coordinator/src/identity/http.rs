@@ -1,13 +1,16 @@
-//! The HTTPS metadata listener (DESIGN.md §6, §7): OpenID discovery and RFC 8414
-//! metadata, the JWKS, RFC 7662 introspection and RFC 7009 revocation.
+//! The HTTPS listener (DESIGN.md §6, §7): OpenID discovery and RFC 8414 metadata, the
+//! JWKS, the OAuth token endpoint (RFC 6749 §3.2), RFC 7662 introspection and RFC 7009
+//! revocation.
 //!
 //! Discovery and the JWKS are public: the listener prefers X25519MLKEM768 and also
 //! accepts classic groups, because most deployed verifiers cannot yet speak hybrid TLS.
-//! Introspection and revocation carry tokens: they require a cluster client certificate
-//! (`tls_client_auth`) and, unless the operator opted in with
-//! `--allow-classic-token-endpoints`, a connection that negotiated the hybrid group —
-//! checked per request, so a classic connection still gets the JWKS but a clear 403 on
-//! the token endpoints.
+//! The token, introspection and revocation endpoints carry tokens: unless the operator
+//! opted in with `--allow-classic-token-endpoints`, they need a connection that
+//! negotiated the hybrid group — checked per request, so a classic connection still gets
+//! the JWKS but a clear 403 on the others. Introspection and revocation also need a
+//! cluster client certificate; the token endpoint authenticates agents by their
+//! attestations, registered clients' assertions (`private_key_jwt`) or X.509-SVIDs
+//! (`tls_client_auth`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,7 +32,40 @@ use super::{IdentityError, IdentityPlane};
 #[derive(Clone, Debug)]
 struct ConnInfo {
     group: Option<String>,
+    /// A cluster client (its certificate re-verified against the cluster CA alone).
     client: Option<String>,
+    /// An agent's X.509-SVID (`tls_client_auth`, RFC 8705 §2), verified against its
+    /// trust domain's bundle alone; the refusal if the certificate is neither kind.
+    agent: Option<Result<crate::authn::Attestation, String>>,
+}
+
+impl ConnInfo {
+    /// Classifies the client certificate of a finished handshake. The handshake admitted
+    /// a chain to the cluster CA *or* to an agent bundle; each is checked here against its
+    /// own anchor, so a certificate from an agent CA never passes for a cluster role.
+    fn of(session: &rustls::ServerConnection, trust: &tls::Trust, plane: &IdentityPlane) -> Self {
+        let group = tls::negotiated_group_name(session);
+        let Some(chain) = session.peer_certificates() else {
+            return ConnInfo {
+                group,
+                client: None,
+                agent: None,
+            };
+        };
+        if let Ok(Role::Client(name)) = trust.verify_peer_chain(chain) {
+            return ConnInfo {
+                group,
+                client: Some(name),
+                agent: None,
+            };
+        }
+        let agent = plane.authn().verify_svid(chain).map_err(|e| e.to_string());
+        ConnInfo {
+            group,
+            client: None,
+            agent: Some(agent),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -43,9 +79,10 @@ pub fn serve(
     listener: TcpListener,
     tls_config: Arc<rustls::ServerConfig>,
     plane: Arc<IdentityPlane>,
+    trust: tls::Trust,
     allow_classic_token_endpoints: bool,
 ) -> tokio::task::JoinHandle<()> {
-    let domain = plane.domain().to_owned();
+    let state_plane = Arc::clone(&plane);
     let state = Http {
         plane,
         allow_classic_token_endpoints,
@@ -64,16 +101,7 @@ pub fn serve(
         while let Some(conn) = conns.next().await {
             let Ok(tls) = conn else { continue };
             let (_, session) = tls.get_ref();
-            let info = ConnInfo {
-                group: tls::negotiated_group_name(session),
-                client: session
-                    .peer_certificates()
-                    .and_then(|c| tls::peer_role(c, &domain).ok())
-                    .and_then(|r| match r {
-                        Role::Client(name) => Some(name),
-                        _ => None,
-                    }),
-            };
+            let info = ConnInfo::of(session, &trust, &state_plane);
             let app = app.clone().layer(Extension(info));
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
@@ -117,15 +145,17 @@ async fn metadata(State(s): State<Http>) -> Response {
         "token_endpoint": format!("{iss}/token"),
         // jwt-bearer: the agent's attestation is the assertion (no client
         // authentication needed; a cluster client certificate is recorded as the
-        // caller); token-exchange: the actor's attestation is the actor token.
-        "token_endpoint_auth_methods_supported": ["none", "tls_client_auth"],
+        // caller); token-exchange: the actor's attestation is the actor token;
+        // client_credentials: the agent is a registered client with its own key
+        // (private_key_jwt) or presents its X.509-SVID (tls_client_auth).
+        "token_endpoint_auth_methods_supported": ["none", "private_key_jwt", "tls_client_auth"],
         "introspection_endpoint": format!("{iss}/introspect"),
         "revocation_endpoint": format!("{iss}/revoke"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "revocation_endpoint_auth_methods_supported": ["tls_client_auth"],
         "tls_client_certificate_bound_access_tokens": false,
         "response_types_supported": ["token"],
-        "grant_types_supported": [JWT_BEARER, TOKEN_EXCHANGE],
+        "grant_types_supported": [JWT_BEARER, TOKEN_EXCHANGE, CLIENT_CREDENTIALS],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
@@ -197,6 +227,10 @@ fn token_endpoint_caller(s: &Http, info: &ConnInfo) -> Result<String, Box<Respon
 
 /// RFC 7523 §2.1 grant type: the assertion is the agent's attestation.
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 6749 §4.4 grant type: the client is the agent, authenticated as a client.
+const CLIENT_CREDENTIALS: &str = "client_credentials";
+/// RFC 7523 §2.2 client assertion type (`private_key_jwt`).
+const CLIENT_ASSERTION_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// RFC 8693 §2.1 grant type.
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// Lifetime of a token whose request names no `ttl`.
@@ -319,9 +353,151 @@ fn token_success(issued: &super::Issued, exchanged: bool) -> Response {
     json_response(StatusCode::OK, body)
 }
 
+/// Issues a token for `agent` (the jwt-bearer and client_credentials grants) and answers
+/// as RFC 6749 §5.1, or `authorization_pending` while a human decides.
+async fn issue(
+    s: &Http,
+    agent: crate::authn::Attestation,
+    audience: String,
+    ttl_seconds: u64,
+    form: &HashMap<String, String>,
+    caller: Option<String>,
+    dpop: Option<String>,
+) -> Response {
+    let param = |k: &str| form.get(k).filter(|v| !v.is_empty()).cloned();
+    let outcome = s
+        .plane
+        .issue(super::TokenRequest {
+            agent,
+            audience,
+            scopes: scopes(form),
+            ttl_seconds,
+            task_id: param("task_id"),
+            context: std::collections::BTreeMap::new(),
+            caller,
+            dpop_proof: dpop,
+            wait: std::time::Duration::ZERO,
+            approval_id: param("approval_id"),
+        })
+        .await;
+    match outcome {
+        Ok(super::IssueOutcome::Issued(issued)) => token_success(&issued, false),
+        Ok(super::IssueOutcome::Pending { id, expires_at }) => json_response(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({
+                "error": "authorization_pending",
+                "error_description": "policy requires a human's approval; repeat the request with approval_id until it is decided",
+                "approval_id": id,
+                "approval_expires_at": expires_at,
+                "interval": 5,
+            }),
+        ),
+        Err(e) => token_error(&e),
+    }
+}
+
+/// RFC 6749 §5.2 `invalid_client`, with status 401.
+fn invalid_client(description: &str) -> Box<Response> {
+    Box::new(oauth_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        description,
+    ))
+}
+
+/// The agent behind a `client_credentials` request, authenticated as an OAuth client
+/// (RFC 6749 §2.3) by `private_key_jwt` (a registered client's assertion, RFC 7523 §2.2,
+/// one use each) or `tls_client_auth` (its X.509-SVID on this connection, RFC 8705 §2,
+/// with `client_id` its SPIFFE ID). Refusals are recorded in the audit trail and answer
+/// `invalid_client` (401).
+async fn client_authentication(
+    s: &Http,
+    info: &ConnInfo,
+    headers: &axum::http::HeaderMap,
+    form: &HashMap<String, String>,
+    caller: &Option<String>,
+) -> Result<crate::authn::Attestation, Box<Response>> {
+    use crate::authn::AuthMethod;
+    let action = crate::policy::Action::IssueToken;
+    if headers.contains_key(header::AUTHORIZATION) {
+        let mut r = invalid_client(
+            "client secrets (client_secret_basic) are not supported: authenticate with private_key_jwt (client_assertion) or tls_client_auth (an X.509-SVID client certificate)",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"quorate\""),
+        );
+        return Err(r);
+    }
+    let client_id = form.get("client_id").filter(|c| !c.is_empty());
+    if let Some(kind) = form.get("client_assertion_type") {
+        if kind != CLIENT_ASSERTION_JWT {
+            return Err(invalid_client(&format!(
+                "`client_assertion_type` must be {CLIENT_ASSERTION_JWT} (private_key_jwt)"
+            )));
+        }
+        let Some(assertion) = form.get("client_assertion").filter(|a| !a.is_empty()) else {
+            return Err(invalid_client(
+                "`client_assertion_type` is given but `client_assertion` is missing",
+            ));
+        };
+        let agent = match s.plane.authenticate(assertion).await {
+            Ok(a) if a.method == AuthMethod::PrivateKeyJwt => a,
+            Ok(a) => {
+                let e = super::IdentityError::Invalid(format!(
+                    "`client_assertion` is a {} attestation, not a client assertion: a registered client signs its own (iss and sub its client_id)",
+                    a.method
+                ));
+                s.plane.refuse("token", action, caller.as_deref(), e).await;
+                return Err(invalid_client(
+                    "`client_assertion` must be signed by a registered client with iss = sub = its client_id (private_key_jwt); pass agent attestations with the jwt-bearer grant",
+                ));
+            }
+            Err(e) => {
+                let e = s.plane.refuse("token", action, caller.as_deref(), e).await;
+                return Err(invalid_client(&e.to_string()));
+            }
+        };
+        if let Some(id) = client_id
+            && *id != agent.external_subject
+        {
+            return Err(invalid_client(&format!(
+                "`client_id` {id:?} is not the client the assertion names ({:?})",
+                agent.external_subject
+            )));
+        }
+        return Ok(agent);
+    }
+    match &info.agent {
+        Some(Ok(agent)) => match client_id {
+            Some(id) if *id == agent.subject => Ok(agent.clone()),
+            Some(id) => Err(invalid_client(&format!(
+                "`client_id` {id:?} is not the SPIFFE ID of the client certificate ({}) (tls_client_auth, RFC 8705 §2)",
+                agent.subject
+            ))),
+            None => Err(invalid_client(&format!(
+                "tls_client_auth needs `client_id`: the SPIFFE ID of the client certificate ({}) (RFC 8705 §2)",
+                agent.subject
+            ))),
+        },
+        Some(Err(why)) => {
+            let e = super::IdentityError::Invalid(format!("X.509-SVID refused: {why}"));
+            let e = s.plane.refuse("token", action, caller.as_deref(), e).await;
+            Err(invalid_client(&e.to_string()))
+        }
+        None if caller.is_some() => Err(invalid_client(
+            "a cluster client certificate does not authenticate an agent: client_credentials needs private_key_jwt or an agent's X.509-SVID (tls_client_auth)",
+        )),
+        None => Err(invalid_client(
+            "authenticate the client with private_key_jwt (`client_assertion_type` and `client_assertion`) or tls_client_auth (an X.509-SVID client certificate and `client_id`)",
+        )),
+    }
+}
+
 /// `POST /token` (RFC 6749 §3.2), deciding as the gRPC API does (same policy, evidence
-/// and audit trail): `jwt-bearer` (RFC 7523, the agent's attestation as `assertion`)
-/// and `token-exchange` (RFC 8693, the sub-agent's attestation as `actor_token`).
+/// and audit trail): `jwt-bearer` (RFC 7523, the agent's attestation as `assertion`),
+/// `token-exchange` (RFC 8693, the sub-agent's attestation as `actor_token`) and
+/// `client_credentials` (RFC 6749 §4.4; see [`client_authentication`]).
 /// `resource` (RFC 8707) or `audience` sets the audience; `scope`, and the extensions
 /// `ttl` (seconds, default 300), `task_id` and `approval_id`. A `DPoP` header (RFC 9449 §5) binds the
 /// token to its key. A request that needs a human's approval answers
@@ -387,7 +563,22 @@ async fn token(
     };
     let caller = info.client.clone();
     let param = |k: &str| form.get(k).filter(|v| !v.is_empty()).cloned();
-    match form.get("grant_type").map(String::as_str) {
+    let grant = form.get("grant_type").map(String::as_str);
+    if grant != Some(CLIENT_CREDENTIALS)
+        && (form.contains_key("client_assertion") || form.contains_key("client_assertion_type"))
+    {
+        return bad_request(
+            "invalid_request",
+            "client authentication (`client_assertion`) is used with the client_credentials grant only; in the jwt-bearer and token-exchange grants the agent's attestation authenticates it",
+        );
+    }
+    if matches!(grant, Some(JWT_BEARER | CLIENT_CREDENTIALS)) && audience.is_empty() {
+        return bad_request(
+            "invalid_target",
+            "name the token's audience with `resource` (RFC 8707) or `audience`",
+        );
+    }
+    match grant {
         Some(JWT_BEARER) => {
             let Some(assertion) = param("assertion") else {
                 return bad_request(
@@ -395,12 +586,6 @@ async fn token(
                     "the jwt-bearer grant needs `assertion`: the agent's attestation (RFC 7523 §2.1)",
                 );
             };
-            if audience.is_empty() {
-                return bad_request(
-                    "invalid_target",
-                    "name the token's audience with `resource` (RFC 8707) or `audience`",
-                );
-            }
             let agent = match authenticated(
                 &s,
                 &assertion,
@@ -413,35 +598,14 @@ async fn token(
                 Ok(a) => a,
                 Err(r) => return *r,
             };
-            let outcome = s
-                .plane
-                .issue(super::TokenRequest {
-                    agent,
-                    audience,
-                    scopes: scopes(&form),
-                    ttl_seconds,
-                    task_id: param("task_id"),
-                    context: std::collections::BTreeMap::new(),
-                    caller,
-                    dpop_proof: dpop,
-                    wait: std::time::Duration::ZERO,
-                    approval_id: param("approval_id"),
-                })
-                .await;
-            match outcome {
-                Ok(super::IssueOutcome::Issued(issued)) => token_success(&issued, false),
-                Ok(super::IssueOutcome::Pending { id, expires_at }) => json_response(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({
-                        "error": "authorization_pending",
-                        "error_description": "policy requires a human's approval; repeat the request with approval_id until it is decided",
-                        "approval_id": id,
-                        "approval_expires_at": expires_at,
-                        "interval": 5,
-                    }),
-                ),
-                Err(e) => token_error(&e),
-            }
+            issue(&s, agent, audience, ttl_seconds, &form, caller, dpop).await
+        }
+        Some(CLIENT_CREDENTIALS) => {
+            let agent = match client_authentication(&s, &info, &headers, &form, &caller).await {
+                Ok(a) => a,
+                Err(r) => return *r,
+            };
+            issue(&s, agent, audience, ttl_seconds, &form, caller, dpop).await
         }
         Some(TOKEN_EXCHANGE) => {
             let (Some(subject), Some(actor)) = (param("subject_token"), param("actor_token"))
@@ -510,7 +674,9 @@ async fn token(
         }
         Some(other) => bad_request(
             "unsupported_grant_type",
-            &format!("grant type {other:?} is not supported: use {JWT_BEARER} or {TOKEN_EXCHANGE}"),
+            &format!(
+                "grant type {other:?} is not supported: use {JWT_BEARER}, {TOKEN_EXCHANGE} or {CLIENT_CREDENTIALS}"
+            ),
         ),
         None => bad_request("invalid_request", "the form has no `grant_type`"),
     }

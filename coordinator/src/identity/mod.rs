@@ -1419,7 +1419,13 @@ impl IdentityPlane {
             .map_err(|e| IdentityError::Store(format!("claims do not encode: {e}")))?;
         if let Some(o) = body.as_object_mut() {
             o.insert("active".into(), serde_json::Value::Bool(true));
-            o.insert("token_type".into(), "Bearer".into());
+            // RFC 9449 §6.2: a token bound to a DPoP key is of type DPoP.
+            let token_type = if claims.cnf.is_some() {
+                "DPoP"
+            } else {
+                "Bearer"
+            };
+            o.insert("token_type".into(), token_type.into());
         }
         Ok(body)
     }
