@@ -815,22 +815,37 @@ const OIDC_FIELDS: [&str; 8] = [
     "refresh_seconds",
 ];
 
+/// The head of one entry of a configuration array: the object, the string value of its
+/// identifying field `key`, and the label its errors start with, `section[i] (value)`.
+/// Reports an entry that is not an object, and unknown fields.
+fn entry_head<'v>(
+    section: &str,
+    i: usize,
+    entry: &'v Value,
+    key: &str,
+    fields: &[&str],
+    errors: &mut Vec<String>,
+) -> Option<(&'v Map<String, Value>, Option<String>, String)> {
+    let Some(obj) = entry.as_object() else {
+        errors.push(format!("{section}[{i}]: must be an object"));
+        return None;
+    };
+    let value = string_field(obj, key, &format!("{section}[{i}]"), errors);
+    let at = match &value {
+        Some(v) => format!("{section}[{i}] ({v})"),
+        None => format!("{section}[{i}]"),
+    };
+    unknown_fields(obj, fields, &at, errors);
+    Some((obj, value, at))
+}
+
 fn parse_oidc(
     i: usize,
     entry: &Value,
     base: &Path,
     errors: &mut Vec<String>,
 ) -> Option<OidcIssuerConfig> {
-    let Some(obj) = entry.as_object() else {
-        errors.push(format!("oidc[{i}]: must be an object"));
-        return None;
-    };
-    let name = string_field(obj, "name", &format!("oidc[{i}]"), errors);
-    let at = match &name {
-        Some(name) => format!("oidc[{i}] ({name})"),
-        None => format!("oidc[{i}]"),
-    };
-    unknown_fields(obj, &OIDC_FIELDS, &at, errors);
+    let (obj, name, at) = entry_head("oidc", i, entry, "name", &OIDC_FIELDS, errors)?;
     let before = errors.len();
     if name.is_none() {
         errors.push(format!("{at}: `name` is required"));
@@ -893,16 +908,8 @@ fn parse_svid(
     base: &Path,
     errors: &mut Vec<String>,
 ) -> Option<SvidTrustConfig> {
-    let Some(obj) = entry.as_object() else {
-        errors.push(format!("svid[{i}]: must be an object"));
-        return None;
-    };
-    let trust_domain = string_field(obj, "trust_domain", &format!("svid[{i}]"), errors);
-    let at = match &trust_domain {
-        Some(domain) => format!("svid[{i}] ({domain})"),
-        None => format!("svid[{i}]"),
-    };
-    unknown_fields(obj, &SVID_FIELDS, &at, errors);
+    let (obj, trust_domain, at) =
+        entry_head("svid", i, entry, "trust_domain", &SVID_FIELDS, errors)?;
     let before = errors.len();
     if !obj.contains_key("trust_domain") {
         errors.push(format!("{at}: `trust_domain` is required"));
@@ -980,16 +987,8 @@ fn parse_client(
     base: &Path,
     errors: &mut Vec<String>,
 ) -> Option<RegisteredClientConfig> {
-    let Some(obj) = entry.as_object() else {
-        errors.push(format!("clients[{i}]: must be an object"));
-        return None;
-    };
-    let client_id = string_field(obj, "client_id", &format!("clients[{i}]"), errors);
-    let at = match &client_id {
-        Some(id) => format!("clients[{i}] ({id})"),
-        None => format!("clients[{i}]"),
-    };
-    unknown_fields(obj, &CLIENT_FIELDS, &at, errors);
+    let (obj, client_id, at) =
+        entry_head("clients", i, entry, "client_id", &CLIENT_FIELDS, errors)?;
     let before = errors.len();
     if !obj.contains_key("client_id") {
         errors.push(format!("{at}: `client_id` is required"));
@@ -1803,69 +1802,6 @@ struct Client {
     keys: KeySource,
 }
 
-/// The TLS client-certificate check of the agent listener: a chain is accepted if it
-/// verifies to the bundle of *some* configured SVID trust domain. Which domain, and
-/// everything else about the SVID, is checked again per request by
-/// [`Authenticator::verify_svid`] (trust domain of the SPIFFE ID = the bundle's).
-#[derive(Debug)]
-struct AnySvidBundle {
-    verifiers: Vec<Arc<dyn ClientCertVerifier>>,
-    hints: Vec<rustls::DistinguishedName>,
-}
-
-impl ClientCertVerifier for AnySvidBundle {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &self.hints
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let mut last = rustls::Error::General("no SVID trust domain is configured".into());
-        for v in &self.verifiers {
-            match v.verify_client_cert(end_entity, intermediates, now) {
-                Ok(ok) => return Ok(ok),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        match self.verifiers.first() {
-            Some(v) => v.verify_tls12_signature(message, cert, dss),
-            None => Err(rustls::Error::General("no SVID trust domain".into())),
-        }
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        match self.verifiers.first() {
-            Some(v) => v.verify_tls13_signature(message, cert, dss),
-            None => Err(rustls::Error::General("no SVID trust domain".into())),
-        }
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.verifiers
-            .first()
-            .map(|v| v.supported_verify_schemes())
-            .unwrap_or_default()
-    }
-}
-
 /// Verifies agent attestations against the trust configuration. `Send + Sync`; share it
 /// in an `Arc`.
 pub struct Authenticator {
@@ -2516,20 +2452,6 @@ impl Authenticator {
             .iter()
             .flat_map(|t| t.verifier.root_hint_subjects().to_vec())
             .collect()
-    }
-
-    /// The client-certificate verifier of the agent listener, where agents authenticate
-    /// with their X.509-SVID: `None` when no SVID trust domain is configured.
-    pub fn svid_client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
-        if self.svid.is_empty() {
-            return None;
-        }
-        let verifiers: Vec<_> = self.svid.iter().map(|t| Arc::clone(&t.verifier)).collect();
-        let hints = verifiers
-            .iter()
-            .flat_map(|v| v.root_hint_subjects().to_vec())
-            .collect();
-        Some(Arc::new(AnySvidBundle { verifiers, hints }))
     }
 
     /// Verifies an X.509-SVID chain (leaf first, as presented in a TLS handshake): its

@@ -863,6 +863,19 @@ async fn malformed_attestations_are_refused_naming_the_problem() {
     );
 }
 
+/// POSTs `form` to `url` and returns the status and the JSON body (null if none).
+async fn post_form(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    form: Vec<(&'static str, String)>,
+) -> (u16, Value) {
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = https::post_form(url, tls, &pairs).await.unwrap();
+    let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    eprintln!("{} {body}", r.status);
+    (r.status, body)
+}
+
 /// A certificate from outside the SVID bundles gets through the handshake (the listener
 /// judges chains per request) and is refused with the reason, `words`.
 async fn refused(ch: Result<tonic::transport::Channel, quorate_proto::tls::TlsError>, words: &str) {
@@ -890,17 +903,7 @@ async fn token_endpoint_grants_and_errors() {
     let url = format!("{}/token", env.cluster.issuer());
     // No client certificate: the assertion is the credential.
     let tls = https::public_client_config(env.roots()).unwrap();
-    let post = |form: Vec<(&'static str, String)>| {
-        let tls = Arc::clone(&tls);
-        let url = url.clone();
-        async move {
-            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let r = https::post_form(&url, tls, &pairs).await.unwrap();
-            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-            eprintln!("{} {body}", r.status);
-            (r.status, body)
-        }
-    };
+    let post = |form: Vec<(&'static str, String)>| post_form(&url, Arc::clone(&tls), form);
     let meta = https::get(
         &format!(
             "{}/.well-known/oauth-authorization-server",
@@ -1112,14 +1115,7 @@ permit (principal == Client::"admin", action, resource);
     roots.add(cluster_trust.ca_der().clone()).unwrap();
     let public = https::public_client_config(roots).unwrap();
     let post = |tls: Arc<rustls::ClientConfig>, form: Vec<(&'static str, String)>| {
-        let url = url.clone();
-        async move {
-            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let r = https::post_form(&url, tls, &pairs).await.unwrap();
-            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-            eprintln!("{} {body}", r.status);
-            (r.status, body)
-        }
+        post_form(&url, tls, form)
     };
     let claims = |token: &str| -> Value {
         serde_json::from_slice(
