@@ -180,6 +180,21 @@ struct State {
     unreachable: HashSet<PartyIndex>,
 }
 
+/// Leaves node `i` out of new work because its store fails (`error`), until a heartbeat
+/// finds it writing again.
+fn note_store_fault(s: &mut State, i: PartyIndex, error: &str) {
+    if s.store_faults.insert(i, error.to_owned()).is_none() {
+        tracing::warn!(
+            node = i.get(),
+            error,
+            "node's store fails to write: leaving it out of new work"
+        );
+    }
+}
+
+/// How a fragment node's refusals name a failure of its own store.
+const STORE_FAULT: &str = "node store: ";
+
 impl State {
     fn usable(&self, i: PartyIndex) -> bool {
         !self.culprits.contains(&i)
@@ -758,12 +773,8 @@ impl Cluster {
                         if s.store_faults.remove(&i).is_some() {
                             tracing::info!(node = i.get(), "node's store accepts writes again");
                         }
-                    } else if s.store_faults.insert(i, r.store_error.clone()).is_none() {
-                        tracing::warn!(
-                            node = i.get(),
-                            error = r.store_error,
-                            "node's store fails to write: leaving it out of new work"
-                        );
+                    } else {
+                        note_store_fault(&mut s, i, &r.store_error);
                     }
                     s.down.remove(&i);
                     if s.unreachable.remove(&i) {
@@ -2167,6 +2178,13 @@ impl Cluster {
                     }
                     if why.contains("unknown presignature") {
                         self.drop_pools_of(j);
+                    }
+                    if why.contains(STORE_FAULT)
+                        && let Ok(mut s) = self.state()
+                    {
+                        // Its store failed on this request: the retry takes a set
+                        // without it rather than wait for the heartbeat to notice.
+                        note_store_fault(&mut s, j, &why);
                     }
                     if why.contains(BUNDLE_MISMATCH) {
                         // The node holds another bundle (a restored disk, a newer one
