@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use quorate_cli::dev_issuer;
 use quorate_client::{Error, ExchangeRequest, Result, RevokeTarget, TokenRequest};
+use quorate_proto::dpop::DpopKey;
 
 use crate::{ConnArgs, out, read_input};
 
@@ -49,15 +50,119 @@ pub struct ExchangeArgs {
     #[arg(long = "context", value_name = "K=V")]
     context: Vec<String>,
     #[command(flatten)]
+    dpop: DpopArgs,
+    #[command(flatten)]
     conn: ConnArgs,
+}
+
+/// Binding a token to a DPoP key (RFC 9449): `--dpop-key` and the issuer its proof names.
+#[derive(Debug, Args)]
+pub struct DpopArgs {
+    /// Bind the token to this DPoP key (RFC 9449): a P-256 private key, PKCS#8 PEM
+    /// (`quorate dpop keygen FILE` makes one). The token's `cnf.jkt` is its thumbprint,
+    /// printed on stderr; a resource server then wants a proof by this key with every
+    /// request (`quorate dpop proof`)
+    #[arg(long, value_name = "FILE")]
+    dpop_key: Option<PathBuf>,
+    /// The coordinator's issuer URL: the proof is for `POST <issuer>/token`
+    #[arg(long, env = "QUORATE_ISSUER", value_name = "URL")]
+    issuer: Option<String>,
+}
+
+impl DpopArgs {
+    /// The proof for the token request, and the key's thumbprint; `None` without
+    /// `--dpop-key`.
+    fn token_request_proof(&self) -> Result<Option<(String, String)>> {
+        let Some(path) = &self.dpop_key else {
+            return Ok(None);
+        };
+        let issuer = self.issuer.as_deref().ok_or_else(|| {
+            Error::Usage(
+                "--dpop-key needs the coordinator's issuer URL (the proof is for POST \
+                 <issuer>/token): pass --issuer or set QUORATE_ISSUER"
+                    .into(),
+            )
+        })?;
+        let key = load_dpop_key(path)?;
+        let htu = format!("{}/token", issuer.trim_end_matches('/'));
+        let proof = key
+            .proof("POST", &htu, None)
+            .map_err(|e| Error::Other(e.to_string()))?;
+        Ok(Some((proof, key.thumbprint())))
+    }
+}
+
+/// Loads a DPoP key file, naming the file in every error.
+fn load_dpop_key(path: &Path) -> Result<DpopKey> {
+    let pem = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        let how = if e.kind() == std::io::ErrorKind::NotFound {
+            format!(" (make one with `quorate dpop keygen {}`)", path.display())
+        } else {
+            String::new()
+        };
+        Error::Usage(format!("--dpop-key {}: {e}{how}", path.display()))
+    })?);
+    DpopKey::from_pkcs8_pem(&pem)
+        .map_err(|e| Error::Usage(format!("--dpop-key {}: {e}", path.display())))
+}
+
+/// `quorate dpop …`
+#[derive(Debug, Subcommand)]
+pub enum DpopCommand {
+    /// Create a DPoP key: a P-256 private key, PKCS#8 PEM, mode 0600; prints its RFC
+    /// 7638 thumbprint (the `cnf.jkt` of tokens bound to it) alone on stdout
+    Keygen {
+        /// Where to write the key (refused if it exists)
+        #[arg(value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print a DPoP proof (RFC 9449 §4) for one request to a resource server: send it
+    /// as the `DPoP` header, with `Authorization: DPoP <token>`
+    Proof {
+        /// The DPoP key the token is bound to
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The request's HTTP method
+        #[arg(long, default_value = "GET", value_name = "METHOD")]
+        method: String,
+        /// The request's URL (query and fragment are left out of the proof)
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The access token the request carries (a file, or `-` for stdin): the proof
+        /// then holds its hash (`ath`), as a resource server requires
+        #[arg(long, value_name = "FILE")]
+        access_token: Option<PathBuf>,
+    },
+    /// Print a key's thumbprint alone on stdout
+    Thumbprint {
+        /// The DPoP key
+        #[arg(value_name = "FILE")]
+        key: PathBuf,
+    },
 }
 
 /// `quorate token issue`
 #[derive(Debug, Args)]
 pub struct IssueArgs {
-    /// The agent's attestation: a file holding its OIDC JWT, or `-` for stdin
-    #[arg(long, value_name = "FILE")]
-    attestation: PathBuf,
+    /// The agent's attestation: a file holding its OIDC JWT or JWT-SVID, or `-` for
+    /// stdin
+    #[arg(long, value_name = "FILE", required_unless_present = "svid_cert")]
+    attestation: Option<PathBuf>,
+    /// Authenticate with this X.509-SVID instead of an attestation (PEM: the SVID,
+    /// then any intermediates), on the coordinator's agent listener (--agent-addr)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "attestation",
+        requires = "svid_key"
+    )]
+    svid_cert: Option<PathBuf>,
+    /// The X.509-SVID's private key (PKCS#8 PEM)
+    #[arg(long, value_name = "FILE", requires = "svid_cert")]
+    svid_key: Option<PathBuf>,
+    /// The coordinator's agent listener, for --svid-cert (its `--agent-listen`)
+    #[arg(long, env = "QUORATE_AGENT_ADDR", value_name = "HOST:PORT")]
+    agent_addr: Option<String>,
     /// The resource server the token is for
     #[arg(long, value_name = "AUD")]
     audience: String,
@@ -80,6 +185,8 @@ pub struct IssueArgs {
     /// Poll a pending approval: the same request again, with its id
     #[arg(long, value_name = "ID")]
     approval: Option<String>,
+    #[command(flatten)]
+    dpop: DpopArgs,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -242,6 +349,35 @@ pub struct AttestArgs {
     domain: String,
 }
 
+/// `quorate dev svid`
+#[derive(Debug, Args)]
+pub struct SvidArgs {
+    /// The dev cluster's directory
+    #[arg(long, default_value = "./quorate-dev", value_name = "DIR")]
+    dir: PathBuf,
+    /// The agent's path in the SPIFFE ID `spiffe://agents.<domain>/<PATH>`
+    #[arg(long, value_name = "PATH")]
+    agent: String,
+    /// Trust domain of the dev cluster
+    #[arg(long, env = "QUORATE_DOMAIN", default_value = quorate_client::DEFAULT_DOMAIN, value_name = "D")]
+    domain: String,
+}
+
+/// Runs `quorate dev svid`: prints `--svid-cert FILE --svid-key FILE`, ready to paste.
+pub fn svid(a: SvidArgs) -> Result<()> {
+    let (cert, key) = dev_issuer::issue_svid(&a.dir, &a.domain, &a.agent)?;
+    eprintln!(
+        "issued spiffe://{}/{} (valid as long as the dev cluster's certificates)",
+        dev_issuer::agents_domain(&a.domain),
+        a.agent
+    );
+    out(&format!(
+        "--svid-cert {} --svid-key {}\n",
+        crate::shell_quote(&cert.display().to_string()),
+        crate::shell_quote(&key.display().to_string())
+    ))
+}
+
 /// Parses `300`, `300s`, `5m`, `2h` or `1d` into seconds.
 pub fn parse_ttl(flag: &str, s: &str) -> Result<u64> {
     let s = s.trim();
@@ -298,7 +434,12 @@ fn u32_ttl(flag: &str, s: &str) -> Result<u32> {
 pub async fn token(cmd: TokenCommand) -> Result<()> {
     match cmd {
         TokenCommand::Issue(a) => {
-            let attestation = read_text("--attestation", &a.attestation)?;
+            let attestation = match &a.attestation {
+                Some(path) => read_text("--attestation", path)?,
+                // The X.509-SVID on the connection is the attestation.
+                None => String::new(),
+            };
+            let dpop = a.dpop.token_request_proof()?;
             let req = TokenRequest {
                 attestation,
                 audience: a.audience,
@@ -313,9 +454,14 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                     None => 0,
                 },
                 approval_id: a.approval,
-                dpop_proof: None,
+                dpop_proof: dpop.as_ref().map(|(proof, _)| proof.clone()),
             };
-            let client = a.conn.connect().await?;
+            let client = match (&a.svid_cert, &a.svid_key) {
+                (Some(cert), Some(key)) => {
+                    connect_agent(&a.conn, a.agent_addr.as_deref(), cert, key).await?
+                }
+                _ => a.conn.connect().await?,
+            };
             let reply = client.issue_token(req).await?;
             if !reply.pending_approval.is_empty() {
                 eprintln!(
@@ -333,6 +479,7 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                 reply.expires_at,
                 reply.policy_ids.join(", ")
             );
+            say_bound(dpop.as_ref());
             out(&format!("{}\n", reply.access_token))
         }
         TokenCommand::Introspect { token, conn } => {
@@ -362,13 +509,14 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
             out(&format!("{what}\n"))
         }
         TokenCommand::Exchange(a) => {
+            let dpop = a.dpop.token_request_proof()?;
             let req = ExchangeRequest {
                 subject_token: read_text("--subject-token", &a.subject_token)?,
                 actor_attestation: read_text("--actor-attestation", &a.actor_attestation)?,
                 audience: String::new(),
                 scopes: a.scope.split_whitespace().map(str::to_owned).collect(),
                 ttl_seconds: u32_ttl("--ttl", &a.ttl)?,
-                dpop_proof: None,
+                dpop_proof: dpop.as_ref().map(|(proof, _)| proof.clone()),
                 context: pairs("--context", &a.context)?.into_iter().collect(),
             };
             let client = a.conn.connect().await?;
@@ -380,9 +528,101 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                 reply.expires_at,
                 reply.policy_ids.join(", ")
             );
+            say_bound(dpop.as_ref());
             out(&format!("{}\n", reply.access_token))
         }
     }
+}
+
+/// Tells the caller (on stderr) which DPoP key the token is bound to.
+fn say_bound(dpop: Option<&(String, String)>) {
+    if let Some((_, jkt)) = dpop {
+        eprintln!("bound to DPoP key {jkt} (cnf.jkt): present a proof by this key with every use");
+    }
+}
+
+/// Connects to the agent listener at `addr` with an X.509-SVID, trusting the
+/// coordinator as `conn` says (cluster CA, trust domain).
+async fn connect_agent(
+    conn: &ConnArgs,
+    addr: Option<&str>,
+    cert: &Path,
+    key: &Path,
+) -> Result<quorate_client::Client> {
+    use std::net::ToSocketAddrs as _;
+    let addr = addr.ok_or_else(|| {
+        Error::Usage(
+            "--svid-cert needs the coordinator's agent listener: pass --agent-addr or set \
+             QUORATE_AGENT_ADDR"
+                .into(),
+        )
+    })?;
+    let bad =
+        |why: String| Error::Usage(format!("--agent-addr {addr}: {why} (expected HOST:PORT)"));
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the name resolves to no address".into()))?;
+    let ca = conn.cacert.as_deref().ok_or_else(|| {
+        Error::Config("--svid-cert: the cluster CA is needed to trust the coordinator: pass --cacert or set QUORATE_CACERT".into())
+    })?;
+    let client =
+        quorate_client::Client::connect_agent(resolved, ca, &conn.domain, cert, key).await?;
+    Ok(client.with_timeout(std::time::Duration::from_secs(conn.timeout.max(1))))
+}
+
+/// Runs `quorate dpop …`.
+pub fn dpop(cmd: DpopCommand) -> Result<()> {
+    match cmd {
+        DpopCommand::Keygen { out: path } => {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| Error::Other(format!("cannot make a P-256 key: {e}")))?;
+            let pem = zeroize::Zeroizing::new(pair.serialize_pem());
+            let key = DpopKey::from_pkcs8_pem(&pem).map_err(|e| Error::Other(e.to_string()))?;
+            write_secret(&path, pem.as_bytes())?;
+            eprintln!("wrote DPoP key {} (keep it secret)", path.display());
+            out(&format!("{}\n", key.thumbprint()))
+        }
+        DpopCommand::Proof {
+            key,
+            method,
+            url,
+            access_token,
+        } => {
+            let key = load_dpop_key(&key)?;
+            let token = access_token
+                .map(|p| read_text("--access-token", &p))
+                .transpose()?;
+            let htu = url.split(['?', '#']).next().unwrap_or_default();
+            let parsed_ok = htu.starts_with("https://") || htu.starts_with("http://");
+            if !parsed_ok {
+                return Err(Error::Usage(format!(
+                    "--url {url:?}: expected an absolute http(s) URL"
+                )));
+            }
+            let proof = key
+                .proof(&method.to_ascii_uppercase(), htu, token.as_deref())
+                .map_err(|e| Error::Other(e.to_string()))?;
+            out(&format!("{proof}\n"))
+        }
+        DpopCommand::Thumbprint { key } => out(&format!("{}\n", load_dpop_key(&key)?.thumbprint())),
+    }
+}
+
+/// Writes a new secret file (mode 0600), refusing to replace one.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let err = |e: std::io::Error| Error::Usage(format!("{}: {e}", path.display()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)
 }
 
 /// Runs `quorate task …`.

@@ -118,6 +118,15 @@ pub struct DevOptions {
     /// the dev trust configuration). On by default; `quorate-bench` turns it off to
     /// measure what it costs.
     pub node_evidence: bool,
+    /// Open the coordinator's agent listener (`--agent-listen`) on a loopback port kept
+    /// in `DIR/agent-port`, trusting the dev SVID CA for `agents.<domain>` (`quorate
+    /// dev svid` issues X.509-SVIDs). Node evidence is off then: an X.509-SVID proves
+    /// possession to the coordinator's TLS listener only, and a node that checks
+    /// evidence refuses tokens it cannot verify.
+    pub agent_listener: bool,
+    /// Let OAuth clients whose TLS cannot negotiate X25519MLKEM768 (curl and OpenSSL 3.0,
+    /// Node, Python here) use the HTTPS token endpoints (`--allow-classic-token-endpoints`).
+    pub allow_classic_token_endpoints: bool,
 }
 
 impl DevOptions {
@@ -135,6 +144,8 @@ impl DevOptions {
             pool_timeout: Duration::from_secs(120),
             coordinator_args: Vec::new(),
             node_evidence: true,
+            agent_listener: false,
+            allow_classic_token_endpoints: false,
         }
     }
 }
@@ -163,6 +174,7 @@ pub struct DevCluster {
     nodes: u16,
     threshold: u16,
     addr: SocketAddr,
+    agent_addr: Option<SocketAddr>,
     env_file: PathBuf,
     pools_filled: bool,
     procs: Procs,
@@ -191,6 +203,7 @@ impl DevCluster {
                 nodes: opts.nodes,
                 threshold: opts.threshold,
                 addr: up.addr,
+                agent_addr: up.agent_addr,
                 env_file: up.env_file,
                 pools_filled: up.pools_filled,
                 procs,
@@ -215,6 +228,11 @@ impl DevCluster {
     /// The coordinator's public API address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The agent listener's address, when [`DevOptions::agent_listener`] opened it.
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        self.agent_addr
     }
 
     /// The env file (`DIR/env`).
@@ -276,6 +294,7 @@ impl DevCluster {
 struct Up {
     dir: PathBuf,
     addr: SocketAddr,
+    agent_addr: Option<SocketAddr>,
     env_file: PathBuf,
     pools_filled: bool,
 }
@@ -332,7 +351,22 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     // signed afresh at every start (edit it, then `quorate policy apply DIR/policy`
     // signs and applies it with QUORATE_OPERATOR_KEY from DIR/env).
     let bundle_file = dir.join(crate::dev_issuer::POLICY_BUNDLE_FILE);
-    if opts.node_evidence {
+    let agent_addr = if opts.agent_listener {
+        crate::dev_issuer::ensure_svid_ca(&dir, &opts.domain)?;
+        let port = crate::dev_issuer::agent_port(&dir)?;
+        Some(SocketAddr::from(([127, 0, 0, 1], port)))
+    } else {
+        None
+    };
+    let node_evidence = opts.node_evidence && !opts.agent_listener;
+    if opts.node_evidence && !node_evidence {
+        eprintln!(
+            "note: with --agent-listen the nodes do not check token evidence themselves: an \
+             X.509-SVID proves possession to the coordinator's listener only (the coordinator \
+             alone decides tokens in this dev cluster)"
+        );
+    }
+    if node_evidence {
         let trust = crate::dev_issuer::trust_config_path(&dir);
         ceiling_json.insert("trust_config".into(), trust.display().to_string().into());
         ceiling_json.insert(
@@ -403,7 +437,7 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
         .arg(crate::dev_issuer::trust_config_path(&dir))
         .arg("--audit-sink")
         .arg(format!("file:{}", dir.join(AUDIT_FILE).display()));
-    if opts.node_evidence {
+    if node_evidence {
         cmd.arg("--operator-public-key")
             .arg(crate::dev_issuer::operator_public_path(&dir))
             .arg("--policy-bundle")
@@ -414,6 +448,12 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     }
     for (i, addr) in &node_addrs {
         cmd.arg("--node").arg(format!("{i}={addr}"));
+    }
+    if let Some(at) = agent_addr {
+        cmd.arg("--agent-listen").arg(at.to_string());
+    }
+    if opts.allow_classic_token_endpoints {
+        cmd.arg("--allow-classic-token-endpoints");
     }
     cmd.args(&opts.coordinator_args);
     let coordinator = procs
@@ -431,10 +471,11 @@ async fn bring_up(opts: &DevOptions, procs: &mut Procs) -> Result<Up> {
     ensure_key(&client, opts, procs, TOKEN_KEY, &KeyProfile::Token(rules)).await?;
     ensure_key(&client, opts, procs, CREDENTIAL_KEY, &KeyProfile::Derive).await?;
     let pools_filled = fill_pools(&client, opts, procs).await?;
-    write_env_file(&env_file, addr, &dir, &opts.domain, &issuer)?;
+    write_env_file(&env_file, addr, &dir, &opts.domain, &issuer, agent_addr)?;
     Ok(Up {
         dir,
         addr,
+        agent_addr,
         env_file,
         pools_filled,
     })
@@ -683,8 +724,12 @@ fn write_env_file(
     dir: &Path,
     domain: &str,
     issuer: &str,
+    agent_addr: Option<SocketAddr>,
 ) -> Result<()> {
-    let contents = env_file_contents(addr, dir, domain, issuer);
+    let mut contents = env_file_contents(addr, dir, domain, issuer);
+    if let Some(at) = agent_addr {
+        contents.push_str(&format!("export QUORATE_AGENT_ADDR={at}\n"));
+    }
     let tmp = path.with_extension("tmp");
     let err = |e: std::io::Error| Error::Other(format!("cannot write {}: {e}", path.display()));
     {

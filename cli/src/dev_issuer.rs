@@ -257,8 +257,18 @@ pub fn write_secret_and_cert(
 /// `DIR/http-port`) so the issuer URL — and the token key's rules, which name it — stay
 /// the same across runs.
 pub fn http_port(dir: &Path) -> Result<u16> {
-    let path = dir.join("http-port");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    persisted_port(&dir.join("http-port"))
+}
+
+/// The dev cluster's agent listener port (`quorate dev --agent-listen`): chosen once
+/// per directory (kept in `DIR/agent-port`), like [`http_port`].
+pub fn agent_port(dir: &Path) -> Result<u16> {
+    persisted_port(&dir.join("agent-port"))
+}
+
+/// A free loopback port, chosen once and kept in `path`.
+fn persisted_port(path: &Path) -> Result<u16> {
+    if let Ok(text) = std::fs::read_to_string(path) {
         return text.trim().parse().map_err(|_| {
             Error::Config(format!(
                 "{}: expected a port number, found {:?}",
@@ -267,11 +277,107 @@ pub fn http_port(dir: &Path) -> Result<u16> {
             ))
         });
     }
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(&path))?;
-    let port = probe.local_addr().map_err(io_err(&path))?.port();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(path))?;
+    let port = probe.local_addr().map_err(io_err(path))?.port();
     drop(probe);
-    write_new(&path, format!("{port}\n").as_bytes(), false)?;
+    write_new(path, format!("{port}\n").as_bytes(), false)?;
     Ok(port)
+}
+
+/// The dev cluster's agents' SPIFFE trust domain: `agents.<domain>`, apart from the
+/// cluster's own (the agent listener refuses the cluster CA's certificates).
+pub fn agents_domain(domain: &str) -> String {
+    format!("agents.{domain}")
+}
+
+/// The dev SVID CA's certificate: the X.509 bundle of [`agents_domain`].
+pub const SVID_CA_FILE: &str = "dev-svid-ca.pem";
+/// The dev SVID CA's private key (0600).
+const SVID_CA_KEY_FILE: &str = "dev-svid-ca-key.pem";
+
+/// Creates the dev SVID CA in `dir` unless it exists, and makes `trust.json` trust it
+/// for [`agents_domain`] (an `svid` entry with its `bundle_file`) unless it already
+/// names that trust domain. For `quorate dev --agent-listen`.
+pub fn ensure_svid_ca(dir: &Path, domain: &str) -> Result<()> {
+    let agents = agents_domain(domain);
+    let cert = dir.join(SVID_CA_FILE);
+    let key = dir.join(SVID_CA_KEY_FILE);
+    if !cert.is_file() || !key.is_file() {
+        let ca = quorate_proto::pki::ClusterCa::generate(&agents)
+            .map_err(|e| Error::Other(format!("cannot make the dev SVID CA: {e}")))?;
+        write_new(&key, ca.secret_key_pem().as_bytes(), true)?;
+        write_new(&cert, ca.cert_pem().as_bytes(), false)?;
+    }
+    let trust = trust_config_path(dir);
+    let text = std::fs::read_to_string(&trust).map_err(io_err(&trust))?;
+    let mut doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", trust.display())))?;
+    let obj = doc
+        .as_object_mut()
+        .ok_or_else(|| Error::Config(format!("{}: not a JSON object", trust.display())))?;
+    let entries = obj
+        .entry("svid")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()))
+        .as_array_mut()
+        .ok_or_else(|| Error::Config(format!("{}: `svid` is not an array", trust.display())))?;
+    let present = entries
+        .iter()
+        .any(|e| e.get("trust_domain").and_then(|d| d.as_str()) == Some(agents.as_str()));
+    if !present {
+        entries.push(serde_json::json!({ "trust_domain": agents, "bundle_file": SVID_CA_FILE }));
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Error::Other(format!("trust.json: {e}")))?;
+        let tmp = trust.with_extension("json.tmp");
+        remove_file_if_exists(&tmp)?;
+        write_new(&tmp, text.as_bytes(), false)?;
+        std::fs::rename(&tmp, &trust).map_err(io_err(&trust))?;
+    }
+    Ok(())
+}
+
+/// Issues an X.509-SVID `spiffe://agents.<domain>/<name>` from the dev SVID CA into
+/// `DIR/svid/<name>.pem` and `DIR/svid/<name>-key.pem` (0600), replacing earlier ones;
+/// returns (certificate, key) paths.
+pub fn issue_svid(dir: &Path, domain: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|e| {
+            Error::Config(format!(
+                "{}: {e} (run `quorate dev --agent-listen --dir {}` first)",
+                path.display(),
+                dir.display()
+            ))
+        })
+    };
+    let key_pem = Zeroizing::new(read(SVID_CA_KEY_FILE)?);
+    let ca = quorate_proto::pki::ClusterCa::from_pem(
+        &read(SVID_CA_FILE)?,
+        &key_pem,
+        &agents_domain(domain),
+    )
+    .map_err(|e| Error::Config(format!("the dev SVID CA in {}: {e}", dir.display())))?;
+    let issued = ca
+        .issue_svid(name)
+        .map_err(|e| Error::Usage(format!("--agent {name:?}: {e}")))?;
+    let out = dir.join("svid");
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    let stem = name.replace('/', "_");
+    let (cert, key) = (
+        out.join(format!("{stem}.pem")),
+        out.join(format!("{stem}-key.pem")),
+    );
+    remove_file_if_exists(&cert)?;
+    remove_file_if_exists(&key)?;
+    write_new(&key, issued.key_pem.as_bytes(), true)?;
+    write_new(&cert, issued.cert_pem.as_bytes(), false)?;
+    Ok((cert, key))
+}
+
+fn remove_file_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -63,6 +63,9 @@ enum Command {
     /// Agent access tokens: issue, introspect, revoke
     #[command(subcommand)]
     Token(agent::TokenCommand),
+    /// DPoP keys and proofs (RFC 9449): bind tokens to a key, prove possession
+    #[command(subcommand)]
+    Dpop(agent::DpopCommand),
     /// Tasks: the windows agents' tokens live in
     #[command(subcommand)]
     Task(agent::TaskCommand),
@@ -110,6 +113,15 @@ struct DevArgs {
     /// Seconds to wait for the pools before reporting ready anyway
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pool_timeout: u64,
+    /// Open the agent listener: agents get tokens with their X.509-SVID (`quorate dev
+    /// svid` issues them; the env file sets QUORATE_AGENT_ADDR). The nodes then leave
+    /// token evidence to the coordinator
+    #[arg(long)]
+    agent_listen: bool,
+    /// Let OAuth clients whose TLS cannot negotiate X25519MLKEM768 (Debian's curl,
+    /// OpenSSL 3.0, Node, Python) use the HTTPS token endpoints with classic key exchange
+    #[arg(long)]
+    allow_classic_token_endpoints: bool,
     /// The quorate-node executable (default: next to this executable)
     #[arg(long, env = "QUORATE_NODE_BIN", value_name = "FILE", hide = true)]
     node_bin: Option<PathBuf>,
@@ -127,6 +139,9 @@ struct DevArgs {
 enum DevAction {
     /// Print an attestation JWT for an agent from the dev cluster's OIDC issuer
     Attest(agent::AttestArgs),
+    /// Issue an X.509-SVID for an agent from the dev SVID CA (`quorate dev
+    /// --agent-listen` creates it); prints the certificate and key paths
+    Svid(agent::SvidArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -519,8 +534,13 @@ async fn run(cli: Cli) -> Result<()> {
             action: Some(DevAction::Attest(a)),
             ..
         }) => agent::attest(a),
+        Command::Dev(DevArgs {
+            action: Some(DevAction::Svid(a)),
+            ..
+        }) => agent::svid(a),
         Command::Dev(args) => dev(args).await,
         Command::Token(c) => agent::token(c).await,
+        Command::Dpop(c) => agent::dpop(c),
         Command::Task(c) => agent::task(c).await,
         Command::Policy(c) => agent::policy(c).await,
         Command::Audit(c) => governance::audit(c).await,
@@ -913,6 +933,8 @@ async fn dev(args: DevArgs) -> Result<()> {
         pool_timeout: Duration::from_secs(args.pool_timeout),
         coordinator_args: Vec::new(),
         node_evidence: true,
+        agent_listener: args.agent_listen,
+        allow_classic_token_endpoints: args.allow_classic_token_endpoints,
     };
     let Some(mut cluster) = DevCluster::start(&opts).await? else {
         return Ok(());
@@ -971,6 +993,13 @@ fn next_steps(cluster: &DevCluster) -> String {
     } else {
         "its presignature pools are still filling"
     };
+    let agents = match cluster.agent_addr() {
+        None => String::new(),
+        Some(at) => format!(
+            "\nAgents with an X.509-SVID get tokens on the agent listener {at}:\n\
+             \x20 {q} token issue $({q} dev svid --agent ci/job-1) --audience dev\n"
+        ),
+    };
     format!(
         "\nQuorate dev cluster is ready: {n} fragment nodes (t = {t}) and a coordinator at {addr}.\n\
          Key `{key}` (ES256) exists and {pools}.\n\
@@ -991,6 +1020,7 @@ fn next_steps(cluster: &DevCluster) -> String {
          \x20 {q} key create vault --purpose decrypt\n\
          \x20 {q} encrypt vault --in msg.txt --out msg.enc\n\
          \x20 {q} decrypt vault --in msg.enc\n\
+         {agents}\
          \n\
          Press Ctrl-C to stop the cluster; `{q} dev --dir {dir_arg}` starts it again with the same keys.\n\
          QUORATE_READY dev env={env_plain}\n",

@@ -192,12 +192,48 @@ impl Client {
             }
         }
         let trust = Trust::from_pem_file(&config.ca, &config.domain).map_err(config_error)?;
-        let tls = tls::client_config(&identity, &trust).map_err(config_error)?;
-        let connecting = transport::connect(config.addr, &Role::Coordinator, &config.domain, tls);
+        Self::open(config.addr, &identity, &trust, &config.domain).await
+    }
+
+    /// Connects to the coordinator's agent listener (`--agent-listen`) as an agent that
+    /// authenticates with its X.509-SVID (`svid_cert`: the SVID and any intermediates,
+    /// PEM; `svid_key`: its PKCS#8 key). The coordinator must present
+    /// `coordinator.<domain>`'s certificate from the cluster CA `ca`, as on the public
+    /// API.
+    ///
+    /// Only [`Client::issue_token`] (with an empty attestation: the SVID is the
+    /// attestation) and [`Client::exchange_token`] are open to an agent; the coordinator
+    /// refuses everything else with `PermissionDenied`. A refused SVID is refused per
+    /// request, with its reason ([`Error::Refused`]).
+    ///
+    /// Errors: [`Error::Config`] naming the file at fault; [`Error::Unreachable`].
+    pub async fn connect_agent(
+        addr: SocketAddr,
+        ca: &std::path::Path,
+        domain: &str,
+        svid_cert: &std::path::Path,
+        svid_key: &std::path::Path,
+    ) -> Result<Self> {
+        let config_error = |e: TlsError| Error::Config(e.to_string());
+        let identity = Identity::from_pem_files(svid_cert, svid_key).map_err(config_error)?;
+        let trust = Trust::from_pem_file(ca, domain).map_err(config_error)?;
+        Self::open(addr, &identity, &trust, domain).await
+    }
+
+    /// Completes the TLS handshake with `coordinator.<domain>` at `addr` as `identity`.
+    async fn open(
+        addr: SocketAddr,
+        identity: &Identity,
+        trust: &Trust,
+        domain: &str,
+    ) -> Result<Self> {
+        let config_error = |e: TlsError| Error::Config(e.to_string());
+        let tls = tls::client_config(identity, trust).map_err(config_error)?;
+        let connecting = transport::connect(addr, &Role::Coordinator, domain, tls);
         let channel = match tokio::time::timeout(CONNECT_LIMIT, connecting).await {
             Err(_elapsed) => {
                 return Err(Error::connect(
-                    config.addr,
+                    addr,
                     format!("no connection within {} s", CONNECT_LIMIT.as_secs()),
                 ));
             }
@@ -207,9 +243,9 @@ impl Client {
             Ok(Err(other)) => return Err(config_error(other)),
             Ok(Ok(channel)) => channel,
         };
-        tracing::debug!(addr = %config.addr, "connected to the coordinator");
+        tracing::debug!(%addr, "connected to the coordinator");
         Ok(Client {
-            addr: config.addr,
+            addr,
             keys: KeyServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
             cluster: ClusterServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_REPLY),

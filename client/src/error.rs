@@ -119,7 +119,7 @@ impl Error {
                 op,
                 code,
                 message: non_empty(status.message(), &format!("{code:?}")).to_owned(),
-                hint: refused_hint(op, code),
+                hint: refused_hint(op, code, status.message()),
             },
         }
     }
@@ -213,8 +213,9 @@ fn unreachable_hint(detail: &str) -> String {
 
 /// Operations of the identity API: their refusals come from policy or attestation checks,
 /// not from the caller's certificate.
-const IDENTITY_OPS: [&str; 6] = [
+const IDENTITY_OPS: [&str; 7] = [
     "issue a token",
+    "exchange the token",
     "revoke",
     "start the task",
     "end the task",
@@ -222,9 +223,19 @@ const IDENTITY_OPS: [&str; 6] = [
     "introspect the token",
 ];
 
-fn refused_hint(op: &str, code: tonic::Code) -> String {
+fn refused_hint(op: &str, code: tonic::Code, message: &str) -> String {
     let identity = IDENTITY_OPS.contains(&op);
     let hint = match code {
+        _ if identity && message.contains("DPoP") => {
+            "a DPoP-bound token needs a fresh proof by the key it is bound to (its cnf.jkt): pass \
+             the same --dpop-key it was issued with (`quorate dpop thumbprint FILE` shows a \
+             key's thumbprint)"
+        }
+        tonic::Code::Unauthenticated if identity && message.contains("X.509-SVID") => {
+            "the X.509-SVID was refused: it must chain to an `svid` trust bundle in the \
+             coordinator's --trust-config, outside the cluster's own trust domain, and be valid \
+             now (`quorate dev svid` issues one for a dev cluster started with --agent-listen)"
+        }
         tonic::Code::Unauthenticated if identity => {
             "the agent's attestation was refused: it must come from an issuer in the coordinator's \
              --trust-config, for its audience, and be within its validity (`quorate dev attest` \

@@ -135,8 +135,33 @@ impl fmt::Debug for DpopKey {
 impl DpopKey {
     /// Generates a fresh P-256 key pair.
     pub fn generate() -> Result<Self, DpopError> {
-        let mut pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| DpopError::Crypto(format!("P-256 key generation: {e}")))?;
+        Self::from_pair(pair)
+    }
+
+    /// Loads a P-256 private key from PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as
+    /// `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256` or
+    /// `quorate dpop keygen` write it).
+    ///
+    /// Errors: [`DpopError::UnsupportedKey`] for anything else (another curve or key
+    /// type, a SEC1 `EC PRIVATE KEY` block, text that is not PEM); the message never
+    /// quotes the input.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, DpopError> {
+        let pair = KeyPair::from_pem(pem).map_err(|_| {
+            DpopError::UnsupportedKey("not a PKCS#8 PEM private key (BEGIN PRIVATE KEY)")
+        })?;
+        if pair.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(DpopError::UnsupportedKey(
+                "a DPoP key must be an EC P-256 key (ES256)",
+            ));
+        }
+        Self::from_pair(pair)
+    }
+
+    /// Takes a P-256 key pair apart into the signing key and its public JWK, wiping
+    /// the pair's own copy of the private key.
+    fn from_pair(mut pair: KeyPair) -> Result<Self, DpopError> {
         let signing = EncodingKey::from_ec_der(pair.serialized_der());
         // The uncompressed SEC1 point: 0x04 || x || y.
         let point = pair.public_key_raw();
@@ -149,7 +174,7 @@ impl DpopKey {
         // rcgen's PKCS#8 copy is no longer needed; the EncodingKey holds (and wipes) its own.
         pair.zeroize();
         let (x, y) = parsed.ok_or_else(|| {
-            DpopError::Crypto("the generated public key is not an uncompressed P-256 point".into())
+            DpopError::Crypto("the public key is not an uncompressed P-256 point".into())
         })?;
         let jwk: Jwk = serde_json::from_value(public_jwk(&x, &y))
             .map_err(|e| DpopError::Crypto(format!("building the public JWK: {e}")))?;
@@ -730,6 +755,24 @@ mod tests {
 
     fn good_claims(now: i64) -> Value {
         json!({"jti": "j-1", "htm": "POST", "htu": HTU, "iat": now, "ath": ath(TOKEN)})
+    }
+
+    #[test]
+    fn keys_load_from_pkcs8_pem_and_others_are_refused() {
+        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let pem = pair.serialize_pem();
+        let a = DpopKey::from_pkcs8_pem(&pem).unwrap();
+        let b = DpopKey::from_pkcs8_pem(&pem).unwrap();
+        assert_eq!(a.thumbprint(), b.thumbprint(), "one key, one thumbprint");
+        let proof = a.proof("POST", HTU, Some(TOKEN)).unwrap();
+        assert_eq!(verify(&proof, &expect(now())).unwrap().jkt, b.thumbprint());
+
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let e = DpopKey::from_pkcs8_pem(&p384.serialize_pem()).unwrap_err();
+        assert!(e.to_string().contains("P-256"), "{e}");
+        let e = DpopKey::from_pkcs8_pem("not a key").unwrap_err();
+        assert!(e.to_string().contains("PKCS#8"), "{e}");
+        assert!(!format!("{a:?}").contains("PRIVATE"), "Debug shows no key");
     }
 
     #[test]

@@ -246,6 +246,39 @@ impl ClusterCa {
         )
     }
 
+    /// Issues an X.509-SVID (SPIFFE X.509-SVID §2–§5) for `spiffe://<domain>/<path>` with
+    /// a fresh P-256 key: the SPIFFE ID as the only SAN, `digitalSignature`,
+    /// `clientAuth`. For a CA that stands for an agents' trust domain (the dev cluster's
+    /// `agents.<domain>`), never the cluster CA: the agent listener does not accept the
+    /// cluster CA's certificates.
+    ///
+    /// Errors: [`TlsError::InvalidRole`] when `path` is empty, starts with `/`, or holds
+    /// a segment that is empty, `.` or `..`, or characters outside
+    /// `A-Za-z0-9-._` (SPIFFE ID §2.2).
+    pub fn issue_svid(&self, path: &str) -> Result<IssuedCert> {
+        let segment_ok = |seg: &str| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        };
+        if !path.split('/').all(segment_ok) {
+            return Err(TlsError::InvalidRole {
+                role: path.to_owned(),
+                reason: "an SVID path is segments of A-Z a-z 0-9 - . _ separated by '/' \
+                         (SPIFFE ID §2.2)",
+            });
+        }
+        let id = format!("spiffe://{}/{path}", self.domain);
+        self.issue_leaf(
+            id.clone(),
+            vec![SanType::URI(id.try_into()?)],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
     /// A leaf certificate with a fresh P-256 key: common name, SANs and extended key
     /// usages as given; validity [`LEAF_VALIDITY`] from [`BACKDATE`] ago.
     fn issue_leaf(
