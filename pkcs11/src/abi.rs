@@ -947,7 +947,6 @@ mod tests {
         );
         // Valid: a handle only.
         assert_eq!(call!(f.C_CloseSession(1)), CKR_CRYPTOKI_NOT_INITIALIZED);
-        // Valid: NULL output is refused before any write.
         // SAFETY: NULL output is refused before any write.
         let rv = unsafe { C_GetFunctionList(null_mut()) };
         assert_eq!(rv, CKR_ARGUMENTS_BAD);

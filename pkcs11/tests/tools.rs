@@ -277,4 +277,300 @@ fn pkcs11_tool_lists_and_signs_and_openssl_verifies() {
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &f.point)
         .verify(&std::fs::read(&msg).unwrap(), &rs)
         .expect("aws-lc-rs rejects the r || s signature");
+
+    // CKM_ECDSA_SHA256 over a 200 kB message (the module hashes it), verified by
+    // `openssl dgst`.
+    let big = f.path("big.bin");
+    let text: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &text).unwrap();
+    let sig = f.path("ecdsa-sha256.der");
+    f.ok(
+        "pkcs11-tool",
+        &[
+            "--module",
+            module,
+            "--sign",
+            "--mechanism",
+            "ECDSA-SHA256",
+            "--label",
+            RAW,
+            "--signature-format",
+            "openssl",
+            "--input-file",
+            s(&big),
+            "--output-file",
+            s(&sig),
+        ],
+    );
+    let verified = f.ok(
+        "openssl",
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            s(&cluster_pem),
+            "-signature",
+            s(&sig),
+            s(&big),
+        ],
+    );
+    assert!(verified.contains("Verified OK"), "{verified}");
+}
+
+/// Calls a function of the module's list. Each call site passes pointers to live locals
+/// of the sizes it gives, or NULL where the standard allows it.
+macro_rules! call {
+    ($f:ident . $name:ident ( $($arg:expr),* )) => {{
+        let function = $f.$name.unwrap();
+        // SAFETY: the arguments are valid for `function`, as each call site says.
+        unsafe { function($($arg),*) }
+    }};
+}
+
+/// The C ABI in this process against the real cluster: finding the key by class and
+/// label, attribute size queries, the two-call signature length, single- and
+/// multi-part signing, and the codes for misuse and for a cluster that stopped
+/// answering.
+#[test]
+fn the_c_abi_signs_through_the_cluster() {
+    use quorate_pkcs11::cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let mut f = Fixture::start("p11-abi");
+    let slot = quorate_pkcs11::config::SlotConfig {
+        label: "abi".into(),
+        client: ClientConfig::admin(&f.cluster.dir.0, f.cluster.coordinator_addr, DOMAIN),
+    };
+    assert_eq!(quorate_pkcs11::initialize_with(vec![slot]), CKR_OK);
+    let mut list: *mut CK_FUNCTION_LIST = null_mut();
+    // SAFETY: `list` is a valid place for the pointer.
+    let rv = unsafe { quorate_pkcs11::C_GetFunctionList(&mut list) };
+    assert_eq!(rv, CKR_OK);
+    // SAFETY: the module set it to its static function list.
+    let fl = unsafe { &*list };
+
+    let mut h: CK_SESSION_HANDLE = 0;
+    // Valid: `h` is an output.
+    assert_eq!(
+        call!(fl.C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)),
+        CKR_OK
+    );
+
+    let find = |class: CK_OBJECT_CLASS| -> Vec<CK_OBJECT_HANDLE> {
+        let mut class = class;
+        let mut label = RAW.as_bytes().to_vec();
+        let mut template = [
+            CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: (&raw mut class).cast(),
+                ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_LABEL,
+                pValue: label.as_mut_ptr().cast(),
+                ulValueLen: label.len() as CK_ULONG,
+            },
+        ];
+        // Valid: a template of 2 attributes pointing at live locals.
+        assert_eq!(
+            call!(fl.C_FindObjectsInit(h, template.as_mut_ptr(), 2)),
+            CKR_OK
+        );
+        let mut found = [0 as CK_OBJECT_HANDLE; 8];
+        let mut n: CK_ULONG = 0;
+        // Valid: room for 8 handles.
+        assert_eq!(
+            call!(fl.C_FindObjects(h, found.as_mut_ptr(), 8, &mut n)),
+            CKR_OK
+        );
+        // Valid: a handle only.
+        assert_eq!(call!(fl.C_FindObjectsFinal(h)), CKR_OK);
+        found[..n as usize].to_vec()
+    };
+    let private = find(CKO_PRIVATE_KEY);
+    let public = find(CKO_PUBLIC_KEY);
+    assert_eq!(
+        (private.len(), public.len()),
+        (1, 1),
+        "one object of each class"
+    );
+    let (private, public) = (private[0], public[0]);
+
+    // CKA_EC_POINT: size query, short buffer, value; CKA_VALUE is sensitive.
+    let mut point = [0u8; 80];
+    let mut attrs = [
+        CK_ATTRIBUTE {
+            type_: CKA_EC_POINT,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_VALUE,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+    ];
+    // Valid: 2 attributes with NULL values (size queries).
+    assert_eq!(
+        call!(fl.C_GetAttributeValue(h, private, attrs.as_mut_ptr(), 2)),
+        CKR_ATTRIBUTE_SENSITIVE
+    );
+    assert_eq!(attrs[0].ulValueLen, 67);
+    assert_eq!(attrs[1].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+    attrs[0].pValue = point.as_mut_ptr().cast();
+    attrs[0].ulValueLen = 10;
+    // Valid: `point` has room for the 10 bytes given.
+    assert_eq!(
+        call!(fl.C_GetAttributeValue(h, public, attrs.as_mut_ptr(), 1)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(attrs[0].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+    attrs[0].ulValueLen = 80;
+    // Valid: `point` has room for 80 bytes.
+    assert_eq!(
+        call!(fl.C_GetAttributeValue(h, public, attrs.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    assert_eq!(attrs[0].ulValueLen, 67);
+    assert_eq!(&point[..3], &[0x04, 0x41, 0x04]);
+    assert_eq!(&point[2..67], &f.point[..]);
+
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    let verify = |msg: &[u8], sig: &[u8]| {
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &f.point)
+            .verify(msg, sig)
+            .expect("aws-lc-rs rejects the module's signature");
+    };
+    let mut ecdsa = CK_MECHANISM {
+        mechanism: CKM_ECDSA,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut ecdsa_sha256 = CK_MECHANISM {
+        mechanism: CKM_ECDSA_SHA256,
+        ..ecdsa
+    };
+
+    // A public key does not sign.
+    // Valid: `ecdsa` is a mechanism without parameter.
+    assert_eq!(
+        call!(fl.C_SignInit(h, &mut ecdsa, public)),
+        CKR_KEY_FUNCTION_NOT_PERMITTED
+    );
+
+    // CKM_ECDSA: the length by a NULL buffer, then a short buffer, then the signature.
+    let msg = b"one digest, three calls";
+    let mut digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
+        .as_ref()
+        .try_into()
+        .unwrap();
+    let mut sig = [0u8; 72];
+    let mut len: CK_ULONG = 0;
+    // Valid: `ecdsa` is a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    // Valid: 32 digest bytes; NULL signature asks for the length.
+    assert_eq!(
+        call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, null_mut(), &mut len)),
+        CKR_OK
+    );
+    assert_eq!(len, 64);
+    len = 10;
+    // Valid: `sig` has room for the 10 bytes given.
+    assert_eq!(
+        call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut len)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, 64, "the needed length is set");
+    len = 72;
+    // Valid: `sig` has room for 72 bytes; the operation is still active.
+    assert_eq!(
+        call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut len)),
+        CKR_OK
+    );
+    assert_eq!(len, 64);
+    verify(msg, &sig[..64]);
+    // Valid: the operation ended with the signature.
+    assert_eq!(
+        call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
+    // CKM_ECDSA_SHA256 in three parts.
+    let parts: [&[u8]; 3] = [b"a message ", b"in three ", b"parts"];
+    // Valid: a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa_sha256, private)), CKR_OK);
+    for part in parts {
+        let mut part = part.to_vec();
+        // Valid: `part` holds its length.
+        assert_eq!(
+            call!(fl.C_SignUpdate(h, part.as_mut_ptr(), part.len() as CK_ULONG)),
+            CKR_OK
+        );
+    }
+    len = 0;
+    // Valid: NULL signature asks for the length.
+    assert_eq!(call!(fl.C_SignFinal(h, null_mut(), &mut len)), CKR_OK);
+    assert_eq!(len, 64);
+    // Valid: `sig` has room for 64 bytes.
+    assert_eq!(call!(fl.C_SignFinal(h, sig.as_mut_ptr(), &mut len)), CKR_OK);
+    verify(&parts.concat(), &sig[..64]);
+
+    // CKM_ECDSA_SHA256 in one part.
+    let mut whole = parts.concat();
+    // Valid: a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa_sha256, private)), CKR_OK);
+    len = 64;
+    // Valid: `whole` holds its length; `sig` has room for 64 bytes.
+    assert_eq!(
+        call!(fl.C_Sign(
+            h,
+            whole.as_mut_ptr(),
+            whole.len() as CK_ULONG,
+            sig.as_mut_ptr(),
+            &mut len
+        )),
+        CKR_OK
+    );
+    verify(&whole, &sig[..64]);
+
+    // CKM_ECDSA is single-part: C_SignUpdate fails and ends the operation.
+    // Valid: a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    // Valid: 32 digest bytes.
+    assert_eq!(
+        call!(fl.C_SignUpdate(h, digest.as_mut_ptr(), 32)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    // Valid: as above.
+    assert_eq!(
+        call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
+    // A digest of 65 bytes is out of range, and ends the operation.
+    let mut long = [7u8; 65];
+    // Valid: a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    len = 64;
+    // Valid: `long` holds 65 bytes; `sig` has room for 64.
+    assert_eq!(
+        call!(fl.C_Sign(h, long.as_mut_ptr(), 65, sig.as_mut_ptr(), &mut len)),
+        CKR_DATA_LEN_RANGE
+    );
+    // Valid: a mechanism without parameter; nothing is active any more.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+
+    // The cluster stops answering: a code, not a panic or a hang.
+    if let Some(mut p) = f.cluster.coordinator.take() {
+        p.kill();
+    }
+    len = 64;
+    // Valid: 32 digest bytes; `sig` has room for 64.
+    let rv = call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut len));
+    assert_eq!(rv, CKR_DEVICE_ERROR, "rv {rv:#x}");
+
+    // Valid: a handle only.
+    assert_eq!(call!(fl.C_CloseSession(h)), CKR_OK);
+    // Valid: NULL is the required argument.
+    assert_eq!(call!(fl.C_Finalize(null_mut())), CKR_OK);
 }
