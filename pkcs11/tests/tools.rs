@@ -27,14 +27,15 @@ const RAW: &str = "p11-raw";
 /// A token key: not an object of the token.
 const TOKEN: &str = "p11-token";
 
-/// The module as `cargo test` built it (`target/<profile>/libquorate_pkcs11.so`).
+/// The module as `cargo test` built it: `target/<profile>/deps/libquorate_pkcs11.so`,
+/// beside this test's executable (cargo copies a cdylib up to `target/<profile>/` only
+/// for `cargo build`, so the copy there may be stale).
 fn module_path() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(Path::parent).unwrap();
-    let p = profile.join("libquorate_pkcs11.so");
+    let p = exe.parent().unwrap().join("libquorate_pkcs11.so");
     assert!(
         p.is_file(),
-        "{} not found: build it with `cargo build --release -p quorate-pkcs11`",
+        "{} not found: run the tests with `cargo test -p quorate-pkcs11`",
         p.display()
     );
     p
@@ -315,6 +316,130 @@ fn pkcs11_tool_lists_and_signs_and_openssl_verifies() {
         ],
     );
     assert!(verified.contains("Verified OK"), "{verified}");
+}
+
+/// The directory OpenSSL loads engines from (`openssl version -e`).
+fn engines_dir() -> Option<PathBuf> {
+    let out = Command::new("openssl")
+        .args(["version", "-e"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let dir = text.split('"').nth(1)?;
+    Some(PathBuf::from(dir))
+}
+
+/// OpenSSL signs through the `pkcs11` engine of `libengine-pkcs11-openssl` (libp11),
+/// naming the key with an RFC 7512 `pkcs11:` URI, and verifies the signature with the
+/// cluster's public key; OpenSSH's `ssh-keygen -D` prints the same key as an SSH
+/// public key.
+#[test]
+fn openssl_engine_signs_and_ssh_keygen_prints_the_key() {
+    let engine = engines_dir().map(|d| d.join("pkcs11.so"));
+    let Some(engine) = engine.filter(|e| e.is_file()) else {
+        return unavailable(
+            "the OpenSSL pkcs11 engine (Debian package libengine-pkcs11-openssl) is not installed",
+        )
+        .unwrap_or(());
+    };
+    if !have("ssh-keygen") {
+        return unavailable("`ssh-keygen` (Debian package openssh-client) is not on PATH")
+            .unwrap_or(());
+    }
+    let f = Fixture::start("p11-ossl");
+    let module = module_path();
+    let cluster_pem = f.public_pem();
+
+    // An OpenSSL configuration that loads the engine with this module.
+    let conf = f.path("openssl.cnf");
+    std::fs::write(
+        &conf,
+        format!(
+            "openssl_conf = openssl_init\n\
+             [openssl_init]\nengines = engine_section\n\
+             [engine_section]\npkcs11 = pkcs11_section\n\
+             [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {}\nMODULE_PATH = {}\ninit = 0\n",
+            engine.display(),
+            module.display()
+        ),
+    )
+    .unwrap();
+    let msg = f.path("msg.txt");
+    std::fs::write(&msg, b"signed by OpenSSL through libquorate_pkcs11.so\n").unwrap();
+    let digest = f.path("msg.sha256");
+    f.ok(
+        "openssl",
+        &["dgst", "-sha256", "-binary", "-out", s(&digest), s(&msg)],
+    );
+    let sig = f.path("engine.der");
+    let uri = format!("pkcs11:token=quorate;object={RAW};type=private");
+    let out = Command::new("openssl")
+        .args([
+            "pkeyutl",
+            "-engine",
+            "pkcs11",
+            "-keyform",
+            "engine",
+            "-inkey",
+            &uri,
+            "-sign",
+            "-in",
+            s(&digest),
+            "-out",
+            s(&sig),
+        ])
+        .env("OPENSSL_CONF", &conf)
+        .env("QUORATE_ADDR", f.cluster.coordinator_addr.to_string())
+        .env("QUORATE_CACERT", f.cluster.dir.0.join("ca.pem"))
+        .env("QUORATE_CERT", f.cluster.dir.0.join("client-admin.pem"))
+        .env("QUORATE_KEY", f.cluster.dir.0.join("client-admin-key.pem"))
+        .env("QUORATE_DOMAIN", DOMAIN)
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ openssl pkeyutl -engine pkcs11 -inkey {uri} -sign: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the engine did not sign (output above)"
+    );
+    let verified = f.ok(
+        "openssl",
+        &[
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            s(&cluster_pem),
+            "-in",
+            s(&digest),
+            "-sigfile",
+            s(&sig),
+        ],
+    );
+    assert!(
+        verified.contains("Signature Verified Successfully"),
+        "{verified}"
+    );
+
+    // ssh-keygen -D: the key as OpenSSH sees it, compared with the cluster's public key
+    // converted by ssh-keygen itself.
+    let listed = f.ok("ssh-keygen", &["-D", s(&module)]);
+    let expected = f.ok("ssh-keygen", &["-i", "-m", "PKCS8", "-f", s(&cluster_pem)]);
+    let blob = |line: &str| -> String {
+        let mut words = line.split_whitespace();
+        assert_eq!(words.next(), Some("ecdsa-sha2-nistp256"), "{line}");
+        words.next().unwrap().to_owned()
+    };
+    let want = blob(expected.lines().next().unwrap());
+    let keys: Vec<String> = listed
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(blob)
+        .collect();
+    assert_eq!(keys, vec![want], "ssh-keygen -D lists exactly the raw key");
 }
 
 /// Calls a function of the module's list. Each call site passes pointers to live locals
