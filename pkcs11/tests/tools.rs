@@ -442,6 +442,85 @@ fn openssl_engine_signs_and_ssh_keygen_prints_the_key() {
     assert_eq!(keys, vec![want], "ssh-keygen -D lists exactly the raw key");
 }
 
+/// The workspace's `target/` directory (where `.ci/run` makes `pkcs11-venv`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_path_buf()
+}
+
+/// `python-pkcs11` signs from 8 threads at once, each with a session of its own over the
+/// slot's one connection; every signature verifies (aws-lc-rs) under the key whose
+/// `CKA_EC_POINT` Python read, which is the cluster's.
+#[test]
+fn python_pkcs11_signs_from_eight_threads_at_once() {
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 4;
+    let python = target_dir().join("pkcs11-venv/bin/python");
+    let has_lib = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import pkcs11"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has_lib {
+        return unavailable(&format!(
+            "python-pkcs11 is not installed in {} (python3 -m venv target/pkcs11-venv && \
+             target/pkcs11-venv/bin/pip install -r pkcs11/tests/python/requirements.txt)",
+            python.display()
+        ))
+        .unwrap_or(());
+    }
+    let f = Fixture::start("p11-py");
+    let module = module_path();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sign_threads.py");
+    let out = f.ok(
+        s(&python),
+        &[
+            s(&script),
+            s(&module),
+            "quorate",
+            RAW,
+            &THREADS.to_string(),
+            &PER_THREAD.to_string(),
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    let ec_point = hex::decode(report["ec_point"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        &ec_point[..2],
+        &[0x04, 0x41],
+        "a DER OCTET STRING of 65 bytes"
+    );
+    assert_eq!(
+        &ec_point[2..],
+        &f.point[..],
+        "Python reads the cluster's public key"
+    );
+
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &ec_point[2..]);
+    let signatures = report["signatures"].as_array().unwrap();
+    assert_eq!(signatures.len(), THREADS * PER_THREAD);
+    let mut messages = std::collections::BTreeSet::new();
+    for entry in signatures {
+        let message = hex::decode(entry["message"].as_str().unwrap()).unwrap();
+        let signature = hex::decode(entry["signature"].as_str().unwrap()).unwrap();
+        assert_eq!(signature.len(), 64);
+        key.verify(&message, &signature).unwrap_or_else(|_| {
+            panic!(
+                "invalid signature on {:?}",
+                String::from_utf8_lossy(&message)
+            )
+        });
+        messages.insert(message);
+    }
+    assert_eq!(
+        messages.len(),
+        THREADS * PER_THREAD,
+        "every message signed once"
+    );
+}
+
 /// Calls a function of the module's list. Each call site passes pointers to live locals
 /// of the sizes it gives, or NULL where the standard allows it.
 macro_rules! call {
