@@ -250,7 +250,11 @@ unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)?;
-        drop(module);
+        // A call still running in another thread keeps the module until it returns
+        // (then the runtime drops with it); otherwise stop it here.
+        if let Ok(module) = Arc::try_unwrap(module) {
+            module.shutdown();
+        }
         Ok(())
     })
 }

@@ -117,6 +117,13 @@ impl Module {
         })
     }
 
+    /// Stops the runtime without waiting for its threads (`C_Finalize`): safe to call
+    /// from any thread, also one inside the application's own async runtime, where
+    /// waiting would not be allowed. Connections close as their tasks are dropped.
+    pub fn shutdown(self) {
+        self.runtime.shutdown_background();
+    }
+
     /// Number of slots; slot ids are `0..count`.
     pub fn slot_count(&self) -> usize {
         self.slots.len()
