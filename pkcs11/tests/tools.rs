@@ -105,6 +105,11 @@ impl Fixture {
 
     /// `program args` with the module's `QUORATE_*` variables; its output is printed.
     fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.run_with(program, args, &[])
+    }
+
+    /// [`Fixture::run`] with extra environment variables.
+    fn run_with(&self, program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let d = &self.cluster.dir.0;
         let out = Command::new(program)
             .args(args)
@@ -114,6 +119,7 @@ impl Fixture {
             .env("QUORATE_KEY", d.join("client-admin-key.pem"))
             .env("QUORATE_DOMAIN", DOMAIN)
             .env_remove("QUORATE_PKCS11_CONFIG")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         eprintln!(
@@ -316,6 +322,103 @@ fn pkcs11_tool_lists_and_signs_and_openssl_verifies() {
         ],
     );
     assert!(verified.contains("Verified OK"), "{verified}");
+
+    // A refusal is a CKR_* code for the tool and a reason in the log: 65 bytes are no
+    // digest.
+    let long = f.path("long.bin");
+    std::fs::write(&long, [7u8; 65]).unwrap();
+    let out = f.run(
+        "pkcs11-tool",
+        &[
+            "--module",
+            module,
+            "--sign",
+            "--mechanism",
+            "ECDSA",
+            "--label",
+            RAW,
+            "--input-file",
+            s(&long),
+            "--output-file",
+            s(&f.path("no.sig")),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("CKR_DATA_LEN_RANGE"), "{stderr}");
+    assert!(
+        stderr.contains("CKM_ECDSA takes a digest of 1 to 64 bytes"),
+        "{stderr}"
+    );
+
+    // QUORATE_PKCS11_CONFIG: one slot per entry (here two labels for the one cluster),
+    // relative paths against the file's directory; signing picks the token by label.
+    let d = &f.cluster.dir.0;
+    let config = d.join("pkcs11.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"slots": [
+            {"label": "prod", "addr": f.cluster.coordinator_addr.to_string(),
+             "cacert": "ca.pem", "cert": "client-admin.pem", "key": "client-admin-key.pem",
+             "domain": DOMAIN},
+            {"label": "staging", "addr": f.cluster.coordinator_addr.to_string(),
+             "cacert": "ca.pem", "cert": "client-admin.pem", "key": "client-admin-key.pem",
+             "domain": DOMAIN},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let env = [("QUORATE_PKCS11_CONFIG", config.as_path())];
+    let out = f.run_with(
+        "pkcs11-tool",
+        &["--module", module, "--list-token-slots"],
+        &env,
+    );
+    let slots = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(slots.contains("token label        : prod"), "{slots}");
+    assert!(slots.contains("token label        : staging"), "{slots}");
+    let sig = f.path("staging.der");
+    let out = f.run_with(
+        "pkcs11-tool",
+        &[
+            "--module",
+            module,
+            "--token-label",
+            "staging",
+            "--sign",
+            "--mechanism",
+            "ECDSA",
+            "--label",
+            RAW,
+            "--signature-format",
+            "openssl",
+            "--input-file",
+            s(&digest),
+            "--output-file",
+            s(&sig),
+        ],
+        &env,
+    );
+    assert!(out.status.success());
+    let verified = f.ok(
+        "openssl",
+        &[
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            s(&cluster_pem),
+            "-in",
+            s(&digest),
+            "-sigfile",
+            s(&sig),
+        ],
+    );
+    assert!(
+        verified.contains("Signature Verified Successfully"),
+        "{verified}"
+    );
 }
 
 /// The directory OpenSSL loads engines from (`openssl version -e`).
