@@ -2,12 +2,13 @@
 //! and the find and sign operations. `abi.rs` turns C arguments into these calls.
 //!
 //! Locking (`CKF_OS_LOCKING_OK`): the session table and each slot's object table are
-//! behind their own mutexes, held only to look up or update them; each session is behind
-//! a mutex of its own, held for the length of one call on it. A signature's round trip to
+//! behind their own mutexes, held only to look up or update them; each session's
+//! operations are behind a mutex of their own, held for the length of one call on the
+//! session (a session's slot and flags never change). A signature's round trip to
 //! the cluster therefore blocks only its own session, and any number of sessions sign at
 //! once over the slot's one shared client connection (gRPC over HTTP/2 multiplexes them).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -67,9 +68,16 @@ enum SignOp {
     },
 }
 
+/// A session: its slot and flags, fixed when it opens, and its operations, behind a
+/// lock held for one call on the session.
 struct Session {
     slot: CK_SLOT_ID,
     flags: CK_FLAGS,
+    ops: Mutex<Operations>,
+}
+
+#[derive(Default)]
+struct Operations {
     find: Option<VecDeque<CK_OBJECT_HANDLE>>,
     sign: Option<SignOp>,
 }
@@ -78,7 +86,7 @@ struct Session {
 pub struct Module {
     runtime: tokio::runtime::Runtime,
     slots: Vec<Slot>,
-    sessions: Mutex<HashMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    sessions: Mutex<HashMap<CK_SESSION_HANDLE, Arc<Session>>>,
     next_session: AtomicU64,
     next_object: AtomicU64,
 }
@@ -177,7 +185,7 @@ impl Module {
             .filter(|k| k.profile == KeyProfile::Raw)
             .collect();
         let mut objects = lock(&slot.objects);
-        let mut live = Vec::with_capacity(raw.len() * 2);
+        let mut live = HashSet::with_capacity(raw.len() * 2);
         for key in raw {
             for kind in [ObjectKind::PrivateKey, ObjectKind::PublicKey] {
                 let entry = (key.name.clone(), kind);
@@ -192,7 +200,7 @@ impl Module {
                 objects
                     .by_handle
                     .insert(handle, Arc::new(Object::new(handle, kind, &key)));
-                live.push(handle);
+                live.insert(handle);
             }
         }
         objects.by_handle.retain(|h, _| live.contains(h));
@@ -221,14 +229,13 @@ impl Module {
         let session = Session {
             slot: id,
             flags: flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION),
-            find: None,
-            sign: None,
+            ops: Mutex::new(Operations::default()),
         };
-        lock(&self.sessions).insert(handle, Arc::new(Mutex::new(session)));
+        lock(&self.sessions).insert(handle, Arc::new(session));
         Ok(handle)
     }
 
-    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>, CK_RV> {
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Session>, CK_RV> {
         lock(&self.sessions)
             .get(&h)
             .cloned()
@@ -260,7 +267,7 @@ impl Module {
     /// `CKR_SLOT_ID_INVALID`.
     pub fn close_all_sessions(&self, id: CK_SLOT_ID) -> Result<(), CK_RV> {
         self.slot(id)?;
-        lock(&self.sessions).retain(|_, s| lock(s).slot != id);
+        lock(&self.sessions).retain(|_, s| s.slot != id);
         Ok(())
     }
 
@@ -270,7 +277,6 @@ impl Module {
         let mut all = 0;
         let mut rw = 0;
         for s in sessions.values() {
-            let s = lock(s);
             if s.slot == id {
                 all += 1;
                 if s.flags & CKF_RW_SESSION != 0 {
@@ -292,7 +298,6 @@ impl Module {
         h: CK_SESSION_HANDLE,
     ) -> Result<(CK_SLOT_ID, CK_STATE, CK_FLAGS), CK_RV> {
         let s = self.session(h)?;
-        let s = lock(&s);
         let state = if s.flags & CKF_RW_SESSION != 0 {
             CKS_RW_USER_FUNCTIONS
         } else {
@@ -312,15 +317,15 @@ impl Module {
         template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
     ) -> Result<(), CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         if s.find.is_some() {
             return Err(refuse(
                 CKR_OPERATION_ACTIVE,
                 "C_FindObjectsInit while a search is active: call C_FindObjectsFinal first",
             ));
         }
-        self.refresh(s.slot)?;
-        let slot = self.slot(s.slot)?;
+        self.refresh(session.slot)?;
+        let slot = self.slot(session.slot)?;
         let found = lock(&slot.objects)
             .by_handle
             .values()
@@ -337,7 +342,7 @@ impl Module {
     /// `CKR_SESSION_HANDLE_INVALID`, `CKR_OPERATION_NOT_INITIALIZED`.
     pub fn find(&self, h: CK_SESSION_HANDLE, max: usize) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         let found = s.find.as_mut().ok_or_else(|| {
             refuse(
                 CKR_OPERATION_NOT_INITIALIZED,
@@ -354,7 +359,7 @@ impl Module {
     /// `CKR_SESSION_HANDLE_INVALID`, `CKR_OPERATION_NOT_INITIALIZED`.
     pub fn find_final(&self, h: CK_SESSION_HANDLE) -> Result<(), CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         s.find.take().map(|_| ()).ok_or_else(|| {
             refuse(
                 CKR_OPERATION_NOT_INITIALIZED,
@@ -369,7 +374,7 @@ impl Module {
     /// `CKR_SESSION_HANDLE_INVALID`, `CKR_OBJECT_HANDLE_INVALID`.
     pub fn object(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> Result<Arc<Object>, CK_RV> {
         let session = self.session(h)?;
-        let slot_id = lock(&session).slot;
+        let slot_id = session.slot;
         let slot = self.slot(slot_id)?;
         let found = lock(&slot.objects).by_handle.get(&o).cloned();
         match found {
@@ -395,7 +400,7 @@ impl Module {
         key: CK_OBJECT_HANDLE,
     ) -> Result<(), CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         if s.sign.is_some() {
             return Err(refuse(
                 CKR_OPERATION_ACTIVE,
@@ -417,12 +422,12 @@ impl Module {
                 "CKM_ECDSA and CKM_ECDSA_SHA256 take no parameter",
             ));
         }
-        let slot = self.slot(s.slot)?;
+        let slot = self.slot(session.slot)?;
         let object = lock(&slot.objects).by_handle.get(&key).cloned();
         let object = object.ok_or_else(|| {
             refuse(
                 CKR_KEY_HANDLE_INVALID,
-                format!("no key object {key} on slot {}", s.slot),
+                format!("no key object {key} on slot {}", session.slot),
             )
         })?;
         if object.kind != ObjectKind::PrivateKey {
@@ -454,7 +459,7 @@ impl Module {
     /// `CKR_SESSION_HANDLE_INVALID`, `CKR_OPERATION_NOT_INITIALIZED`.
     pub fn sign_pending(&self, h: CK_SESSION_HANDLE) -> Result<usize, CK_RV> {
         let session = self.session(h)?;
-        let s = lock(&session);
+        let s = lock(&session.ops);
         match s.sign {
             Some(_) => Ok(SIGNATURE_LEN),
             None => Err(not_initialized("C_Sign or C_SignFinal")),
@@ -464,7 +469,7 @@ impl Module {
     /// Ends the sign operation of session `h` without signing (a failed call ends it).
     pub fn sign_abort(&self, h: CK_SESSION_HANDLE) {
         if let Ok(session) = self.session(h) {
-            lock(&session).sign = None;
+            lock(&session.ops).sign = None;
         }
     }
 
@@ -477,7 +482,7 @@ impl Module {
     /// cluster's refusal.
     pub fn sign(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<Vec<u8>, CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         let op = s.sign.take().ok_or_else(|| not_initialized("C_Sign"))?;
         let (key, digest) = match op {
             SignOp::Ecdsa { key } => (key, ecdsa_input(data)?),
@@ -496,7 +501,7 @@ impl Module {
                 (key, hash.finalize().into())
             }
         };
-        let slot = s.slot;
+        let slot = session.slot;
         drop(s);
         self.sign_digest(slot, &key, digest)
     }
@@ -509,7 +514,7 @@ impl Module {
     /// 2.40 §2.3.1); the operation then ends.
     pub fn sign_update(&self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<(), CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         match s.sign.as_mut() {
             None => Err(not_initialized("C_SignUpdate")),
             Some(SignOp::Ecdsa { .. }) => {
@@ -535,7 +540,7 @@ impl Module {
     /// As [`Module::sign_update`], or the cluster's refusal.
     pub fn sign_final(&self, h: CK_SESSION_HANDLE) -> Result<Vec<u8>, CK_RV> {
         let session = self.session(h)?;
-        let mut s = lock(&session);
+        let mut s = lock(&session.ops);
         let (key, digest) = match s.sign.take() {
             None => return Err(not_initialized("C_SignFinal")),
             Some(SignOp::Ecdsa { .. }) => {
@@ -546,7 +551,7 @@ impl Module {
             }
             Some(SignOp::EcdsaSha256 { key, hash, .. }) => (key, hash.finalize().into()),
         };
-        let slot = s.slot;
+        let slot = session.slot;
         drop(s);
         self.sign_digest(slot, &key, digest)
     }
