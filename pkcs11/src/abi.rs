@@ -709,6 +709,30 @@ unsafe extern "C" fn C_CancelFunction(h_session: CK_SESSION_HANDLE) -> CK_RV {
     })
 }
 
+/// The token has no random number generator (no `CKF_RNG`; §5.15).
+unsafe extern "C" fn C_SeedRandom(
+    h_session: CK_SESSION_HANDLE,
+    _seed: *mut CK_BYTE,
+    _len: CK_ULONG,
+) -> CK_RV {
+    guard("C_SeedRandom", || {
+        module()?.check_session(h_session)?;
+        Err(CKR_RANDOM_NO_RNG)
+    })
+}
+
+/// As [`C_SeedRandom`].
+unsafe extern "C" fn C_GenerateRandom(
+    h_session: CK_SESSION_HANDLE,
+    _data: *mut CK_BYTE,
+    _len: CK_ULONG,
+) -> CK_RV {
+    guard("C_GenerateRandom", || {
+        module()?.check_session(h_session)?;
+        Err(CKR_RANDOM_NO_RNG)
+    })
+}
+
 /// Functions the token does not offer: `CKR_CRYPTOKI_NOT_INITIALIZED` before
 /// `C_Initialize`, then `CKR_FUNCTION_NOT_SUPPORTED` (§5: "any function ... may return
 /// CKR_FUNCTION_NOT_SUPPORTED"). Writing objects, PINs, verification, encryption, digests
@@ -766,8 +790,6 @@ not_supported! {
     C_GenerateKeyPair(CK_SESSION_HANDLE, *mut CK_MECHANISM, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE, *mut CK_OBJECT_HANDLE);
     C_WrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
     C_UnwrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
-    C_SeedRandom(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
-    C_GenerateRandom(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
     C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, *mut c_void);
 }
 
@@ -1216,6 +1238,12 @@ mod tests {
             );
             // Valid: a handle only.
             assert_eq!(call!(f.C_GetFunctionStatus(h)), CKR_FUNCTION_NOT_PARALLEL);
+            let mut random = [0u8; 16];
+            // Valid: `random` holds 16 bytes.
+            assert_eq!(
+                call!(f.C_GenerateRandom(h, random.as_mut_ptr(), 16)),
+                CKR_RANDOM_NO_RNG
+            );
         });
     }
 
