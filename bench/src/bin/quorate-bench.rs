@@ -47,7 +47,8 @@ enum Command {
     /// Access tokens through the public IssueToken API (presigning included: the pool is
     /// drained first, so the rate is the sustained one)
     Token(Opts),
-    /// Raw ES256 signatures of fresh digests through the public Sign API
+    /// Raw ES256 signatures of fresh digests through the public Sign API, then through the
+    /// PKCS#11 module (libquorate_pkcs11.so), each from half the same full pool
     Sign(Opts),
     /// Confidential derivations through the public Derive API
     Derive(Opts),
