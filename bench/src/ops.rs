@@ -86,6 +86,49 @@ pub async fn sign(client: Client, i: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The label (key name) of the token the PKCS#11 module offers for a cluster named by
+/// the `QUORATE_*` variables.
+pub const PKCS11_TOKEN: &str = "quorate";
+
+/// A worker that signs fresh digests of [`SIGN_KEY`] with `CKM_ECDSA` through the PKCS#11
+/// module `pkcs11` (initialised by the caller), in a session of its own.
+pub fn pkcs11_worker(pkcs11: &cryptoki::context::Pkcs11) -> Result<Worker, String> {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, ObjectClass};
+    let slot = pkcs11
+        .get_slots_with_token()
+        .map_err(|e| format!("C_GetSlotList: {e}"))?
+        .into_iter()
+        .find(|slot| {
+            pkcs11
+                .get_token_info(*slot)
+                .is_ok_and(|t| t.label() == PKCS11_TOKEN)
+        })
+        .ok_or_else(|| format!("the module has no token labelled {PKCS11_TOKEN}"))?;
+    let session = pkcs11
+        .open_ro_session(slot)
+        .map_err(|e| format!("C_OpenSession: {e}"))?;
+    let key = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(SIGN_KEY.as_bytes().to_vec()),
+        ])
+        .map_err(|e| format!("C_FindObjects: {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("no private key labelled {SIGN_KEY} on the token"))?;
+    Ok(Box::new(move |i| {
+        let sig = session
+            .sign(&Mechanism::Ecdsa, key, &digest_for(i))
+            .map_err(|e| format!("C_Sign: {e}"))?;
+        if sig.len() == 64 {
+            Ok(())
+        } else {
+            Err(format!("C_Sign returned {} bytes, not r || s", sig.len()))
+        }
+    }))
+}
+
 /// One confidential derivation with [`DERIVE_KEY`] for a per-operation context.
 pub async fn derive(client: Client, i: u64) -> Result<(), String> {
     let context = format!("bench/credential/{i}");

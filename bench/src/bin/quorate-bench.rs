@@ -47,7 +47,8 @@ enum Command {
     /// Access tokens through the public IssueToken API (presigning included: the pool is
     /// drained first, so the rate is the sustained one)
     Token(Opts),
-    /// Raw ES256 signatures of fresh digests through the public Sign API
+    /// Raw ES256 signatures of fresh digests through the public Sign API, then through the
+    /// PKCS#11 module (libquorate_pkcs11.so), each from half the same full pool
     Sign(Opts),
     /// Confidential derivations through the public Derive API
     Derive(Opts),
@@ -75,6 +76,26 @@ enum Command {
     /// Run the coordinator (used by the local cluster)
     #[command(hide = true)]
     Coordinator(Box<quorate_coordinator::config::Args>),
+    /// Sign through the PKCS#11 module in this process, for the cluster named by the
+    /// QUORATE_* variables, and print the row as JSON (used by `sign` and `compare`)
+    #[command(hide = true)]
+    Pkcs11Sign(Pkcs11Opts),
+}
+
+#[derive(Debug, Clone, Args)]
+struct Pkcs11Opts {
+    /// Threads, each with a session of its own
+    #[arg(long)]
+    concurrency: usize,
+    /// Measured seconds
+    #[arg(long)]
+    duration: f64,
+    /// Start at most this many signatures
+    #[arg(long)]
+    max_ops: Option<u64>,
+    /// The module (libquorate_pkcs11.so)
+    #[arg(long)]
+    module: PathBuf,
 }
 
 impl Command {
@@ -94,7 +115,8 @@ impl Command {
             Command::Scaling(_)
             | Command::Storage(_)
             | Command::Node(_)
-            | Command::Coordinator(_) => None,
+            | Command::Coordinator(_)
+            | Command::Pkcs11Sign(_) => None,
         }
     }
 }
@@ -143,6 +165,10 @@ struct Opts {
     /// ceilings name no trust configuration), to measure what that check costs
     #[arg(long)]
     no_node_evidence: bool,
+    /// The PKCS#11 module for `sign` through PKCS#11 (default: the libquorate_pkcs11.so
+    /// cargo built beside this executable)
+    #[arg(long)]
+    pkcs11_module: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -197,6 +223,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => {
             return runtime.block_on(quorate_coordinator::app::main_with(*args));
         }
+        Command::Pkcs11Sign(o) => pkcs11_sign(&o),
         command => runtime.block_on(run(command)),
     };
     match result {
@@ -284,13 +311,16 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Frost(o) => results.rows.push(in_process(&o, InProc::Frost)?),
         Command::Cggmp21(o) => results.rows.push(in_process(&o, InProc::Cggmp21)?),
         Command::Token(o) => results.rows.extend(cluster_ops(&o, &[Op::Token]).await?),
-        Command::Sign(o) => results.rows.extend(cluster_ops(&o, &[Op::Sign]).await?),
+        Command::Sign(o) => {
+            let rows = cluster_ops(&o, &[Op::Sign, Op::Pkcs11Sign]).await?;
+            results.rows.extend(rows);
+        }
         Command::Derive(o) => results.rows.extend(cluster_ops(&o, &[Op::Derive]).await?),
         Command::Rtt(o) => results.rows.extend(cluster_ops(&o, &[Op::Rtt]).await?),
         Command::Compare(o) => compare(&o, &mut results).await?,
         Command::Scaling(o) => results.scaling = scaling(&o).await?,
         Command::Storage(o) => results.storage = Some(storage(&o).await?),
-        Command::Node(_) | Command::Coordinator(_) => {}
+        Command::Node(_) | Command::Coordinator(_) | Command::Pkcs11Sign(_) => {}
     }
     if !results.rows.is_empty() {
         println!("{}", report::table(&results.rows));
@@ -401,6 +431,8 @@ fn cggmp21(_spec: LoadSpec) -> Result<Measured, String> {
 enum Op {
     Token,
     Sign,
+    /// The same signatures as `Sign`, through the PKCS#11 module.
+    Pkcs11Sign,
     Derive,
     Rtt,
 }
@@ -410,6 +442,7 @@ impl Op {
         match self {
             Op::Token => "token (sustained, presigning included)",
             Op::Sign => "sign (from a full pool)",
+            Op::Pkcs11Sign => "sign through PKCS#11 (from a full pool)",
             Op::Derive => "derive",
             Op::Rtt => "baseline: gRPC round trip",
         }
@@ -459,11 +492,26 @@ async fn cluster_ops(o: &Opts, what: &[Op]) -> Result<Vec<Row>, String> {
 async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, String> {
     let client = target.connect().await?;
     let mut rows = Vec::new();
-    for &op in what {
+    for (k, &op) in what.iter().enumerate() {
         let status = Arc::new(Mutex::new(String::new()));
         let mut max_ops = None;
         let mut warmup = o.warmup;
+        // Operations that sign from the pool share it: each takes an equal part of what
+        // the ones before it left.
+        let pooled = |op: &&Op| matches!(op, Op::Sign | Op::Pkcs11Sign);
+        let sharing = what
+            .get(k..)
+            .unwrap_or_default()
+            .iter()
+            .filter(pooled)
+            .count()
+            .max(1) as u64;
         match op {
+            Op::Pkcs11Sign => {
+                if let Some(m) = target.metrics {
+                    max_ops = Some(depth_of(m, op.key()).await? * 9 / 10 / sharing);
+                }
+            }
             Op::Sign => {
                 // Sign only from what is pooled: a warm-up of a tenth of the pool, then at
                 // most 90 % of what is left, with the refill off (low watermark 1).
@@ -473,7 +521,7 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
                         concurrency: o.concurrency,
                         warmup: Duration::ZERO,
                         duration: Duration::from_secs_f64(o.warmup.max(0.1)),
-                        max_ops: Some(depth / 10),
+                        max_ops: Some(depth / 10 / sharing),
                     };
                     let c = client.clone();
                     load::run_async("sign warm-up", spec, None, move |i| {
@@ -481,13 +529,19 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
                     })
                     .await?;
                     let depth = depth_of(m, op.key()).await?;
-                    max_ops = Some(depth * 9 / 10);
+                    max_ops = Some(depth * 9 / 10 / sharing);
                     warmup = 0.0;
                 }
             }
             Op::Token => drain(o, target, &client).await?,
             Op::Derive => ops::ensure_derive_key(&client).await?,
             Op::Rtt => {}
+        }
+        if op == Op::Pkcs11Sign {
+            let mut row = pkcs11_child(o, target, max_ops).await?;
+            row.params = target.params.map(|(n, t)| format!("({n},{t})"));
+            rows.push(row);
+            continue;
         }
         let spec = spec(
             &Opts {
@@ -528,11 +582,116 @@ async fn drive(o: &Opts, target: &Target, what: &[Op]) -> Result<Vec<Row>, Strin
                 load::run_async(op.name(), spec, Some(status), move |_| ops::ping(c.clone()))
                     .await?
             }
+            Op::Pkcs11Sign => return Err("PKCS#11 signing runs in a child process".to_owned()),
         };
         let sampled = sampler.finish().await;
         rows.push(Row::new(&m, "cluster", target.params, 1, Some(sampled)));
     }
     Ok(rows)
+}
+
+/// The PKCS#11 module: `--pkcs11-module`, else the one cargo built with this executable
+/// (`deps/` holds the build of a dependency, the directory itself that of `cargo build -p
+/// quorate-pkcs11`).
+fn pkcs11_module(o: &Opts) -> Result<PathBuf, String> {
+    if let Some(m) = &o.pkcs11_module {
+        return Ok(m.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe.parent().ok_or("this executable has no directory")?;
+    [dir.join("deps"), dir.to_path_buf()]
+        .into_iter()
+        .map(|d| d.join("libquorate_pkcs11.so"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no libquorate_pkcs11.so in {} or its deps/: build it with `cargo build --release \
+                 -p quorate-pkcs11` or pass --pkcs11-module",
+                dir.display()
+            )
+        })
+}
+
+/// Runs `pkcs11-sign` in a child process whose `QUORATE_*` variables name `target`
+/// (the module reads its configuration from its environment when it is initialised) and
+/// returns the row it prints.
+async fn pkcs11_child(o: &Opts, target: &Target, max_ops: Option<u64>) -> Result<Row, String> {
+    let module = pkcs11_module(o)?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("pkcs11-sign")
+        .arg("--concurrency")
+        .arg(o.concurrency.to_string())
+        .arg("--duration")
+        .arg(o.duration.to_string())
+        .arg("--module")
+        .arg(&module)
+        .env("QUORATE_ADDR", target.config.addr.to_string())
+        .env("QUORATE_CACERT", &target.config.ca)
+        .env("QUORATE_CERT", &target.config.cert)
+        .env("QUORATE_KEY", &target.config.key)
+        .env("QUORATE_DOMAIN", &target.domain)
+        .env_remove("QUORATE_PKCS11_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    if let Some(m) = max_ops {
+        cmd.arg("--max-ops").arg(m.to_string());
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("cannot run pkcs11-sign: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pkcs11-sign failed: {}", out.status));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("pkcs11-sign printed something other than a row: {e}"))?;
+    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let u = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Ok(Row {
+        name: Op::Pkcs11Sign.name().to_owned(),
+        kind: "cluster",
+        params: None,
+        concurrency: o.concurrency,
+        ops: u("ops"),
+        errors: u("errors"),
+        first_error: v
+            .get("first_error")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned),
+        seconds: f("seconds"),
+        units_per_op: 1,
+        per_second: f("per_second"),
+        p50_us: f("p50_us"),
+        p90_us: f("p90_us"),
+        p99_us: f("p99_us"),
+        p999_us: f("p999_us"),
+        mean_us: f("mean_us"),
+        presigs_per_sec: None,
+        cpu: Vec::new(),
+        pool_depth: Vec::new(),
+    })
+}
+
+/// The `pkcs11-sign` child: loads the module, initialises it (`CKF_OS_LOCKING_OK`), signs
+/// with one session per thread, and prints its row as JSON on stdout.
+fn pkcs11_sign(o: &Pkcs11Opts) -> Result<(), String> {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let pkcs11 = Pkcs11::new(&o.module).map_err(|e| format!("{}: {e}", o.module.display()))?;
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(|e| format!("C_Initialize: {e}"))?;
+    let spec = LoadSpec {
+        concurrency: o.concurrency,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs_f64(o.duration.clamp(0.0, 86_400.0)),
+        max_ops: o.max_ops,
+    };
+    let m = load::run_threads(Op::Pkcs11Sign.name(), spec, |_| ops::pkcs11_worker(&pkcs11))?;
+    let row = Row::new(&m, "cluster", None, 1, None);
+    let json = serde_json::to_string(&row).map_err(|e| e.to_string())?;
+    println!("{json}");
+    Ok(())
 }
 
 /// The pool depth of `key`, all signing sets together.
@@ -677,7 +836,7 @@ async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
     }
     results
         .rows
-        .extend(cluster_ops(o, &[Op::Rtt, Op::Sign, Op::Token]).await?);
+        .extend(cluster_ops(o, &[Op::Rtt, Op::Sign, Op::Pkcs11Sign, Op::Token]).await?);
     if !o.external && !o.no_node_evidence {
         // The same build and load with the nodes' evidence check off: what DESIGN.md §9's
         // node-side enforcement costs.
@@ -711,6 +870,16 @@ async fn compare(o: &Opts, results: &mut Results) -> Result<(), String> {
             formula,
             r,
             0.10,
+        ));
+    }
+    if let (Some(p11), Some(grpc)) = (find(rows, "sign through PKCS#11"), find(rows, "sign (")) {
+        // Not a target: what the PKCS#11 layer (C ABI, its own runtime, a session per
+        // thread) costs or saves against the gRPC client, same cluster, same run.
+        results.verdicts.push(Verdict::at_least(
+            "measured: signatures through the PKCS#11 module ÷ through the gRPC client (no target)",
+            format!("{:.0}/s ÷ {:.0}/s", p11.per_second, grpc.per_second),
+            ratio(p11.per_second, grpc.per_second),
+            0.0,
         ));
     }
     if let (Some(on), Some(off)) = (find(rows, "token"), find(rows, "baseline: token")) {
@@ -925,6 +1094,7 @@ async fn scale_one(o: &ScalingOpts, target: &Target, n: u16, t: u16) -> Result<S
         strict: false,
         coordinator_args: Vec::new(),
         no_node_evidence: false,
+        pkcs11_module: None,
     };
     let mut rows = drive(&opts, target, &[Op::Rtt, Op::Sign]).await?;
     let sign = rows.pop().ok_or("no sign row")?;
