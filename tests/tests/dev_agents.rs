@@ -207,37 +207,27 @@ fn the_cli_binds_tokens_to_dpop_keys_and_agents_use_their_svids() {
         &["dev", "attest", "--agent", "helper-bot"],
     ));
     std::fs::write(cwd.join("helper.jwt"), &sub_att).unwrap();
-    let delegated = stdout(&quorate(
-        &dev,
-        cwd,
-        &[
-            "token",
-            "exchange",
-            "--subject-token",
-            "token.jwt",
-            "--actor-attestation",
-            "helper.jwt",
-            "--dpop-key",
-            "dpop.pem",
-        ],
-    ));
+    let exchange = |key: &str| {
+        quorate(
+            &dev,
+            cwd,
+            &[
+                "token",
+                "exchange",
+                "--subject-token",
+                "token.jwt",
+                "--actor-attestation",
+                "helper.jwt",
+                "--dpop-key",
+                key,
+            ],
+        )
+    };
+    let delegated = stdout(&exchange("dpop.pem"));
     assert_eq!(claims(&delegated)["cnf"]["jkt"], jkt.as_str());
     // Another key cannot take over a bound token.
     stdout(&quorate(&dev, cwd, &["dpop", "keygen", "other.pem"]));
-    let stolen = quorate(
-        &dev,
-        cwd,
-        &[
-            "token",
-            "exchange",
-            "--subject-token",
-            "token.jwt",
-            "--actor-attestation",
-            "helper.jwt",
-            "--dpop-key",
-            "other.pem",
-        ],
-    );
+    let stolen = exchange("other.pem");
     assert_eq!(
         stolen.status.code(),
         Some(4),
