@@ -584,7 +584,14 @@ impl TestCluster {
             ));
         }
         let params = quorate_crypto::params::ThresholdParams::new(self.n, self.t).unwrap();
-        quorate_coordinator::cluster::Cluster::new(params, trust, channels, store, None).unwrap()
+        quorate_coordinator::cluster::Cluster::new(
+            params,
+            trust,
+            channels,
+            std::sync::Arc::new(store),
+            None,
+        )
+        .unwrap()
     }
 
     /// A fragment-node client to node `i`, presenting the coordinator's certificate.
