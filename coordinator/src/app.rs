@@ -48,6 +48,10 @@ pub async fn main_with(args: Args) -> ExitCode {
     }
 }
 
+/// How often a coordinator over a shared store picks up keys other coordinators
+/// created, rotated or renewed.
+const KEY_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `quorate-coordinator migrate`: applies the PostgreSQL store's pending migrations.
 async fn migrate(url: &str) -> ExitCode {
     match crate::pg::migrate(url).await {
@@ -147,7 +151,11 @@ async fn run(cfg: Config) -> Result<(), String> {
     if let Some(p) = cfg.fail_point {
         cluster.set_fail_point(p);
     }
-    cluster.discard_node_presignatures().await;
+    // Over a shared store other coordinators may be serving from their own pools with
+    // the same nodes: leave their presignatures alone (coordinator/STORE.md).
+    if matches!(cfg.store, StoreSpec::Redb(_)) {
+        cluster.discard_node_presignatures().await;
+    }
     let other = cluster
         .keys_with_other_params()
         .map_err(|e| e.to_string())?;
@@ -179,6 +187,22 @@ async fn run(cfg: Config) -> Result<(), String> {
             left,
             "old key shares not yet destroyed on nodes that left the cluster (see above)"
         );
+    }
+    if matches!(cfg.store, StoreSpec::Postgres(_)) {
+        // Keys created, rotated or renewed by another coordinator of the shared store.
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEY_RELOAD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match c.reload_keys() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(n, "keys changed in the shared store: reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "reloading keys from the store failed"),
+                }
+            }
+        });
     }
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
     tokio::spawn(crate::lifecycle::heartbeat_forever(cluster.clone()));

@@ -1558,6 +1558,32 @@ impl Cluster {
             .ok_or_else(|| no_such_key(name))
     }
 
+    /// Reloads every named key from the store, which other coordinators sharing it may
+    /// have changed (a new key, a rotation, a renewal): the store's view replaces this
+    /// process's. Returns how many keys changed.
+    pub fn reload_keys(&self) -> Result<usize> {
+        let stored = self.store.keys()?;
+        let mut s = self.state()?;
+        let mut changed = 0;
+        for k in stored {
+            let same = s.keys.get(&k.name).is_some_and(|mine| {
+                mine.versions.len() == k.versions.len()
+                    && mine.versions.iter().zip(&k.versions).all(|(a, b)| {
+                        a.version == b.version && a.public == b.public && a.profile == b.profile
+                    })
+            });
+            if same {
+                continue;
+            }
+            changed += 1;
+            for v in &k.versions {
+                s.names.insert(v.public.key_id, k.name.clone());
+            }
+            s.keys.insert(k.name.clone(), k);
+        }
+        Ok(changed)
+    }
+
     /// How many renewals are decided but not yet active on every node.
     pub fn pending_activations(&self) -> u32 {
         // `renewing` mirrors the store's pending activations (loaded at start, added
