@@ -3,11 +3,12 @@
 //! and `CI` is not set).
 //!
 //! - `migrate` creates the schema once; a coordinator refuses an unmigrated database;
-//! - two coordinators serve one cluster: tokens from both; a revocation by jti and a
+//! - two (then three) coordinators serve one cluster: tokens from each, also at once; a revocation by jti and a
 //!   deprovisioned agent, done on one, are refused by the other;
 //! - the audit chain in the store verifies as one chain, with events of both;
 //! - PostgreSQL restarts under a coordinator: requests fail as `UNAVAILABLE` meanwhile
-//!   and succeed after, and the chain still verifies.
+//!   and succeed after, and the chain still verifies;
+//! - a schema newer than the build's is refused by `migrate` and at start.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -207,8 +208,39 @@ async fn two_coordinators_share_one_postgresql_store() {
         .wait_pools("tokens", 2, Duration::from_secs(120))
         .await;
 
-    // Tokens from both.
+    // A third coordinator; all three issue at once, so their appends to the one chain
+    // interleave (each commit is chained onto whatever head another wrote first).
+    let c = spawn_ready(
+        cs.cluster
+            .coordinator_command_on("127.0.0.1:0", free_port()),
+    );
+    let mut clients = Vec::new();
+    for addr in [cs.a, cs.b, c.addr] {
+        cs.cluster.coordinator_addr = addr;
+        cs.cluster
+            .wait_pools("tokens", 2, Duration::from_secs(120))
+            .await;
+        clients.push(cs.cluster.identity_api().await);
+    }
     let blue = issuer.attest("agent-1", json!({"team": "blue"}));
+    let mut tasks = Vec::new();
+    for (k, client) in clients.into_iter().enumerate() {
+        for _ in 0..4 {
+            let mut client = client.clone();
+            let req = request(&blue);
+            tasks.push(tokio::spawn(async move {
+                let t = client.issue_token(req).await.unwrap().into_inner();
+                (k, t.jti)
+            }));
+        }
+    }
+    let mut concurrent = Vec::new();
+    for t in tasks {
+        concurrent.push(t.await.unwrap());
+    }
+    drop(c);
+
+    // Tokens from both.
     let t_a = cs.issue('a', request(&blue)).await.unwrap();
     let t_b = cs.issue('b', request(&blue)).await.unwrap();
     assert_ne!(t_a.jti, t_b.jti);
@@ -244,6 +276,12 @@ async fn two_coordinators_share_one_postgresql_store() {
             "token {jti} is not in the chain"
         );
     }
+    for (k, jti) in &concurrent {
+        assert!(
+            text.contains(jti.as_str()),
+            "token {jti} of coordinator {k} is not in the chain"
+        );
+    }
 
     // PostgreSQL restarts under coordinator A: refused as retryable meanwhile.
     let before = text;
@@ -274,4 +312,28 @@ async fn two_coordinators_share_one_postgresql_store() {
     }
     // Nothing from before the restart was lost or changed.
     assert!(text.starts_with(&before));
+
+    // A schema newer than this build's is refused, by `migrate` and at start.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    client
+        .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    drop(client);
+    let _ = conn.await;
+    let (ok, said) = migrate(&url);
+    assert!(!ok && said.contains("version 99, newer"), "{said}");
+    let out = cs
+        .cluster
+        .coordinator_command_on("127.0.0.1:0", free_port())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("version 99, newer"),
+        "{err}"
+    );
 }
