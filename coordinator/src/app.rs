@@ -7,14 +7,14 @@ use std::sync::Arc;
 use crate::audit::{self, AuditLog};
 use crate::authn::{Authenticator, AuthnConfig};
 use crate::cluster::Cluster;
-use crate::config::{Args, Config};
+use crate::config::{Args, Command, Config, StoreSpec};
 use crate::identity::service::IdentityApi;
-use crate::identity::store::IdentityStore;
+use crate::identity::store::{IdentityStore, RedbIdentityStore};
 use crate::identity::{IdentityConfig, IdentityPlane, http};
 use crate::policy::PolicyEngine;
 use crate::pools;
 use crate::service::Api;
-use crate::store::Store;
+use crate::store::{KeyStore, Store};
 use quorate_proto::api::approval_service_server::ApprovalServiceServer;
 use quorate_proto::api::audit_service_server::AuditServiceServer;
 use quorate_proto::api::cluster_service_server::ClusterServiceServer;
@@ -27,6 +27,9 @@ use quorate_proto::transport;
 /// configuration (exit 2 on errors), serves until SIGTERM/SIGINT.
 pub async fn main_with(args: Args) -> ExitCode {
     quorate_proto::process::init_tracing(args.log_format == "json");
+    if let Some(Command::Migrate { store }) = &args.command {
+        return migrate(store).await;
+    }
     let cfg = match args.build() {
         Ok(c) => c,
         Err(errors) => {
@@ -45,6 +48,62 @@ pub async fn main_with(args: Args) -> ExitCode {
     }
 }
 
+/// How often a coordinator over a shared store picks up keys other coordinators
+/// created, rotated or renewed.
+const KEY_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `quorate-coordinator migrate`: applies the PostgreSQL store's pending migrations.
+async fn migrate(url: &str) -> ExitCode {
+    match crate::pg::migrate(url).await {
+        Ok(applied) => {
+            #[allow(
+                clippy::print_stdout,
+                reason = "the command's result, read by operators and scripts"
+            )]
+            if applied.is_empty() {
+                println!("schema is current (version {})", crate::pg::SCHEMA_VERSION);
+            } else {
+                let v: Vec<String> = applied.iter().map(i32::to_string).collect();
+                println!(
+                    "applied migrations {}; schema version {}",
+                    v.join(", "),
+                    crate::pg::SCHEMA_VERSION
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quorate-coordinator migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The three stores of `spec` (`coordinator/STORE.md`).
+async fn open_stores(
+    spec: &StoreSpec,
+    sinks: &[audit::SinkSpec],
+) -> Result<(Arc<dyn KeyStore>, Box<dyn IdentityStore>, AuditLog), String> {
+    match spec {
+        StoreSpec::Redb(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let keys = Store::open(&dir.join("coordinator.redb")).map_err(|e| e.to_string())?;
+            let audit = AuditLog::open(&dir.join("audit.redb"), sinks)?;
+            let identity =
+                RedbIdentityStore::open(&dir.join("identity.redb")).map_err(|e| e.to_string())?;
+            Ok((Arc::new(keys), Box::new(identity), audit))
+        }
+        StoreSpec::Postgres(url) => {
+            let pg = crate::pg::PgStore::open(url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let audit = AuditLog::with_store(Box::new(pg.clone()), sinks)?;
+            Ok((Arc::new(pg.clone()), Box::new(pg), audit))
+        }
+    }
+}
+
 async fn run(cfg: Config) -> Result<(), String> {
     let identity = Identity::from_pem_files(&cfg.cert, &cfg.key).map_err(|e| e.to_string())?;
     let trust = Trust::from_pem_file(&cfg.ca, &cfg.domain).map_err(|e| e.to_string())?;
@@ -57,13 +116,8 @@ async fn run(cfg: Config) -> Result<(), String> {
             ));
         }
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
-    let store = Store::open(&cfg.data_dir.join("coordinator.redb")).map_err(|e| e.to_string())?;
-    let audit = Arc::new(AuditLog::open(
-        &cfg.data_dir.join("audit.redb"),
-        &cfg.audit_sinks,
-    )?);
+    let (store, identity_store, audit) = open_stores(&cfg.store, &cfg.audit_sinks).await?;
+    let audit = Arc::new(audit);
     let client_tls = tls::client_config(&identity, &trust).map_err(|e| e.to_string())?;
     let mut channels = Vec::new();
     for (i, addr) in &cfg.nodes {
@@ -97,7 +151,11 @@ async fn run(cfg: Config) -> Result<(), String> {
     if let Some(p) = cfg.fail_point {
         cluster.set_fail_point(p);
     }
-    cluster.discard_node_presignatures().await;
+    // Over a shared store other coordinators may be serving from their own pools with
+    // the same nodes: leave their presignatures alone (coordinator/STORE.md).
+    if matches!(cfg.store, StoreSpec::Redb(_)) {
+        cluster.discard_node_presignatures().await;
+    }
     let other = cluster
         .keys_with_other_params()
         .map_err(|e| e.to_string())?;
@@ -130,6 +188,22 @@ async fn run(cfg: Config) -> Result<(), String> {
             "old key shares not yet destroyed on nodes that left the cluster (see above)"
         );
     }
+    if matches!(cfg.store, StoreSpec::Postgres(_)) {
+        // Keys created, rotated or renewed by another coordinator of the shared store.
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEY_RELOAD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match c.reload_keys() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(n, "keys changed in the shared store: reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "reloading keys from the store failed"),
+                }
+            }
+        });
+    }
     tokio::spawn(pools::fill_forever(cluster.clone(), cfg.marks));
     tokio::spawn(crate::lifecycle::heartbeat_forever(cluster.clone()));
     tokio::spawn(crate::lifecycle::run_forever(
@@ -143,8 +217,14 @@ async fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
         tracing::info!(%at, "metrics at http://{at}/metrics");
     }
-    let (http_task, issuer) =
-        start_identity_http(&cfg, &trust, cluster.clone(), Arc::clone(&audit)).await?;
+    let (http_task, issuer) = start_identity_http(
+        &cfg,
+        &trust,
+        cluster.clone(),
+        identity_store,
+        Arc::clone(&audit),
+    )
+    .await?;
     let checkpoints = audit::checkpoint::spawn(
         Arc::clone(&audit),
         cluster.clone(),
@@ -246,10 +326,9 @@ async fn start_identity_http(
     cfg: &Config,
     trust: &Trust,
     cluster: Arc<Cluster>,
+    store: Box<dyn IdentityStore>,
     audit: Arc<AuditLog>,
 ) -> Result<(tokio::task::JoinHandle<()>, IssuerHandle), String> {
-    let store =
-        IdentityStore::open(&cfg.data_dir.join("identity.redb")).map_err(|e| e.to_string())?;
     let operator_key = match &cfg.operator_public_key {
         None => None,
         Some(path) => Some(
@@ -259,7 +338,7 @@ async fn start_identity_http(
     };
     let signed = match &operator_key {
         None => None,
-        Some(key) => Some(starting_bundle(cfg, key, &store)?),
+        Some(key) => Some(starting_bundle(cfg, key, &*store)?),
     };
     let policy = match (signed, &cfg.policy_dir) {
         (Some(bundle), _) => {
@@ -360,7 +439,7 @@ async fn start_identity_http(
 fn starting_bundle(
     cfg: &Config,
     key: &p256::PublicKey,
-    store: &IdentityStore,
+    store: &dyn IdentityStore,
 ) -> Result<quorate_authz::bundle::PolicyBundle, String> {
     use quorate_authz::bundle::PolicyBundle;
     let stored = match store.policy_bundle().map_err(|e| e.to_string())? {

@@ -40,7 +40,7 @@ pub use quorate_proto::profile::KeyProfile;
 pub use quorate_proto::rules::TokenRules;
 use quorate_proto::rules::{CLOCK_SKEW_SECONDS, MAX_SIGNING_INPUT, REFUSAL_PREFIX};
 
-use crate::store::{KeyVersion, NamedKey, Store, StoreError, StoredVersion};
+use crate::store::{KeyStore, KeyVersion, NamedKey, StoreError, StoredVersion};
 
 /// Round-trip limit for protocol rounds (a batch of presignatures takes a while).
 const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -93,7 +93,10 @@ pub enum CoordError {
 
 impl From<StoreError> for CoordError {
     fn from(e: StoreError) -> Self {
-        CoordError::Internal(e.to_string())
+        match e {
+            StoreError::Unavailable(_) => CoordError::Unavailable(e.to_string()),
+            _ => CoordError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -292,7 +295,7 @@ pub struct Cluster {
     params: ThresholdParams,
     trust: Trust,
     nodes: Vec<NodeHandle>,
-    store: Arc<Store>,
+    store: Arc<dyn KeyStore>,
     state: Mutex<State>,
     relay_log: Option<Mutex<std::fs::File>>,
     metrics: CoordMetrics,
@@ -353,12 +356,13 @@ fn status_text(s: &tonic::Status) -> String {
 }
 
 impl Cluster {
-    /// A cluster over `nodes` (index → address), loading keys and pools from `store`.
+    /// A cluster over `nodes` (index → address), loading keys and pools from `store`
+    /// (redb or PostgreSQL, `coordinator/STORE.md`).
     pub fn new(
         params: ThresholdParams,
         trust: Trust,
         channels: Vec<(PartyIndex, SocketAddr, Channel)>,
-        store: Store,
+        store: Arc<dyn KeyStore>,
         relay_log: Option<PathBuf>,
     ) -> Result<Arc<Self>> {
         if channels.len() != usize::from(params.n()) {
@@ -380,7 +384,6 @@ impl Cluster {
                     })?,
             )),
         };
-        let store = Arc::new(store);
         let mut nodes = Vec::new();
         let mut receivers = Vec::new();
         for (index, addr, ch) in channels {
@@ -1553,6 +1556,32 @@ impl Cluster {
             .get(name)
             .cloned()
             .ok_or_else(|| no_such_key(name))
+    }
+
+    /// Reloads every named key from the store, which other coordinators sharing it may
+    /// have changed (a new key, a rotation, a renewal): the store's view replaces this
+    /// process's. Returns how many keys changed.
+    pub fn reload_keys(&self) -> Result<usize> {
+        let stored = self.store.keys()?;
+        let mut s = self.state()?;
+        let mut changed = 0;
+        for k in stored {
+            let same = s.keys.get(&k.name).is_some_and(|mine| {
+                mine.versions.len() == k.versions.len()
+                    && mine.versions.iter().zip(&k.versions).all(|(a, b)| {
+                        a.version == b.version && a.public == b.public && a.profile == b.profile
+                    })
+            });
+            if same {
+                continue;
+            }
+            changed += 1;
+            for v in &k.versions {
+                s.names.insert(v.public.key_id, k.name.clone());
+            }
+            s.keys.insert(k.name.clone(), k);
+        }
+        Ok(changed)
     }
 
     /// How many renewals are decided but not yet active on every node.

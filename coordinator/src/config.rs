@@ -14,9 +14,20 @@ use crate::pools::Watermarks;
 #[command(
     name = "quorate-coordinator",
     version,
-    about = "Quorate coordinator: drives the fragment nodes and serves the key API over post-quantum mTLS"
+    about = "Quorate coordinator: drives the fragment nodes and serves the key API over post-quantum mTLS",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    /// Instead of serving: a maintenance command.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Where the coordinator's state lives: `redb` (files in `--data-dir`, one
+    /// coordinator) or a PostgreSQL URL (`postgres://USER@localhost/DB`, or
+    /// `postgres:///DB?host=/run/postgresql` for a Unix socket) that any number of
+    /// coordinators share; run `migrate` on it first.
+    #[arg(long, env = "QUORATE_COORDINATOR_STORE", default_value = "redb")]
+    pub store: String,
     /// Address of the public API (port 0 picks a free port; the chosen address is printed).
     #[arg(
         long,
@@ -24,18 +35,19 @@ pub struct Args {
         default_value = "127.0.0.1:7100"
     )]
     pub listen: SocketAddr,
-    /// Directory for the coordinator's store (public data only).
+    /// Directory for the coordinator's redb store (public data only); required with
+    /// `--store redb`.
     #[arg(long, env = "QUORATE_COORDINATOR_DATA")]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
     /// The coordinator's certificate (PEM, role coordinator).
-    #[arg(long, env = "QUORATE_COORDINATOR_CERT")]
-    pub cert: PathBuf,
+    #[arg(long, env = "QUORATE_COORDINATOR_CERT", required = true)]
+    pub cert: Option<PathBuf>,
     /// The coordinator's private key (PEM).
-    #[arg(long, env = "QUORATE_COORDINATOR_KEY")]
-    pub key: PathBuf,
+    #[arg(long, env = "QUORATE_COORDINATOR_KEY", required = true)]
+    pub key: Option<PathBuf>,
     /// The cluster CA certificate (PEM).
-    #[arg(long, env = "QUORATE_COORDINATOR_CA")]
-    pub ca: PathBuf,
+    #[arg(long, env = "QUORATE_COORDINATOR_CA", required = true)]
+    pub ca: Option<PathBuf>,
     /// Trust domain of the cluster's SPIFFE IDs.
     #[arg(long, env = "QUORATE_DOMAIN", default_value = "quorate.local")]
     pub domain: String,
@@ -176,13 +188,34 @@ pub struct Args {
     pub approval_ttl_secs: u64,
 }
 
+/// `quorate-coordinator` maintenance commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Brings a PostgreSQL store's schema to this version's (numbered migrations,
+    /// recorded in `schema_version`; safe to run from several hosts at once).
+    Migrate {
+        /// The PostgreSQL URL, as for `--store`.
+        #[arg(long, env = "QUORATE_COORDINATOR_STORE")]
+        store: String,
+    },
+}
+
+/// Where the coordinator's state lives (`coordinator/STORE.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// redb files in this directory.
+    Redb(PathBuf),
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
 /// A validated configuration.
 #[derive(Debug)]
 pub struct Config {
     /// Public API address.
     pub listen: SocketAddr,
-    /// Store directory.
-    pub data_dir: PathBuf,
+    /// The store.
+    pub store: StoreSpec,
     /// Certificate.
     pub cert: PathBuf,
     /// Key.
@@ -251,14 +284,46 @@ impl Args {
     /// Validates everything, returning every problem found.
     pub fn build(self) -> Result<Config, Vec<String>> {
         let mut errors = Vec::new();
-        for (what, p) in [
-            ("--cert", &self.cert),
-            ("--key", &self.key),
-            ("--ca", &self.ca),
-        ] {
-            if !p.is_file() {
-                errors.push(format!("{what} {}: no such file", p.display()));
+        let mut file = |what: &str, p: Option<PathBuf>| match p {
+            Some(p) => {
+                if !p.is_file() {
+                    errors.push(format!("{what} {}: no such file", p.display()));
+                }
+                p
             }
+            None => {
+                errors.push(format!("{what} is required"));
+                PathBuf::new()
+            }
+        };
+        let cert = file("--cert", self.cert);
+        let key = file("--key", self.key);
+        let ca = file("--ca", self.ca);
+        let store = if self.store == "redb" {
+            match self.data_dir {
+                Some(d) => Some(StoreSpec::Redb(d)),
+                None => {
+                    errors.push("--data-dir is required with the redb store".into());
+                    None
+                }
+            }
+        } else if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
+            match crate::pg::parse_url(&self.store) {
+                Ok(_) => Some(StoreSpec::Postgres(self.store)),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    None
+                }
+            }
+        } else {
+            errors.push(format!(
+                "--store {}: use redb or a postgres:// URL",
+                self.store
+            ));
+            None
+        };
+        if self.nodes.is_empty() {
+            errors.push("--node is required (one per fragment node)".into());
         }
         let mut nodes = Vec::new();
         for spec in &self.nodes {
@@ -341,8 +406,7 @@ impl Args {
             ));
         }
         let beside_ca = |name: &str| {
-            self.ca
-                .parent()
+            ca.parent()
                 .map(|d| d.join(name))
                 .unwrap_or_else(|| PathBuf::from(name))
         };
@@ -430,13 +494,13 @@ impl Args {
         if self.approval_ttl_secs == 0 || self.approval_ttl_secs > 7 * 24 * 3600 {
             errors.push("--approval-ttl-secs must be 1 s to 7 days".into());
         }
-        match (errors.is_empty(), params) {
-            (true, Some(params)) => Ok(Config {
+        match (errors.is_empty(), params, store) {
+            (true, Some(params), Some(store)) => Ok(Config {
                 listen: self.listen,
-                data_dir: self.data_dir,
-                cert: self.cert,
-                key: self.key,
-                ca: self.ca,
+                store,
+                cert,
+                key,
+                ca,
                 domain: self.domain,
                 nodes,
                 params,

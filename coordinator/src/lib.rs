@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod identity;
 pub mod lifecycle;
+pub mod pg;
 pub use quorate_authz::policy;
 pub mod pools;
 pub mod service;

@@ -11,7 +11,7 @@
 //!   profiles existed has no entry and loads with its legacy profile
 //!   ([`KeyProfile::legacy`], from `token_rules`: key id → [`TokenRules`], which is only
 //!   read); the audit key is then narrowed to the checkpoint profile by the coordinator
-//!   at start ([`Store::put_profile`]);
+//!   at start ([`KeyStore::put_profile`]);
 //! - `pool`: presignature id → `PresignaturePublic`.
 
 use std::path::Path;
@@ -55,12 +55,19 @@ const VERSION_LEN: usize = 4 + 16 + 8 + 1 + 8;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
-#[error("coordinator store: {0}")]
-pub struct StoreError(String);
+#[non_exhaustive]
+pub enum StoreError {
+    /// A read or write failed, or data is malformed.
+    #[error("coordinator store: {0}")]
+    Failed(String),
+    /// The store cannot be reached for now (PostgreSQL down or restarting): retry.
+    #[error("coordinator store unavailable, retry later: {0}")]
+    Unavailable(String),
+}
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
     fn from(e: E) -> Self {
-        StoreError(e.into().to_string())
+        StoreError::Failed(e.into().to_string())
     }
 }
 
@@ -172,11 +179,78 @@ impl Store {
         tx.commit()?;
         Ok(Store { db })
     }
+}
 
+/// The coordinator's durable key data (see `coordinator/STORE.md`): implemented by the
+/// embedded redb [`Store`] and by the PostgreSQL store. Every write is durable before
+/// the call returns.
+pub trait KeyStore: Send + Sync {
     /// Records a new version of `name` in one transaction: its public data, its
     /// profile, the name's whole version list `versions` (whose last entry is `key`'s),
     /// and `key` as the name's current key.
-    pub fn put_version(
+    fn put_version(
+        &self,
+        name: &str,
+        key: &KeyPublic,
+        profile: &KeyProfile,
+        versions: &[KeyVersion],
+    ) -> Result<()>;
+
+    /// Records the public data of a named key's current version (as versions before
+    /// key versions existed stored it).
+    fn put_key(&self, name: &str, key: &KeyPublic) -> Result<()>;
+
+    /// Records that the new shares of `key` (a refresh or reshare of `name`'s current
+    /// version, run `session`) are decided and must be activated on every node. Durable
+    /// before the first node activates, so a coordinator that dies midway finishes the
+    /// activation when it starts again ([`KeyStore::pending_activations`]).
+    fn put_pending_activation(
+        &self,
+        name: &str,
+        session: &SessionId,
+        key: &KeyPublic,
+    ) -> Result<()>;
+
+    /// Activations recorded by [`KeyStore::put_pending_activation`] and not yet committed.
+    fn pending_activations(&self) -> Result<Vec<(String, SessionId, KeyPublic)>>;
+
+    /// Every node holds the new shares of `key`: replaces its public data (same key
+    /// id, next epoch), records when, and clears the pending activation, in one
+    /// transaction.
+    fn commit_activation(&self, name: &str, key: &KeyPublic, at: i64) -> Result<()>;
+
+    /// Records that `nodes` must destroy their shares of `key` once its reshare is
+    /// active, with the evidence each is to be shown (`request`). Durable before the
+    /// activation, so a coordinator that dies midway still retires them.
+    fn put_retirements(&self, key: &KeyId, nodes: &[PartyIndex], request: &[u8]) -> Result<()>;
+
+    /// Retirements recorded by [`KeyStore::put_retirements`] and not yet done.
+    fn retirements(&self) -> Result<Vec<(KeyId, PartyIndex, Vec<u8>)>>;
+
+    /// Node `node` no longer holds a share of `key` (or is gone).
+    fn remove_retirement(&self, key: &KeyId, node: PartyIndex) -> Result<()>;
+
+    /// When the shares of key version `id` were last renewed (Unix seconds), if ever.
+    fn renewed_at(&self, id: &KeyId) -> Result<Option<i64>>;
+
+    /// Records the profile of existing key versions (the narrowing raw → checkpoint,
+    /// after every node has made it).
+    fn put_profile(&self, ids: &[KeyId], profile: &KeyProfile) -> Result<()>;
+
+    /// Every named key, with all its versions.
+    fn keys(&self) -> Result<Vec<NamedKey>>;
+
+    /// Empties the pool table an earlier version kept: presignatures now live only in
+    /// memory, on the nodes and in the coordinator (DESIGN.md §4.5). Returns how many
+    /// entries were dropped.
+    fn drop_stored_pools(&self) -> Result<u64>;
+
+    /// The key id of `name`.
+    fn key_id(&self, name: &str) -> Result<Option<KeyId>>;
+}
+
+impl KeyStore for Store {
+    fn put_version(
         &self,
         name: &str,
         key: &KeyPublic,
@@ -184,7 +258,7 @@ impl Store {
         versions: &[KeyVersion],
     ) -> Result<()> {
         if versions.last().map(|v| v.key_id) != Some(key.key_id) {
-            return Err(StoreError(format!(
+            return Err(StoreError::Failed(format!(
                 "key {name}: the version list must end with the new key {}",
                 key.key_id
             )));
@@ -204,9 +278,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records the public data of a named key's current version (as versions before
-    /// key versions existed stored it).
-    pub fn put_key(&self, name: &str, key: &KeyPublic) -> Result<()> {
+    fn put_key(&self, name: &str, key: &KeyPublic) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut n = tx.open_table(NAMES)?;
@@ -218,11 +290,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records that the new shares of `key` (a refresh or reshare of `name`'s current
-    /// version, run `session`) are decided and must be activated on every node. Durable
-    /// before the first node activates, so a coordinator that dies midway finishes the
-    /// activation when it starts again ([`Store::pending_activations`]).
-    pub fn put_pending_activation(
+    fn put_pending_activation(
         &self,
         name: &str,
         session: &SessionId,
@@ -239,8 +307,7 @@ impl Store {
         Ok(())
     }
 
-    /// Activations recorded by [`Store::put_pending_activation`] and not yet committed.
-    pub fn pending_activations(&self) -> Result<Vec<(String, SessionId, KeyPublic)>> {
+    fn pending_activations(&self) -> Result<Vec<(String, SessionId, KeyPublic)>> {
         let tx = self.db.begin_read()?;
         let t = match tx.open_table(PENDING_ACTIVATIONS) {
             Ok(t) => t,
@@ -252,7 +319,8 @@ impl Store {
             let (name, v) = e?;
             let name = name.value().to_string();
             let v = v.value();
-            let corrupt = || StoreError(format!("pending activation of key {name} is malformed"));
+            let corrupt =
+                || StoreError::Failed(format!("pending activation of key {name} is malformed"));
             let session = SessionId(
                 v.get(..32)
                     .ok_or_else(corrupt)?
@@ -266,10 +334,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Every node holds the new shares of `key`: replaces its public data (same key
-    /// id, next epoch), records when, and clears the pending activation, in one
-    /// transaction.
-    pub fn commit_activation(&self, name: &str, key: &KeyPublic, at: i64) -> Result<()> {
+    fn commit_activation(&self, name: &str, key: &KeyPublic, at: i64) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut k = tx.open_table(KEYS)?;
@@ -283,10 +348,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records that `nodes` must destroy their shares of `key` once its reshare is
-    /// active, with the evidence each is to be shown (`request`). Durable before the
-    /// activation, so a coordinator that dies midway still retires them.
-    pub fn put_retirements(&self, key: &KeyId, nodes: &[PartyIndex], request: &[u8]) -> Result<()> {
+    fn put_retirements(&self, key: &KeyId, nodes: &[PartyIndex], request: &[u8]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(RETIREMENTS)?;
@@ -298,8 +360,7 @@ impl Store {
         Ok(())
     }
 
-    /// Retirements recorded by [`Store::put_retirements`] and not yet done.
-    pub fn retirements(&self) -> Result<Vec<(KeyId, PartyIndex, Vec<u8>)>> {
+    fn retirements(&self) -> Result<Vec<(KeyId, PartyIndex, Vec<u8>)>> {
         let tx = self.db.begin_read()?;
         let t = match tx.open_table(RETIREMENTS) {
             Ok(t) => t,
@@ -310,7 +371,7 @@ impl Store {
         for e in t.iter()? {
             let (k, v) = e?;
             let k = k.value();
-            let corrupt = || StoreError("a retirement record is malformed".into());
+            let corrupt = || StoreError::Failed("a retirement record is malformed".into());
             let id: [u8; 16] = k
                 .get(..16)
                 .and_then(|b| b.try_into().ok())
@@ -325,8 +386,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Node `node` no longer holds a share of `key` (or is gone).
-    pub fn remove_retirement(&self, key: &KeyId, node: PartyIndex) -> Result<()> {
+    fn remove_retirement(&self, key: &KeyId, node: PartyIndex) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(RETIREMENTS)?;
@@ -336,8 +396,7 @@ impl Store {
         Ok(())
     }
 
-    /// When the shares of key version `id` were last renewed (Unix seconds), if ever.
-    pub fn renewed_at(&self, id: &KeyId) -> Result<Option<i64>> {
+    fn renewed_at(&self, id: &KeyId) -> Result<Option<i64>> {
         let tx = self.db.begin_read()?;
         let t = match tx.open_table(RENEWED) {
             Ok(t) => t,
@@ -347,9 +406,7 @@ impl Store {
         Ok(t.get(&id.0[..])?.map(|v| v.value()))
     }
 
-    /// Records the profile of existing key versions (the narrowing raw → checkpoint,
-    /// after every node has made it).
-    pub fn put_profile(&self, ids: &[KeyId], profile: &KeyProfile) -> Result<()> {
+    fn put_profile(&self, ids: &[KeyId], profile: &KeyProfile) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut p = tx.open_table(PROFILES)?;
@@ -361,8 +418,7 @@ impl Store {
         Ok(())
     }
 
-    /// Every named key, with all its versions.
-    pub fn keys(&self) -> Result<Vec<NamedKey>> {
+    fn keys(&self) -> Result<Vec<NamedKey>> {
         let tx = self.db.begin_read()?;
         let names = tx.open_table(NAMES)?;
         let keys = tx.open_table(KEYS)?;
@@ -373,7 +429,7 @@ impl Store {
         for e in names.iter()? {
             let (name, id) = e?;
             let name = name.value().to_string();
-            let corrupt = |what: &str| StoreError(format!("key {name}: {what}"));
+            let corrupt = |what: &str| StoreError::Failed(format!("key {name}: {what}"));
             let current = KeyId(
                 id.value()
                     .try_into()
@@ -434,10 +490,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Empties the pool table an earlier version kept: presignatures now live only in
-    /// memory, on the nodes and in the coordinator (DESIGN.md §4.5). Returns how many
-    /// entries were dropped.
-    pub fn drop_stored_pools(&self) -> Result<u64> {
+    fn drop_stored_pools(&self) -> Result<u64> {
         let tx = self.db.begin_write()?;
         let n = {
             let mut t = tx.open_table(POOL)?;
@@ -449,8 +502,7 @@ impl Store {
         Ok(n)
     }
 
-    /// The key id of `name`.
-    pub fn key_id(&self, name: &str) -> Result<Option<KeyId>> {
+    fn key_id(&self, name: &str) -> Result<Option<KeyId>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(NAMES)?;
         Ok(t.get(name)?

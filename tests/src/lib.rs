@@ -18,6 +18,7 @@ pub mod faultproxy;
 pub mod load;
 pub mod multihost;
 pub mod netns;
+pub mod postgres;
 pub mod tmpfs;
 
 use std::io::{BufRead, BufReader};
@@ -382,13 +383,20 @@ impl TestCluster {
     /// The coordinator's command line: every node not in [`Self::left`], the threshold
     /// [`Self::t`], [`Self::coordinator_flags`].
     pub fn coordinator_command(&self) -> Command {
-        let d = &self.dir.0;
-        let mut cmd = Command::new(binary("quorate-coordinator"));
         let listen = if self.coordinator_addr.port() == 0 {
             "127.0.0.1:0".to_string()
         } else {
             self.coordinator_addr.to_string()
         };
+        self.coordinator_command_on(&listen, self.http_port)
+    }
+
+    /// [`Self::coordinator_command`] for a coordinator listening on `listen` (API) and
+    /// `http_port` (metadata), with the same issuer URL: another coordinator of the
+    /// same cluster, when they share a store.
+    pub fn coordinator_command_on(&self, listen: &str, http_port: u16) -> Command {
+        let d = &self.dir.0;
+        let mut cmd = Command::new(binary("quorate-coordinator"));
         cmd.arg("--listen")
             .arg(listen)
             .arg("--data-dir")
@@ -404,7 +412,7 @@ impl TestCluster {
             .arg("--threshold")
             .arg(self.t.to_string())
             .arg("--http-listen")
-            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg(format!("127.0.0.1:{http_port}"))
             .arg("--issuer-url")
             .arg(self.issuer())
             .env("QUORATE_LOG", "warn");
@@ -584,7 +592,14 @@ impl TestCluster {
             ));
         }
         let params = quorate_crypto::params::ThresholdParams::new(self.n, self.t).unwrap();
-        quorate_coordinator::cluster::Cluster::new(params, trust, channels, store, None).unwrap()
+        quorate_coordinator::cluster::Cluster::new(
+            params,
+            trust,
+            channels,
+            std::sync::Arc::new(store),
+            None,
+        )
+        .unwrap()
     }
 
     /// A fragment-node client to node `i`, presenting the coordinator's certificate.

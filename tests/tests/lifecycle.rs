@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use quorate_coordinator::store::KeyStore as _;
 use quorate_proto::api;
 use quorate_proto::fragment;
 use quorate_tests::load::{Seen, SignLoad};

@@ -12,6 +12,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use quorate_coordinator::store::KeyStore as _;
 use quorate_crypto::keys::KeyPublic;
 use quorate_crypto::presign::PresignaturePublic;
 use quorate_crypto::sign::SignatureShare;
@@ -548,7 +549,7 @@ async fn coordinator_signs_jws_within_the_rules_and_reports_refusals() {
         ThresholdParams::new(3, 1).unwrap(),
         trust,
         channels,
-        store,
+        std::sync::Arc::new(store),
         None,
     )
     .unwrap();

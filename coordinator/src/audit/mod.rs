@@ -1,6 +1,7 @@
 //! The audit trail (DESIGN.md §1 invariant 6, §7): every decision — allow, deny,
 //! pending, approval, revocation, key operation — is an [`record::Event`] appended to a
-//! hash chain in `audit.redb` and written to every configured sink *before* the effect
+//! hash chain in the [`AuditStore`] (`audit.redb`, or PostgreSQL: `coordinator/STORE.md`)
+//! and written to every configured sink *before* the effect
 //! is returned. If the store or any sink fails, [`AuditLog::append`] fails and so does
 //! the request (fail closed).
 //!
@@ -33,6 +34,100 @@ use tokio::sync::broadcast;
 use record::{Event, Fields, GENESIS, Outcome};
 
 const EVENTS: TableDefinition<u64, &str> = TableDefinition::new("audit_events");
+
+/// Where the chain is kept: events by sequence number, as their JSON lines.
+pub trait AuditStore: Send + Sync {
+    /// The sequence number and JSON line of the newest event, if any.
+    fn last(&self) -> Result<Option<(u64, String)>, String>;
+    /// Writes a batch of chained events (each with its JSON line) in one durable
+    /// transaction; their sequence numbers follow the stored head's. A store shared by
+    /// several coordinators checks, under a lock on the head, that the batch follows
+    /// its head, and answers [`CommitError::Behind`] with the head when another
+    /// coordinator appended meanwhile.
+    fn commit(&self, batch: &[(Event, String)]) -> Result<(), CommitError>;
+    /// The JSON lines of events `from..to`, in order.
+    fn lines(&self, from: u64, to: u64) -> Result<Vec<String>, String>;
+    /// Whether [`AuditStore::commit`] checks the batch against its head. Then a failed
+    /// commit leaves the trail usable (the next batch is chained again onto the stored
+    /// head); otherwise the trail refuses every append until a restart.
+    fn rechains(&self) -> bool {
+        false
+    }
+}
+
+/// Why [`AuditStore::commit`] wrote nothing.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The stored chain moved on: chain the batch again from `next` after `head`.
+    Behind {
+        /// The sequence number the batch must start at.
+        next: u64,
+        /// The hash its first event must chain to.
+        head: String,
+    },
+    /// The store failed.
+    Failed(String),
+}
+
+/// The embedded chain store: `audit_events` (sequence number → JSON line) in a redb file.
+pub struct RedbAuditStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl RedbAuditStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let db =
+            Database::create(path).map_err(|e| format!("audit store {}: {e}", path.display()))?;
+        let me = RedbAuditStore {
+            db,
+            path: path.to_owned(),
+        };
+        let tx = me.db.begin_write().map_err(|e| me.err(e.into()))?;
+        tx.open_table(EVENTS).map_err(|e| me.err(e.into()))?;
+        tx.commit().map_err(|e| me.err(e.into()))?;
+        Ok(me)
+    }
+
+    fn err(&self, e: redb::Error) -> String {
+        format!("audit store {}: {e}", self.path.display())
+    }
+}
+
+impl AuditStore for RedbAuditStore {
+    fn last(&self) -> Result<Option<(u64, String)>, String> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e.into()))?;
+        let table = tx.open_table(EVENTS).map_err(|e| self.err(e.into()))?;
+        let last = table.last().map_err(|e| self.err(e.into()))?;
+        Ok(last.map(|(k, v)| (k.value(), v.value().to_owned())))
+    }
+
+    fn commit(&self, batch: &[(Event, String)]) -> Result<(), CommitError> {
+        let store = |e: redb::Error| CommitError::Failed(format!("audit store: {e}"));
+        let tx = self.db.begin_write().map_err(|e| store(e.into()))?;
+        {
+            let mut t = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+            for (ev, line) in batch {
+                t.insert(ev.seq, line.as_str())
+                    .map_err(|e| store(e.into()))?;
+            }
+        }
+        tx.commit().map_err(|e| store(e.into()))
+    }
+
+    fn lines(&self, from: u64, to: u64) -> Result<Vec<String>, String> {
+        let store = |e: redb::Error| format!("audit store: {e}");
+        let tx = self.db.begin_read().map_err(|e| store(e.into()))?;
+        let table = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
+        let mut out = Vec::new();
+        for row in table.range(from..to).map_err(|e| store(e.into()))? {
+            let (_, v) = row.map_err(|e| store(e.into()))?;
+            out.push(v.value().to_owned());
+        }
+        Ok(out)
+    }
+}
 
 /// Why the audit trail could not take an event.
 #[derive(Debug, thiserror::Error)]
@@ -154,8 +249,8 @@ impl Sink {
         }
     }
 
-    /// Writes `ev`; a file first catches up on the events it missed (from `db`).
-    fn write(&mut self, ev: &Event, line: &str, db: &Database) -> Result<(), String> {
+    /// Writes `ev`; a file first catches up on the events it missed (from `store`).
+    fn write(&mut self, ev: &Event, line: &str, store: &dyn AuditStore) -> Result<(), String> {
         let name = self.name();
         let fail = |e: std::io::Error| format!("audit sink {name} failed: {e}");
         match self {
@@ -168,7 +263,7 @@ impl Sink {
                 }
                 let mut buf = String::new();
                 if *next < ev.seq {
-                    for l in read_range(db, *next, ev.seq)? {
+                    for l in store.lines(*next, ev.seq)? {
                         buf.push_str(&l);
                         buf.push('\n');
                     }
@@ -215,16 +310,28 @@ fn last_seq_in(path: &Path) -> Result<Option<u64>, String> {
     Ok(Some(ev.seq))
 }
 
-fn read_range(db: &Database, from: u64, to: u64) -> Result<Vec<String>, String> {
-    let store = |e: redb::Error| format!("audit store: {e}");
-    let tx = db.begin_read().map_err(|e| store(e.into()))?;
-    let table = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
-    let mut out = Vec::new();
-    for row in table.range(from..to).map_err(|e| store(e.into()))? {
-        let (_, v) = row.map_err(|e| store(e.into()))?;
-        out.push(v.value().to_owned());
+/// Chains `events` again, in order, from sequence number `next` after hash `prev`
+/// (same ids, times and contents). Returns the next sequence number and the new head.
+fn rechain(
+    events: &mut [(Event, String)],
+    mut next: u64,
+    mut prev: String,
+) -> Result<(u64, String), String> {
+    for (ev, line) in events.iter_mut() {
+        let again = Event::chain(
+            next,
+            std::mem::take(&mut ev.id),
+            std::mem::take(&mut ev.time),
+            ev.outcome,
+            std::mem::take(&mut ev.fields),
+            &prev,
+        )?;
+        *line = again.to_line()?;
+        next = again.seq.saturating_add(1);
+        prev = again.hash.clone();
+        *ev = again;
     }
-    Ok(out)
+    Ok((next, prev))
 }
 
 /// An RFC 5424 message: facility `authpriv` (10); severity notice for refusals and
@@ -295,13 +402,14 @@ struct Committed {
     sinks: Vec<Sink>,
     /// The newest event a checkpoint covers.
     checkpointed: Option<u64>,
-    /// Outcomes of committed events whose appenders have not collected them yet.
-    results: std::collections::HashMap<u64, Result<(), String>>,
+    /// Outcomes of committed events (by event id) whose appenders have not collected
+    /// them yet.
+    results: std::collections::HashMap<String, Result<Event, String>>,
 }
 
 /// The audit trail: the chain store, the sinks and the live feed.
 pub struct AuditLog {
-    db: Database,
+    store: Box<dyn AuditStore>,
     chain: Mutex<Chain>,
     committed: Mutex<Committed>,
     feed: broadcast::Sender<Arc<Event>>,
@@ -309,33 +417,27 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the chain at `path`, checks its last link, and opens `sinks`.
+    /// Opens (or creates) the redb chain at `path`, checks its last link, and opens
+    /// `sinks`.
     pub fn open(path: &Path, sinks: &[SinkSpec]) -> Result<Self, String> {
+        Self::with_store(Box::new(RedbAuditStore::open(path)?), sinks)
+    }
+
+    /// The trail over `store`: checks its last link, and opens `sinks`.
+    pub fn with_store(store: Box<dyn AuditStore>, sinks: &[SinkSpec]) -> Result<Self, String> {
         use rand::SeedableRng as _;
-        let db =
-            Database::create(path).map_err(|e| format!("audit store {}: {e}", path.display()))?;
-        let store = |e: redb::Error| format!("audit store {}: {e}", path.display());
-        let tx = db.begin_write().map_err(|e| store(e.into()))?;
-        tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
-        tx.commit().map_err(|e| store(e.into()))?;
-        let (next, prev, checkpointed) = {
-            let tx = db.begin_read().map_err(|e| store(e.into()))?;
-            let table = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
-            match table.last().map_err(|e| store(e.into()))? {
-                None => (0, GENESIS.to_owned(), None),
-                Some((k, v)) => {
-                    let ev: Event = serde_json::from_str(v.value())
-                        .map_err(|e| format!("audit store: last event does not parse: {e}"))?;
-                    if ev.seq != k.value() || ev.compute_hash()? != ev.hash {
-                        return Err(format!(
-                            "audit store {}: the last event (seq {}) does not match its hash",
-                            path.display(),
-                            k.value()
-                        ));
-                    }
-                    let covered = ev.fields.checkpoint.as_ref().map(|c| c.seq);
-                    (ev.seq.saturating_add(1), ev.hash, covered)
+        let (next, prev, checkpointed) = match store.last()? {
+            None => (0, GENESIS.to_owned(), None),
+            Some((seq, line)) => {
+                let ev: Event = serde_json::from_str(&line)
+                    .map_err(|e| format!("audit store: last event does not parse: {e}"))?;
+                if ev.seq != seq || ev.compute_hash()? != ev.hash {
+                    return Err(format!(
+                        "audit store: the last event (seq {seq}) does not match its hash"
+                    ));
                 }
+                let covered = ev.fields.checkpoint.as_ref().map(|c| c.seq);
+                (ev.seq.saturating_add(1), ev.hash, covered)
             }
         };
         let sinks = sinks
@@ -346,7 +448,7 @@ impl AuditLog {
             .map_err(|e| format!("system RNG failed: {e}"))?;
         let (feed, _) = broadcast::channel(4096);
         Ok(AuditLog {
-            db,
+            store,
             chain: Mutex::new(Chain {
                 next,
                 prev: prev.clone(),
@@ -387,7 +489,7 @@ impl AuditLog {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        let ev = {
+        {
             let mut chain = self.lock_chain()?;
             if let Some(why) = &chain.broken {
                 return Err(AuditError(format!(
@@ -396,7 +498,7 @@ impl AuditLog {
             }
             let ev = Event::chain(
                 chain.next,
-                id,
+                id.clone(),
                 record::rfc3339_millis(now),
                 outcome,
                 fields,
@@ -406,28 +508,30 @@ impl AuditLog {
             let line = ev.to_line().map_err(AuditError)?;
             chain.next = ev.seq.saturating_add(1);
             chain.prev = ev.hash.clone();
-            chain.queue.push((ev.clone(), line));
-            ev
-        };
+            chain.queue.push((ev, line));
+        }
         let mut committed = self
             .committed
             .lock()
             .map_err(|_| AuditError("audit lock poisoned".into()))?;
-        if let Some(result) = committed.results.remove(&ev.seq) {
-            return result.map(|()| ev).map_err(AuditError);
+        if let Some(result) = committed.results.remove(&id) {
+            return result.map_err(AuditError);
         }
-        let batch = std::mem::take(&mut self.lock_chain()?.queue);
-        if let Err(e) = self.commit(&batch) {
-            let why = e.to_string();
-            self.lock_chain()?.broken = Some(why.clone());
+        let mut batch = std::mem::take(&mut self.lock_chain()?.queue);
+        if let Err(why) = self.commit(&mut batch) {
+            if !self.store.rechains() {
+                self.lock_chain()?.broken = Some(why.clone());
+            }
             for (queued, _) in &batch {
-                committed.results.insert(queued.seq, Err(why.clone()));
+                committed
+                    .results
+                    .insert(queued.id.clone(), Err(why.clone()));
             }
         } else {
             for (queued, line) in batch {
                 let mut failed = Vec::new();
                 for s in &mut committed.sinks {
-                    if let Err(e) = s.write(&queued, &line, &self.db) {
+                    if let Err(e) = s.write(&queued, &line, &*self.store) {
                         failed.push(e);
                     }
                 }
@@ -437,41 +541,49 @@ impl AuditLog {
                 committed.next = queued.seq.saturating_add(1);
                 committed.head = queued.hash.clone();
                 let result = if failed.is_empty() {
-                    Ok(())
+                    Ok(queued.clone())
                 } else {
                     let why = failed.join("; ");
                     tracing::error!(seq = queued.seq, errors = %why, "audit sink failed");
                     Err(why)
                 };
-                committed.results.insert(queued.seq, result);
+                committed.results.insert(queued.id.clone(), result);
                 let _ = self.feed.send(Arc::new(queued));
             }
         }
-        let result = committed
+        committed
             .results
-            .remove(&ev.seq)
-            .unwrap_or_else(|| Err("internal error: an audit event was not committed".to_owned()));
-        result.map(|()| ev).map_err(AuditError)
+            .remove(&id)
+            .unwrap_or_else(|| Err("internal error: an audit event was not committed".to_owned()))
+            .map_err(AuditError)
+    }
+
+    /// Commits `batch`; when another coordinator appended first, chains the batch (and
+    /// the events queued behind it) again onto the stored head and retries.
+    fn commit(&self, batch: &mut [(Event, String)]) -> Result<(), String> {
+        const ATTEMPTS: usize = 16;
+        for _ in 0..ATTEMPTS {
+            match self.store.commit(batch) {
+                Ok(()) => return Ok(()),
+                Err(CommitError::Failed(why)) => return Err(why),
+                Err(CommitError::Behind { next, head }) => {
+                    let (next, head) = rechain(batch, next, head)?;
+                    let mut chain = self.lock_chain().map_err(|e| e.0)?;
+                    let (next, head) = rechain(&mut chain.queue, next, head)?;
+                    chain.next = next;
+                    chain.prev = head;
+                }
+            }
+        }
+        Err(format!(
+            "the audit chain moved on {ATTEMPTS} times in a row under this append; retry"
+        ))
     }
 
     fn lock_chain(&self) -> Result<std::sync::MutexGuard<'_, Chain>, AuditError> {
         self.chain
             .lock()
             .map_err(|_| AuditError("audit lock poisoned".into()))
-    }
-
-    /// Writes a batch of chained events in one durable transaction.
-    fn commit(&self, batch: &[(Event, String)]) -> Result<(), AuditError> {
-        let store = |e: redb::Error| AuditError(format!("audit store: {e}"));
-        let tx = self.db.begin_write().map_err(|e| store(e.into()))?;
-        {
-            let mut t = tx.open_table(EVENTS).map_err(|e| store(e.into()))?;
-            for (ev, line) in batch {
-                t.insert(ev.seq, line.as_str())
-                    .map_err(|e| store(e.into()))?;
-            }
-        }
-        tx.commit().map_err(|e| store(e.into()))
     }
 
     /// [`Self::append_blocking`] off the async workers.
@@ -496,7 +608,7 @@ impl AuditLog {
 
     /// Stored events `from..to` as JSON lines.
     pub fn lines(&self, from: u64, to: u64) -> Result<Vec<String>, AuditError> {
-        read_range(&self.db, from, to).map_err(AuditError)
+        self.store.lines(from, to).map_err(AuditError)
     }
 
     /// Subscribes to new events, returning the next sequence number not yet published

@@ -45,7 +45,7 @@ use quorate_proto::fragment::TokenEvidence;
 use crate::policy::{
     Action, Decision, PolicyContext, PolicyEngine, PolicyInfo, PolicyRequest, Principal, Resource,
 };
-use store::{IdentityStore, Task};
+use store::{IdentityStore, OneUse, Task};
 use token::{AccessClaims, Actor, AttestationClaim, Confirmation, TokenError};
 
 /// Longest token lifetime the service ever issues, whatever policy says (24 h).
@@ -302,15 +302,11 @@ pub struct IdentityPlane {
     cluster: Arc<Cluster>,
     policy: Arc<PolicyEngine>,
     authn: Arc<Authenticator>,
-    store: IdentityStore,
+    store: Box<dyn IdentityStore>,
     cfg: IdentityConfig,
     rng: Mutex<rand::rngs::StdRng>,
     audit: Arc<AuditLog>,
     approvals: approval::Approvals,
-    dpop_seen: quorate_proto::dpop::ReplayCache,
-    /// `(client_id, jti)` of the client assertions accepted, until they expire: each
-    /// authenticates one request (RFC 7523 §3 item 7).
-    assertions_seen: quorate_proto::dpop::ReplayCache,
 }
 
 /// Unix seconds now.
@@ -327,7 +323,7 @@ impl IdentityPlane {
         cluster: Arc<Cluster>,
         policy: Arc<PolicyEngine>,
         authn: Arc<Authenticator>,
-        store: IdentityStore,
+        store: Box<dyn IdentityStore>,
         cfg: IdentityConfig,
         audit: Arc<AuditLog>,
     ) -> std::result::Result<Self, String> {
@@ -344,8 +340,6 @@ impl IdentityPlane {
             rng: Mutex::new(rng),
             audit,
             approvals: approval::Approvals::default(),
-            dpop_seen: quorate_proto::dpop::ReplayCache::default(),
-            assertions_seen: quorate_proto::dpop::ReplayCache::default(),
         })
     }
 
@@ -565,10 +559,13 @@ impl IdentityPlane {
                 .expires_at
                 .unwrap_or(now)
                 .saturating_add(i64::try_from(crate::authn::LEEWAY_SECONDS).unwrap_or(0));
-            if !self
-                .assertions_seen
-                .check_and_insert(&agent.external_subject, jti, until, now)
-            {
+            if !self.store.first_use(
+                OneUse::ClientAssertion,
+                &agent.external_subject,
+                jti,
+                until,
+                now,
+            )? {
                 return Err(AuthnError::ClientAssertion(format!(
                     "jti `{}` of client `{}` was already used: sign a new assertion, with a new jti, for every request (RFC 7523 §3 item 7)",
                     jti.escape_debug(),
@@ -746,7 +743,10 @@ impl IdentityPlane {
         )
         .map_err(|e| IdentityError::Invalid(format!("DPoP proof refused: {e}")))?;
         let until = p.iat.saturating_add(DPOP_MAX_AGE_SECONDS);
-        if !self.dpop_seen.check_and_insert(&p.jkt, &p.jti, until, now) {
+        if !self
+            .store
+            .first_use(OneUse::DpopProof, &p.jkt, &p.jti, until, now)?
+        {
             return Err(IdentityError::Invalid(
                 "DPoP proof refused: its jti was already used (RFC 9449 §11.1); make a fresh proof"
                     .into(),

@@ -1,5 +1,10 @@
 //! Durable identity-plane state (DESIGN.md §5, §7): tasks, revoked token ids and
-//! deprovisioned agents, in the coordinator's `identity.redb`. Nothing here is secret.
+//! deprovisioned agents, the policy bundle last applied, and the one-use `jti`s of DPoP
+//! proofs and client assertions. Nothing here is secret.
+//!
+//! [`IdentityStore`] is implemented by [`RedbIdentityStore`] (the coordinator's
+//! `identity.redb`; one-use `jti`s in memory, as one process sees every request) and by
+//! the PostgreSQL store (`coordinator/STORE.md`).
 //!
 //! Every write is committed before the call that caused it returns, so a revocation or
 //! a task end holds across a coordinator restart. Records are JSON with a version field.
@@ -22,7 +27,7 @@ const RECORD_VERSION: u32 = 1;
 /// Identity store errors.
 #[derive(Debug, thiserror::Error)]
 #[error("identity store: {0}")]
-pub struct IdentityStoreError(String);
+pub struct IdentityStoreError(pub(crate) String);
 
 impl<E: Into<redb::Error>> From<E> for IdentityStoreError {
     fn from(e: E) -> Self {
@@ -69,12 +74,16 @@ impl Task {
     }
 }
 
-/// The identity store.
-pub struct IdentityStore {
+/// The embedded identity store: redb, with one-use `jti`s in memory.
+pub struct RedbIdentityStore {
     db: Database,
+    dpop_seen: quorate_proto::dpop::ReplayCache,
+    /// `(client_id, jti)` of the client assertions accepted, until they expire: each
+    /// authenticates one request (RFC 7523 §3 item 7).
+    assertions_seen: quorate_proto::dpop::ReplayCache,
 }
 
-impl IdentityStore {
+impl RedbIdentityStore {
     /// Opens or creates `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let db = Database::create(path)?;
@@ -86,12 +95,85 @@ impl IdentityStore {
             tx.open_table(META)?;
         }
         tx.commit()?;
-        Ok(IdentityStore { db })
+        Ok(RedbIdentityStore {
+            db,
+            dpop_seen: quorate_proto::dpop::ReplayCache::default(),
+            assertions_seen: quorate_proto::dpop::ReplayCache::default(),
+        })
     }
+}
 
+/// Which one-use tokens a `jti` belongs to ([`IdentityStore::first_use`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OneUse {
+    /// DPoP proofs (RFC 9449 §11.1), scoped by the key's thumbprint.
+    DpopProof,
+    /// Registered clients' assertions (RFC 7523 §3 item 7), scoped by the client.
+    ClientAssertion,
+}
+
+impl OneUse {
+    /// Lower-case name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DpopProof => "dpop",
+            Self::ClientAssertion => "client_assertion",
+        }
+    }
+}
+
+/// The identity plane's durable state (see the [module docs](self)).
+pub trait IdentityStore: Send + Sync {
     /// Durably records the operator-signed policy bundle (compact JWS) just applied,
     /// which the coordinator decides under again after a restart.
-    pub fn put_policy_bundle(&self, jws: &str) -> Result<()> {
+    fn put_policy_bundle(&self, jws: &str) -> Result<()>;
+
+    /// The policy bundle last applied, if any.
+    fn policy_bundle(&self) -> Result<Option<String>>;
+
+    /// Records a new task (durable before return).
+    fn put_task(&self, task: &Task) -> Result<()>;
+
+    /// A task by id.
+    fn task(&self, id: &str) -> Result<Option<Task>>;
+
+    /// Ends a task at `now` (idempotent: an ended task keeps its first end time).
+    /// Returns the task, or `None` if there is no such task.
+    fn end_task(&self, id: &str, now: i64) -> Result<Option<Task>>;
+
+    /// Revokes a token id until `exp` (after which the token is dead anyway and the
+    /// entry may be purged).
+    fn revoke_jti(&self, jti: &str, exp: i64) -> Result<()>;
+
+    /// Whether a token id is revoked.
+    fn jti_revoked(&self, jti: &str) -> Result<bool>;
+
+    /// Deprovisions an agent at `now`: its tokens issued until now are revoked, and it
+    /// gets no new ones. Keeps the first revocation time.
+    fn revoke_agent(&self, subject: &str, now: i64) -> Result<i64>;
+
+    /// When the agent was deprovisioned, if it was.
+    fn agent_revoked_at(&self, subject: &str) -> Result<Option<i64>>;
+
+    /// Drops revoked token ids whose tokens expired before `now`. Returns how many.
+    fn purge_expired(&self, now: i64) -> Result<usize>;
+
+    /// Records the first use of `jti` within `scope` (a DPoP key thumbprint, or a
+    /// registered client's id) for one-use tokens of `kind`, remembered until
+    /// `expires_at` (Unix seconds). `true`: first use, accept it. `false`: refuse it —
+    /// a replay, or the store is full of live entries.
+    fn first_use(
+        &self,
+        kind: OneUse,
+        scope: &str,
+        jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+}
+
+impl IdentityStore for RedbIdentityStore {
+    fn put_policy_bundle(&self, jws: &str) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(META)?;
@@ -101,27 +183,24 @@ impl IdentityStore {
         Ok(())
     }
 
-    /// The policy bundle last applied, if any.
-    pub fn policy_bundle(&self) -> Result<Option<String>> {
+    fn policy_bundle(&self) -> Result<Option<String>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(META)?;
         Ok(t.get(POLICY_BUNDLE)?.map(|v| v.value().to_owned()))
     }
 
-    /// Records a new task (durable before return).
-    pub fn put_task(&self, task: &Task) -> Result<()> {
-        let bytes = serde_json::to_vec(task).map_err(|e| IdentityStoreError(e.to_string()))?;
+    fn put_task(&self, task: &Task) -> Result<()> {
+        let bytes = encode_task(task)?;
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(TASKS)?;
-            t.insert(task.id.as_str(), bytes.as_slice())?;
+            t.insert(task.id.as_str(), bytes.as_bytes())?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// A task by id.
-    pub fn task(&self, id: &str) -> Result<Option<Task>> {
+    fn task(&self, id: &str) -> Result<Option<Task>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(TASKS)?;
         match t.get(id)? {
@@ -130,9 +209,7 @@ impl IdentityStore {
         }
     }
 
-    /// Ends a task at `now` (idempotent: an ended task keeps its first end time).
-    /// Returns the task, or `None` if there is no such task.
-    pub fn end_task(&self, id: &str, now: i64) -> Result<Option<Task>> {
+    fn end_task(&self, id: &str, now: i64) -> Result<Option<Task>> {
         let tx = self.db.begin_write()?;
         let task = {
             let mut t = tx.open_table(TASKS)?;
@@ -145,9 +222,8 @@ impl IdentityStore {
                 Some(mut task) => {
                     if task.ended_at.is_none() {
                         task.ended_at = Some(now);
-                        let bytes = serde_json::to_vec(&task)
-                            .map_err(|e| IdentityStoreError(e.to_string()))?;
-                        t.insert(id, bytes.as_slice())?;
+                        let bytes = encode_task(&task)?;
+                        t.insert(id, bytes.as_bytes())?;
                     }
                     Some(task)
                 }
@@ -157,9 +233,7 @@ impl IdentityStore {
         Ok(task)
     }
 
-    /// Revokes a token id until `exp` (after which the token is dead anyway and the
-    /// entry may be purged).
-    pub fn revoke_jti(&self, jti: &str, exp: i64) -> Result<()> {
+    fn revoke_jti(&self, jti: &str, exp: i64) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(REVOKED_JTI)?;
@@ -169,16 +243,13 @@ impl IdentityStore {
         Ok(())
     }
 
-    /// Whether a token id is revoked.
-    pub fn jti_revoked(&self, jti: &str) -> Result<bool> {
+    fn jti_revoked(&self, jti: &str) -> Result<bool> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REVOKED_JTI)?;
         Ok(t.get(jti)?.is_some())
     }
 
-    /// Deprovisions an agent at `now`: its tokens issued until now are revoked, and it
-    /// gets no new ones. Keeps the first revocation time.
-    pub fn revoke_agent(&self, subject: &str, now: i64) -> Result<i64> {
+    fn revoke_agent(&self, subject: &str, now: i64) -> Result<i64> {
         let tx = self.db.begin_write()?;
         let at = {
             let mut t = tx.open_table(REVOKED_AGENTS)?;
@@ -195,15 +266,13 @@ impl IdentityStore {
         Ok(at)
     }
 
-    /// When the agent was deprovisioned, if it was.
-    pub fn agent_revoked_at(&self, subject: &str) -> Result<Option<i64>> {
+    fn agent_revoked_at(&self, subject: &str) -> Result<Option<i64>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REVOKED_AGENTS)?;
         Ok(t.get(subject)?.map(|v| v.value()))
     }
 
-    /// Drops revoked token ids whose tokens expired before `now`. Returns how many.
-    pub fn purge_expired(&self, now: i64) -> Result<usize> {
+    fn purge_expired(&self, now: i64) -> Result<usize> {
         let tx = self.db.begin_write()?;
         let n = {
             let mut t = tx.open_table(REVOKED_JTI)?;
@@ -221,9 +290,28 @@ impl IdentityStore {
         tx.commit()?;
         Ok(n)
     }
+
+    fn first_use(
+        &self,
+        kind: OneUse,
+        scope: &str,
+        jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool> {
+        let cache = match kind {
+            OneUse::DpopProof => &self.dpop_seen,
+            OneUse::ClientAssertion => &self.assertions_seen,
+        };
+        Ok(cache.check_and_insert(scope, jti, expires_at, now))
+    }
 }
 
-fn decode_task(id: &str, bytes: &[u8]) -> Result<Task> {
+pub(crate) fn encode_task(task: &Task) -> Result<String> {
+    serde_json::to_string(task).map_err(|e| IdentityStoreError(e.to_string()))
+}
+
+pub(crate) fn decode_task(id: &str, bytes: &[u8]) -> Result<Task> {
     let task: Task =
         serde_json::from_slice(bytes).map_err(|e| IdentityStoreError(format!("task {id}: {e}")))?;
     if task.v != RECORD_VERSION {
@@ -264,7 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("identity.redb");
         {
-            let s = IdentityStore::open(&path).unwrap();
+            let s = RedbIdentityStore::open(&path).unwrap();
             s.put_task(&new_task(
                 "task-1".into(),
                 Some("a".into()),
@@ -287,7 +375,7 @@ mod tests {
             assert_eq!(s.revoke_agent("spiffe://d/agent/x", 200).unwrap(), 200);
             assert_eq!(s.revoke_agent("spiffe://d/agent/x", 300).unwrap(), 200);
         }
-        let s = IdentityStore::open(&path).unwrap();
+        let s = RedbIdentityStore::open(&path).unwrap();
         let t = s.task("task-1").unwrap().unwrap();
         assert!(!t.running(131));
         assert!(t.why_not_running(131).unwrap().contains("ended"));

@@ -1,0 +1,212 @@
+//! A real PostgreSQL server for tests of the coordinator's shared store
+//! (`coordinator/STORE.md`): Debian's `postgresql` binaries (`initdb`, `pg_ctl`), a data
+//! directory and a Unix socket directory in a temporary directory, no TCP listener.
+//!
+//! `initdb` refuses to run as root, so as root the server runs as `nobody`.
+//! [`Postgres::start`] returns `None`, saying why on stderr, when the binaries are
+//! absent, unless `CI` is set: then it fails.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::TempDir;
+
+/// Where Debian installs the server binaries, one directory per major version.
+const PG_LIB: &str = "/usr/lib/postgresql";
+
+/// The database user the tests connect as (`initdb -U`).
+pub const USER: &str = "quorate";
+
+/// A running PostgreSQL server, stopped on drop.
+pub struct Postgres {
+    dir: TempDir,
+    bin: PathBuf,
+    /// The port number in the socket's name (`.s.PGSQL.<port>`).
+    pub port: u16,
+    /// The unprivileged user the server runs as when the tests run as root.
+    run_as: Option<&'static str>,
+    running: bool,
+}
+
+impl Postgres {
+    /// Creates a cluster (`initdb`) and starts it, or returns `None` when PostgreSQL is
+    /// not installed and `CI` is not set.
+    pub fn start(label: &str) -> Option<Self> {
+        let Some(bin) = find_bin() else {
+            let why = format!(
+                "PostgreSQL server binaries not found under {PG_LIB}/*/bin (Debian package `postgresql`)"
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}; CI must install them (.ci/run)");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        };
+        let dir = TempDir::new(&format!("pg-{label}"));
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false);
+        let run_as = root.then_some("nobody");
+        let data = dir.0.join("data");
+        let sock = dir.0.join("sock");
+        for d in [&data, &sock] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        if root {
+            for d in [&dir.0, &data, &sock] {
+                let id = user_id("nobody");
+                std::os::unix::fs::chown(d, Some(id), Some(id)).unwrap();
+            }
+        }
+        let pg = Postgres {
+            dir,
+            bin,
+            port: crate::free_port(),
+            run_as,
+            running: false,
+        };
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .arg("-U")
+            .arg(USER)
+            .arg("--auth=trust")
+            .arg("--no-sync")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = pg;
+        pg.resume();
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        let mut c = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        c.current_dir(&self.dir.0);
+        c
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.0.join("data")
+    }
+
+    /// The socket directory.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.0.join("sock")
+    }
+
+    /// The coordinator's `--store` URL for database `postgres`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres:///postgres?host={}&port={}&user={USER}",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        let opts = format!(
+            "-k {} -p {} -c listen_addresses=''",
+            self.socket_dir().display(),
+            self.port
+        );
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.0.join("server.log"))
+            .arg("-o")
+            .arg(opts)
+            .arg("-w")
+            .arg("-t")
+            .arg("60")
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
+        );
+        self.running = true;
+    }
+
+    /// Stops the server (fast shutdown: open sessions are ended) and waits.
+    pub fn stop(&mut self) {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-m")
+            .arg("fast")
+            .arg("-w")
+            .arg("stop")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .arg("-m")
+                .arg("immediate")
+                .arg("-w")
+                .arg("stop")
+                .output();
+        }
+    }
+}
+
+/// `PG_LIB/<newest version>/bin`, if it holds `initdb` and `pg_ctl`.
+fn find_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(PG_LIB)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| has(bin, "initdb") && has(bin, "pg_ctl"))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, b)| b)
+}
+
+fn has(dir: &Path, tool: &str) -> bool {
+    dir.join(tool).is_file()
+}
+
+fn user_id(name: &str) -> u32 {
+    let out = Command::new("id").arg("-u").arg(name).output().unwrap();
+    assert!(out.status.success(), "no user {name}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}

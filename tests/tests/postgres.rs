@@ -1,0 +1,339 @@
+//! Several coordinators over one PostgreSQL store (`coordinator/STORE.md`), against a
+//! real PostgreSQL server started here (skipped, saying so, where it is not installed
+//! and `CI` is not set).
+//!
+//! - `migrate` creates the schema once; a coordinator refuses an unmigrated database;
+//! - two (then three) coordinators serve one cluster: tokens from each, also at once; a revocation by jti and a
+//!   deprovisioned agent, done on one, are refused by the other;
+//! - the audit chain in the store verifies as one chain, with events of both;
+//! - PostgreSQL restarts under a coordinator: requests fail as `UNAVAILABLE` meanwhile
+//!   and succeed after, and the chain still verifies;
+//! - a schema newer than the build's is refused by `migrate` and at start.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::time::{Duration, Instant};
+
+use quorate_proto::api;
+use quorate_tests::postgres::Postgres;
+use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
+use serde_json::json;
+use tonic::Code;
+
+const POLICY: &str = r#"
+@id("blue-team-tools")
+@max_ttl_seconds("600")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.hasTag("team") && principal.getTag("team") == "blue" };
+
+@id("admin-client")
+permit (principal == Client::"admin", action, resource);
+"#;
+
+fn request(att: &str) -> api::IssueTokenRequest {
+    api::IssueTokenRequest {
+        attestation: att.into(),
+        audience: "tools".into(),
+        scopes: vec!["tools:read".into()],
+        ttl_seconds: 300,
+        ..Default::default()
+    }
+}
+
+/// Runs `quorate-coordinator migrate --store URL`: (success, stdout + stderr).
+fn migrate(url: &str) -> (bool, String) {
+    let out = std::process::Command::new(quorate_tests::binary("quorate-coordinator"))
+        .arg("migrate")
+        .arg("--store")
+        .arg(url)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Talks to one of the coordinators: the harness's clients follow
+/// `TestCluster::coordinator_addr`.
+struct Coordinators {
+    cluster: TestCluster,
+    a: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    _b: Proc,
+}
+
+impl Coordinators {
+    fn at(&mut self, which: char) -> &TestCluster {
+        self.cluster.coordinator_addr = if which == 'a' { self.a } else { self.b };
+        &self.cluster
+    }
+
+    async fn issue(
+        &mut self,
+        which: char,
+        req: api::IssueTokenRequest,
+    ) -> Result<api::IssueTokenReply, tonic::Status> {
+        let mut c = self.at(which).identity_api().await;
+        c.issue_token(req).await.map(|r| r.into_inner())
+    }
+
+    async fn active(&mut self, which: char, token: &str) -> bool {
+        let mut c = self.at(which).identity_api().await;
+        c.introspect(api::IntrospectRequest {
+            token: token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
+    }
+
+    async fn revoke(&mut self, which: char, target: api::revoke_request::Target) {
+        let mut c = self.at(which).identity_api().await;
+        c.revoke(api::RevokeRequest {
+            target: Some(target),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The chain as stored, one JSON line per event, in order.
+async fn stored_chain(url: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query("SELECT line FROM audit_events ORDER BY seq", &[])
+        .await
+        .unwrap();
+    drop(client);
+    let _ = conn.await;
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(r.get::<_, &str>(0));
+        text.push('\n');
+    }
+    text
+}
+
+fn verify_chain(text: &str) -> u64 {
+    let none = jsonwebtoken::jwk::JwkSet { keys: vec![] };
+    quorate_proto::audit::verify_chain(text, &none)
+        .unwrap_or_else(|e| panic!("the stored chain does not verify: {e}"))
+        .events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_one_postgresql_store() {
+    let Some(mut pg) = Postgres::start("two") else {
+        return;
+    };
+    let url = pg.url();
+
+    // Before `migrate` a coordinator refuses the database, naming the command.
+    let cfg = TempDir::new("pg-cfg");
+    let issuer = TestIssuer::new(&cfg.0);
+    let policy = cfg.0.join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(policy.join("base.cedar"), POLICY).unwrap();
+    let (pd, tc) = (
+        policy.display().to_string(),
+        cfg.0.join("trust.json").display().to_string(),
+    );
+    let mut flags = vec![
+        "--store",
+        &url,
+        "--policy-dir",
+        &pd,
+        "--trust-config",
+        &tc,
+        // Checkpoints sign with the audit key; the chain check below has no JWKS.
+        "--audit-checkpoint-secs",
+        "3600",
+    ];
+    flags.extend_from_slice(POOL_FLAGS);
+    {
+        let probe = TempDir::new("pg-probe");
+        quorate_proto::pki::write_cluster(&probe.0, quorate_tests::DOMAIN, 3, false).unwrap();
+        let d = &probe.0;
+        let out = std::process::Command::new(quorate_tests::binary("quorate-coordinator"))
+            .args(["--store", &url, "--listen", "127.0.0.1:0"])
+            .args(["--domain", quorate_tests::DOMAIN])
+            .arg("--cert")
+            .arg(d.join("coordinator.pem"))
+            .arg("--key")
+            .arg(d.join("coordinator-key.pem"))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .args(["--node", "1=127.0.0.1:1", "--node", "2=127.0.0.1:2"])
+            .args(["--node", "3=127.0.0.1:3"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started on an unmigrated database");
+        assert!(
+            err.contains("no coordinator schema") && err.contains("migrate"),
+            "{err}"
+        );
+    }
+    let (ok, said) = migrate(&url);
+    assert!(ok && said.contains("applied migrations 1"), "{said}");
+    let (ok, said) = migrate(&url);
+    assert!(ok && said.contains("schema is current"), "{said}");
+
+    // Coordinator A, a token key with pools; then coordinator B on the same store.
+    let cluster = TestCluster::start("pg-two", 3, 1, &flags);
+    cluster.create_token_key("tokens", 900, 2).await;
+    let a = cluster.coordinator_addr;
+    let b = spawn_ready(cluster.coordinator_command_on("127.0.0.1:0", free_port()));
+    let mut cs = Coordinators {
+        a,
+        b: b.addr,
+        _b: b,
+        cluster,
+    };
+    cs.at('b')
+        .wait_pools("tokens", 2, Duration::from_secs(120))
+        .await;
+
+    // A third coordinator; all three issue at once, so their appends to the one chain
+    // interleave (each commit is chained onto whatever head another wrote first).
+    let c = spawn_ready(
+        cs.cluster
+            .coordinator_command_on("127.0.0.1:0", free_port()),
+    );
+    let mut clients = Vec::new();
+    for addr in [cs.a, cs.b, c.addr] {
+        cs.cluster.coordinator_addr = addr;
+        cs.cluster
+            .wait_pools("tokens", 2, Duration::from_secs(120))
+            .await;
+        clients.push(cs.cluster.identity_api().await);
+    }
+    let blue = issuer.attest("agent-1", json!({"team": "blue"}));
+    let mut tasks = Vec::new();
+    for (k, client) in clients.into_iter().enumerate() {
+        for _ in 0..4 {
+            let mut client = client.clone();
+            let req = request(&blue);
+            tasks.push(tokio::spawn(async move {
+                let t = client.issue_token(req).await.unwrap().into_inner();
+                (k, t.jti)
+            }));
+        }
+    }
+    let mut concurrent = Vec::new();
+    for t in tasks {
+        concurrent.push(t.await.unwrap());
+    }
+    drop(c);
+
+    // Tokens from both.
+    let t_a = cs.issue('a', request(&blue)).await.unwrap();
+    let t_b = cs.issue('b', request(&blue)).await.unwrap();
+    assert_ne!(t_a.jti, t_b.jti);
+    for which in ['a', 'b'] {
+        assert!(cs.active(which, &t_a.access_token).await);
+        assert!(cs.active(which, &t_b.access_token).await);
+    }
+
+    // A revocation on A is seen by B at once, and one on B by A.
+    cs.revoke('a', api::revoke_request::Target::Jti(t_b.jti.clone()))
+        .await;
+    assert!(!cs.active('b', &t_b.access_token).await);
+    cs.revoke('b', api::revoke_request::Target::Jti(t_a.jti.clone()))
+        .await;
+    assert!(!cs.active('a', &t_a.access_token).await);
+    // A deprovisioned agent gets nothing from the other coordinator.
+    let green = issuer.attest("agent-2", json!({"team": "blue"}));
+    let t_g = cs.issue('b', request(&green)).await.unwrap();
+    cs.revoke('a', api::revoke_request::Target::Agent(t_g.subject.clone()))
+        .await;
+    let refused = cs.issue('b', request(&green)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("deprovisioned"), "{refused:?}");
+
+    // One chain, from both coordinators: every sequence number once, each event linked
+    // to the one before (verify_chain), and both coordinators' issuances in it.
+    let text = stored_chain(&url).await;
+    let events = verify_chain(&text);
+    eprintln!("stored chain: {events} events");
+    for jti in [&t_a.jti, &t_b.jti, &t_g.jti] {
+        assert!(
+            text.contains(jti.as_str()),
+            "token {jti} is not in the chain"
+        );
+    }
+    for (k, jti) in &concurrent {
+        assert!(
+            text.contains(jti.as_str()),
+            "token {jti} of coordinator {k} is not in the chain"
+        );
+    }
+
+    // PostgreSQL restarts under coordinator A: refused as retryable meanwhile.
+    let before = text;
+    pg.stop();
+    let down = cs.issue('a', request(&blue)).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    eprintln!("while PostgreSQL is down: {}", down.message());
+    pg.resume();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        match cs.issue('a', request(&blue)).await {
+            Ok(t) => break t,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("after PostgreSQL restarted: {s:?}"),
+        }
+    };
+    let t_b2 = cs.issue('b', request(&blue)).await.unwrap();
+    let text = stored_chain(&url).await;
+    let after_events = verify_chain(&text);
+    assert!(after_events > events, "{after_events} <= {events}");
+    for jti in [&after.jti, &t_b2.jti] {
+        assert!(
+            text.contains(jti.as_str()),
+            "token {jti} is not in the chain"
+        );
+    }
+    // Nothing from before the restart was lost or changed.
+    assert!(text.starts_with(&before));
+
+    // A schema newer than this build's is refused, by `migrate` and at start.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    client
+        .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    drop(client);
+    let _ = conn.await;
+    let (ok, said) = migrate(&url);
+    assert!(!ok && said.contains("version 99, newer"), "{said}");
+    let out = cs
+        .cluster
+        .coordinator_command_on("127.0.0.1:0", free_port())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("version 99, newer"),
+        "{err}"
+    );
+}
