@@ -866,6 +866,74 @@ fn the_c_abi_signs_through_the_cluster() {
     );
     // Valid: a mechanism without parameter; nothing is active any more.
     assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    // Valid: a handle only: C_Finalize is not the place to end it, C_Sign below is.
+    assert_eq!(call!(fl.C_CloseSession(h)), CKR_OK);
+
+    // An application that is itself async (a Rust service on tokio, as with the
+    // `cryptoki` crate) calls the module from a task of its own runtime: the blocking
+    // calls work there too, on both kinds of runtime.
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (kind, rt) in [("current-thread", &current), ("multi-thread", &multi)] {
+        let msg = format!("signed from a {kind} runtime's task");
+        let sig = rt.block_on(async {
+            let mut h: CK_SESSION_HANDLE = 0;
+            // Valid: `h` is an output.
+            assert_eq!(
+                call!(fl.C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)),
+                CKR_OK
+            );
+            let mut class = CKO_PRIVATE_KEY;
+            let mut template = [CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: (&raw mut class).cast(),
+                ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+            }];
+            // Valid: a template of 1 attribute pointing at a live local.
+            let rv = call!(fl.C_FindObjectsInit(h, template.as_mut_ptr(), 1));
+            assert_eq!(rv, CKR_OK, "{kind}: C_FindObjectsInit: rv {rv:#x}");
+            // Valid: a handle only.
+            assert_eq!(call!(fl.C_FindObjectsFinal(h)), CKR_OK);
+            let mut mech = CK_MECHANISM {
+                mechanism: CKM_ECDSA_SHA256,
+                pParameter: null_mut(),
+                ulParameterLen: 0,
+            };
+            // Valid: a mechanism without parameter.
+            assert_eq!(call!(fl.C_SignInit(h, &mut mech, private)), CKR_OK);
+            let mut data = msg.clone().into_bytes();
+            let mut sig = [0u8; 64];
+            let mut len: CK_ULONG = 64;
+            // Valid: `data` holds its length; `sig` has room for 64 bytes.
+            let rv = call!(fl.C_Sign(
+                h,
+                data.as_mut_ptr(),
+                data.len() as CK_ULONG,
+                sig.as_mut_ptr(),
+                &mut len
+            ));
+            assert_eq!(rv, CKR_OK, "{kind}: C_Sign: rv {rv:#x}");
+            // Valid: a handle only.
+            assert_eq!(call!(fl.C_CloseSession(h)), CKR_OK);
+            sig
+        });
+        verify(msg.as_bytes(), &sig);
+    }
+    drop((current, multi));
+    // Valid: `h` is an output.
+    assert_eq!(
+        call!(fl.C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)),
+        CKR_OK
+    );
+    // Valid: a mechanism without parameter.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
 
     // The cluster stops answering: a code, not a panic or a hang.
     if let Some(mut p) = f.cluster.coordinator.take() {
