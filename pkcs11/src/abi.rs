@@ -229,6 +229,11 @@ unsafe extern "C" fn C_Initialize(p_init_args: *mut c_void) -> CK_RV {
                 ));
             }
         }
+        // Already initialised: say so before reading a configuration that may have
+        // changed or gone since (`initialize_with` checks again under its lock).
+        if module().is_ok() {
+            return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+        }
         let slots = crate::config::load().map_err(|e| refuse(CKR_FUNCTION_FAILED, e))?;
         match initialize_with(slots) {
             CKR_OK => Ok(()),
@@ -1025,6 +1030,24 @@ mod tests {
             module().is_err(),
             "a refused C_Initialize leaves the module uninitialised"
         );
+    }
+
+    /// A second `C_Initialize` is `CKR_CRYPTOKI_ALREADY_INITIALIZED` whatever the
+    /// configuration says now (here the test's environment has no usable one), and
+    /// leaves the module as it was.
+    #[test]
+    fn a_second_c_initialize_is_already_initialized() {
+        with_module(|f| {
+            // Valid: NULL arguments.
+            assert_eq!(
+                call!(f.C_Initialize(null_mut())),
+                CKR_CRYPTOKI_ALREADY_INITIALIZED
+            );
+            let mut n: CK_ULONG = 0;
+            // Valid: NULL list asks for the count, written to `n`.
+            assert_eq!(call!(f.C_GetSlotList(CK_TRUE, null_mut(), &mut n)), CKR_OK);
+            assert_eq!(n, 2, "the first initialisation's slots");
+        });
     }
 
     #[test]
