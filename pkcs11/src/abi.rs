@@ -1050,6 +1050,90 @@ mod tests {
         });
     }
 
+    /// The fixed-width strings are blank-padded with no NUL (§3.2), the versions and flags
+    /// are what the module offers, and the session counts follow C_OpenSession,
+    /// C_CloseSession and C_CloseAllSessions per slot.
+    #[test]
+    fn infos_are_padded_and_count_the_sessions() {
+        fn text(field: &[u8]) -> &str {
+            assert!(!field.contains(&0), "a NUL in {field:?}");
+            std::str::from_utf8(field).unwrap().trim_end_matches(' ')
+        }
+        with_module(|f| {
+            let mut info = CK_INFO::default();
+            // Valid: `info` is a valid output.
+            assert_eq!(call!(f.C_GetInfo(&mut info)), CKR_OK);
+            assert_eq!(
+                (info.cryptokiVersion.major, info.cryptokiVersion.minor),
+                (2, 40)
+            );
+            assert_eq!(text(&info.manufacturerID), "Quorate");
+            assert_eq!(text(&info.libraryDescription), "Quorate threshold P-256");
+            assert_eq!(info.flags, 0);
+
+            let mut slot = CK_SLOT_INFO::default();
+            // Valid: `slot` is a valid output.
+            assert_eq!(call!(f.C_GetSlotInfo(1, &mut slot)), CKR_OK);
+            assert_eq!(
+                text(&slot.slotDescription),
+                "Quorate cluster b at 127.0.0.1:9"
+            );
+            assert_eq!(slot.flags, CKF_TOKEN_PRESENT);
+
+            let token = |id: CK_SLOT_ID| {
+                let mut t = CK_TOKEN_INFO::default();
+                // Valid: `t` is a valid output.
+                assert_eq!(call!(f.C_GetTokenInfo(id, &mut t)), CKR_OK);
+                t
+            };
+            let t = token(0);
+            assert_eq!(text(&t.label), "a");
+            assert_eq!(text(&t.manufacturerID), "Quorate");
+            assert_eq!(text(&t.model), "threshold P-256");
+            assert_eq!(text(&t.serialNumber), "0");
+            assert_eq!(t.flags, CKF_TOKEN_INITIALIZED, "no RNG, no login, no clock");
+            assert_eq!((t.ulSessionCount, t.ulRwSessionCount), (0, 0));
+
+            let a1 = open(f);
+            let mut a2 = 0;
+            // Valid: `a2` is a valid output.
+            assert_eq!(
+                call!(f.C_OpenSession(
+                    0,
+                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                    null_mut(),
+                    None,
+                    &mut a2
+                )),
+                CKR_OK
+            );
+            let mut b = 0;
+            // Valid: `b` is a valid output.
+            assert_eq!(
+                call!(f.C_OpenSession(1, CKF_SERIAL_SESSION, null_mut(), None, &mut b)),
+                CKR_OK
+            );
+            assert!(a1 != 0 && a2 != 0 && b != 0, "0 is never a session handle");
+            let t = token(0);
+            assert_eq!((t.ulSessionCount, t.ulRwSessionCount), (2, 1));
+            assert_eq!(token(1).ulSessionCount, 1);
+
+            // Valid: a slot id only.
+            assert_eq!(call!(f.C_CloseAllSessions(0)), CKR_OK);
+            assert_eq!(token(0).ulSessionCount, 0);
+            // Valid: handles only.
+            assert_eq!(call!(f.C_CloseSession(a2)), CKR_SESSION_HANDLE_INVALID);
+            let mut s = CK_SESSION_INFO::default();
+            // Valid: `s` is a valid output.
+            assert_eq!(call!(f.C_GetSessionInfo(b, &mut s)), CKR_OK);
+            assert_eq!(s.slotID, 1, "the other slot's session stays open");
+            // Valid: a handle only.
+            assert_eq!(call!(f.C_CloseSession(0)), CKR_SESSION_HANDLE_INVALID);
+            // Valid: a slot id only.
+            assert_eq!(call!(f.C_CloseAllSessions(2)), CKR_SLOT_ID_INVALID);
+        });
+    }
+
     #[test]
     fn null_pointers_are_arguments_bad() {
         with_module(|f| {
