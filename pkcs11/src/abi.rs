@@ -128,6 +128,30 @@ unsafe fn template<'a>(
     Ok(unsafe { std::slice::from_raw_parts_mut(p, count) })
 }
 
+/// A search template of `count` attributes at `p`, read only: applications often pass a
+/// `const` array (in read-only memory), so no mutable reference is made to it.
+///
+/// # Safety
+/// If not NULL, `p` must point to `count` valid `CK_ATTRIBUTE`s.
+unsafe fn search_template<'a>(
+    p: *const CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> Result<&'a [CK_ATTRIBUTE], CK_RV> {
+    if count == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(refuse(
+            CKR_ARGUMENTS_BAD,
+            format!("pTemplate is NULL with {count} attributes"),
+        ));
+    }
+    let count = usize::try_from(count).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    // SAFETY: `p` is not NULL and, by the caller's promise, points to `count` valid
+    // attributes that stay unchanged during this call.
+    Ok(unsafe { std::slice::from_raw_parts(p, count) })
+}
+
 /// The caller's output array of `len` elements at `p` (not NULL).
 ///
 /// # Safety
@@ -256,7 +280,8 @@ unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
             .take()
             .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)?;
         // A call still running in another thread keeps the module until it returns
-        // (then the runtime drops with it); otherwise stop it here.
+        // (then the runtime stops in the background as the module drops, on whatever
+        // thread that is); otherwise stop it here.
         if let Ok(module) = Arc::try_unwrap(module) {
             module.shutdown();
         }
@@ -529,7 +554,7 @@ unsafe extern "C" fn C_FindObjectsInit(
         let m = module()?;
         m.check_session(h_session)?;
         // SAFETY: pTemplate is the caller's array of ulCount attributes (or NULL, refused).
-        let attrs = unsafe { template(p_template, ul_count) }?;
+        let attrs = unsafe { search_template(p_template, ul_count) }?;
         let mut wanted = Vec::with_capacity(attrs.len());
         for a in attrs.iter() {
             // SAFETY: each attribute's pValue holds ulValueLen readable bytes (§5.7).
