@@ -128,6 +128,30 @@ unsafe fn template<'a>(
     Ok(unsafe { std::slice::from_raw_parts_mut(p, count) })
 }
 
+/// A search template of `count` attributes at `p`, read only: applications often pass a
+/// `const` array (in read-only memory), so no mutable reference is made to it.
+///
+/// # Safety
+/// If not NULL, `p` must point to `count` valid `CK_ATTRIBUTE`s.
+unsafe fn search_template<'a>(
+    p: *const CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> Result<&'a [CK_ATTRIBUTE], CK_RV> {
+    if count == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(refuse(
+            CKR_ARGUMENTS_BAD,
+            format!("pTemplate is NULL with {count} attributes"),
+        ));
+    }
+    let count = usize::try_from(count).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    // SAFETY: `p` is not NULL and, by the caller's promise, points to `count` valid
+    // attributes that stay unchanged during this call.
+    Ok(unsafe { std::slice::from_raw_parts(p, count) })
+}
+
 /// The caller's output array of `len` elements at `p` (not NULL).
 ///
 /// # Safety
@@ -229,6 +253,11 @@ unsafe extern "C" fn C_Initialize(p_init_args: *mut c_void) -> CK_RV {
                 ));
             }
         }
+        // Already initialised: say so before reading a configuration that may have
+        // changed or gone since (`initialize_with` checks again under its lock).
+        if module().is_ok() {
+            return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+        }
         let slots = crate::config::load().map_err(|e| refuse(CKR_FUNCTION_FAILED, e))?;
         match initialize_with(slots) {
             CKR_OK => Ok(()),
@@ -251,7 +280,8 @@ unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
             .take()
             .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)?;
         // A call still running in another thread keeps the module until it returns
-        // (then the runtime drops with it); otherwise stop it here.
+        // (then the runtime stops in the background as the module drops, on whatever
+        // thread that is); otherwise stop it here.
         if let Ok(module) = Arc::try_unwrap(module) {
             module.shutdown();
         }
@@ -524,7 +554,7 @@ unsafe extern "C" fn C_FindObjectsInit(
         let m = module()?;
         m.check_session(h_session)?;
         // SAFETY: pTemplate is the caller's array of ulCount attributes (or NULL, refused).
-        let attrs = unsafe { template(p_template, ul_count) }?;
+        let attrs = unsafe { search_template(p_template, ul_count) }?;
         let mut wanted = Vec::with_capacity(attrs.len());
         for a in attrs.iter() {
             // SAFETY: each attribute's pValue holds ulValueLen readable bytes (§5.7).
@@ -1025,6 +1055,108 @@ mod tests {
             module().is_err(),
             "a refused C_Initialize leaves the module uninitialised"
         );
+    }
+
+    /// A second `C_Initialize` is `CKR_CRYPTOKI_ALREADY_INITIALIZED` whatever the
+    /// configuration says now (here the test's environment has no usable one), and
+    /// leaves the module as it was.
+    #[test]
+    fn a_second_c_initialize_is_already_initialized() {
+        with_module(|f| {
+            // Valid: NULL arguments.
+            assert_eq!(
+                call!(f.C_Initialize(null_mut())),
+                CKR_CRYPTOKI_ALREADY_INITIALIZED
+            );
+            let mut n: CK_ULONG = 0;
+            // Valid: NULL list asks for the count, written to `n`.
+            assert_eq!(call!(f.C_GetSlotList(CK_TRUE, null_mut(), &mut n)), CKR_OK);
+            assert_eq!(n, 2, "the first initialisation's slots");
+        });
+    }
+
+    /// The fixed-width strings are blank-padded with no NUL (§3.2), the versions and flags
+    /// are what the module offers, and the session counts follow C_OpenSession,
+    /// C_CloseSession and C_CloseAllSessions per slot.
+    #[test]
+    fn infos_are_padded_and_count_the_sessions() {
+        fn text(field: &[u8]) -> &str {
+            assert!(!field.contains(&0), "a NUL in {field:?}");
+            std::str::from_utf8(field).unwrap().trim_end_matches(' ')
+        }
+        with_module(|f| {
+            let mut info = CK_INFO::default();
+            // Valid: `info` is a valid output.
+            assert_eq!(call!(f.C_GetInfo(&mut info)), CKR_OK);
+            assert_eq!(
+                (info.cryptokiVersion.major, info.cryptokiVersion.minor),
+                (2, 40)
+            );
+            assert_eq!(text(&info.manufacturerID), "Quorate");
+            assert_eq!(text(&info.libraryDescription), "Quorate threshold P-256");
+            assert_eq!(info.flags, 0);
+
+            let mut slot = CK_SLOT_INFO::default();
+            // Valid: `slot` is a valid output.
+            assert_eq!(call!(f.C_GetSlotInfo(1, &mut slot)), CKR_OK);
+            assert_eq!(
+                text(&slot.slotDescription),
+                "Quorate cluster b at 127.0.0.1:9"
+            );
+            assert_eq!(slot.flags, CKF_TOKEN_PRESENT);
+
+            let token = |id: CK_SLOT_ID| {
+                let mut t = CK_TOKEN_INFO::default();
+                // Valid: `t` is a valid output.
+                assert_eq!(call!(f.C_GetTokenInfo(id, &mut t)), CKR_OK);
+                t
+            };
+            let t = token(0);
+            assert_eq!(text(&t.label), "a");
+            assert_eq!(text(&t.manufacturerID), "Quorate");
+            assert_eq!(text(&t.model), "threshold P-256");
+            assert_eq!(text(&t.serialNumber), "0");
+            assert_eq!(t.flags, CKF_TOKEN_INITIALIZED, "no RNG, no login, no clock");
+            assert_eq!((t.ulSessionCount, t.ulRwSessionCount), (0, 0));
+
+            let a1 = open(f);
+            let mut a2 = 0;
+            // Valid: `a2` is a valid output.
+            assert_eq!(
+                call!(f.C_OpenSession(
+                    0,
+                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                    null_mut(),
+                    None,
+                    &mut a2
+                )),
+                CKR_OK
+            );
+            let mut b = 0;
+            // Valid: `b` is a valid output.
+            assert_eq!(
+                call!(f.C_OpenSession(1, CKF_SERIAL_SESSION, null_mut(), None, &mut b)),
+                CKR_OK
+            );
+            assert!(a1 != 0 && a2 != 0 && b != 0, "0 is never a session handle");
+            let t = token(0);
+            assert_eq!((t.ulSessionCount, t.ulRwSessionCount), (2, 1));
+            assert_eq!(token(1).ulSessionCount, 1);
+
+            // Valid: a slot id only.
+            assert_eq!(call!(f.C_CloseAllSessions(0)), CKR_OK);
+            assert_eq!(token(0).ulSessionCount, 0);
+            // Valid: handles only.
+            assert_eq!(call!(f.C_CloseSession(a2)), CKR_SESSION_HANDLE_INVALID);
+            let mut s = CK_SESSION_INFO::default();
+            // Valid: `s` is a valid output.
+            assert_eq!(call!(f.C_GetSessionInfo(b, &mut s)), CKR_OK);
+            assert_eq!(s.slotID, 1, "the other slot's session stays open");
+            // Valid: a handle only.
+            assert_eq!(call!(f.C_CloseSession(0)), CKR_SESSION_HANDLE_INVALID);
+            // Valid: a slot id only.
+            assert_eq!(call!(f.C_CloseAllSessions(2)), CKR_SLOT_ID_INVALID);
+        });
     }
 
     #[test]

@@ -84,7 +84,8 @@ struct Operations {
 
 /// An initialised module: what `C_Initialize` makes and `C_Finalize` drops.
 pub struct Module {
-    runtime: tokio::runtime::Runtime,
+    /// The runtime of the module's network I/O; `None` only while it drops.
+    runtime: Option<tokio::runtime::Runtime>,
     slots: Vec<Slot>,
     sessions: Mutex<HashMap<CK_SESSION_HANDLE, Arc<Session>>>,
     next_session: AtomicU64,
@@ -110,7 +111,7 @@ impl Module {
                 )
             })?;
         Ok(Module {
-            runtime,
+            runtime: Some(runtime),
             slots: slots
                 .into_iter()
                 .map(|config| Slot {
@@ -129,7 +130,43 @@ impl Module {
     /// from any thread, also one inside the application's own async runtime, where
     /// waiting would not be allowed. Connections close as their tasks are dropped.
     pub fn shutdown(self) {
-        self.runtime.shutdown_background();
+        drop(self);
+    }
+
+    /// Runs `work` on the module's runtime and waits for it. A thread that drives an
+    /// async runtime of the application's (a tokio task calling the module) must not
+    /// start a runtime there, so the wait then happens on a short-lived thread of its
+    /// own while the calling thread blocks, as any blocking PKCS#11 call does.
+    ///
+    /// # Errors
+    /// `CKR_HOST_MEMORY` if no thread can be started; `CKR_GENERAL_ERROR` if `work`
+    /// panics.
+    fn wait<F>(&self, work: F) -> Result<F::Output, CK_RV>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| refuse(CKR_GENERAL_ERROR, "the module is shutting down"))?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Ok(runtime.block_on(work));
+        }
+        std::thread::scope(|scope| {
+            let waiter = std::thread::Builder::new()
+                .name("quorate-pkcs11-wait".into())
+                .spawn_scoped(scope, || runtime.block_on(work))
+                .map_err(|e| {
+                    refuse(
+                        CKR_HOST_MEMORY,
+                        format!("cannot start a thread to wait on: {e}"),
+                    )
+                })?;
+            waiter
+                .join()
+                .map_err(|_| refuse(CKR_GENERAL_ERROR, "the network call panicked"))
+        })
     }
 
     /// Number of slots; slot ids are `0..count`.
@@ -161,8 +198,7 @@ impl Module {
             return Ok(c.clone());
         }
         let c = self
-            .runtime
-            .block_on(Client::connect(&slot.config.client))
+            .wait(Client::connect(&slot.config.client))?
             .map_err(|e| {
                 client_error(&e, &format!("slot {id} ({}): connect", slot.config.label))
             })?;
@@ -177,8 +213,7 @@ impl Module {
         let client = self.client(id)?;
         let slot = self.slot(id)?;
         let keys = self
-            .runtime
-            .block_on(client.list_keys())
+            .wait(client.list_keys())?
             .map_err(|e| client_error(&e, &format!("slot {id}: list keys")))?;
         let raw: Vec<KeyInfo> = keys
             .into_iter()
@@ -559,8 +594,7 @@ impl Module {
     fn sign_digest(&self, slot: CK_SLOT_ID, key: &str, digest: [u8; 32]) -> Result<Vec<u8>, CK_RV> {
         let client = self.client(slot)?;
         let sig = self
-            .runtime
-            .block_on(client.sign(key, SignInput::Digest(digest), Format::Raw))
+            .wait(client.sign(key, SignInput::Digest(digest), Format::Raw))?
             .map_err(|e| client_error(&e, &format!("slot {slot}: sign with `{key}`")))?;
         if sig.signature.len() != SIGNATURE_LEN {
             return Err(refuse(
@@ -590,6 +624,18 @@ impl Module {
             CKR_MECHANISM_INVALID,
             format!("mechanism {mechanism:#x}: {why}"),
         ))
+    }
+}
+
+impl Drop for Module {
+    /// Stops the runtime without waiting for its threads, so the module may drop on any
+    /// thread, also one inside an async runtime of the application's (where waiting would
+    /// panic): the last call still running when `C_Finalize` returned drops it there.
+    /// Connections close as their tasks are dropped.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -658,6 +704,7 @@ pub fn rv_name(rv: CK_RV) -> String {
         CKR_FUNCTION_FAILED => "CKR_FUNCTION_FAILED",
         CKR_DEVICE_ERROR => "CKR_DEVICE_ERROR",
         CKR_DEVICE_MEMORY => "CKR_DEVICE_MEMORY",
+        CKR_HOST_MEMORY => "CKR_HOST_MEMORY",
         CKR_DATA_INVALID => "CKR_DATA_INVALID",
         CKR_DATA_LEN_RANGE => "CKR_DATA_LEN_RANGE",
         CKR_FUNCTION_REJECTED => "CKR_FUNCTION_REJECTED",
@@ -689,6 +736,22 @@ pub fn rv_name(rv: CK_RV) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    /// After `C_Finalize`, a call still running in another thread holds the last
+    /// reference and drops the module when it returns; that thread may be a task of the
+    /// application's own async runtime, where a runtime that waits for its threads
+    /// panics as it drops.
+    #[test]
+    fn the_module_drops_inside_an_async_runtime() {
+        let app = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let module = Module::new(Vec::new()).unwrap();
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            app.block_on(async { drop(module) });
+        }));
+        assert!(dropped.is_ok(), "dropping the module panicked");
+    }
 
     #[test]
     fn ecdsa_inputs_follow_bits2int() {

@@ -703,6 +703,89 @@ fn the_c_abi_signs_through_the_cluster() {
     );
     let (private, public) = (private[0], public[0]);
 
+    // Several attributes in one call: an invalid type in the middle is reported and the
+    // others are still answered (§5.7).
+    let mut id = [0u8; 64];
+    let mut class: CK_OBJECT_CLASS = CK_UNAVAILABLE_INFORMATION;
+    let mut attrs = [
+        CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_MODULUS,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: (&raw mut class).cast(),
+            ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_ID,
+            pValue: id.as_mut_ptr().cast(),
+            ulValueLen: id.len() as CK_ULONG,
+        },
+    ];
+    // Valid: 4 attributes: a size query, an invalid type, and room for a class and 64 bytes.
+    assert_eq!(
+        call!(fl.C_GetAttributeValue(h, private, attrs.as_mut_ptr(), 4)),
+        CKR_ATTRIBUTE_TYPE_INVALID
+    );
+    assert_eq!(attrs[0].ulValueLen, RAW.len() as CK_ULONG);
+    assert_eq!(attrs[1].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+    assert_eq!(class, CKO_PRIVATE_KEY);
+    let id_len = attrs[3].ulValueLen as usize;
+    assert!(id_len > 0 && id_len < id.len(), "CKA_ID of {id_len} bytes");
+
+    // Finding by CKA_ID and CKA_KEY_TYPE: both objects of the key; another key type: none.
+    let find_by = |key_type: CK_KEY_TYPE, id: &mut [u8]| -> Vec<CK_OBJECT_HANDLE> {
+        let mut key_type = key_type;
+        let mut template = [
+            CK_ATTRIBUTE {
+                type_: CKA_KEY_TYPE,
+                pValue: (&raw mut key_type).cast(),
+                ulValueLen: std::mem::size_of::<CK_KEY_TYPE>() as CK_ULONG,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_ID,
+                pValue: id.as_mut_ptr().cast(),
+                ulValueLen: id.len() as CK_ULONG,
+            },
+        ];
+        // Valid: a template of 2 attributes pointing at live locals.
+        assert_eq!(
+            call!(fl.C_FindObjectsInit(h, template.as_mut_ptr(), 2)),
+            CKR_OK
+        );
+        // Valid: an empty template; a search is active.
+        assert_eq!(
+            call!(fl.C_FindObjectsInit(h, null_mut(), 0)),
+            CKR_OPERATION_ACTIVE
+        );
+        let mut found = [0 as CK_OBJECT_HANDLE; 8];
+        let mut n: CK_ULONG = 0;
+        // Valid: room for 8 handles.
+        assert_eq!(
+            call!(fl.C_FindObjects(h, found.as_mut_ptr(), 8, &mut n)),
+            CKR_OK
+        );
+        // Valid: a handle only.
+        assert_eq!(call!(fl.C_FindObjectsFinal(h)), CKR_OK);
+        let mut found = found[..n as usize].to_vec();
+        found.sort_unstable();
+        found
+    };
+    let mut both = vec![private, public];
+    both.sort_unstable();
+    assert_eq!(find_by(CKK_EC, &mut id[..id_len]), both);
+    assert!(find_by(CKK_RSA, &mut id[..id_len]).is_empty());
+    let mut other_id = id[..id_len].to_vec();
+    other_id[0] ^= 1;
+    assert!(find_by(CKK_EC, &mut other_id).is_empty());
+
     // CKA_EC_POINT: size query, short buffer, value; CKA_VALUE is sensitive.
     let mut point = [0u8; 80];
     let mut attrs = [
@@ -775,6 +858,11 @@ fn the_c_abi_signs_through_the_cluster() {
     let mut len: CK_ULONG = 0;
     // Valid: `ecdsa` is a mechanism without parameter.
     assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    // Valid: as above; an operation is active, and stays so.
+    assert_eq!(
+        call!(fl.C_SignInit(h, &mut ecdsa_sha256, private)),
+        CKR_OPERATION_ACTIVE
+    );
     // Valid: 32 digest bytes; NULL signature asks for the length.
     assert_eq!(
         call!(fl.C_Sign(h, digest.as_mut_ptr(), 32, null_mut(), &mut len)),
@@ -865,6 +953,74 @@ fn the_c_abi_signs_through_the_cluster() {
         CKR_DATA_LEN_RANGE
     );
     // Valid: a mechanism without parameter; nothing is active any more.
+    assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    // Valid: a handle only: C_Finalize is not the place to end it, C_Sign below is.
+    assert_eq!(call!(fl.C_CloseSession(h)), CKR_OK);
+
+    // An application that is itself async (a Rust service on tokio, as with the
+    // `cryptoki` crate) calls the module from a task of its own runtime: the blocking
+    // calls work there too, on both kinds of runtime.
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (kind, rt) in [("current-thread", &current), ("multi-thread", &multi)] {
+        let msg = format!("signed from a {kind} runtime's task");
+        let sig = rt.block_on(async {
+            let mut h: CK_SESSION_HANDLE = 0;
+            // Valid: `h` is an output.
+            assert_eq!(
+                call!(fl.C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)),
+                CKR_OK
+            );
+            let mut class = CKO_PRIVATE_KEY;
+            let mut template = [CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: (&raw mut class).cast(),
+                ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+            }];
+            // Valid: a template of 1 attribute pointing at a live local.
+            let rv = call!(fl.C_FindObjectsInit(h, template.as_mut_ptr(), 1));
+            assert_eq!(rv, CKR_OK, "{kind}: C_FindObjectsInit: rv {rv:#x}");
+            // Valid: a handle only.
+            assert_eq!(call!(fl.C_FindObjectsFinal(h)), CKR_OK);
+            let mut mech = CK_MECHANISM {
+                mechanism: CKM_ECDSA_SHA256,
+                pParameter: null_mut(),
+                ulParameterLen: 0,
+            };
+            // Valid: a mechanism without parameter.
+            assert_eq!(call!(fl.C_SignInit(h, &mut mech, private)), CKR_OK);
+            let mut data = msg.clone().into_bytes();
+            let mut sig = [0u8; 64];
+            let mut len: CK_ULONG = 64;
+            // Valid: `data` holds its length; `sig` has room for 64 bytes.
+            let rv = call!(fl.C_Sign(
+                h,
+                data.as_mut_ptr(),
+                data.len() as CK_ULONG,
+                sig.as_mut_ptr(),
+                &mut len
+            ));
+            assert_eq!(rv, CKR_OK, "{kind}: C_Sign: rv {rv:#x}");
+            // Valid: a handle only.
+            assert_eq!(call!(fl.C_CloseSession(h)), CKR_OK);
+            sig
+        });
+        verify(msg.as_bytes(), &sig);
+    }
+    drop((current, multi));
+    // Valid: `h` is an output.
+    assert_eq!(
+        call!(fl.C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)),
+        CKR_OK
+    );
+    // Valid: a mechanism without parameter.
     assert_eq!(call!(fl.C_SignInit(h, &mut ecdsa, private)), CKR_OK);
 
     // The cluster stops answering: a code, not a panic or a hang.
