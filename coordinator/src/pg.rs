@@ -32,6 +32,14 @@ use crate::audit::{AuditStore, CommitError, record::Event};
 use crate::identity::store::{IdentityStore, IdentityStoreError, OneUse, Task};
 use crate::store::{KeyStore, KeyVersion, NamedKey, StoreError, StoredVersion};
 
+/// Writes a key's public data (`$1` key id, `$2` its encoding), replacing an older row.
+const UPSERT_PUBLIC: &str = "INSERT INTO keys (key_id, public) VALUES ($1, $2)
+     ON CONFLICT (key_id) DO UPDATE SET public = EXCLUDED.public";
+
+/// Writes a key's profile (`$1` key id, `$2` its encoding), replacing an older row.
+const UPSERT_PROFILE: &str = "INSERT INTO key_profiles (key_id, profile) VALUES ($1, $2)
+     ON CONFLICT (key_id) DO UPDATE SET profile = EXCLUDED.profile";
+
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: i32 = 1;
 
@@ -310,18 +318,9 @@ impl KeyStore for PgStore {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await?;
             let id = &key.key_id.0[..];
-            tx.execute(
-                "INSERT INTO keys (key_id, public) VALUES ($1, $2)
-                 ON CONFLICT (key_id) DO UPDATE SET public = EXCLUDED.public",
-                &[&id, &key.to_bytes()],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO key_profiles (key_id, profile) VALUES ($1, $2)
-                 ON CONFLICT (key_id) DO UPDATE SET profile = EXCLUDED.profile",
-                &[&id, &profile.to_bytes()],
-            )
-            .await?;
+            tx.execute(UPSERT_PUBLIC, &[&id, &key.to_bytes()]).await?;
+            tx.execute(UPSERT_PROFILE, &[&id, &profile.to_bytes()])
+                .await?;
             tx.execute("DELETE FROM key_versions WHERE name = $1", &[&name])
                 .await?;
             for v in versions {
@@ -406,12 +405,7 @@ impl KeyStore for PgStore {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await?;
             let id = &key.key_id.0[..];
-            tx.execute(
-                "INSERT INTO keys (key_id, public) VALUES ($1, $2)
-                 ON CONFLICT (key_id) DO UPDATE SET public = EXCLUDED.public",
-                &[&id, &key.to_bytes()],
-            )
-            .await?;
+            tx.execute(UPSERT_PUBLIC, &[&id, &key.to_bytes()]).await?;
             tx.execute(
                 "INSERT INTO key_renewed (key_id, at) VALUES ($1, $2)
                  ON CONFLICT (key_id) DO UPDATE SET at = EXCLUDED.at",
@@ -503,12 +497,8 @@ impl KeyStore for PgStore {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await?;
             for id in ids {
-                tx.execute(
-                    "INSERT INTO key_profiles (key_id, profile) VALUES ($1, $2)
-                     ON CONFLICT (key_id) DO UPDATE SET profile = EXCLUDED.profile",
-                    &[&&id.0[..], &profile.to_bytes()],
-                )
-                .await?;
+                tx.execute(UPSERT_PROFILE, &[&&id.0[..], &profile.to_bytes()])
+                    .await?;
             }
             tx.commit().await?;
             Ok(())

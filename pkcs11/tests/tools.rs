@@ -133,6 +133,29 @@ impl Fixture {
     }
 
     /// As [`Fixture::run`], asserting success; returns stdout.
+    /// Checks with `openssl pkeyutl -verify` that `sig` (DER) signs the digest in the
+    /// file `digest` under the public key in `pem`.
+    fn verify_digest_signature(&self, pem: &Path, digest: &Path, sig: &Path) {
+        let verified = self.ok(
+            "openssl",
+            &[
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                s(pem),
+                "-in",
+                s(digest),
+                "-sigfile",
+                s(sig),
+            ],
+        );
+        assert!(
+            verified.contains("Signature Verified Successfully"),
+            "{verified}"
+        );
+    }
+
     fn ok(&self, program: &str, args: &[&str]) -> String {
         let out = self.run(program, args);
         assert!(out.status.success(), "{program} failed (output above)");
@@ -241,24 +264,7 @@ fn pkcs11_tool_lists_and_signs_and_openssl_verifies() {
             s(&sig),
         ],
     );
-    let verified = f.ok(
-        "openssl",
-        &[
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            s(&cluster_pem),
-            "-in",
-            s(&digest),
-            "-sigfile",
-            s(&sig),
-        ],
-    );
-    assert!(
-        verified.contains("Signature Verified Successfully"),
-        "{verified}"
-    );
+    f.verify_digest_signature(&cluster_pem, &digest, &sig);
 
     // CKM_ECDSA without a format option: r || s, 64 bytes.
     let raw_sig = f.path("ecdsa.raw");
@@ -401,24 +407,7 @@ fn pkcs11_tool_lists_and_signs_and_openssl_verifies() {
         &env,
     );
     assert!(out.status.success());
-    let verified = f.ok(
-        "openssl",
-        &[
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            s(&cluster_pem),
-            "-in",
-            s(&digest),
-            "-sigfile",
-            s(&sig),
-        ],
-    );
-    assert!(
-        verified.contains("Signature Verified Successfully"),
-        "{verified}"
-    );
+    f.verify_digest_signature(&cluster_pem, &digest, &sig);
 }
 
 /// The directory OpenSSL loads engines from (`openssl version -e`).
@@ -508,24 +497,7 @@ fn openssl_engine_signs_and_ssh_keygen_prints_the_key() {
         out.status.success(),
         "the engine did not sign (output above)"
     );
-    let verified = f.ok(
-        "openssl",
-        &[
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            s(&cluster_pem),
-            "-in",
-            s(&digest),
-            "-sigfile",
-            s(&sig),
-        ],
-    );
-    assert!(
-        verified.contains("Signature Verified Successfully"),
-        "{verified}"
-    );
+    f.verify_digest_signature(&cluster_pem, &digest, &sig);
 
     // ssh-keygen -D: the key as OpenSSH sees it, compared with the cluster's public key
     // converted by ssh-keygen itself.
