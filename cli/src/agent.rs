@@ -83,7 +83,7 @@ impl DpopArgs {
                     .into(),
             )
         })?;
-        let key = load_dpop_key(path)?;
+        let key = load_dpop_key("--dpop-key", path)?;
         let htu = format!("{}/token", issuer.trim_end_matches('/'));
         let proof = key
             .proof("POST", &htu, None)
@@ -92,18 +92,18 @@ impl DpopArgs {
     }
 }
 
-/// Loads a DPoP key file, naming the file in every error.
-fn load_dpop_key(path: &Path) -> Result<DpopKey> {
+/// Loads a DPoP key file, naming the flag and the file in every error.
+fn load_dpop_key(flag: &str, path: &Path) -> Result<DpopKey> {
     let pem = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
         let how = if e.kind() == std::io::ErrorKind::NotFound {
             format!(" (make one with `quorate dpop keygen {}`)", path.display())
         } else {
             String::new()
         };
-        Error::Usage(format!("--dpop-key {}: {e}{how}", path.display()))
+        Error::Usage(format!("{flag} {}: {e}{how}", path.display()))
     })?);
     DpopKey::from_pkcs8_pem(&pem)
-        .map_err(|e| Error::Usage(format!("--dpop-key {}: {e}", path.display())))
+        .map_err(|e| Error::Usage(format!("{flag} {}: {e}", path.display())))
 }
 
 /// `quorate dpop …`
@@ -590,7 +590,7 @@ pub fn dpop(cmd: DpopCommand) -> Result<()> {
             url,
             access_token,
         } => {
-            let key = load_dpop_key(&key)?;
+            let key = load_dpop_key("--key", &key)?;
             let token = access_token
                 .map(|p| read_text("--access-token", &p))
                 .transpose()?;
@@ -606,7 +606,10 @@ pub fn dpop(cmd: DpopCommand) -> Result<()> {
                 .map_err(|e| Error::Other(e.to_string()))?;
             out(&format!("{proof}\n"))
         }
-        DpopCommand::Thumbprint { key } => out(&format!("{}\n", load_dpop_key(&key)?.thumbprint())),
+        DpopCommand::Thumbprint { key } => out(&format!(
+            "{}\n",
+            load_dpop_key("the key", &key)?.thumbprint()
+        )),
     }
 }
 
