@@ -26,7 +26,13 @@ pub struct Args {
     /// coordinator) or a PostgreSQL URL (`postgres://USER@localhost/DB`, or
     /// `postgres:///DB?host=/run/postgresql` for a Unix socket) that any number of
     /// coordinators share; run `migrate` on it first.
-    #[arg(long, env = "QUORATE_COORDINATOR_STORE", default_value = "redb")]
+    // hide_env_values: `--help` must not print a URL that may hold a password.
+    #[arg(
+        long,
+        env = "QUORATE_COORDINATOR_STORE",
+        hide_env_values = true,
+        default_value = "redb"
+    )]
     pub store: String,
     /// Address of the public API (port 0 picks a free port; the chosen address is printed).
     #[arg(
@@ -195,18 +201,29 @@ pub enum Command {
     /// recorded in `schema_version`; safe to run from several hosts at once).
     Migrate {
         /// The PostgreSQL URL, as for `--store`.
-        #[arg(long, env = "QUORATE_COORDINATOR_STORE")]
+        #[arg(long, env = "QUORATE_COORDINATOR_STORE", hide_env_values = true)]
         store: String,
     },
 }
 
 /// Where the coordinator's state lives (`coordinator/STORE.md`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// `Debug` does not show a PostgreSQL URL (it may carry a password).
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreSpec {
     /// redb files in this directory.
     Redb(PathBuf),
     /// A PostgreSQL URL.
     Postgres(String),
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Redb(dir) => f.debug_tuple("Redb").field(dir).finish(),
+            StoreSpec::Postgres(_) => f.write_str("Postgres(<url redacted>)"),
+        }
+    }
 }
 
 /// A validated configuration.
@@ -538,5 +555,18 @@ impl Args {
             }),
             _ => Err(errors),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_url_is_not_in_debug_output() {
+        let spec = StoreSpec::Postgres("postgres://q:s3cret@localhost/quorate".into());
+        let shown = format!("{spec:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(shown, "Postgres(<url redacted>)");
     }
 }
