@@ -131,6 +131,7 @@ impl Client {
             dpop_proof: r.dpop_proof.unwrap_or_default(),
             wait_seconds: r.wait_seconds,
             approval_id: r.approval_id.unwrap_or_default(),
+            request_id: String::new(),
         };
         let mut c = self.identity.clone();
         // A call that waits for an approval may take that long.
@@ -155,6 +156,7 @@ impl Client {
             ttl_seconds: r.ttl_seconds,
             dpop_proof: r.dpop_proof.unwrap_or_default(),
             context: r.context,
+            request_id: String::new(),
         };
         let mut c = self.identity.clone();
         self.call("exchange the token", c.exchange_token(self.request(req)))
