@@ -29,7 +29,11 @@ use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
 use crate::audit::{AuditStore, CommitError, record::Event};
-use crate::identity::store::{IdentityStore, IdentityStoreError, OneUse, Task};
+use crate::identity::approval::{ApprovalError, KEEP_DECIDED_SECONDS, Stored};
+use crate::identity::store::{
+    IdentityStore, IdentityStoreError, Issuance, OneUse, Task, decode_approval, encode_approval,
+    no_issuance,
+};
 use crate::store::{KeyStore, KeyVersion, NamedKey, StoreError, StoredVersion};
 
 /// Writes a key's public data (`$1` key id, `$2` its encoding), replacing an older row.
@@ -41,10 +45,16 @@ const UPSERT_PROFILE: &str = "INSERT INTO key_profiles (key_id, profile) VALUES 
      ON CONFLICT (key_id) DO UPDATE SET profile = EXCLUDED.profile";
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Migrations, in order: (version, SQL).
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (
+        2,
+        include_str!("../migrations/0002_retry_safe_issuance_and_approvals.sql"),
+    ),
+];
 
 /// The longest one store call waits (for a connection and its statements).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -773,6 +783,14 @@ impl IdentityStore for PgStore {
                 .await?;
             c.execute("DELETE FROM one_use WHERE expires_at < $1", &[&now])
                 .await?;
+            c.execute("DELETE FROM issuance WHERE expires_at < $1", &[&now])
+                .await?;
+            c.execute(
+                "DELETE FROM approvals
+                 WHERE state NOT IN ('pending', 'deciding', 'approved') AND expires_at < $1",
+                &[&now.saturating_sub(KEEP_DECIDED_SECONDS)],
+            )
+            .await?;
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
         })?)
     }
@@ -782,23 +800,191 @@ impl IdentityStore for PgStore {
         kind: OneUse,
         scope: &str,
         jti: &str,
+        owner: &str,
         expires_at: i64,
         now: i64,
     ) -> IdResult<bool> {
         Ok(self.block(async {
             let c = self.pool.get().await?;
-            // A row is written (inserted, or an expired one replaced) only on first use.
+            // A row is written (inserted, or an expired one replaced) only on first use;
+            // its owner's retries touch it again, nobody else does.
             let n = c
                 .execute(
-                    "INSERT INTO one_use (kind, scope, jti, expires_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (kind, scope, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
-                     WHERE one_use.expires_at < $5",
-                    &[&kind.as_str(), &scope, &jti, &expires_at, &now],
+                    "INSERT INTO one_use (kind, scope, jti, owner, expires_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (kind, scope, jti) DO UPDATE
+                       SET expires_at = EXCLUDED.expires_at, owner = EXCLUDED.owner
+                     WHERE one_use.expires_at < $6
+                        OR (one_use.owner <> '' AND one_use.owner = EXCLUDED.owner)",
+                    &[&kind.as_str(), &scope, &jti, &owner, &expires_at, &now],
                 )
                 .await?;
             Ok(n == 1)
         })?)
     }
+
+    fn issuance_begin(&self, key: &str, digest: &str, expires_at: i64) -> IdResult<Issuance> {
+        self.block(async {
+            let c = self.pool.get().await?;
+            c.execute(
+                "INSERT INTO issuance (key, digest, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (key) DO NOTHING",
+                &[&key, &digest, &expires_at],
+            )
+            .await?;
+            issuance_row(&c, key).await
+        })?
+        .ok_or_else(|| no_issuance(key))
+    }
+
+    fn issuance_claims(&self, key: &str, claims: &str) -> IdResult<String> {
+        self.block(async {
+            let c = self.pool.get().await?;
+            c.execute(
+                "UPDATE issuance SET claims = $2 WHERE key = $1 AND claims IS NULL",
+                &[&key, &claims],
+            )
+            .await?;
+            issuance_row(&c, key).await
+        })?
+        .and_then(|r| r.claims)
+        .ok_or_else(|| no_issuance(key))
+    }
+
+    fn issuance_reply(&self, key: &str, reply: &str) -> IdResult<String> {
+        self.block(async {
+            let c = self.pool.get().await?;
+            c.execute(
+                "UPDATE issuance SET reply = $2 WHERE key = $1 AND reply IS NULL",
+                &[&key, &reply],
+            )
+            .await?;
+            issuance_row(&c, key).await
+        })?
+        .and_then(|r| r.reply)
+        .ok_or_else(|| no_issuance(key))
+    }
+
+    fn approval_insert(&self, entry: &Stored) -> IdResult<()> {
+        let record = encode_approval(entry)?;
+        let e = &entry.entry;
+        Ok(self.block(async {
+            let c = self.pool.get().await?;
+            c.execute(
+                "INSERT INTO approvals (id, state, expires_at, record) VALUES ($1, $2, $3, $4)",
+                &[&e.id, &approval_state(entry), &e.expires_at, &record],
+            )
+            .await?;
+            Ok(())
+        })?)
+    }
+
+    fn approval(&self, id: &str) -> IdResult<Option<Stored>> {
+        let record: Option<String> = self.block(async {
+            let c = self.pool.get().await?;
+            let row = c
+                .query_opt("SELECT record FROM approvals WHERE id = $1", &[&id])
+                .await?;
+            Ok(match row {
+                None => None,
+                Some(r) => Some(r.try_get(0)?),
+            })
+        })?;
+        record.map(|r| decode_approval(&r)).transpose()
+    }
+
+    fn approvals(&self, open_only: bool) -> IdResult<Vec<Stored>> {
+        let records: Vec<String> = self.block(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT record FROM approvals WHERE NOT $1 OR state IN ('pending', 'deciding')",
+                    &[&open_only],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(PgError::from))
+                .collect()
+        })?;
+        records.iter().map(|r| decode_approval(r)).collect()
+    }
+
+    fn approvals_due(&self, now: i64) -> IdResult<Vec<String>> {
+        Ok(self.block(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT id FROM approvals
+                     WHERE state IN ('pending', 'deciding') AND expires_at <= $1",
+                    &[&now],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(PgError::from))
+                .collect()
+        })?)
+    }
+
+    fn approval_update(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut Stored) -> core::result::Result<(), ApprovalError>,
+    ) -> IdResult<core::result::Result<Stored, ApprovalError>> {
+        Ok(self.block(async {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            // The row lock serialises changes to one entry across coordinators.
+            let row = tx
+                .query_opt(
+                    "SELECT record FROM approvals WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(Err(ApprovalError::Unknown(id.to_owned())));
+            };
+            let record: String = row.try_get(0)?;
+            let mut s = decode_approval(&record).map_err(|e| PgError::Failed(e.0))?;
+            if let Err(e) = change(&mut s) {
+                return Ok(Err(e));
+            }
+            let updated = encode_approval(&s).map_err(|e| PgError::Failed(e.0))?;
+            tx.execute(
+                "UPDATE approvals SET state = $2, expires_at = $3, record = $4 WHERE id = $1",
+                &[&id, &approval_state(&s), &s.entry.expires_at, &updated],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(s))
+        })?)
+    }
+}
+
+/// The `approvals.state` column: the entry's state, or `deciding` while claimed.
+fn approval_state(s: &Stored) -> &'static str {
+    if s.deciding {
+        "deciding"
+    } else {
+        s.entry.state.as_str()
+    }
+}
+
+/// The issuance record of `key`, if any.
+async fn issuance_row(c: &tokio_postgres::Client, key: &str) -> Result<Option<Issuance>> {
+    let row = c
+        .query_opt(
+            "SELECT digest, claims, reply, expires_at FROM issuance WHERE key = $1",
+            &[&key],
+        )
+        .await?;
+    Ok(match row {
+        None => None,
+        Some(r) => Some(Issuance {
+            digest: r.try_get(0)?,
+            claims: r.try_get(1)?,
+            reply: r.try_get(2)?,
+            expires_at: r.try_get(3)?,
+        }),
+    })
 }
 
 impl AuditStore for PgStore {

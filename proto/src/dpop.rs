@@ -630,8 +630,8 @@ pub struct ReplayCache {
 /// The entries, by key and by expiry (for purging in order).
 #[derive(Debug, Default)]
 struct ReplayEntries {
-    /// (jkt, jti) → expiry.
-    seen: HashMap<(String, String), i64>,
+    /// (jkt, jti) → (expiry, owner: empty, or the request that used it).
+    seen: HashMap<(String, String), (i64, String)>,
     /// (expiry, jkt, jti), oldest first.
     by_expiry: BTreeSet<(i64, String, String)>,
 }
@@ -655,11 +655,25 @@ impl ReplayCache {
     /// [`Proof::expires_at`]). `true`: first use, accept it. `false`: refuse it — a
     /// replay, or the cache is full of live proofs.
     pub fn check_and_insert(&self, jkt: &str, jti: &str, expires_at: i64, now: i64) -> bool {
+        self.check_and_insert_for(jkt, jti, "", expires_at, now)
+    }
+
+    /// [`Self::check_and_insert`] on behalf of a retry-safe request `owner` (empty: none):
+    /// a `jti` first used by a non-empty `owner` is accepted again for that same owner
+    /// only, so that a retried request is not refused as its own replay.
+    pub fn check_and_insert_for(
+        &self,
+        jkt: &str,
+        jti: &str,
+        owner: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> bool {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         entries.purge(now);
         let key = (jkt.to_owned(), jti.to_owned());
-        if entries.seen.contains_key(&key) {
-            return false;
+        if let Some((_, first)) = entries.seen.get(&key) {
+            return !owner.is_empty() && first == owner;
         }
         if expires_at <= now {
             // Already expired: it cannot verify again, nothing to remember.
@@ -675,7 +689,7 @@ impl ReplayCache {
         entries
             .by_expiry
             .insert((expires_at, key.0.clone(), key.1.clone()));
-        entries.seen.insert(key, expires_at);
+        entries.seen.insert(key, (expires_at, owner.to_owned()));
         true
     }
 
@@ -1189,5 +1203,18 @@ mod tests {
         assert!(cache.check_and_insert("k3", "z", t, t + 61));
         assert_eq!(cache.len(), 2);
         assert!(!cache.is_empty());
+    }
+
+    #[test]
+    fn replay_cache_lets_a_retry_safe_request_reuse_only_its_own_jti() {
+        let cache = ReplayCache::new(8);
+        let t = 1_000;
+        assert!(cache.check_and_insert_for("k4", "r", "req-1", t + 200, t));
+        assert!(cache.check_and_insert_for("k4", "r", "req-1", t + 200, t + 1));
+        assert!(!cache.check_and_insert_for("k4", "r", "req-2", t + 200, t + 1));
+        assert!(!cache.check_and_insert("k4", "r", t + 200, t + 1));
+        // A jti used without an owner is nobody's to reuse.
+        assert!(cache.check_and_insert("k5", "s", t + 200, t + 1));
+        assert!(!cache.check_and_insert_for("k5", "s", "", t + 200, t + 2));
     }
 }

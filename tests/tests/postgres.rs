@@ -5,6 +5,11 @@
 //! - `migrate` creates the schema once; a coordinator refuses an unmigrated database;
 //! - two (then three) coordinators serve one cluster: tokens from each, also at once; a revocation by jti and a
 //!   deprovisioned agent, done on one, are refused by the other;
+//! - a retried request (same `request_id`) gets the same token from either coordinator,
+//!   its DPoP proof is not its own replay but is anyone else's, and a different request
+//!   under a used id is refused;
+//! - an approval asked on one coordinator is decided on another and used once: the
+//!   retries of the request that used it get its token, no other request gets one;
 //! - the audit chain in the store verifies as one chain, with events of both;
 //! - PostgreSQL restarts under a coordinator: requests fail as `UNAVAILABLE` meanwhile
 //!   and succeed after, and the chain still verifies;
@@ -20,6 +25,7 @@
 use std::time::{Duration, Instant};
 
 use quorate_proto::api;
+use quorate_proto::api::approval_service_client::ApprovalServiceClient;
 use quorate_tests::postgres::Postgres;
 use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
 use serde_json::json;
@@ -29,6 +35,12 @@ const POLICY: &str = r#"
 @id("blue-team-tools")
 @max_ttl_seconds("600")
 permit (principal is Agent, action == Action::"issue_token", resource == Audience::"tools")
+when { principal.hasTag("team") && principal.getTag("team") == "blue" };
+
+@id("prod-approval")
+@approval("required")
+@max_ttl_seconds("300")
+permit (principal is Agent, action == Action::"issue_token", resource == Audience::"prod")
 when { principal.hasTag("team") && principal.getTag("team") == "blue" };
 
 @id("admin-client")
@@ -249,6 +261,113 @@ async fn two_coordinators_share_one_postgresql_store() {
         assert!(cs.active(which, &t_b.access_token).await);
     }
 
+    // A retried request (same request_id) gets the same token, on either coordinator,
+    // and no second signature; its DPoP proof is not refused as its own replay, but is
+    // for any other request. A different request under a used id is refused.
+    let dpop = quorate_proto::dpop::DpopKey::generate().unwrap();
+    let proof = dpop
+        .proof("POST", &format!("{}/token", cs.cluster.issuer()), None)
+        .unwrap();
+    let retried = api::IssueTokenRequest {
+        dpop_proof: proof.clone(),
+        request_id: "retry-0123456789abcdef".into(),
+        ..request(&blue)
+    };
+    let first = cs.issue('a', retried.clone()).await.unwrap();
+    let again = cs.issue('b', retried.clone()).await.unwrap();
+    let third = cs.issue('a', retried.clone()).await.unwrap();
+    assert_eq!(first.token_type, "DPoP");
+    assert_eq!(
+        (&again.access_token, &again.jti),
+        (&first.access_token, &first.jti)
+    );
+    assert_eq!(third.access_token, first.access_token);
+    let replay = cs
+        .issue(
+            'b',
+            api::IssueTokenRequest {
+                request_id: "other-0123456789abcdef".into(),
+                ..retried.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(replay.message().contains("already used"), "{replay:?}");
+    let reused = cs
+        .issue(
+            'b',
+            api::IssueTokenRequest {
+                scopes: vec!["tools:write".into()],
+                ..retried.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument, "{reused:?}");
+    assert!(reused.message().contains("different request"), "{reused:?}");
+    let bad_id = cs
+        .issue(
+            'a',
+            api::IssueTokenRequest {
+                request_id: "short".into(),
+                ..request(&blue)
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad_id.code(), Code::InvalidArgument, "{bad_id:?}");
+
+    // An approval asked on A is listed and decided on B, and used on A; a retry of the
+    // request that used it (on B) gets the same token; another request gets nothing.
+    let prod = api::IssueTokenRequest {
+        audience: "prod".into(),
+        request_id: "approve-0123456789abcdef".into(),
+        ..request(&blue)
+    };
+    let asked = cs.issue('a', prod.clone()).await.unwrap();
+    assert!(asked.access_token.is_empty() && !asked.pending_approval.is_empty());
+    let mut approvals_b = ApprovalServiceClient::new(cs.at('b').api_channel().await);
+    let listed = approvals_b
+        .list_approvals(api::ListApprovalsRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .approvals
+            .iter()
+            .any(|a| a.id == asked.pending_approval),
+        "{listed:?}"
+    );
+    approvals_b
+        .decide_approval(api::DecideApprovalRequest {
+            id: asked.pending_approval.clone(),
+            approve: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let poll = api::IssueTokenRequest {
+        approval_id: asked.pending_approval.clone(),
+        ..prod.clone()
+    };
+    let approved = cs.issue('a', poll.clone()).await.unwrap();
+    assert!(!approved.access_token.is_empty(), "{approved:?}");
+    let retried = cs.issue('b', poll.clone()).await.unwrap();
+    assert_eq!(retried.access_token, approved.access_token);
+    let second = cs
+        .issue(
+            'b',
+            api::IssueTokenRequest {
+                request_id: "approve-another-0123456789".into(),
+                ..poll.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), Code::PermissionDenied, "{second:?}");
+    assert!(second.message().contains("already used"), "{second:?}");
+
     // A revocation on A is seen by B at once, and one on B by A.
     cs.revoke('a', api::revoke_request::Target::Jti(t_b.jti.clone()))
         .await;
@@ -276,6 +395,20 @@ async fn two_coordinators_share_one_postgresql_store() {
             "token {jti} is not in the chain"
         );
     }
+    // The retried request: one signed issuance, then two answers of the same token.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(first.jti.as_str()))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("an earlier attempt issued"))
+            .count(),
+        2,
+        "{lines:#?}"
+    );
     for (k, jti) in &concurrent {
         assert!(
             text.contains(jti.as_str()),

@@ -378,6 +378,7 @@ async fn issue(
             dpop_proof: dpop,
             wait: std::time::Duration::ZERO,
             approval_id: param("approval_id"),
+            retry: None,
         })
         .await;
     match outcome {
@@ -665,6 +666,7 @@ async fn token(
                     dpop_proof: dpop,
                     context: std::collections::BTreeMap::new(),
                     caller,
+                    retry: None,
                 })
                 .await;
             match issued {

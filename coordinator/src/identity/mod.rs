@@ -26,6 +26,7 @@
 
 pub mod approval;
 pub mod http;
+pub mod retry;
 pub mod service;
 pub mod store;
 pub mod token;
@@ -128,6 +129,7 @@ impl From<approval::ApprovalError> for IdentityError {
     fn from(e: approval::ApprovalError) -> Self {
         match e {
             approval::ApprovalError::Unknown(_) => IdentityError::NotFound(e.to_string()),
+            approval::ApprovalError::Store(_) => IdentityError::Store(e.to_string()),
             _ => IdentityError::Denied(e.to_string()),
         }
     }
@@ -179,6 +181,8 @@ pub struct TokenRequest {
     pub wait: std::time::Duration,
     /// Polls this pending approval.
     pub approval_id: Option<String>,
+    /// Makes the request safe to retry ([`retry`]).
+    pub retry: Option<retry::Retry>,
 }
 
 /// What an issuance request came to.
@@ -214,6 +218,8 @@ pub struct ExchangeRequest {
     pub context: BTreeMap<String, String>,
     /// The cluster client that asked, if any.
     pub caller: Option<String>,
+    /// Makes the exchange safe to retry ([`retry`]).
+    pub retry: Option<retry::Retry>,
 }
 
 impl std::fmt::Debug for ExchangeRequest {
@@ -545,6 +551,16 @@ impl IdentityPlane {
     /// client's assertion, which authenticates one request only (its `jti` is
     /// remembered until it expires).
     pub async fn authenticate(&self, attestation: &str) -> Result<Attestation> {
+        self.authenticate_for(attestation, None).await
+    }
+
+    /// [`Self::authenticate`] for a retry-safe request: a client assertion it already
+    /// spent is accepted again for it (its retries), never for another request.
+    pub async fn authenticate_for(
+        &self,
+        attestation: &str,
+        retry: Option<&retry::Retry>,
+    ) -> Result<Attestation> {
         if attestation.trim().is_empty() {
             return Err(IdentityError::Invalid(
                 "no attestation: pass the agent's OIDC JWT, JWT-SVID or client assertion".into(),
@@ -563,6 +579,7 @@ impl IdentityPlane {
                 OneUse::ClientAssertion,
                 &agent.external_subject,
                 jti,
+                owner(retry),
                 until,
                 now,
             )? {
@@ -596,8 +613,80 @@ impl IdentityPlane {
         self.record(result, trail).await
     }
 
+    /// Starts or finds the record of a retry-safe request: `Some` answer if an earlier
+    /// attempt already gave one (the same token, not signed again).
+    fn begin_retry(
+        &self,
+        retry: Option<&retry::Retry>,
+        now: i64,
+        trail: &mut Fields,
+    ) -> Result<Option<Issued>> {
+        let Some(r) = retry else {
+            return Ok(None);
+        };
+        trail
+            .context
+            .insert("request_id".into(), r.request_id.clone());
+        let rec = self.store.issuance_begin(
+            &r.key,
+            &r.digest,
+            now.saturating_add(retry::RETRY_WINDOW_SECONDS),
+        )?;
+        if rec.digest != r.digest {
+            return Err(r.reused());
+        }
+        let Some(reply) = rec.reply else {
+            return Ok(None);
+        };
+        trail.context.insert(
+            "retry".into(),
+            "answered with the token an earlier attempt issued".into(),
+        );
+        let mut issued = decode_issued(&reply)?;
+        // Nothing was signed for this answer.
+        issued.nodes.clear();
+        Ok(Some(issued))
+    }
+
+    /// The claims of a retry-safe request: the first chosen by any attempt.
+    fn retry_claims(
+        &self,
+        retry: Option<&retry::Retry>,
+        claims: AccessClaims,
+    ) -> Result<AccessClaims> {
+        let Some(r) = retry else {
+            return Ok(claims);
+        };
+        let mine = serde_json::to_string(&claims)
+            .map_err(|e| IdentityError::Invalid(format!("token claims: {e}")))?;
+        let stored = self.store.issuance_claims(&r.key, &mine)?;
+        serde_json::from_str(&stored).map_err(|e| {
+            IdentityError::Store(format!("request {}: stored claims: {e}", r.request_id))
+        })
+    }
+
+    /// The answer of a retry-safe request: the first recorded by any attempt.
+    fn retry_answer(&self, retry: Option<&retry::Retry>, issued: Issued) -> Result<Issued> {
+        let Some(r) = retry else {
+            return Ok(issued);
+        };
+        let stored = self
+            .store
+            .issuance_reply(&r.key, &encode_issued(&issued)?)?;
+        if stored == encode_issued(&issued)? {
+            return Ok(issued);
+        }
+        // Another attempt answered first: give the same answer.
+        let mut first = decode_issued(&stored)?;
+        first.nodes.clear();
+        Ok(first)
+    }
+
     async fn issue_inner(&self, req: &TokenRequest, trail: &mut Fields) -> Result<IssueOutcome> {
         let now = now();
+        if let Some(answered) = self.begin_retry(req.retry.as_ref(), now, trail)? {
+            return Ok(IssueOutcome::Issued(Box::new(answered)));
+        }
         let agent = &req.agent;
         self.not_deprovisioned(&agent.subject)?;
         validate_audience(&req.audience)?;
@@ -607,7 +696,7 @@ impl IdentityPlane {
             self.running_task(id, &agent.subject, now)?;
         }
         let jkt = match &req.dpop_proof {
-            Some(proof) => Some(self.check_dpop(proof, now, None)?),
+            Some(proof) => Some(self.check_dpop(proof, now, None, req.retry.as_ref())?),
             None => None,
         };
         let context = PolicyContext {
@@ -648,7 +737,10 @@ impl IdentityPlane {
                 }
             };
             trail.approval_id = Some(id.clone());
-            if let Some(expires_at) = self.await_approval(&id, &pending, req.wait).await? {
+            if let Some(expires_at) = self
+                .await_approval(&id, &pending, req.wait, owner(req.retry.as_ref()))
+                .await?
+            {
                 return Ok(IssueOutcome::Pending { id, expires_at });
             }
             // The wait may have been long: the agent (and, in `issue_signed`, its task)
@@ -700,20 +792,26 @@ impl IdentityPlane {
             act: None,
             cnf: jkt.map(|jkt| Confirmation { jkt }),
         };
+        let claims = self.retry_claims(req.retry.as_ref(), claims)?;
         let mut statement = None;
         if decision.approval_required
             && let Some(id) = &trail.approval_id
         {
-            // Spent before signing, so that two polls cannot both get a token.
-            statement = self.approvals.take(id)?;
+            // Spent before signing, so that two polls cannot both get a token (the
+            // retries of one request share it: they sign one set of claims).
+            statement = self
+                .approvals
+                .take(&*self.store, id, owner(req.retry.as_ref()))?;
         }
         let evidence = TokenEvidence {
             approval: statement.unwrap_or_default(),
             ..evidence_of(agent, None, decision, req.ttl_seconds, &req.context)
         };
+        let issued = self
+            .sign(claims, decision.policy_ids.clone(), evidence)
+            .await?;
         Ok(IssueOutcome::Issued(Box::new(
-            self.sign(claims, decision.policy_ids.clone(), evidence)
-                .await?,
+            self.retry_answer(req.retry.as_ref(), issued)?,
         )))
     }
 
@@ -729,7 +827,13 @@ impl IdentityPlane {
 
     /// Verifies a DPoP proof for the token endpoint (`POST <issuer>/token`), or for the
     /// token `ath` names, refuses a replayed one, and returns its key's thumbprint.
-    fn check_dpop(&self, proof: &str, now: i64, access_token: Option<&str>) -> Result<String> {
+    fn check_dpop(
+        &self,
+        proof: &str,
+        now: i64,
+        access_token: Option<&str>,
+        retry: Option<&retry::Retry>,
+    ) -> Result<String> {
         let htu = format!("{}/token", self.cfg.issuer);
         let p = quorate_proto::dpop::verify(
             proof.trim(),
@@ -745,7 +849,7 @@ impl IdentityPlane {
         let until = p.iat.saturating_add(DPOP_MAX_AGE_SECONDS);
         if !self
             .store
-            .first_use(OneUse::DpopProof, &p.jkt, &p.jti, until, now)?
+            .first_use(OneUse::DpopProof, &p.jkt, &p.jti, owner(retry), until, now)?
         {
             return Err(IdentityError::Invalid(
                 "DPoP proof refused: its jti was already used (RFC 9449 §11.1); make a fresh proof"
@@ -772,7 +876,7 @@ impl IdentityPlane {
         self.audit
             .append(Outcome::Pending, approval_fields(&p, "request", caller))
             .await?;
-        self.approvals.insert(p.clone());
+        self.approvals.insert(&*self.store, p.clone())?;
         tracing::info!(approval = %id, agent = %p.request.agent, "request waits for approval");
         Ok(id)
     }
@@ -784,11 +888,12 @@ impl IdentityPlane {
         id: &str,
         request: &approval::Request,
         wait: std::time::Duration,
+        owner: &str,
     ) -> Result<Option<i64>> {
         let deadline = tokio::time::Instant::now() + wait.min(approval::MAX_WAIT);
         loop {
             self.sweep_approvals().await?;
-            let (p, changed) = self.approvals.get(id, request)?;
+            let (p, changed) = self.approvals.get(&*self.store, id, request)?;
             match p.state {
                 approval::State::Approved => return Ok(None),
                 approval::State::Pending => {}
@@ -805,6 +910,12 @@ impl IdentityPlane {
                         p.expires_at
                     )));
                 }
+                approval::State::Used
+                    if !owner.is_empty() && p.used_by.as_deref() == Some(owner) =>
+                {
+                    // A retry of the request that used it.
+                    return Ok(None);
+                }
                 approval::State::Used => {
                     return Err(IdentityError::Denied(format!(
                         "approval {id} was already used"
@@ -815,14 +926,15 @@ impl IdentityPlane {
             if left.is_zero() {
                 return Ok(Some(p.expires_at));
             }
-            let step = left.min(std::time::Duration::from_millis(250));
+            // A decision on another coordinator is seen at the next look.
+            let step = left.min(approval::POLL);
             let _ = tokio::time::timeout(step, changed.notified()).await;
         }
     }
 
     /// Expires due approval requests and records each in the audit trail.
     pub async fn sweep_approvals(&self) -> Result<()> {
-        for p in self.approvals.expire_due(now()) {
+        for p in self.approvals.expire_due(&*self.store, now())? {
             self.audit
                 .append(Outcome::Expired, approval_fields(&p, "expire", None))
                 .await?;
@@ -835,7 +947,7 @@ impl IdentityPlane {
         self.require_client(caller, Action::Approve, "list_approvals")
             .await?;
         self.sweep_approvals().await?;
-        Ok(self.approvals.list(all))
+        Ok(self.approvals.list(&*self.store, all)?)
     }
 
     /// An approver approves or rejects a pending request.
@@ -861,9 +973,15 @@ impl IdentityPlane {
         };
         // The event is appended (a short blocking commit, under the approvals lock)
         // before the decision wakes the waiting request.
-        let decided = self
-            .approvals
-            .decide(id, approve, caller, reason, statement, |p| {
+        let decided = self.approvals.decide(
+            &*self.store,
+            id,
+            approve,
+            caller,
+            reason,
+            statement,
+            now(),
+            |p| {
                 if approve {
                     // A deprovisioned agent gets nothing, approved or not; rejecting its
                     // request stays possible.
@@ -877,7 +995,8 @@ impl IdentityPlane {
                     .append_blocking(outcome, fields)
                     .map(|_| ())
                     .map_err(IdentityError::from)
-            });
+            },
+        );
         let p = match decided {
             Ok(p) => p,
             Err(e @ IdentityError::Audit(_)) => return Err(e),
@@ -930,7 +1049,7 @@ impl IdentityPlane {
         .map_err(|e| IdentityError::Denied(e.to_string()))?;
         let pending = self
             .approvals
-            .peek(id)
+            .peek(&*self.store, id)?
             .ok_or_else(|| IdentityError::NotFound(format!("no approval request {id}")))?;
         pending
             .request
@@ -1060,6 +1179,9 @@ impl IdentityPlane {
 
     async fn exchange_inner(&self, req: &ExchangeRequest, trail: &mut Fields) -> Result<Issued> {
         let now = now();
+        if let Some(answered) = self.begin_retry(req.retry.as_ref(), now, trail)? {
+            return Ok(answered);
+        }
         let subject = token::verify(
             req.subject_token.trim(),
             &self.verification_keys()?,
@@ -1115,7 +1237,7 @@ impl IdentityPlane {
         }
         let jkt = match (&subject.cnf, &req.dpop_proof) {
             (Some(cnf), Some(proof)) => {
-                let jkt = self.check_dpop(proof, now, None)?;
+                let jkt = self.check_dpop(proof, now, None, req.retry.as_ref())?;
                 if jkt != cnf.jkt {
                     return Err(IdentityError::Denied(
                         "the DPoP proof is not by the key the subject token is bound to".into(),
@@ -1128,7 +1250,7 @@ impl IdentityPlane {
                     "the subject token is DPoP-bound: prove possession of its key with a DPoP proof".into(),
                 ));
             }
-            (None, Some(proof)) => Some(self.check_dpop(proof, now, None)?),
+            (None, Some(proof)) => Some(self.check_dpop(proof, now, None, req.retry.as_ref())?),
             (None, None) => None,
         };
         let context = PolicyContext {
@@ -1183,7 +1305,9 @@ impl IdentityPlane {
             req.ttl_seconds,
             &req.context,
         );
-        self.sign(claims, decision.policy_ids, evidence).await
+        let claims = self.retry_claims(req.retry.as_ref(), claims)?;
+        let issued = self.sign(claims, decision.policy_ids, evidence).await?;
+        self.retry_answer(req.retry.as_ref(), issued)
     }
 
     /// A confidential credential (DESIGN.md §4.6) for (key, target, agent, task, the
@@ -1599,6 +1723,44 @@ impl Audited for Said {}
 
 /// A policy refusal naming the deciding policies and, when a policy failed to evaluate
 /// (which denies), the policy and its error ([`Decision::explain`]).
+/// The one-use owner of a retry-safe request (empty: none).
+fn owner(retry: Option<&retry::Retry>) -> &str {
+    retry.map_or("", |r| r.key.as_str())
+}
+
+/// An issued token as a retry-safe request's recorded answer.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IssuedRecord {
+    token: String,
+    claims: AccessClaims,
+    kid: String,
+    policy_ids: Vec<String>,
+    nodes: Vec<u16>,
+}
+
+fn encode_issued(i: &Issued) -> Result<String> {
+    serde_json::to_string(&IssuedRecord {
+        token: i.token.clone(),
+        claims: i.claims.clone(),
+        kid: i.kid.clone(),
+        policy_ids: i.policy_ids.clone(),
+        nodes: i.nodes.clone(),
+    })
+    .map_err(|e| IdentityError::Invalid(format!("token record: {e}")))
+}
+
+fn decode_issued(text: &str) -> Result<Issued> {
+    let r: IssuedRecord = serde_json::from_str(text)
+        .map_err(|e| IdentityError::Store(format!("recorded token answer: {e}")))?;
+    Ok(Issued {
+        token: r.token,
+        claims: r.claims,
+        kid: r.kid,
+        policy_ids: r.policy_ids,
+        nodes: r.nodes,
+    })
+}
+
 fn denial(d: &Decision) -> IdentityError {
     IdentityError::Denied(d.explain())
 }

@@ -75,12 +75,46 @@ impl IdentityApi {
     /// The agent behind a request: its X.509-SVID on the agent listener (where the
     /// attestation field must be empty), else the attestation JWT from a cluster client.
     /// A refusal is audited.
+    /// Who sent a retry-safe request, as its key's first part: the cluster client's id
+    /// on the public API, a digest of the agent's X.509-SVID on the agent listener.
+    fn retry_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        if self.agents {
+            let chain = quorate_proto::transport::peer_chain_of(request)
+                .ok_or_else(|| Status::unauthenticated("no X.509-SVID on this connection"))?;
+            let leaf = chain
+                .first()
+                .ok_or_else(|| Status::unauthenticated("no X.509-SVID on this connection"))?;
+            Ok(format!(
+                "svid:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(leaf.as_ref()))
+            ))
+        } else {
+            Ok(format!("client:{}", self.caller(request)?))
+        }
+    }
+
+    /// The retry identity of a token request ([`super::retry`]), if it has a
+    /// `request_id`.
+    fn retry_of<T>(
+        &self,
+        request: &Request<T>,
+        request_id: &str,
+        content: &super::retry::Content<'_>,
+    ) -> Result<Option<super::retry::Retry>, Status> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        let caller = self.retry_caller(request)?;
+        Ok(super::retry::Retry::new(&caller, request_id, content)?)
+    }
+
     async fn agent<T>(
         &self,
         request: &Request<T>,
         attestation: &str,
         kind: &str,
         action: Action,
+        retry: Option<&super::retry::Retry>,
     ) -> Result<(Option<String>, Attestation), Status> {
         if self.agents {
             let verified = match quorate_proto::transport::peer_chain_of(request) {
@@ -106,7 +140,7 @@ impl IdentityApi {
             }
         } else {
             let caller = self.caller(request)?;
-            match self.plane.authenticate(attestation).await {
+            match self.plane.authenticate_for(attestation, retry).await {
                 Ok(a) => Ok((Some(caller), a)),
                 Err(e) => Err(self
                     .plane
@@ -175,8 +209,37 @@ impl IdentityService for IdentityApi {
         request: Request<api::IssueTokenRequest>,
     ) -> Result<Response<api::IssueTokenReply>, Status> {
         let attestation = request.get_ref().attestation.clone();
+        let context: BTreeMap<String, String> = request
+            .get_ref()
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let retry = {
+            let r = request.get_ref();
+            self.retry_of(
+                &request,
+                &r.request_id,
+                &super::retry::Content {
+                    kind: "issue",
+                    credentials: &[&r.attestation],
+                    audience: &r.audience,
+                    scopes: &r.scopes,
+                    ttl_seconds: u64::from(r.ttl_seconds),
+                    task_id: &r.task_id,
+                    context: &context,
+                    dpop_proof: &r.dpop_proof,
+                },
+            )?
+        };
         let (caller, agent) = self
-            .agent(&request, &attestation, "token", Action::IssueToken)
+            .agent(
+                &request,
+                &attestation,
+                "token",
+                Action::IssueToken,
+                retry.as_ref(),
+            )
             .await?;
         let r = request.into_inner();
         let outcome = self
@@ -187,11 +250,12 @@ impl IdentityService for IdentityApi {
                 scopes: r.scopes,
                 ttl_seconds: u64::from(r.ttl_seconds),
                 task_id: non_empty(r.task_id),
-                context: r.context.into_iter().collect::<BTreeMap<_, _>>(),
+                context,
                 caller,
                 dpop_proof: non_empty(r.dpop_proof),
                 wait: Duration::from_secs(u64::from(r.wait_seconds)),
                 approval_id: non_empty(r.approval_id),
+                retry,
             })
             .await?;
         Ok(Response::new(match outcome {
@@ -210,8 +274,37 @@ impl IdentityService for IdentityApi {
         request: Request<api::ExchangeTokenRequest>,
     ) -> Result<Response<api::IssueTokenReply>, Status> {
         let attestation = request.get_ref().actor_attestation.clone();
+        let context: BTreeMap<String, String> = request
+            .get_ref()
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let retry = {
+            let r = request.get_ref();
+            self.retry_of(
+                &request,
+                &r.request_id,
+                &super::retry::Content {
+                    kind: "exchange",
+                    credentials: &[&r.subject_token, &r.actor_attestation],
+                    audience: &r.audience,
+                    scopes: &r.scopes,
+                    ttl_seconds: u64::from(r.ttl_seconds),
+                    task_id: "",
+                    context: &context,
+                    dpop_proof: &r.dpop_proof,
+                },
+            )?
+        };
         let (caller, actor) = self
-            .agent(&request, &attestation, "exchange", Action::ExchangeToken)
+            .agent(
+                &request,
+                &attestation,
+                "exchange",
+                Action::ExchangeToken,
+                retry.as_ref(),
+            )
             .await?;
         let r = request.into_inner();
         let issued = self
@@ -223,8 +316,9 @@ impl IdentityService for IdentityApi {
                 scopes: r.scopes,
                 ttl_seconds: u64::from(r.ttl_seconds),
                 dpop_proof: non_empty(r.dpop_proof),
-                context: r.context.into_iter().collect(),
+                context,
                 caller,
+                retry,
             })
             .await?;
         Ok(Response::new(token_reply(issued)))
@@ -261,6 +355,7 @@ impl IdentityService for IdentityApi {
                     &attestation,
                     "credential",
                     Action::RequestCredential,
+                    None,
                 )
                 .await?;
             (caller, CredentialRequester::Agent(agent))

@@ -14,10 +14,16 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::approval::{ApprovalError, KEEP_DECIDED_SECONDS, State, Stored};
+
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const REVOKED_JTI: TableDefinition<&str, i64> = TableDefinition::new("revoked_jti");
 const REVOKED_AGENTS: TableDefinition<&str, i64> = TableDefinition::new("revoked_agents");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Retry-safe requests: key → JSON [`Issuance`].
+const ISSUANCE: TableDefinition<&str, &str> = TableDefinition::new("issuance");
+/// Approval requests: id → JSON [`Stored`].
+const APPROVALS: TableDefinition<&str, &str> = TableDefinition::new("approvals");
 /// The META entry holding the operator-signed policy bundle last applied.
 const POLICY_BUNDLE: &str = "policy_bundle";
 
@@ -93,6 +99,8 @@ impl RedbIdentityStore {
             tx.open_table(REVOKED_JTI)?;
             tx.open_table(REVOKED_AGENTS)?;
             tx.open_table(META)?;
+            tx.open_table(ISSUANCE)?;
+            tx.open_table(APPROVALS)?;
         }
         tx.commit()?;
         Ok(RedbIdentityStore {
@@ -161,15 +169,121 @@ pub trait IdentityStore: Send + Sync {
     /// Records the first use of `jti` within `scope` (a DPoP key thumbprint, or a
     /// registered client's id) for one-use tokens of `kind`, remembered until
     /// `expires_at` (Unix seconds). `true`: first use, accept it. `false`: refuse it —
-    /// a replay, or the store is full of live entries.
+    /// a replay, or the store is full of live entries. `owner` is the key of the
+    /// retry-safe request using it ([`Issuance`]), or empty: a `jti` first used by an
+    /// owner is accepted again for that owner only (its retries), never for another.
     fn first_use(
         &self,
         kind: OneUse,
         scope: &str,
         jti: &str,
+        owner: &str,
         expires_at: i64,
         now: i64,
     ) -> Result<bool>;
+
+    /// Starts (or finds) the record of the retry-safe request `key`: stores
+    /// `Issuance { digest, claims: None, reply: None, expires_at }` unless a record for
+    /// `key` exists, and returns the stored one — the caller compares its digest.
+    fn issuance_begin(&self, key: &str, digest: &str, expires_at: i64) -> Result<Issuance>;
+
+    /// Sets the record's claims (JSON) unless it has some, and returns the stored ones,
+    /// so every retry of one request, on any coordinator, signs the same claims (one
+    /// `jti`). Errors if there is no record for `key`.
+    fn issuance_claims(&self, key: &str, claims: &str) -> Result<String>;
+
+    /// Sets the record's answer (JSON) unless it has one, and returns the stored one:
+    /// every retry gets the first answer recorded. Errors if there is no record.
+    fn issuance_reply(&self, key: &str, reply: &str) -> Result<String>;
+
+    /// Stores a new approval entry.
+    fn approval_insert(&self, entry: &Stored) -> Result<()>;
+
+    /// An approval entry by id.
+    fn approval(&self, id: &str) -> Result<Option<Stored>>;
+
+    /// The approval entries: only those still pending if `open_only`.
+    fn approvals(&self, open_only: bool) -> Result<Vec<Stored>>;
+
+    /// The ids of pending entries whose expiry is at or before `now`.
+    fn approvals_due(&self, now: i64) -> Result<Vec<String>>;
+
+    /// Changes entry `id` atomically (no other change to it in between, on any
+    /// coordinator): `change` sees the stored entry; if it succeeds, the changed entry is
+    /// stored and returned. The outer error is the store's; the inner one `change`'s, or
+    /// [`ApprovalError::Unknown`].
+    fn approval_update(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut Stored) -> core::result::Result<(), ApprovalError>,
+    ) -> Result<core::result::Result<Stored, ApprovalError>>;
+}
+
+/// Whether a decided approval entry is old enough to forget at `now`.
+pub(crate) fn forgettable(s: &Stored, now: i64) -> bool {
+    !matches!(s.entry.state, State::Pending | State::Approved)
+        && now >= s.entry.expires_at.saturating_add(KEEP_DECIDED_SECONDS)
+}
+
+pub(crate) fn encode_approval(s: &Stored) -> Result<String> {
+    serde_json::to_string(s).map_err(|e| IdentityStoreError(e.to_string()))
+}
+
+pub(crate) fn decode_approval(text: &str) -> Result<Stored> {
+    serde_json::from_str(text).map_err(|e| IdentityStoreError(format!("approval record: {e}")))
+}
+
+/// What a retry-safe request (`IssueTokenRequest.request_id`) has come to, kept until
+/// `expires_at` (Unix seconds) and dropped by [`IdentityStore::purge_expired`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issuance {
+    /// Hex SHA-256 of the request's content: a retry must send the same request.
+    pub digest: String,
+    /// The claims chosen for it (JSON), once chosen.
+    pub claims: Option<String>,
+    /// The answer given (JSON), once given.
+    pub reply: Option<String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl RedbIdentityStore {
+    /// Reads, changes (when `change` returns a new record) and returns the record of
+    /// `key`, in one write transaction.
+    fn update_issuance(
+        &self,
+        key: &str,
+        change: impl FnOnce(Option<Issuance>) -> Result<Issuance>,
+    ) -> Result<Issuance> {
+        let tx = self.db.begin_write()?;
+        let record = {
+            let mut t = tx.open_table(ISSUANCE)?;
+            let current = match t.get(key)? {
+                None => None,
+                Some(v) => Some(decode_issuance(v.value())?),
+            };
+            let next = change(current.clone())?;
+            if current.as_ref() != Some(&next) {
+                t.insert(key, encode_issuance(&next)?.as_str())?;
+            }
+            next
+        };
+        tx.commit()?;
+        Ok(record)
+    }
+}
+
+pub(crate) fn encode_issuance(i: &Issuance) -> Result<String> {
+    serde_json::to_string(i).map_err(|e| IdentityStoreError(e.to_string()))
+}
+
+pub(crate) fn decode_issuance(text: &str) -> Result<Issuance> {
+    serde_json::from_str(text).map_err(|e| IdentityStoreError(format!("issuance record: {e}")))
+}
+
+/// No record for a retry-safe request key.
+pub(crate) fn no_issuance(key: &str) -> IdentityStoreError {
+    IdentityStoreError(format!("no record of request {key}"))
 }
 
 impl IdentityStore for RedbIdentityStore {
@@ -274,6 +388,32 @@ impl IdentityStore for RedbIdentityStore {
 
     fn purge_expired(&self, now: i64) -> Result<usize> {
         let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(APPROVALS)?;
+            let mut dead = Vec::new();
+            for e in t.iter()? {
+                let (k, v) = e?;
+                if decode_approval(v.value()).is_ok_and(|s| forgettable(&s, now)) {
+                    dead.push(k.value().to_owned());
+                }
+            }
+            for k in &dead {
+                t.remove(k.as_str())?;
+            }
+        }
+        {
+            let mut t = tx.open_table(ISSUANCE)?;
+            let mut dead = Vec::new();
+            for e in t.iter()? {
+                let (k, v) = e?;
+                if decode_issuance(v.value()).is_ok_and(|i| i.expires_at < now) {
+                    dead.push(k.value().to_owned());
+                }
+            }
+            for k in &dead {
+                t.remove(k.as_str())?;
+            }
+        }
         let n = {
             let mut t = tx.open_table(REVOKED_JTI)?;
             let dead: Vec<String> = t
@@ -296,6 +436,7 @@ impl IdentityStore for RedbIdentityStore {
         kind: OneUse,
         scope: &str,
         jti: &str,
+        owner: &str,
         expires_at: i64,
         now: i64,
     ) -> Result<bool> {
@@ -303,7 +444,113 @@ impl IdentityStore for RedbIdentityStore {
             OneUse::DpopProof => &self.dpop_seen,
             OneUse::ClientAssertion => &self.assertions_seen,
         };
-        Ok(cache.check_and_insert(scope, jti, expires_at, now))
+        Ok(cache.check_and_insert_for(scope, jti, owner, expires_at, now))
+    }
+
+    fn issuance_begin(&self, key: &str, digest: &str, expires_at: i64) -> Result<Issuance> {
+        self.update_issuance(key, |current| {
+            Ok(current.unwrap_or_else(|| Issuance {
+                digest: digest.to_owned(),
+                claims: None,
+                reply: None,
+                expires_at,
+            }))
+        })
+    }
+
+    fn issuance_claims(&self, key: &str, claims: &str) -> Result<String> {
+        let r = self.update_issuance(key, |current| {
+            let mut r = current.ok_or_else(|| no_issuance(key))?;
+            r.claims.get_or_insert_with(|| claims.to_owned());
+            Ok(r)
+        })?;
+        r.claims.ok_or_else(|| no_issuance(key))
+    }
+
+    fn issuance_reply(&self, key: &str, reply: &str) -> Result<String> {
+        let r = self.update_issuance(key, |current| {
+            let mut r = current.ok_or_else(|| no_issuance(key))?;
+            r.reply.get_or_insert_with(|| reply.to_owned());
+            Ok(r)
+        })?;
+        r.reply.ok_or_else(|| no_issuance(key))
+    }
+
+    fn approval_insert(&self, entry: &Stored) -> Result<()> {
+        let text = encode_approval(entry)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(APPROVALS)?;
+            if t.get(entry.entry.id.as_str())?.is_some() {
+                return Err(IdentityStoreError(format!(
+                    "approval {} exists already",
+                    entry.entry.id
+                )));
+            }
+            t.insert(entry.entry.id.as_str(), text.as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn approval(&self, id: &str) -> Result<Option<Stored>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(APPROVALS)?;
+        t.get(id)?.map(|v| decode_approval(v.value())).transpose()
+    }
+
+    fn approvals(&self, open_only: bool) -> Result<Vec<Stored>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(APPROVALS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            let s = decode_approval(v.value())?;
+            if !open_only || s.open() {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn approvals_due(&self, now: i64) -> Result<Vec<String>> {
+        Ok(self
+            .approvals(true)?
+            .into_iter()
+            .filter(|s| now >= s.entry.expires_at)
+            .map(|s| s.entry.id)
+            .collect())
+    }
+
+    fn approval_update(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut Stored) -> core::result::Result<(), ApprovalError>,
+    ) -> Result<core::result::Result<Stored, ApprovalError>> {
+        let tx = self.db.begin_write()?;
+        let outcome = {
+            let mut t = tx.open_table(APPROVALS)?;
+            let current = match t.get(id)? {
+                None => None,
+                Some(v) => Some(decode_approval(v.value())?),
+            };
+            match current {
+                None => Err(ApprovalError::Unknown(id.to_owned())),
+                Some(mut s) => match change(&mut s) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        t.insert(id, encode_approval(&s)?.as_str())?;
+                        Ok(s)
+                    }
+                },
+            }
+        };
+        if outcome.is_ok() {
+            tx.commit()?;
+        } else {
+            tx.abort()?;
+        }
+        Ok(outcome)
     }
 }
 
@@ -385,5 +632,37 @@ mod tests {
         assert!(s.jti_revoked("j1").unwrap());
         assert_eq!(s.agent_revoked_at("spiffe://d/agent/x").unwrap(), Some(200));
         assert_eq!(s.agent_revoked_at("spiffe://d/agent/y").unwrap(), None);
+    }
+
+    #[test]
+    fn a_retry_safe_request_keeps_its_first_claims_and_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.redb");
+        {
+            let s = RedbIdentityStore::open(&path).unwrap();
+            assert!(s.issuance_claims("k", "{}").is_err(), "no record yet");
+            let r = s.issuance_begin("k", "d1", 1000).unwrap();
+            assert_eq!((r.digest.as_str(), r.claims, r.reply), ("d1", None, None));
+            // A second begin finds the first record, digest included.
+            assert_eq!(s.issuance_begin("k", "d2", 2000).unwrap().digest, "d1");
+            assert_eq!(s.issuance_claims("k", "c1").unwrap(), "c1");
+            assert_eq!(s.issuance_claims("k", "c2").unwrap(), "c1");
+            assert_eq!(s.issuance_reply("k", "r1").unwrap(), "r1");
+            // One-use jtis: the owner may use its own again, nobody else may.
+            let use_ = |owner: &str| {
+                s.first_use(OneUse::DpopProof, "jkt", "j", owner, 500, 100)
+                    .unwrap()
+            };
+            assert!(use_("k"));
+            assert!(use_("k"));
+            assert!(!use_("other"));
+            assert!(!use_(""));
+        }
+        let s = RedbIdentityStore::open(&path).unwrap();
+        assert_eq!(s.issuance_reply("k", "r2").unwrap(), "r1");
+        s.purge_expired(999).unwrap();
+        assert_eq!(s.issuance_begin("k", "d3", 3000).unwrap().digest, "d1");
+        s.purge_expired(1001).unwrap();
+        assert_eq!(s.issuance_begin("k", "d3", 3000).unwrap().digest, "d3");
     }
 }
