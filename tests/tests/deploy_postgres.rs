@@ -251,19 +251,28 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
     }
 
     // Each coordinator presents its own certificate, both for the `coordinator` role.
+    let trust = Trust::from_pem_file(secrets.join("ca.pem"), DOMAIN).unwrap();
     let id = Identity::from_pem_files(
         secrets.join("coordinator-2.pem"),
         secrets.join("coordinator-2-key.pem"),
     )
     .unwrap();
     assert_eq!(id.role(DOMAIN).unwrap(), Role::Coordinator);
+    assert_eq!(
+        trust.verify_peer_chain(id.cert_chain()).unwrap(),
+        Role::Coordinator
+    );
+    assert_ne!(
+        std::fs::read(secrets.join("coordinator.pem")).unwrap(),
+        std::fs::read(secrets.join("coordinator-2.pem")).unwrap(),
+        "the coordinators share a certificate"
+    );
 
     let admin = Identity::from_pem_files(
         secrets.join("client-admin.pem"),
         secrets.join("client-admin-key.pem"),
     )
     .unwrap();
-    let trust = Trust::from_pem_file(secrets.join("ca.pem"), DOMAIN).unwrap();
     let mut clients = Vec::new();
     for addr in &coordinators {
         let channel = transport::connect(
