@@ -305,7 +305,7 @@ async fn drive(
 fn start_postgres() -> Result<quorate_tests::postgres::Postgres, String> {
     quorate_tests::postgres::Postgres::start("bench").ok_or_else(|| {
         "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin \
-         (Debian package `postgresql`); `--postgres` with no count skips PostgreSQL"
+         (Debian package `postgresql`): install it to measure the PostgreSQL store"
             .to_owned()
     })
 }
