@@ -47,7 +47,8 @@ class Help:
     def __init__(self, path):
         text = Path(path).read_text()
         self.flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+)", text, re.M))
-        self.env = set(re.findall(r"\[env: ([A-Z0-9_]+)=", text)) | EXTRA_ENV
+        # `[env: NAME=value]`, or `[env: NAME]` where clap hides the value (a store URL).
+        self.env = set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", text)) | EXTRA_ENV
         if not self.flags:
             sys.exit(f"{path}: no flags found; is it the output of --help?")
 
@@ -75,13 +76,19 @@ def check_k8s(path, helps):
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
 
-    workloads = by_kind.get("StatefulSet", []) + by_kind.get("Deployment", [])
-    nodes, coordinators = [], []
+    servers = by_kind.get("StatefulSet", []) + by_kind.get("Deployment", [])
+    workloads = servers + by_kind.get("Job", [])
+    nodes, coordinators, jobs = [], [], []
     for w in workloads:
         name = w["metadata"]["name"]
         labels = w["spec"]["template"]["metadata"]["labels"]
         component = labels.get("app.kubernetes.io/component")
-        (nodes if component == "fragment-node" else coordinators).append(w)
+        if w["kind"] == "Job":
+            jobs.append(w)
+        else:
+            r.check(component in ("fragment-node", "coordinator"),
+                    f"{name}: component {component!r} is neither fragment-node nor coordinator")
+            (nodes if component == "fragment-node" else coordinators).append(w)
         pod = w["spec"]["template"]["spec"]
         sc = pod.get("securityContext", {})
         r.check(sc.get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot is not true")
@@ -103,7 +110,8 @@ def check_k8s(path, helps):
                     r.check(what in res.get(kind, {}), f"{cname}: no {what} {kind[:-1]}")
         for c in pod["containers"]:
             cname = f"{name}/{c['name']}"
-            for probe in ("readinessProbe", "livenessProbe"):
+            # A Job runs to completion: nothing to probe.
+            for probe in ("readinessProbe", "livenessProbe") if w["kind"] != "Job" else ():
                 r.check(probe in c, f"{cname}: no {probe}")
             command = (c.get("command") or [None])[0]
             h = binary_help(command, helps)
@@ -165,6 +173,14 @@ def check_k8s(path, helps):
                      (ns_sel == {"kubernetes.io/metadata.name": "monitoring"} and not pod_sel
                       and [pt["port"] for pt in rule.get("ports", [])] == [9090])
                 r.check(ok, f"node ingress from {src} is neither the coordinator nor metrics scraping")
+    r.check(not by_kind.get("Secret"), "the manifests carry a Secret: secrets are made by their operators, never committed")
+    for w in workloads:
+        for c in w["spec"]["template"]["spec"].get("initContainers", []) + w["spec"]["template"]["spec"]["containers"]:
+            inline = [e["name"] for e in c.get("env", []) if "postgres" in str(e.get("value", ""))]
+            inline += [a for a in c.get("args", []) + c.get("command", []) if "postgres://" in a or "postgresql://" in a]
+            r.check(not inline, f"{w['metadata']['name']}/{c['name']}: a store URL inline ({inline}); it comes from a Secret")
+    if coordinators:
+        check_k8s_store(r, coordinators[0], jobs, by_kind)
     pdbs = by_kind.get("PodDisruptionBudget", [])
     r.check(any(p["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == "fragment-node"
                 for p in pdbs), "no PodDisruptionBudget for the fragment nodes")
@@ -175,17 +191,92 @@ def check_k8s(path, helps):
     r.finish()
 
 
+def selects(selector, labels):
+    """Whether a podSelector (matchLabels and `In` matchExpressions) selects `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] != "In" or labels.get(e["key"]) not in e.get("values", []):
+            return False
+    return True
+
+
+def check_k8s_store(r, coordinator, jobs, by_kind):
+    """redb: one replica with its volume. PostgreSQL (QUORATE_COORDINATOR_STORE set):
+    the URL from a Secret, at least two replicas and no volume, a migrate Job, a budget
+    and a Service over the coordinators, egress to the database."""
+    name = coordinator["metadata"]["name"]
+    spec = coordinator["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container.get("env", [])}
+    store = env.get("QUORATE_COORDINATOR_STORE")
+    if store is None:
+        r.check(spec.get("replicas") == 1, f"{name}: the redb store is single-writer, replicas must be 1")
+        print("  coordinator store: redb, 1 replica")
+        return
+    ref = store.get("valueFrom", {}).get("secretKeyRef")
+    r.check(ref is not None and "value" not in store,
+            f"{name}: QUORATE_COORDINATOR_STORE (it holds the password) is not from a Secret")
+    replicas = spec.get("replicas", 1)
+    r.check(replicas >= 2, f"{name}: {replicas} replica(s) on the shared store, expected at least 2")
+    r.check(not spec.get("volumeClaimTemplates"), f"{name}: a volume claim, but its state is in PostgreSQL")
+    r.check(not any(a.startswith("--data-dir") for a in container.get("args", [])),
+            f"{name}: --data-dir with the PostgreSQL store")
+    migrates = [j for j in jobs if j["spec"]["template"]["spec"]["containers"][0].get("command") ==
+                ["quorate-coordinator", "migrate"]]
+    r.check(len(migrates) == 1, f"{len(migrates)} Jobs run `quorate-coordinator migrate`, expected 1")
+    for j in migrates:
+        jenv = {e["name"]: e for e in j["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        jref = jenv.get("QUORATE_COORDINATOR_STORE", {}).get("valueFrom", {}).get("secretKeyRef")
+        r.check(jref is not None and jref == ref,
+                f"{j['metadata']['name']}: does not take the coordinators' store URL from their Secret")
+    labels = spec["template"]["metadata"]["labels"]
+    pdbs = [p for p in by_kind.get("PodDisruptionBudget", []) if selects(p["spec"]["selector"], labels)]
+    r.check(len(pdbs) == 1 and (pdbs[0]["spec"].get("maxUnavailable") == 1 or
+                                pdbs[0]["spec"].get("minAvailable", 0) >= 1),
+            "no PodDisruptionBudget keeping a coordinator serving")
+    services = [s for s in by_kind.get("Service", []) if s["metadata"]["name"] == spec["serviceName"]]
+    r.check(bool(services) and all(s["spec"].get("selector") and
+                                   all(labels.get(k) == v for k, v in s["spec"]["selector"].items())
+                                   for s in services),
+            f"the Service {spec['serviceName']} does not select every coordinator")
+    egress = [p for p in by_kind.get("NetworkPolicy", [])
+              if selects(p["spec"]["podSelector"], labels) and "Egress" in p["spec"].get("policyTypes", [])]
+    r.check(any(pt.get("port") == 5432 for p in egress for rule in p["spec"].get("egress", [])
+                for pt in rule.get("ports", [])),
+            "no NetworkPolicy lets the coordinators reach PostgreSQL (TCP 5432)")
+    print(f"  coordinator store: PostgreSQL from Secret {ref and ref.get('name')}, {replicas} replicas")
+
+
 # --------------------------------------------------------------------------------------
 # Compose
 # --------------------------------------------------------------------------------------
 
+# Files several services may share: the cluster CA, PostgreSQL's CA, and the metadata
+# (issuer) certificate that every coordinator of one cluster serves.
+SHARED_SECRETS = {"ca", "db-ca", "metadata-cert", "metadata-key"}
+
+
 def check_compose(path, helps):
-    d = yaml.safe_load(Path(path).read_text())
+    """Both compose files: compose.yaml (3 nodes, 1 coordinator on redb) and
+    compose.postgres.yaml (3 nodes, 2 coordinators on PostgreSQL, a migrate job, db)."""
+    text = Path(path).read_text()
+    d = yaml.safe_load(text)
     r = Report(f"compose {path}")
     services = d.get("services", {})
-    nodes = {k: v for k, v in services.items() if v["command"][0] == "quorate-node"}
-    coord = [v for v in services.values() if v["command"][0] == "quorate-coordinator"]
-    r.check(len(nodes) == 3 and len(coord) == 1, f"expected 3 nodes and a coordinator, got {list(services)}")
+    quorate = {k: v for k, v in services.items() if v["command"][0] in ("quorate-node", "quorate-coordinator")}
+    others = {k: v for k, v in services.items() if k not in quorate}
+    nodes = {k: v for k, v in quorate.items() if v["command"][0] == "quorate-node"}
+    migrate = {k: v for k, v in quorate.items() if v["command"] == ["quorate-coordinator", "migrate"]}
+    coord = {k: v for k, v in quorate.items() if v["command"][0] == "quorate-coordinator" and k not in migrate}
+    postgres = bool(migrate) or any("env_file" in v for v in coord.values())
+    if postgres:
+        r.check(len(nodes) == 3 and len(coord) >= 2 and len(migrate) == 1 and list(others) == ["db"],
+                f"expected 3 nodes, 2 or more coordinators, a migrate job and db, got {list(services)}")
+    else:
+        r.check(len(nodes) == 3 and len(coord) == 1 and not others,
+                f"expected 3 nodes and a coordinator, got {list(services)}")
     volumes_seen, secrets_seen = [], []
     for name, s in services.items():
         r.check(s.get("read_only") is True, f"{name}: root filesystem writable")
@@ -194,27 +285,68 @@ def check_compose(path, helps):
         user = str(s.get("user", "0")).split(":")[0]
         r.check(user not in ("0", "root"), f"{name}: runs as root")
         vols = [v.split(":")[0] for v in s.get("volumes", [])]
-        r.check(len(vols) == 1 and vols[0] in d.get("volumes", {}), f"{name}: not exactly one named volume")
+        # Stateless: the migrate job, and coordinators whose state is in PostgreSQL.
+        stateless = name in migrate or (postgres and name in coord)
+        if stateless:
+            r.check(not vols, f"{name}: a volume, but its state is in PostgreSQL")
+        else:
+            r.check(len(vols) == 1 and vols[0] in d.get("volumes", {}), f"{name}: not exactly one named volume")
         volumes_seen += vols
-        own = [x["source"] for x in s.get("secrets", []) if x["source"] != "ca"]
+        own = [x["source"] for x in s.get("secrets", []) if x["source"] not in SHARED_SECRETS]
         secrets_seen += own
         for x in s.get("secrets", []):
             r.check(x["source"] in d.get("secrets", {}), f"{name}: secret {x['source']} is not declared")
         h = binary_help(s["command"][0], helps)
-        check_args(r, name, s["command"][1:], h)
-        for e in s.get("environment", {}):
-            r.check(e in h.env, f"{name}: {e} is not read by {s['command'][0]}")
+        if name in quorate:
+            check_args(r, name, s["command"][1:], h)
+            for e in s.get("environment", {}):
+                r.check(e in h.env, f"{name}: {e} is not read by {s['command'][0]}")
     r.check(len(set(volumes_seen)) == len(volumes_seen), f"services share volumes: {volumes_seen}")
     r.check(len(set(secrets_seen)) == len(secrets_seen), f"services share secrets: {secrets_seen}")
     for name, s in nodes.items():
         targets = {x["target"] for x in s.get("secrets", [])}
         r.check(targets == {"node.pem", "node-key.pem", "ca.pem", "kek"}, f"{name}: secrets {sorted(targets)}")
-    if coord:
-        addrs = {v["networks"]["quorate"]["ipv4_address"]: k for k, v in nodes.items()}
-        listed = [a.split("=", 2)[2] for a in coord[0]["command"] if a.startswith("--node=")]
+    addrs = {v["networks"]["quorate"]["ipv4_address"]: k for k, v in nodes.items()}
+    for cname, c in coord.items():
+        listed = [a.split("=", 2)[2] for a in c["command"] if a.startswith("--node=")]
         r.check(sorted(a.rsplit(":", 1)[0] for a in listed) == sorted(addrs),
-                f"coordinator --node addresses {listed} are not the nodes' {sorted(addrs)}")
+                f"{cname}: --node addresses {listed} are not the nodes' {sorted(addrs)}")
+    if postgres:
+        check_compose_store(r, d, text, coord, migrate)
     r.finish()
+
+
+def check_compose_store(r, d, text, coord, migrate):
+    """The PostgreSQL variant: the store URL (with its password) only in an env file,
+    each coordinator its own certificate, migrate before the coordinators, TLS on db."""
+    r.check("postgres://" not in re.sub(r"#.*", "", text), "a store URL inline in the compose file")
+    for name, s in list(coord.items()) + list(migrate.items()):
+        r.check(bool(s.get("env_file")), f"{name}: no env_file with QUORATE_COORDINATOR_STORE")
+        r.check("QUORATE_COORDINATOR_STORE" not in s.get("environment", {}),
+                f"{name}: QUORATE_COORDINATOR_STORE inline (it holds the password)")
+        r.check(any(x["target"] == "db-ca.pem" for x in s.get("secrets", [])),
+                f"{name}: no db-ca.pem to verify PostgreSQL's certificate")
+    certs = [next((x["source"] for x in s.get("secrets", []) if x["target"] == "coordinator.pem"), None)
+             for s in coord.values()]
+    r.check(None not in certs and len(set(certs)) == len(certs),
+            f"coordinators do not each have their own certificate: {certs}")
+    for name, s in coord.items():
+        dep = s.get("depends_on", {})
+        for m in migrate:
+            r.check(dep.get(m, {}).get("condition") == "service_completed_successfully",
+                    f"{name}: does not wait for {m} to complete")
+    ports = [p for s in coord.values() for p in s.get("ports", [])]
+    r.check(len(ports) == len(set(ports)) and len(coord) <= len(ports),
+            f"each coordinator needs its own published API port: {ports}")
+    db = d["services"].get("db", {})
+    r.check("ssl=on" in db.get("command", []), "db: TLS is not on (ssl=on)")
+    env = db.get("environment", {})
+    r.check("POSTGRES_PASSWORD" not in env and "POSTGRES_PASSWORD_FILE" in env,
+            "db: the password is not read from a secret file (POSTGRES_PASSWORD_FILE)")
+    for m, s in migrate.items():
+        r.check(s.get("depends_on", {}).get("db", {}).get("condition") == "service_healthy",
+                f"{m}: does not wait for db to be healthy")
+        r.check(s.get("restart") == "no", f"{m}: a one-shot job must not restart")
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +381,18 @@ def check_systemd(paths, helps):
             r.check(v in s.get(k, []), f"{name}: {k}={v} missing")
         r.check(any(x.startswith("AF_") for x in s.get("RestrictAddressFamilies", [])),
                 f"{name}: RestrictAddressFamilies missing")
-        r.check(bool(s.get("StateDirectory")), f"{name}: no StateDirectory")
+        exec_args = s["ExecStart"][0].split()
+        if "--data-dir" in exec_args:
+            r.check(bool(s.get("StateDirectory")), f"{name}: no StateDirectory")
+        else:
+            # The PostgreSQL store: no local state, and the URL (with its password) only
+            # in a root-only EnvironmentFile, never in the unit.
+            r.check(not s.get("StateDirectory"), f"{name}: a StateDirectory but no --data-dir")
+            r.check(len(s.get("EnvironmentFile", [])) >= 2,
+                    f"{name}: no EnvironmentFile for QUORATE_COORDINATOR_STORE")
+            code = "\n".join(l for l in Path(path).read_text().splitlines() if not l.lstrip().startswith("#"))
+            r.check("postgres://" not in code and "QUORATE_COORDINATOR_STORE" not in code,
+                    f"{name}: the store URL is in the unit (it holds the password)")
         creds = s.get("LoadCredential", [])
         r.check(len(creds) >= 3, f"{name}: keys not passed with LoadCredential")
         exec_start = s["ExecStart"][0].split()

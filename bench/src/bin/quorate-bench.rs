@@ -66,6 +66,9 @@ enum Command {
     Cggmp21(Opts),
     /// Everything above side by side, with the targets as ratios
     Compare(Opts),
+    /// Tokens per second: one coordinator on redb against one, two and three on one
+    /// PostgreSQL store, with the ratios to redb
+    Coordinators(quorate_bench::coordinators::Opts),
     /// Presigning cost and online latency for several (n,t)
     Scaling(ScalingOpts),
     /// Bytes at rest per presignature and node RSS with a large pool
@@ -113,6 +116,7 @@ impl Command {
             | Command::Cggmp21(o)
             | Command::Compare(o) => Some(o),
             Command::Scaling(_)
+            | Command::Coordinators(_)
             | Command::Storage(_)
             | Command::Node(_)
             | Command::Coordinator(_)
@@ -224,6 +228,7 @@ fn main() -> ExitCode {
             return runtime.block_on(quorate_coordinator::app::main_with(*args));
         }
         Command::Pkcs11Sign(o) => pkcs11_sign(&o),
+        Command::Coordinators(o) => runtime.block_on(quorate_bench::coordinators::run(&o)),
         command => runtime.block_on(run(command)),
     };
     match result {
@@ -320,7 +325,10 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Compare(o) => compare(&o, &mut results).await?,
         Command::Scaling(o) => results.scaling = scaling(&o).await?,
         Command::Storage(o) => results.storage = Some(storage(&o).await?),
-        Command::Node(_) | Command::Coordinator(_) | Command::Pkcs11Sign(_) => {}
+        Command::Node(_)
+        | Command::Coordinator(_)
+        | Command::Pkcs11Sign(_)
+        | Command::Coordinators(_) => {}
     }
     if !results.rows.is_empty() {
         println!("{}", report::table(&results.rows));
