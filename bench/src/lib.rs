@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod baselines;
+pub mod failover;
 pub mod load;
 pub mod local;
 pub mod ops;

@@ -70,6 +70,8 @@ enum Command {
     Scaling(ScalingOpts),
     /// Bytes at rest per presignature and node RSS with a large pool
     Storage(StorageOpts),
+    /// The failover gap: three coordinators on PostgreSQL, the one in use killed
+    Failover(quorate_bench::failover::FailoverOpts),
     /// Run a fragment node (used by the local cluster)
     #[command(hide = true)]
     Node(quorate_node::config::Args),
@@ -114,6 +116,7 @@ impl Command {
             | Command::Compare(o) => Some(o),
             Command::Scaling(_)
             | Command::Storage(_)
+            | Command::Failover(_)
             | Command::Node(_)
             | Command::Coordinator(_)
             | Command::Pkcs11Sign(_) => None,
@@ -224,6 +227,7 @@ fn main() -> ExitCode {
             return runtime.block_on(quorate_coordinator::app::main_with(*args));
         }
         Command::Pkcs11Sign(o) => pkcs11_sign(&o),
+        Command::Failover(o) => runtime.block_on(quorate_bench::failover::main(o)),
         command => runtime.block_on(run(command)),
     };
     match result {
@@ -320,7 +324,10 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Compare(o) => compare(&o, &mut results).await?,
         Command::Scaling(o) => results.scaling = scaling(&o).await?,
         Command::Storage(o) => results.storage = Some(storage(&o).await?),
-        Command::Node(_) | Command::Coordinator(_) | Command::Pkcs11Sign(_) => {}
+        Command::Node(_)
+        | Command::Coordinator(_)
+        | Command::Pkcs11Sign(_)
+        | Command::Failover(_) => {}
     }
     if !results.rows.is_empty() {
         println!("{}", report::table(&results.rows));
