@@ -17,6 +17,7 @@
 
 pub mod baselines;
 pub mod coordinators;
+pub mod failover;
 pub mod load;
 pub mod local;
 pub mod ops;

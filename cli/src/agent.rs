@@ -455,6 +455,7 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                 },
                 approval_id: a.approval,
                 dpop_proof: dpop.as_ref().map(|(proof, _)| proof.clone()),
+                request_id: None,
             };
             let client = match (&a.svid_cert, &a.svid_key) {
                 (Some(cert), Some(key)) => {
@@ -518,6 +519,7 @@ pub async fn token(cmd: TokenCommand) -> Result<()> {
                 ttl_seconds: u32_ttl("--ttl", &a.ttl)?,
                 dpop_proof: dpop.as_ref().map(|(proof, _)| proof.clone()),
                 context: pairs("--context", &a.context)?.into_iter().collect(),
+                request_id: None,
             };
             let client = a.conn.connect().await?;
             let reply = client.exchange_token(req).await?;

@@ -393,8 +393,9 @@ struct CryptArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Connection")]
 struct ConnArgs {
-    /// Coordinator address
-    #[arg(long, env = "QUORATE_ADDR", value_name = "HOST:PORT")]
+    /// Coordinator address; several coordinators of one cluster separated by commas
+    /// (a,b,c), or one DNS name with a record per coordinator: calls fail over between them
+    #[arg(long, env = "QUORATE_ADDR", value_name = "HOST:PORT[,HOST:PORT...]")]
     addr: Option<String>,
     /// Cluster CA certificate (PEM)
     #[arg(long, env = "QUORATE_CACERT", value_name = "FILE")]

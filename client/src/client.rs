@@ -2,7 +2,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use quorate_crypto::Point;
 use quorate_crypto::ecies::{self, EciesCiphertext};
@@ -17,7 +18,6 @@ use quorate_proto::api::identity_service_client::IdentityServiceClient;
 use quorate_proto::api::key_service_client::KeyServiceClient;
 use quorate_proto::profile::KeyProfile;
 use quorate_proto::tls::{self, Identity, Role, TlsError, Trust};
-use quorate_proto::transport;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
@@ -25,14 +25,14 @@ use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::keyfmt;
 
+mod failover;
 pub mod identity;
+
+use failover::{Endpoints, Failure, Retry};
 
 /// How long a request may take before the client gives up, unless changed with
 /// [`Client::with_timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Upper bound for connecting (TCP, TLS handshake, HTTP/2 set-up).
-const CONNECT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Largest reply accepted from the coordinator.
 const MAX_REPLY: usize = 16 * 1024 * 1024;
@@ -148,19 +148,26 @@ pub struct ClusterStatus {
     pub pending_activations: u32,
 }
 
-/// A connection to the coordinator's public API.
+/// A connection to the public API of a cluster's coordinators.
 ///
-/// Cheap to clone; clones share the connection. Every call is bounded by the client's
-/// timeout ([`DEFAULT_TIMEOUT`] unless set with [`Client::with_timeout`]).
+/// Cheap to clone; clones share the connections. Every call is bounded by the client's
+/// timeout ([`DEFAULT_TIMEOUT`] unless set with [`Client::with_timeout`]), retries
+/// included.
+///
+/// **Failover.** Given several coordinator addresses ([`ClientConfig::addrs`]), the
+/// client sends each call to the coordinator that answered last and, on a retryable
+/// failure, sends it again to the next one: reads, `sign`, `derive`, `decrypt`,
+/// `issue_token` and `exchange_token` (with one `request_id` for every attempt), revoke
+/// and end task after a lost connection or `UNAVAILABLE`; calls that create something
+/// (keys, tasks, policies, approval decisions) only when the request provably never
+/// reached a coordinator (connection refused, TLS handshake not completed). A
+/// coordinator's own refusal (`PERMISSION_DENIED`, `INVALID_ARGUMENT`, ...) is never
+/// retried. After every coordinator has failed once, each further round waits a short
+/// jittered backoff (50 ms, doubling); a call makes at most three rounds. The error of
+/// a call that failed on several coordinators names each of them and why.
 #[derive(Debug, Clone)]
 pub struct Client {
-    addr: SocketAddr,
-    keys: KeyServiceClient<Channel>,
-    cluster: ClusterServiceClient<Channel>,
-    identity: IdentityServiceClient<Channel>,
-    approvals: ApprovalServiceClient<Channel>,
-    audit: AuditServiceClient<Channel>,
-    channel: Channel,
+    endpoints: Arc<Endpoints>,
     timeout: Duration,
 }
 
@@ -192,7 +199,7 @@ impl Client {
             }
         }
         let trust = Trust::from_pem_file(&config.ca, &config.domain).map_err(config_error)?;
-        Self::open(config.addr, &identity, &trust, &config.domain).await
+        Self::open(&config.addrs(), &identity, &trust, &config.domain).await
     }
 
     /// Connects to the coordinator's agent listener (`--agent-listen`) as an agent that
@@ -217,46 +224,44 @@ impl Client {
         let config_error = |e: TlsError| Error::Config(e.to_string());
         let identity = Identity::from_pem_files(svid_cert, svid_key).map_err(config_error)?;
         let trust = Trust::from_pem_file(ca, domain).map_err(config_error)?;
-        Self::open(addr, &identity, &trust, domain).await
+        Self::open(&[addr], &identity, &trust, domain).await
     }
 
-    /// Completes the TLS handshake with `coordinator.<domain>` at `addr` as `identity`.
+    /// Completes the TLS handshake with `coordinator.<domain>` at the first of `addrs`
+    /// that answers, as `identity`; the others are connected on first use.
     async fn open(
-        addr: SocketAddr,
+        addrs: &[SocketAddr],
         identity: &Identity,
         trust: &Trust,
         domain: &str,
     ) -> Result<Self> {
         let config_error = |e: TlsError| Error::Config(e.to_string());
         let tls = tls::client_config(identity, trust).map_err(config_error)?;
-        let connecting = transport::connect(addr, &Role::Coordinator, domain, tls);
-        let channel = match tokio::time::timeout(CONNECT_LIMIT, connecting).await {
-            Err(_elapsed) => {
-                return Err(Error::connect(
-                    addr,
-                    format!("no connection within {} s", CONNECT_LIMIT.as_secs()),
-                ));
+        let endpoints = Endpoints::new(addrs, tls, domain);
+        let mut tried = Vec::new();
+        let mut last = None;
+        for i in 0..endpoints.len() {
+            let Some(addr) = endpoints.addr(i) else {
+                break;
+            };
+            match endpoints.channel(i, DEFAULT_TIMEOUT).await {
+                Ok(_) => {
+                    endpoints.prefer(i);
+                    return Ok(Client {
+                        endpoints: Arc::new(endpoints),
+                        timeout: DEFAULT_TIMEOUT,
+                    });
+                }
+                Err(e) => {
+                    tried.push((addr, e.reason.clone()));
+                    last = Some(Error::connect(addr, e.reason));
+                }
             }
-            Ok(Err(TlsError::Connect { addr, reason, .. })) => {
-                return Err(Error::connect(addr, reason));
-            }
-            Ok(Err(other)) => return Err(config_error(other)),
-            Ok(Ok(channel)) => channel,
-        };
-        tracing::debug!(%addr, "connected to the coordinator");
-        Ok(Client {
-            addr,
-            keys: KeyServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
-            cluster: ClusterServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_REPLY),
-            identity: IdentityServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_REPLY),
-            approvals: ApprovalServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_REPLY),
-            audit: AuditServiceClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY),
-            channel,
-            timeout: DEFAULT_TIMEOUT,
-        })
+        }
+        Err(failover::name_tried(
+            last.unwrap_or_else(|| Error::Config("no coordinator address".to_owned())),
+            &tried,
+        ))
     }
 
     /// Sets how long each call may take.
@@ -271,12 +276,15 @@ impl Client {
     /// it without touching a node, so it is the floor under any operation's latency.
     pub async fn ping(&self) -> Result<()> {
         use tonic_health::pb::health_check_response::ServingStatus;
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
         let req = tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         };
         let reply = self
-            .call("health check", health.check(self.request(req)))
+            .invoke("health check", Retry::Idempotent, req, |ch, r| async move {
+                tonic_health::pb::health_client::HealthClient::new(ch)
+                    .check(r)
+                    .await
+            })
             .await?;
         if reply.status == ServingStatus::Serving as i32 {
             Ok(())
@@ -285,9 +293,27 @@ impl Client {
         }
     }
 
-    /// The coordinator's address.
+    /// The address of the coordinator calls go to first: the one that answered last.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        let i = self.endpoints.preferred();
+        // `Endpoints` always holds at least one address (`open` connected to one).
+        self.endpoints
+            .addr(i)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// How many times this client (and its clones) sent a call again after a retryable
+    /// failure, to the next coordinator (or the same one, if it is the only one).
+    pub fn retries(&self) -> u64 {
+        self.endpoints.retries()
+    }
+
+    /// Every coordinator address this client may send to, in failover order from the
+    /// first configured.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        (0..self.endpoints.len())
+            .filter_map(|i| self.endpoints.addr(i))
+            .collect()
     }
 
     /// Creates a key with a fresh distributed key generation across all nodes: a signing
@@ -312,9 +338,10 @@ impl Client {
             token_rules: rules,
             profile: wire as i32,
         };
-        let mut keys = self.keys.clone();
         let info = self
-            .call("create the key", keys.create_key(self.request(req)))
+            .invoke("create the key", Retry::Unsent, req, |ch, r| async move {
+                keys_api(ch).create_key(r).await
+            })
             .await?;
         key_info(info)
     }
@@ -326,9 +353,10 @@ impl Client {
         let req = api::RotateKeyRequest {
             name: name.to_owned(),
         };
-        let mut keys = self.keys.clone();
         let info = self
-            .call("rotate the key", keys.rotate_key(self.request(req)))
+            .invoke("rotate the key", Retry::Unsent, req, |ch, r| async move {
+                keys_api(ch).rotate_key(r).await
+            })
             .await?;
         key_info(info)
     }
@@ -339,9 +367,10 @@ impl Client {
         let req = api::RefreshKeyRequest {
             name: name.to_owned(),
         };
-        let mut keys = self.keys.clone();
         let info = self
-            .call("refresh the key", keys.refresh_key(self.request(req)))
+            .invoke("refresh the key", Retry::Unsent, req, |ch, r| async move {
+                keys_api(ch).refresh_key(r).await
+            })
             .await?;
         key_info(info)
     }
@@ -353,20 +382,22 @@ impl Client {
         let req = api::RepairNodeRequest {
             index: u32::from(index),
         };
-        let mut cluster = self.cluster.clone();
         let reply = self
-            .call("repair the node", cluster.repair_node(self.request(req)))
+            .invoke("repair the node", Retry::Unsent, req, |ch, r| async move {
+                cluster_api(ch).repair_node(r).await
+            })
             .await?;
         reply.keys.into_iter().map(key_info).collect()
     }
 
     /// Lists every key.
     pub async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
-        let mut keys = self.keys.clone();
         let reply = self
-            .call(
+            .invoke(
                 "list keys",
-                keys.list_keys(self.request(api::ListKeysRequest {})),
+                Retry::Idempotent,
+                api::ListKeysRequest {},
+                |ch, r| async move { keys_api(ch).list_keys(r).await },
             )
             .await?;
         reply.keys.into_iter().map(key_info).collect()
@@ -380,9 +411,13 @@ impl Client {
         let req = api::GetPublicKeyRequest {
             name: name.to_owned(),
         };
-        let mut keys = self.keys.clone();
         let reply = self
-            .call("get the public key", keys.get_public_key(self.request(req)))
+            .invoke(
+                "get the public key",
+                Retry::Idempotent,
+                req,
+                |ch, r| async move { keys_api(ch).get_public_key(r).await },
+            )
             .await?;
         let info = key_info(
             reply
@@ -420,8 +455,11 @@ impl Client {
                 Format::Der => api::SignatureFormat::Der,
             } as i32,
         };
-        let mut keys = self.keys.clone();
-        let reply = self.call("sign", keys.sign(self.request(req))).await?;
+        let reply = self
+            .invoke("sign", Retry::Idempotent, req, |ch, r| async move {
+                keys_api(ch).sign(r).await
+            })
+            .await?;
         let well_formed = match format {
             Format::Raw => reply.signature.len() == 64,
             Format::Der => (8..=72).contains(&reply.signature.len()),
@@ -456,8 +494,11 @@ impl Client {
             context: context.to_vec(),
             requester_public: requester.public().to_bytes().to_vec(),
         };
-        let mut keys = self.keys.clone();
-        let reply = self.call("derive", keys.derive(self.request(req))).await?;
+        let reply = self
+            .invoke("derive", Retry::Idempotent, req, |ch, r| async move {
+                keys_api(ch).derive(r).await
+            })
+            .await?;
         let shared = unmask(&requester, &reply.masked, "derive")?;
         tdh::derive_credential(&shared, context).map_err(bug)
     }
@@ -500,9 +541,10 @@ impl Client {
             ciphertext: ciphertext.to_vec(),
             requester_public: requester.public().to_bytes().to_vec(),
         };
-        let mut keys = self.keys.clone();
         let reply = self
-            .call("decrypt", keys.decrypt(self.request(req)))
+            .invoke("decrypt", Retry::Idempotent, req, |ch, r| async move {
+                keys_api(ch).decrypt(r).await
+            })
             .await?;
         let shared = unmask(&requester, &reply.masked, "decrypt")?;
         ecies::decrypt_with_shared(&shared, &key.public_key, &ct, aad).map_err(|_| {
@@ -515,11 +557,12 @@ impl Client {
 
     /// The cluster's state: nodes' health and presignature pool depths.
     pub async fn status(&self) -> Result<ClusterStatus> {
-        let mut cluster = self.cluster.clone();
         let reply = self
-            .call(
+            .invoke(
                 "report status",
-                cluster.status(self.request(api::StatusRequest {})),
+                Retry::Idempotent,
+                api::StatusRequest {},
+                |ch, r| async move { cluster_api(ch).status(r).await },
             )
             .await?;
         Ok(ClusterStatus {
@@ -554,39 +597,130 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(message);
-        req.set_timeout(self.timeout);
-        req
-    }
-
-    /// Awaits a call, bounded by the timeout (plus a little, so the server's own
-    /// deadline error arrives first when it can), and classifies its failure.
-    async fn call<R>(
+    /// Sends `req` with `send` to the coordinators, failing over as [`Retry`] allows,
+    /// all within the client's timeout; classifies the last failure.
+    async fn invoke<Req, R, F, Fut>(
         &self,
         op: &'static str,
-        call: impl Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    ) -> Result<R> {
-        self.call_long(op, Duration::ZERO, call).await
+        retry: Retry,
+        req: Req,
+        send: F,
+    ) -> Result<R>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.invoke_long(op, retry, Duration::ZERO, req, send).await
     }
 
-    /// [`Self::call`] for a call that may legitimately take `extra` longer.
-    async fn call_long<R>(
+    /// [`Self::invoke`] for a call that may legitimately take `extra` longer.
+    async fn invoke_long<Req, R, F, Fut>(
         &self,
         op: &'static str,
+        retry: Retry,
         extra: Duration,
-        call: impl Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    ) -> Result<R> {
-        let limit = self
-            .timeout
-            .saturating_add(extra)
-            .saturating_add(Duration::from_secs(1));
-        match tokio::time::timeout(limit, call).await {
-            Err(_elapsed) => Err(Error::timeout(op, self.addr, self.timeout)),
-            Ok(Err(status)) => Err(Error::from_status(op, self.addr, &status)),
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        req: Req,
+        send: F,
+    ) -> Result<R>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let budget = self.timeout.saturating_add(extra);
+        let start = Instant::now();
+        // A little more than the budget locally, so the server's own deadline error
+        // arrives first when it can.
+        let give_up = start + budget.saturating_add(Duration::from_secs(1));
+        let n = self.endpoints.len();
+        let first = self.endpoints.preferred();
+        let mut tried: Vec<(SocketAddr, String)> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let i = (first + attempt) % n.max(1);
+            let addr = self
+                .endpoints
+                .addr(i)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let remaining = budget.saturating_sub(start.elapsed());
+            let (error, failure) = match self.endpoints.channel(i, remaining).await {
+                Err(e) => {
+                    tried.push((addr, e.reason.clone()));
+                    (Error::connect(addr, e.reason), e.failure)
+                }
+                Ok(channel) => {
+                    let mut request = tonic::Request::new(req.clone());
+                    request.set_timeout(budget.saturating_sub(start.elapsed()));
+                    let limit = give_up.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(limit, send(channel, request)).await {
+                        Err(_elapsed) => {
+                            tried.push((addr, "no answer in time".to_owned()));
+                            let e = Error::timeout(op, addr, budget);
+                            return Err(failover::name_tried(e, &tried));
+                        }
+                        Ok(Ok(reply)) => {
+                            if attempt > 0 {
+                                tracing::debug!(op, %addr, attempt, "answered after failing over");
+                            }
+                            self.endpoints.prefer(i);
+                            return Ok(reply.into_inner());
+                        }
+                        Ok(Err(status)) => {
+                            let failure = failover::classify(&status);
+                            let why = match status.code() {
+                                tonic::Code::Unknown | tonic::Code::Internal
+                                    if failure != Failure::Final =>
+                                {
+                                    "connection lost".to_owned()
+                                }
+                                code => format!("{code:?}"),
+                            };
+                            tried.push((addr, why));
+                            (Error::from_status(op, addr, &status), failure)
+                        }
+                    }
+                }
+            };
+            attempt += 1;
+            let pause = failover::backoff(attempt, n, jitter());
+            let out_of_time = start.elapsed().saturating_add(pause) >= budget;
+            if !failure.allows(retry) || attempt >= failover::max_attempts(n) || out_of_time {
+                return Err(failover::name_tried(error, &tried));
+            }
+            tracing::debug!(op, %addr, attempt, "retrying on the next coordinator");
+            self.endpoints.count_retry();
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
         }
     }
+}
+
+/// A random number for backoff jitter (not secret).
+fn jitter() -> u64 {
+    use rand::Rng as _;
+    rng().map(|mut r| r.next_u64()).unwrap_or(0)
+}
+
+fn keys_api(ch: Channel) -> KeyServiceClient<Channel> {
+    KeyServiceClient::new(ch).max_decoding_message_size(MAX_REPLY)
+}
+
+fn cluster_api(ch: Channel) -> ClusterServiceClient<Channel> {
+    ClusterServiceClient::new(ch).max_decoding_message_size(MAX_REPLY)
+}
+
+pub(crate) fn identity_api(ch: Channel) -> IdentityServiceClient<Channel> {
+    IdentityServiceClient::new(ch).max_decoding_message_size(MAX_REPLY)
+}
+
+pub(crate) fn approvals_api(ch: Channel) -> ApprovalServiceClient<Channel> {
+    ApprovalServiceClient::new(ch).max_decoding_message_size(MAX_REPLY)
+}
+
+pub(crate) fn audit_api(ch: Channel) -> AuditServiceClient<Channel> {
+    AuditServiceClient::new(ch).max_decoding_message_size(MAX_REPLY)
 }
 
 fn purpose_to_wire(p: KeyPurpose) -> api::Purpose {

@@ -11,13 +11,16 @@
 //!   credential requests are confidential to the caller: the client sends a fresh
 //!   requester key with every request and unmasks the reply itself (DESIGN.md §4.6), so
 //!   neither the coordinator nor any node learns the credential or the plaintext.
-//! - [`ClientConfig`] holds the connection settings: the coordinator's address, the
+//! - [`Client`] fails over between the coordinators of a cluster (several serve one
+//!   store): a call that failed in a retryable way goes to the next coordinator, within
+//!   the call's timeout; which calls are retried, and when, is in [`Client`]'s docs.
+//! - [`ClientConfig`] holds the connection settings: the coordinators' addresses, the
 //!   cluster CA, and a client certificate and key. [`ClientConfig::from_env`] reads them
 //!   from the environment:
 //!
 //!   | variable | meaning |
 //!   | --- | --- |
-//!   | `QUORATE_ADDR` ([`ENV_ADDR`]) | the coordinator's public API, `HOST:PORT` |
+//!   | `QUORATE_ADDR` ([`ENV_ADDR`]) | the coordinators' public API: `HOST:PORT`, several separated by commas, or a name with a record per coordinator |
 //!   | `QUORATE_CACERT` ([`ENV_CACERT`]) | the cluster CA certificate (PEM file) |
 //!   | `QUORATE_CERT` ([`ENV_CERT`]) | this client's certificate (PEM file) |
 //!   | `QUORATE_KEY` ([`ENV_KEY`]) | this client's private key (PKCS#8 PEM file) |

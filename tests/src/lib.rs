@@ -181,10 +181,17 @@ pub fn free_port() -> u16 {
     panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
-/// Path of a workspace binary built by `cargo test --workspace`.
+/// Path of a workspace binary built by `cargo test --workspace`: beside the running
+/// test (`target/<profile>/deps/..`), or beside the running executable (a workspace
+/// binary such as `quorate-bench` in `target/<profile>/`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let beside = exe.parent().unwrap();
+    let dir = if beside.join(name).is_file() {
+        beside
+    } else {
+        beside.parent().unwrap()
+    };
     let p = dir.join(name);
     assert!(
         p.is_file(),

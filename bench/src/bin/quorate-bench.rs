@@ -73,6 +73,8 @@ enum Command {
     Scaling(ScalingOpts),
     /// Bytes at rest per presignature and node RSS with a large pool
     Storage(StorageOpts),
+    /// The failover gap: three coordinators on PostgreSQL, the one in use killed
+    Failover(quorate_bench::failover::FailoverOpts),
     /// Run a fragment node (used by the local cluster)
     #[command(hide = true)]
     Node(quorate_node::config::Args),
@@ -118,6 +120,7 @@ impl Command {
             Command::Scaling(_)
             | Command::Coordinators(_)
             | Command::Storage(_)
+            | Command::Failover(_)
             | Command::Node(_)
             | Command::Coordinator(_)
             | Command::Pkcs11Sign(_) => None,
@@ -229,6 +232,7 @@ fn main() -> ExitCode {
         }
         Command::Pkcs11Sign(o) => pkcs11_sign(&o),
         Command::Coordinators(o) => runtime.block_on(quorate_bench::coordinators::run(&o)),
+        Command::Failover(o) => runtime.block_on(quorate_bench::failover::main(o)),
         command => runtime.block_on(run(command)),
     };
     match result {
@@ -328,7 +332,8 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Node(_)
         | Command::Coordinator(_)
         | Command::Pkcs11Sign(_)
-        | Command::Coordinators(_) => {}
+        | Command::Coordinators(_)
+        | Command::Failover(_) => {}
     }
     if !results.rows.is_empty() {
         println!("{}", report::table(&results.rows));

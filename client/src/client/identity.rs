@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use quorate_crypto::tdh::{self, Requester};
 
-use super::{Client, bug, rng, unmask};
-use crate::error::Result;
+use super::failover::Retry;
+use super::{Client, approvals_api, audit_api, bug, identity_api, rng, unmask};
+use crate::error::{Error, Result};
 
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,10 @@ pub struct TokenRequest {
     pub wait_seconds: u32,
     /// Polls a pending approval (the same request, with its id).
     pub approval_id: Option<String>,
+    /// Makes the request safe to retry: 16 to 64 characters of `[A-Za-z0-9_-]`, the same
+    /// on every retry of one logical request. `None`: a fresh random one per call of
+    /// [`Client::issue_token`], sent on each of its attempts (failover included).
+    pub request_id: Option<String>,
 }
 
 /// An RFC 8693 token exchange: a token for a sub-agent. Its `Debug` leaves the token
@@ -66,6 +71,8 @@ pub struct ExchangeRequest {
     pub dpop_proof: Option<String>,
     /// Policy context.
     pub context: HashMap<String, String>,
+    /// As [`TokenRequest::request_id`].
+    pub request_id: Option<String>,
 }
 
 impl std::fmt::Debug for ExchangeRequest {
@@ -76,6 +83,7 @@ impl std::fmt::Debug for ExchangeRequest {
             .field("audience", &self.audience)
             .field("scopes", &self.scopes)
             .field("ttl_seconds", &self.ttl_seconds)
+            .field("request_id", &self.request_id)
             .finish_non_exhaustive()
     }
 }
@@ -131,16 +139,15 @@ impl Client {
             dpop_proof: r.dpop_proof.unwrap_or_default(),
             wait_seconds: r.wait_seconds,
             approval_id: r.approval_id.unwrap_or_default(),
-            request_id: String::new(),
+            request_id: request_id(r.request_id)?,
         };
-        let mut c = self.identity.clone();
         // A call that waits for an approval may take that long.
-        let mut call = self.request(req);
-        call.set_timeout(self.timeout + Duration::from_secs(u64::from(r.wait_seconds)));
-        self.call_long(
+        self.invoke_long(
             "issue a token",
+            Retry::Idempotent,
             Duration::from_secs(u64::from(r.wait_seconds)),
-            c.issue_token(call),
+            req,
+            |ch, r| async move { identity_api(ch).issue_token(r).await },
         )
         .await
     }
@@ -156,11 +163,15 @@ impl Client {
             ttl_seconds: r.ttl_seconds,
             dpop_proof: r.dpop_proof.unwrap_or_default(),
             context: r.context,
-            request_id: String::new(),
+            request_id: request_id(r.request_id)?,
         };
-        let mut c = self.identity.clone();
-        self.call("exchange the token", c.exchange_token(self.request(req)))
-            .await
+        self.invoke(
+            "exchange the token",
+            Retry::Idempotent,
+            req,
+            |ch, r| async move { identity_api(ch).exchange_token(r).await },
+        )
+        .await
     }
 
     /// A confidential per-task credential for `target`: the reply is masked to a fresh
@@ -188,11 +199,12 @@ impl Client {
             agent,
             agent_token,
         };
-        let mut c = self.identity.clone();
         let reply = self
-            .call(
+            .invoke(
                 "request the credential",
-                c.request_credential(self.request(req)),
+                Retry::Idempotent,
+                req,
+                |ch, r| async move { identity_api(ch).request_credential(r).await },
             )
             .await?;
         let shared = unmask(&requester, &reply.masked, "request the credential")?;
@@ -210,11 +222,12 @@ impl Client {
 
     /// Approval requests: pending ones, or with `all` also decided and expired ones.
     pub async fn list_approvals(&self, all: bool) -> Result<Vec<api::Approval>> {
-        let mut c = self.approvals.clone();
         Ok(self
-            .call(
+            .invoke(
                 "list approvals",
-                c.list_approvals(self.request(api::ListApprovalsRequest { all })),
+                Retry::Idempotent,
+                api::ListApprovalsRequest { all },
+                |ch, r| async move { approvals_api(ch).list_approvals(r).await },
             )
             .await?
             .approvals)
@@ -234,9 +247,13 @@ impl Client {
             reason: reason.unwrap_or_default(),
             statement: statement.unwrap_or_default(),
         };
-        let mut c = self.approvals.clone();
-        self.call("decide the approval", c.decide_approval(self.request(req)))
-            .await
+        self.invoke(
+            "decide the approval",
+            Retry::Unsent,
+            req,
+            |ch, r| async move { approvals_api(ch).decide_approval(r).await },
+        )
+        .await
     }
 
     /// Streams audit events: stored ones from `from` (if given), then new ones while
@@ -246,12 +263,22 @@ impl Client {
         from: Option<u64>,
         follow: bool,
     ) -> Result<tonic::Streaming<api::AuditRecord>> {
-        let mut c = self.audit.clone();
-        let req = tonic::Request::new(api::TailRequest {
+        let req = api::TailRequest {
             from_seq: from,
             follow,
-        });
-        self.call("tail the audit trail", c.tail(req)).await
+        };
+        // Only the reply's start is bounded: the stream runs as long as it is read.
+        self.invoke(
+            "tail the audit trail",
+            Retry::Unsent,
+            req,
+            |ch, r| async move {
+                audit_api(ch)
+                    .tail(tonic::Request::new(r.into_inner()))
+                    .await
+            },
+        )
+        .await
     }
 
     /// RFC 7662 introspection: whether the token is active, and the response JSON.
@@ -259,9 +286,13 @@ impl Client {
         let req = api::IntrospectRequest {
             token: token.to_owned(),
         };
-        let mut c = self.identity.clone();
-        self.call("introspect the token", c.introspect(self.request(req)))
-            .await
+        self.invoke(
+            "introspect the token",
+            Retry::Idempotent,
+            req,
+            |ch, r| async move { identity_api(ch).introspect(r).await },
+        )
+        .await
     }
 
     /// Revokes a token, an agent or a task; returns what was revoked.
@@ -276,9 +307,10 @@ impl Client {
         let req = api::RevokeRequest {
             target: Some(target),
         };
-        let mut c = self.identity.clone();
         Ok(self
-            .call("revoke", c.revoke(self.request(req)))
+            .invoke("revoke", Retry::Idempotent, req, |ch, r| async move {
+                identity_api(ch).revoke(r).await
+            })
             .await?
             .revoked)
     }
@@ -295,9 +327,10 @@ impl Client {
             ttl_seconds,
             description,
         };
-        let mut c = self.identity.clone();
-        self.call("start the task", c.start_task(self.request(req)))
-            .await
+        self.invoke("start the task", Retry::Unsent, req, |ch, r| async move {
+            identity_api(ch).start_task(r).await
+        })
+        .await
     }
 
     /// Ends a task.
@@ -305,9 +338,10 @@ impl Client {
         let req = api::EndTaskRequest {
             task_id: task_id.to_owned(),
         };
-        let mut c = self.identity.clone();
-        self.call("end the task", c.end_task(self.request(req)))
-            .await
+        self.invoke("end the task", Retry::Idempotent, req, |ch, r| async move {
+            identity_api(ch).end_task(r).await
+        })
+        .await
     }
 
     /// Validates and activates a policy set: `(file name, text)` pairs.
@@ -319,9 +353,10 @@ impl Client {
                 .collect(),
             bundle: String::new(),
         };
-        let mut c = self.identity.clone();
-        self.call("apply the policy", c.apply_policy(self.request(req)))
-            .await
+        self.invoke("apply the policy", Retry::Unsent, req, |ch, r| async move {
+            identity_api(ch).apply_policy(r).await
+        })
+        .await
     }
 
     /// Applies an operator-signed policy bundle (compact JWS): every node verifies it
@@ -332,18 +367,73 @@ impl Client {
             files: Vec::new(),
             bundle: jws.to_owned(),
         };
-        let mut c = self.identity.clone();
-        self.call("apply the policy bundle", c.apply_policy(self.request(req)))
-            .await
+        self.invoke(
+            "apply the policy bundle",
+            Retry::Unsent,
+            req,
+            |ch, r| async move { identity_api(ch).apply_policy(r).await },
+        )
+        .await
     }
 
     /// The active policy set.
     pub async fn policy(&self) -> Result<api::PolicyInfo> {
-        let mut c = self.identity.clone();
-        self.call(
+        self.invoke(
             "get the policy",
-            c.get_policy(self.request(api::GetPolicyRequest {})),
+            Retry::Idempotent,
+            api::GetPolicyRequest {},
+            |ch, r| async move { identity_api(ch).get_policy(r).await },
         )
         .await
+    }
+}
+
+/// Length of a generated request id: 16 random bytes, base64url without padding.
+const REQUEST_ID_BYTES: usize = 16;
+
+/// The caller's request id, checked (16 to 64 characters of `[A-Za-z0-9_-]`), or a
+/// fresh random one.
+pub(crate) fn request_id(given: Option<String>) -> Result<String> {
+    use base64::Engine as _;
+    use rand::Rng as _;
+    match given {
+        Some(id) => {
+            let ok = (16..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if ok {
+                Ok(id)
+            } else {
+                Err(Error::Usage(format!(
+                    "request id `{id}`: expected 16 to 64 characters of [A-Za-z0-9_-] \
+                     (the same on every retry of one request)"
+                )))
+            }
+        }
+        None => {
+            let mut bytes = [0u8; REQUEST_ID_BYTES];
+            rng()?.fill_bytes(&mut bytes);
+            Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_fresh_or_checked() {
+        let a = request_id(None).unwrap();
+        let b = request_id(None).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 22);
+        assert_eq!(request_id(Some(a.clone())).unwrap(), a);
+        for bad in ["short", "has space in it, sixteen+", &"x".repeat(65)] {
+            let e = request_id(Some(bad.to_owned())).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("16 to 64"), "{e}");
+        }
     }
 }
