@@ -8,6 +8,7 @@ use crate::audit::{self, AuditLog};
 use crate::authn::{Authenticator, AuthnConfig};
 use crate::cluster::Cluster;
 use crate::config::{Args, Command, Config, StoreSpec};
+use crate::election::{Election, Job};
 use crate::identity::service::IdentityApi;
 use crate::identity::store::{IdentityStore, RedbIdentityStore};
 use crate::identity::{IdentityConfig, IdentityPlane, http};
@@ -146,16 +147,24 @@ async fn run(cfg: Config) -> Result<(), String> {
         retiring.push((*i, ch));
     }
     cluster.set_retiring(retiring);
-    // The nodes may hold presignatures of an earlier coordinator process, whose public
-    // halves died with it: have them forgotten before pools fill again.
     if let Some(p) = cfg.fail_point {
         cluster.set_fail_point(p);
     }
-    // Over a shared store other coordinators may be serving from their own pools with
-    // the same nodes: leave their presignatures alone (coordinator/STORE.md).
-    if matches!(cfg.store, StoreSpec::Redb(_)) {
-        cluster.discard_node_presignatures().await;
-    }
+    cluster.set_instance(cfg.instance_id.clone());
+    // The nodes may hold presignatures of an earlier process of this instance, whose
+    // public halves died with it: have them forgotten before pools fill again. Nodes
+    // tag presignatures by instance, so other coordinators' pools stay
+    // (coordinator/STORE.md).
+    cluster.discard_node_presignatures().await;
+    // Singleton background jobs: elected through the shared store, or always here.
+    let election = match &cfg.store {
+        StoreSpec::Redb(_) => Election::always(&cfg.instance_id),
+        StoreSpec::Postgres(url) => Election::postgres(
+            crate::pg::parse_url(url).map_err(|e| e.to_string())?,
+            &cfg.instance_id,
+        ),
+    };
+    tracing::info!(instance = %cfg.instance_id, "coordinator instance");
     let other = cluster
         .keys_with_other_params()
         .map_err(|e| e.to_string())?;
@@ -209,10 +218,13 @@ async fn run(cfg: Config) -> Result<(), String> {
     tokio::spawn(crate::lifecycle::run_forever(
         cluster.clone(),
         cfg.refresh_interval,
+        election.clone(),
     ));
     if let Some(m) = cfg.metrics_listen {
         let c = cluster.clone();
-        let at = quorate_proto::metrics::serve(m, std::sync::Arc::new(move || c.render_metrics()))
+        let e = election.clone();
+        let render = move || format!("{}{}", c.render_metrics(), e.render_metrics());
+        let at = quorate_proto::metrics::serve(m, std::sync::Arc::new(render))
             .await
             .map_err(|e| format!("cannot serve metrics on {m}: {e}"))?;
         tracing::info!(%at, "metrics at http://{at}/metrics");
@@ -223,6 +235,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         cluster.clone(),
         identity_store,
         Arc::clone(&audit),
+        election.clone(),
     )
     .await?;
     let checkpoints = audit::checkpoint::spawn(
@@ -231,6 +244,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         cfg.audit_key.clone(),
         issuer.url.clone(),
         cfg.audit_checkpoint,
+        election,
     );
     let server_tls =
         tls::server_config(&identity, &trust, &[RoleKind::Client]).map_err(|e| e.to_string())?;
@@ -328,6 +342,7 @@ async fn start_identity_http(
     cluster: Arc<Cluster>,
     store: Box<dyn IdentityStore>,
     audit: Arc<AuditLog>,
+    election: Election,
 ) -> Result<(tokio::task::JoinHandle<()>, IssuerHandle), String> {
     let operator_key = match &cfg.operator_public_key {
         None => None,
@@ -415,6 +430,9 @@ async fn start_identity_http(
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
         loop {
             tick.tick().await;
+            if !election.is_leader(Job::Purge) {
+                continue;
+            }
             match purger.purge_expired() {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(n, "forgot revocations of expired tokens"),

@@ -322,6 +322,9 @@ pub struct Cluster {
     infos: Mutex<HashMap<PartyIndex, fragment::NodeInfo>>,
     /// Nodes leaving the cluster (`--retire`).
     retiring: std::sync::OnceLock<Vec<Retiring>>,
+    /// This coordinator's instance id (`Cluster::set_instance`), which nodes record with
+    /// each presignature it makes.
+    instance: std::sync::OnceLock<String>,
 }
 
 /// Where a node stands after [`Cluster::install_policy`].
@@ -436,6 +439,7 @@ impl Cluster {
             fail_point: std::sync::OnceLock::new(),
             infos: Mutex::new(HashMap::new()),
             retiring: std::sync::OnceLock::new(),
+            instance: std::sync::OnceLock::new(),
         });
         for (client, rx) in receivers {
             tokio::spawn(sign_batcher(client, rx));
@@ -630,15 +634,33 @@ impl Cluster {
         }
     }
 
-    /// Asks every reachable node to forget the presignatures it holds (they live in
-    /// memory only; this coordinator holds none of their public halves). A node that
-    /// cannot be reached keeps them until it restarts; they can never be used.
+    /// Sets this coordinator's instance id (`--instance-id`), once, before any
+    /// presigning: nodes tag the presignatures it makes with it. Unset: untagged (as a
+    /// coordinator from before instance ids).
+    pub fn set_instance(&self, id: String) {
+        if self.instance.set(id).is_err() {
+            tracing::warn!("the coordinator instance id is already set; keeping the first");
+        }
+    }
+
+    /// This coordinator's instance id (empty if unset).
+    pub fn instance(&self) -> &str {
+        self.instance.get().map_or("", String::as_str)
+    }
+
+    /// Asks every reachable node to forget the unused presignatures it holds for this
+    /// coordinator instance (they live in memory only; a process that starts afresh
+    /// holds none of their public halves), and untagged ones; other coordinators'
+    /// stay. A node that cannot be reached keeps them until it restarts; they can
+    /// never be used.
     pub async fn discard_node_presignatures(&self) {
         for n in &self.nodes {
             let mut c = n.client.clone();
             match tokio::time::timeout(
                 Duration::from_secs(2),
-                c.discard_presignatures(fragment::DiscardPresignaturesRequest {}),
+                c.discard_presignatures(fragment::DiscardPresignaturesRequest {
+                    coordinator_instance: self.instance().to_owned(),
+                }),
             )
             .await
             {
@@ -1273,6 +1295,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// On a coordinator that does not lead the `key-lifecycle` job: forgets renewals
+    /// this process started that are no longer pending in the store (the leader's
+    /// [`Cluster::resume_activations`] finished them), dropping their pools, made from
+    /// the old shares, so that the filler presigns for the new epoch. Returns how many.
+    pub fn forget_finished_renewals(&self) -> Result<usize> {
+        let pending: HashSet<KeyId> = self
+            .store
+            .pending_activations()?
+            .into_iter()
+            .map(|(_, _, p)| p.key_id)
+            .collect();
+        let mut s = self.state()?;
+        let done: Vec<KeyId> = s
+            .renewing
+            .iter()
+            .filter(|k| !pending.contains(k))
+            .copied()
+            .collect();
+        for k in &done {
+            s.renewing.remove(k);
+            s.pools.retain(|(id, _), _| id != k);
+        }
+        drop(s);
+        if !done.is_empty() {
+            tracing::info!(
+                keys = done.len(),
+                "renewals finished by another coordinator: pools of the old shares dropped"
+            );
+            self.presig_drawn.notify_one();
+        }
+        Ok(done.len())
+    }
+
     /// Finishes renewals that a previous run (or a failed call) decided but did not
     /// activate everywhere. Returns how many are still pending.
     pub async fn resume_activations(&self) -> Result<usize> {
@@ -1687,6 +1742,7 @@ impl Cluster {
             batch,
             roster: Some(roster),
             key_epoch: key.epoch,
+            coordinator_instance: self.instance().to_owned(),
         };
         let commits = self
             .round(&members, "presign commit", |mut c| {

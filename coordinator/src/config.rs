@@ -192,6 +192,34 @@ pub struct Args {
     /// Seconds a request that needs human approval waits before it expires.
     #[arg(long, default_value_t = 600)]
     pub approval_ttl_secs: u64,
+    /// This coordinator's instance id, 1 to 64 characters of `[A-Za-z0-9._-]`, unique
+    /// among the coordinators of one cluster and stable across its restarts: nodes tag
+    /// the presignatures it makes with it, and a restart discards only its own
+    /// (coordinator/STORE.md). Default: `<host name>-<--listen port>` (with port 0,
+    /// which is not stable, `<host name>-pid<process id>`).
+    #[arg(long, env = "QUORATE_COORDINATOR_INSTANCE")]
+    pub instance_id: Option<String>,
+}
+
+/// The default instance id: the host name (from the kernel, cut to 48 characters) and
+/// the `--listen` port, or the process id when that port is 0 (tests, `quorate dev`).
+pub fn default_instance_id(listen: &SocketAddr) -> String {
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(48)
+        .collect();
+    let host = if host.is_empty() {
+        "coordinator".to_owned()
+    } else {
+        host
+    };
+    match listen.port() {
+        0 => format!("{host}-pid{}", std::process::id()),
+        p => format!("{host}-{p}"),
+    }
 }
 
 /// `quorate-coordinator` maintenance commands.
@@ -295,6 +323,8 @@ pub struct Config {
     pub reshare: bool,
     /// Nodes leaving the cluster: index, and address unless the node is gone.
     pub retire: Vec<(PartyIndex, Option<SocketAddr>)>,
+    /// This coordinator's instance id (`--instance-id`), validated.
+    pub instance_id: String,
 }
 
 impl Args {
@@ -511,6 +541,15 @@ impl Args {
         if self.approval_ttl_secs == 0 || self.approval_ttl_secs > 7 * 24 * 3600 {
             errors.push("--approval-ttl-secs must be 1 s to 7 days".into());
         }
+        let instance_id = match self.instance_id {
+            Some(id) => {
+                if let Err(e) = quorate_proto::convert::coordinator_instance(&id, false) {
+                    errors.push(format!("--instance-id: {e}"));
+                }
+                id
+            }
+            None => default_instance_id(&self.listen),
+        };
         match (errors.is_empty(), params, store) {
             (true, Some(params), Some(store)) => Ok(Config {
                 listen: self.listen,
@@ -552,6 +591,7 @@ impl Args {
                     .then(|| std::time::Duration::from_secs(self.refresh_interval_secs)),
                 reshare: self.reshare,
                 retire,
+                instance_id,
             }),
             _ => Err(errors),
         }
@@ -568,5 +608,16 @@ mod tests {
         let shown = format!("{spec:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert_eq!(shown, "Postgres(<url redacted>)");
+    }
+
+    #[test]
+    fn the_default_instance_id_is_valid_and_names_the_port() {
+        let at: SocketAddr = "127.0.0.1:7100".parse().unwrap_or_else(|_| unreachable!());
+        let id = default_instance_id(&at);
+        assert!(id.ends_with("-7100"), "{id}");
+        assert!(quorate_proto::convert::coordinator_instance(&id, false).is_ok());
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!());
+        let id = default_instance_id(&any);
+        assert!(id.ends_with(&format!("-pid{}", std::process::id())), "{id}");
     }
 }

@@ -14,6 +14,7 @@ pub mod audit;
 pub use quorate_authz::authn;
 pub mod cluster;
 pub mod config;
+pub mod election;
 pub mod identity;
 pub mod lifecycle;
 pub mod pg;

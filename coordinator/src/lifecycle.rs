@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::Cluster;
+use crate::election::{Election, Job};
 
 /// How often a pending activation is retried.
 const RETRY_PENDING: Duration = Duration::from_secs(2);
@@ -25,12 +26,24 @@ pub async fn heartbeat_forever(cluster: Arc<Cluster>) {
     }
 }
 
-/// Runs forever: pending activations first, then due refreshes.
-pub async fn run_forever(cluster: Arc<Cluster>, refresh_every: Option<Duration>) {
+/// Runs forever while this coordinator leads the `key-lifecycle` job
+/// ([`Job::Lifecycle`]): pending activations first, then due refreshes.
+pub async fn run_forever(
+    cluster: Arc<Cluster>,
+    refresh_every: Option<Duration>,
+    election: Election,
+) {
     let tick = refresh_every.map_or(CHECK_AT_MOST, |d| {
         (d / 4).clamp(Duration::from_secs(1), CHECK_AT_MOST)
     });
     loop {
+        if !election.is_leader(Job::Lifecycle) {
+            if let Err(e) = cluster.forget_finished_renewals() {
+                tracing::warn!(error = %e, "cannot read pending key activations");
+            }
+            tokio::time::sleep(RETRY_PENDING).await;
+            continue;
+        }
         let left = match cluster.resume_activations().await {
             Ok(left) => left,
             Err(e) => {

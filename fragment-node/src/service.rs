@@ -45,11 +45,12 @@ enum Round {
     /// A reshare recipient that deals nothing, with the profile it will record.
     DkgJoin(dkg::DkgJoin, KeyProfile),
     Dkg2(dkg::DkgRound2, Option<KeyProfile>),
-    Presign1(presign::PresignRound1),
-    Presign2(presign::PresignRound2),
-    Presign3(presign::PresignRound3, KeyShare),
+    /// Each presign round carries the coordinator instance the batch is for.
+    Presign1(presign::PresignRound1, Arc<str>),
+    Presign2(presign::PresignRound2, Arc<str>),
+    Presign3(presign::PresignRound3, KeyShare, Arc<str>),
     /// With the epoch of the key share it used.
-    Presign4(presign::PresignRound4, u32),
+    Presign4(presign::PresignRound4, u32, Arc<str>),
 }
 
 struct Session {
@@ -662,6 +663,10 @@ impl Node {
     fn presign_commit(&self, req: fragment::PresignStart) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
         let key_id = convert::key_id(&req.key_id)?;
+        let owner: Arc<str> = Arc::from(convert::coordinator_instance(
+            &req.coordinator_instance,
+            true,
+        )?);
         let share = self.store.key(&key_id).map_err(store_err)?.ok_or_else(|| {
             Status::not_found(format!("this node holds no active share of key {key_id}"))
         })?;
@@ -687,26 +692,26 @@ impl Node {
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             presign::round1(&mut rng, cfg, self.index, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Presign1(state))?;
+        self.put(session, Round::Presign1(state, owner))?;
         Ok(msg.to_bytes())
     }
 
     fn presign_deal(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Presign1(state) = self.take(&session)? else {
+        let Round::Presign1(state, owner) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let commits = Self::decode_all(&req.messages)?;
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             presign::round2(&mut rng, state, &commits, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Presign2(state))?;
+        self.put(session, Round::Presign2(state, owner))?;
         Ok(msg.to_bytes())
     }
 
     fn presign_mu(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Presign2(state) = self.take(&session)? else {
+        let Round::Presign2(state, owner) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let share = self
@@ -718,26 +723,26 @@ impl Node {
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) = presign::round3(&mut rng, state, &dealings, &self.kem, &self.identity)
             .map_err(crypto_err)?;
-        self.put(session, Round::Presign3(state, share))?;
+        self.put(session, Round::Presign3(state, share, owner))?;
         Ok(msg.to_bytes())
     }
 
     fn presign_reduce(&self, req: fragment::RoundInput) -> Result<Vec<u8>, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Presign3(state, share) = self.take(&session)? else {
+        let Round::Presign3(state, share, owner) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let mus = Self::decode_all(&req.messages)?;
         let mut rng = request_rng().map_err(store_err)?;
         let (state, msg) =
             presign::round4(&mut rng, state, &mus, &share, &self.identity).map_err(crypto_err)?;
-        self.put(session, Round::Presign4(state, share.public.epoch))?;
+        self.put(session, Round::Presign4(state, share.public.epoch, owner))?;
         Ok(msg.to_bytes())
     }
 
     fn presign_store(&self, req: fragment::RoundInput) -> Result<u32, Status> {
         let session = convert::session_id(&req.session_id)?;
-        let Round::Presign4(state, epoch) = self.take(&session)? else {
+        let Round::Presign4(state, epoch, owner) = self.take(&session)? else {
             return Err(Self::wrong_round());
         };
         let reductions = Self::decode_all(&req.messages)?;
@@ -746,7 +751,7 @@ impl Node {
             presign::round5(&mut rng, state, &reductions, &self.kem).map_err(crypto_err)?;
         let n = shares.len();
         // Held in memory only (DESIGN.md §4.5): a restart burns them.
-        self.presigs.insert(epoch, shares);
+        self.presigs.insert(epoch, &owner, shares);
         self.metrics.presignatures_stored.add(n as u64);
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
@@ -1054,14 +1059,25 @@ impl Node {
             .then(|| self.presigs.unused_secrets())
     }
 
-    /// Forgets every presignature this process holds (a coordinator that starts afresh
-    /// holds none of their public halves, so they could never be used).
-    fn discard_presignatures(&self) -> u64 {
-        let n = self.presigs.clear();
+    /// Forgets the unused presignatures made for coordinator instance `owner` (and
+    /// untagged ones); every presignature when `owner` is empty (a coordinator from
+    /// before instance ids). A coordinator that starts afresh holds none of their
+    /// public halves, so they could never be used.
+    fn discard_presignatures(&self, owner: &str) -> Result<u64, Status> {
+        let owner = convert::coordinator_instance(owner, true)?;
+        let n = if owner.is_empty() {
+            self.presigs.clear()
+        } else {
+            self.presigs.discard(owner)
+        };
         if n > 0 {
-            tracing::info!(n, "presignatures discarded at the coordinator's request");
+            tracing::info!(
+                n,
+                coordinator = owner,
+                "presignatures discarded at the coordinator's request"
+            );
         }
-        n
+        Ok(n)
     }
 
     /// The node's key holdings, from its store.
@@ -1099,6 +1115,7 @@ impl Node {
         Ok(fragment::InventoryReply {
             keys,
             unused_presignatures: self.presigs.unused(),
+            unused_by_coordinator: self.presigs.unused_by_owner().into_iter().collect(),
             instance: self.instance.to_vec(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             store_error: fault.unwrap_or_default(),
@@ -1316,9 +1333,9 @@ impl FragmentNode for Service {
         &self,
         request: Request<fragment::DiscardPresignaturesRequest>,
     ) -> Result<Response<fragment::DiscardPresignaturesReply>, Status> {
-        self.run(request, |n, _| {
+        self.run(request, |n, r| {
             Ok(fragment::DiscardPresignaturesReply {
-                discarded: n.discard_presignatures(),
+                discarded: n.discard_presignatures(&r.coordinator_instance)?,
             })
         })
         .await

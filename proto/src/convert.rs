@@ -39,6 +39,37 @@ fn err(msg: impl Into<String>) -> ConvertError {
     ConvertError(msg.into())
 }
 
+/// The longest coordinator instance id, in characters.
+pub const MAX_COORDINATOR_INSTANCE: usize = 64;
+
+/// Checks a coordinator instance id (`PresignStart.coordinator_instance`): 1 to
+/// [`MAX_COORDINATOR_INSTANCE`] characters of `[A-Za-z0-9._-]`. The empty id (untagged,
+/// an older coordinator) is accepted only where `allow_empty`.
+pub fn coordinator_instance(id: &str, allow_empty: bool) -> Result<&str, ConvertError> {
+    if id.is_empty() {
+        return if allow_empty {
+            Ok(id)
+        } else {
+            Err(err("coordinator instance id is empty"))
+        };
+    }
+    if id.len() > MAX_COORDINATOR_INSTANCE {
+        return Err(err(format!(
+            "coordinator instance id is {} characters long, at most {MAX_COORDINATOR_INSTANCE} are allowed",
+            id.len()
+        )));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(err(format!(
+            "coordinator instance id {id:?} has the character {c:?}; use only A-Z, a-z, 0-9, '.', '_' and '-'"
+        )));
+    }
+    Ok(id)
+}
+
 /// A 32-byte session id.
 pub fn session_id(b: &[u8]) -> Result<SessionId, ConvertError> {
     b.try_into()
@@ -225,4 +256,27 @@ pub fn verify_roster(
         return Err(err(format!("roster lacks node {p}")));
     }
     Ok(roster)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn coordinator_instance_ids_are_short_and_plain() {
+        for ok in ["coord-a", "host.example.org", "pod_7", "a"] {
+            assert_eq!(coordinator_instance(ok, false).unwrap(), ok);
+        }
+        assert_eq!(coordinator_instance("", true).unwrap(), "");
+        let e = coordinator_instance("", false).unwrap_err().0;
+        assert!(e.contains("empty"), "{e}");
+        let e = coordinator_instance("a b", false).unwrap_err().0;
+        assert!(e.contains("' '"), "{e}");
+        let e = coordinator_instance("host:7100", true).unwrap_err().0;
+        assert!(e.contains("':'"), "{e}");
+        let long = "x".repeat(MAX_COORDINATOR_INSTANCE + 1);
+        let e = coordinator_instance(&long, false).unwrap_err().0;
+        assert!(e.contains("65 characters"), "{e}");
+    }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::AuditLog;
 use super::record::{self, Checkpoint, CheckpointClaims, Fields, Outcome};
 use crate::cluster::{Cluster, CoordError, KeyProfile};
+use crate::election::{Election, Job};
 
 /// Signs the current head if no checkpoint covers it yet. Returns the checkpoint event,
 /// or `None` when there was nothing new.
@@ -22,7 +23,7 @@ pub async fn checkpoint(
     key_name: &str,
     issuer: &str,
 ) -> Result<Option<record::Event>, String> {
-    let Some((seq, head, covered)) = log.head() else {
+    let Some((seq, head, covered)) = log.checkpoint_head()? else {
         return Ok(None);
     };
     // The newest event is itself the last checkpoint: nothing new to sign.
@@ -87,6 +88,10 @@ pub async fn checkpoint(
                 kind: "checkpoint".into(),
                 action: "checkpoint".into(),
                 caller: Some("coordinator".into()),
+                // Which coordinator of a shared store signed it (one at a time does:
+                // the election's `audit-checkpoint` job).
+                reason: (!cluster.instance().is_empty())
+                    .then(|| format!("coordinator instance {}", cluster.instance())),
                 key: Some(key_name.to_owned()),
                 nodes,
                 checkpoint: Some(Checkpoint { seq, head, jws }),
@@ -98,13 +103,15 @@ pub async fn checkpoint(
     Ok(Some(ev))
 }
 
-/// Checkpoints every `every` until the process ends; failures are logged and retried.
+/// Checkpoints every `every` until the process ends, while this coordinator leads the
+/// `audit-checkpoint` job ([`Job::Checkpoint`]); failures are logged and retried.
 pub fn spawn(
     log: Arc<AuditLog>,
     cluster: Arc<Cluster>,
     key_name: String,
     issuer: String,
     every: Duration,
+    election: Election,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -112,6 +119,9 @@ pub fn spawn(
         tick.tick().await;
         loop {
             tick.tick().await;
+            if !election.is_leader(Job::Checkpoint) {
+                continue;
+            }
             match checkpoint(&log, &cluster, &key_name, &issuer).await {
                 Ok(Some(ev)) => tracing::debug!(seq = ev.seq, "audit checkpoint signed"),
                 Ok(None) => {}

@@ -606,6 +606,23 @@ impl AuditLog {
         Some((last, c.head.clone(), c.checkpointed))
     }
 
+    /// The head a checkpoint should cover, as [`AuditLog::head`]. Over a store that
+    /// several coordinators append to ([`AuditStore::rechains`]), read from the store:
+    /// this process's own view lags the others' appends, and the last stored event
+    /// tells whether a checkpoint (by any coordinator) already covers it.
+    pub fn checkpoint_head(&self) -> Result<Option<(u64, String, Option<u64>)>, String> {
+        if !self.store.rechains() {
+            return Ok(self.head());
+        }
+        let Some((seq, line)) = self.store.last()? else {
+            return Ok(None);
+        };
+        let ev: Event = serde_json::from_str(&line)
+            .map_err(|e| format!("audit store: event {seq} does not parse: {e}"))?;
+        let covered = ev.fields.checkpoint.as_ref().map(|c| c.seq);
+        Ok(Some((seq, ev.hash, covered)))
+    }
+
     /// Stored events `from..to` as JSON lines.
     pub fn lines(&self, from: u64, to: u64) -> Result<Vec<String>, AuditError> {
         self.store.lines(from, to).map_err(AuditError)
