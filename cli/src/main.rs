@@ -84,8 +84,8 @@ enum Command {
     /// Run a fragment node (what `quorate-node` runs; used by `quorate dev`)
     #[command(hide = true)]
     Node(quorate_node::config::Args),
-    /// Run the coordinator (what `quorate-coordinator` runs; used by `quorate dev`)
-    #[command(hide = true)]
+    /// Run a coordinator (what `quorate-coordinator` runs), or `quorate coordinator
+    /// migrate --store postgres://…` to create or upgrade the PostgreSQL store's schema
     Coordinator(Box<quorate_coordinator::config::Args>),
 }
 

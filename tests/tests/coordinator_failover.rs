@@ -4,8 +4,9 @@
 //! all three addresses.
 //!
 //! - four concurrent loops issue tokens (each with a fresh OIDC attestation and its own
-//!   request id) and sign with a raw key for ~40 s while the test kills a random
-//!   coordinator with SIGKILL every 5–10 s and restarts it on the same address;
+//!   request id) and sign with a raw key for ~40 s while the test kills a coordinator
+//!   with SIGKILL every 5–10 s (the one the client sends to; every third kill a random
+//!   one) and restarts it on the same address;
 //! - every call the library answered succeeded (each retried to success), every token
 //!   verifies against the issuer's JWKS and every signature under the key (aws-lc-rs);
 //! - the audit chain in the store verifies as one chain (no gap, no fork) and holds
@@ -241,7 +242,13 @@ async fn clients_fail_over_while_coordinators_are_killed() {
     while started.elapsed() + Duration::from_secs(10) < LOAD {
         let wait = Duration::from_millis(rng.random_range(5000..=10_000));
         tokio::time::sleep(wait).await;
-        let victim = rng.random_range(0..coordinators.len());
+        // The coordinator the client sends to (so the kill meets calls in flight), or a
+        // random one every third kill (a coordinator the client is not using).
+        let in_use = coordinators.iter().position(|c| c.addr == client.addr());
+        let victim = match in_use {
+            Some(i) if kills.len() % 3 != 2 => i,
+            _ => rng.random_range(0..coordinators.len()),
+        };
         let c = &mut coordinators[victim];
         let at = Instant::now();
         if let Some(mut p) = c.proc.take() {

@@ -368,9 +368,56 @@ async fn two_coordinators_share_one_postgresql_store() {
     assert_eq!(second.code(), Code::PermissionDenied, "{second:?}");
     assert!(second.message().contains("already used"), "{second:?}");
 
-    // A revocation on A is seen by B at once, and one on B by A.
+    // A revocation on A is seen by B at once, and one on B by A. Measured: B
+    // introspects the token in a loop while A revokes it; every introspection B started
+    // after A's revoke returned must say inactive (the bound is A's commit).
+    let mut watcher = cs.at('b').identity_api().await;
+    let watched = t_b.access_token.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = std::sync::Arc::clone(&stop);
+    let watch = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let started = Instant::now();
+            let active = watcher
+                .introspect(api::IntrospectRequest {
+                    token: watched.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .active;
+            seen.push((started, Instant::now(), active));
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revoking = Instant::now();
     cs.revoke('a', api::revoke_request::Target::Jti(t_b.jti.clone()))
         .await;
+    let revoked = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watch.await.unwrap();
+    let late: Vec<_> = seen
+        .iter()
+        .filter(|(started, _, active)| *started >= revoked && *active)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "B still saw the token active after A's revoke returned"
+    );
+    let first_refusal = seen
+        .iter()
+        .find(|(_, _, active)| !*active)
+        .map(|(_, done, _)| done.saturating_duration_since(revoked));
+    eprintln!(
+        "revocation: A's revoke took {} ms; B made {} introspections, all {} started after it returned refused; B's first refusal came {:?} after it returned",
+        revoked.duration_since(revoking).as_millis(),
+        seen.len(),
+        seen.iter().filter(|(s, _, _)| *s >= revoked).count(),
+        first_refusal
+    );
     assert!(!cs.active('b', &t_b.access_token).await);
     cs.revoke('b', api::revoke_request::Target::Jti(t_a.jti.clone()))
         .await;
