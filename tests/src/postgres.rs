@@ -210,3 +210,27 @@ fn user_id(name: &str) -> u32 {
     assert!(out.status.success(), "no user {name}");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+/// The audit chain as the coordinators' shared store at `url` holds it: one JSON line per
+/// event, in sequence order, each ending in a newline.
+///
+/// # Panics
+/// If the store cannot be read.
+pub async fn stored_chain(url: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the store");
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query("SELECT line FROM audit_events ORDER BY seq", &[])
+        .await
+        .expect("read the audit chain");
+    drop(client);
+    let _ = conn.await;
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(r.get::<_, &str>(0));
+        text.push('\n');
+    }
+    text
+}

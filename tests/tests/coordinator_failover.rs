@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use quorate_client::{Client, ClientConfig, Format, KeyPurpose, SignInput, TokenRequest};
 use quorate_proto::https;
-use quorate_tests::postgres::Postgres;
+use quorate_tests::postgres::{Postgres, stored_chain};
 use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
 use rand::{Rng as _, RngExt as _, SeedableRng as _};
 use serde_json::{Value, json};
@@ -71,26 +71,6 @@ fn token_request(issuer: &TestIssuer, k: usize, request_id: Option<String>) -> T
         request_id,
         ..TokenRequest::default()
     }
-}
-
-/// The chain as stored, one JSON line per event, in order.
-async fn stored_chain(url: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let rows = client
-        .query("SELECT line FROM audit_events ORDER BY seq", &[])
-        .await
-        .unwrap();
-    drop(client);
-    let _ = conn.await;
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(r.get::<_, &str>(0));
-        text.push('\n');
-    }
-    text
 }
 
 /// The issuer's JWKS, from the metadata listener of the first coordinator.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use quorate_proto::api;
 use quorate_proto::api::approval_service_client::ApprovalServiceClient;
-use quorate_tests::postgres::Postgres;
+use quorate_tests::postgres::{Postgres, stored_chain};
 use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
 use serde_json::json;
 use tonic::Code;
@@ -118,26 +118,6 @@ impl Coordinators {
         .await
         .unwrap();
     }
-}
-
-/// The chain as stored, one JSON line per event, in order.
-async fn stored_chain(url: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let rows = client
-        .query("SELECT line FROM audit_events ORDER BY seq", &[])
-        .await
-        .unwrap();
-    drop(client);
-    let _ = conn.await;
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(r.get::<_, &str>(0));
-        text.push('\n');
-    }
-    text
 }
 
 fn verify_chain(text: &str) -> u64 {

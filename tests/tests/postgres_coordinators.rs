@@ -95,24 +95,11 @@ fn count(held: &[BTreeMap<String, u64>], id: &str) -> Vec<u64> {
 
 /// The chain as stored: each event as JSON, and the text (one line per event).
 async fn stored_chain(url: &str) -> (Vec<Value>, String) {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let rows = client
-        .query("SELECT line FROM audit_events ORDER BY seq", &[])
-        .await
-        .unwrap();
-    drop(client);
-    let _ = conn.await;
-    let mut text = String::new();
-    let mut events = Vec::new();
-    for r in rows {
-        let line: &str = r.get(0);
-        events.push(serde_json::from_str(line).unwrap());
-        text.push_str(line);
-        text.push('\n');
-    }
+    let text = quorate_tests::postgres::stored_chain(url).await;
+    let events = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     (events, text)
 }
 
