@@ -262,6 +262,25 @@ async fn two_coordinators_share_one_postgresql_store() {
         (&first.access_token, &first.jti)
     );
     assert_eq!(third.access_token, first.access_token);
+    // The store keeps the answer sealed: no token in it.
+    {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let rows = client
+            .query("SELECT coalesce(reply, '') FROM issuance", &[])
+            .await
+            .unwrap();
+        drop(client);
+        let _ = conn.await;
+        assert!(!rows.is_empty());
+        for r in rows {
+            let reply: &str = r.get(0);
+            assert!(!reply.contains(&first.access_token), "a token in the store");
+            assert!(!reply.contains(&first.jti), "an answer in the clear");
+        }
+    }
     let replay = cs
         .issue(
             'b',

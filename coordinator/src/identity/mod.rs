@@ -642,7 +642,7 @@ impl IdentityPlane {
             "retry".into(),
             "answered with the token an earlier attempt issued".into(),
         );
-        let mut issued = decode_issued(&reply)?;
+        let mut issued = decode_issued(&r.open(&reply)?)?;
         // Nothing was signed for this answer.
         issued.nodes.clear();
         Ok(Some(issued))
@@ -670,14 +670,15 @@ impl IdentityPlane {
         let Some(r) = retry else {
             return Ok(issued);
         };
-        let stored = self
-            .store
-            .issuance_reply(&r.key, &encode_issued(&issued)?)?;
-        if stored == encode_issued(&issued)? {
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&self.random_bytes()?[..12]);
+        let mine = r.seal(&encode_issued(&issued)?, nonce)?;
+        let stored = self.store.issuance_reply(&r.key, &mine)?;
+        if stored == mine {
             return Ok(issued);
         }
         // Another attempt answered first: give the same answer.
-        let mut first = decode_issued(&stored)?;
+        let mut first = decode_issued(&r.open(&stored)?)?;
         first.nodes.clear();
         Ok(first)
     }

@@ -14,11 +14,18 @@
 //!   replay, while any other request reusing them still is;
 //! - a different request under a used id is refused.
 //!
-//! Records are kept for [`RETRY_WINDOW_SECONDS`].
+//! The recorded answer holds the token, a bearer credential, so it is sealed
+//! (AES-256-GCM) under a key derived from the caller and the `request_id`, which the store
+//! never holds (it keys the record by another hash of them): a reader of the store learns
+//! claims, not tokens. The seal is as strong as the id is unguessable (the client library
+//! sends 132 random bits). Records are kept for [`RETRY_WINDOW_SECONDS`].
 
 use std::collections::BTreeMap;
 
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
 
 use super::IdentityError;
 
@@ -38,6 +45,18 @@ pub struct Retry {
     pub key: String,
     /// Hex SHA-256 of the request's content.
     pub digest: String,
+    /// Seals the recorded answer; derived from (caller, request id), never stored.
+    seal_key: SealKey,
+}
+
+/// An AES-256 key that `Debug` does not print, zeroized on drop.
+#[derive(Clone, PartialEq, Eq)]
+struct SealKey(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey(<redacted>)")
+    }
 }
 
 /// The content of a token request that a retry must repeat exactly: everything but the
@@ -94,6 +113,10 @@ impl Retry {
         field(&mut key, b"quorate-request-key-v1");
         field(&mut key, caller.as_bytes());
         field(&mut key, request_id.as_bytes());
+        let mut seal = Sha256::new();
+        field(&mut seal, b"quorate-request-seal-v1");
+        field(&mut seal, caller.as_bytes());
+        field(&mut seal, request_id.as_bytes());
         let mut d = Sha256::new();
         field(&mut d, b"quorate-request-v1");
         field(&mut d, content.kind.as_bytes());
@@ -118,7 +141,56 @@ impl Retry {
             request_id: request_id.to_owned(),
             key: hex::encode(key.finalize()),
             digest: hex::encode(d.finalize()),
+            seal_key: SealKey(Zeroizing::new(seal.finalize().into())),
         }))
+    }
+
+    fn cipher(&self) -> Result<Aes256Gcm, IdentityError> {
+        Aes256Gcm::new_from_slice(&self.seal_key.0[..])
+            .map_err(|_| IdentityError::Invalid("AES-256-GCM key length".into()))
+    }
+
+    /// Seals `answer` for the store: hex of `nonce (12 bytes) || ciphertext || tag`, the
+    /// record's key as associated data. `nonce` must be fresh (random) per call.
+    pub fn seal(&self, answer: &str, nonce: [u8; 12]) -> Result<String, IdentityError> {
+        let ct = self
+            .cipher()?
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: answer.as_bytes(),
+                    aad: self.key.as_bytes(),
+                },
+            )
+            .map_err(|_| IdentityError::Invalid("sealing the recorded answer failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(hex::encode(out))
+    }
+
+    /// Opens an answer [`Self::seal`]ed for this request. Errors
+    /// ([`IdentityError::Store`]) if it was not sealed for it or was altered.
+    pub fn open(&self, sealed: &str) -> Result<String, IdentityError> {
+        let bad = || {
+            IdentityError::Store(format!(
+                "request {}: the recorded answer does not open",
+                self.request_id
+            ))
+        };
+        let bytes = hex::decode(sealed).map_err(|_| bad())?;
+        let (nonce, ct) = bytes.split_at_checked(12).ok_or_else(bad)?;
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| bad())?;
+        let plain = self
+            .cipher()?
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: ct,
+                    aad: self.key.as_bytes(),
+                },
+            )
+            .map_err(|_| bad())?;
+        String::from_utf8(plain).map_err(|_| bad())
     }
 
     /// The refusal of a different request sent under this id.
@@ -176,5 +248,14 @@ mod tests {
             .unwrap();
         assert_eq!(a.key, other_scope.key);
         assert_ne!(a.digest, other_scope.digest);
+        // The answer is sealed for this caller and id only.
+        let sealed = a.seal("token", [7; 12]).unwrap();
+        assert!(!sealed.contains(&hex::encode("token")));
+        assert_eq!(again.open(&sealed).unwrap(), "token");
+        assert!(other_caller.open(&sealed).is_err());
+        let mut altered = sealed.clone().into_bytes();
+        altered[30] = if altered[30] == b'0' { b'1' } else { b'0' };
+        assert!(a.open(&String::from_utf8(altered).unwrap()).is_err());
+        assert!(!format!("{a:?}").contains(&hex::encode(&a.seal_key.0[..])));
     }
 }

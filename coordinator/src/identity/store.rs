@@ -241,7 +241,8 @@ pub struct Issuance {
     pub digest: String,
     /// The claims chosen for it (JSON), once chosen.
     pub claims: Option<String>,
-    /// The answer given (JSON), once given.
+    /// The answer given, once given: sealed by the request
+    /// ([`Retry::seal`](super::retry::Retry::seal)), since it holds the token.
     pub reply: Option<String>,
     /// Unix seconds.
     pub expires_at: i64,
