@@ -340,6 +340,8 @@ def check_compose_store(r, d, text, coord, migrate):
             f"each coordinator needs its own published API port: {ports}")
     db = d["services"].get("db", {})
     r.check("ssl=on" in db.get("command", []), "db: TLS is not on (ssl=on)")
+    r.check("ssl_groups=X25519MLKEM768" in db.get("command", []),
+            "db: the key exchange is not limited to X25519MLKEM768 (ssl_groups=X25519MLKEM768)")
     env = db.get("environment", {})
     r.check("POSTGRES_PASSWORD" not in env and "POSTGRES_PASSWORD_FILE" in env,
             "db: the password is not read from a secret file (POSTGRES_PASSWORD_FILE)")

@@ -160,7 +160,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     let election = match &cfg.store {
         StoreSpec::Redb(_) => Election::always(&cfg.instance_id),
         StoreSpec::Postgres(url) => Election::postgres(
-            crate::pg::parse_url(url).map_err(|e| e.to_string())?,
+            crate::pg::Target::parse(url).map_err(|e| e.to_string())?,
             &cfg.instance_id,
         ),
     };

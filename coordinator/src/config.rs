@@ -355,7 +355,7 @@ impl Args {
                 }
             }
         } else if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
-            match crate::pg::parse_url(&self.store) {
+            match crate::pg::Target::parse(&self.store) {
                 Ok(_) => Some(StoreSpec::Postgres(self.store)),
                 Err(e) => {
                     errors.push(e.to_string());

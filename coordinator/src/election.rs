@@ -20,8 +20,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 /// How often a coordinator checks or tries its locks.
 pub const TICK: Duration = Duration::from_secs(1);
 
@@ -119,7 +117,7 @@ impl Election {
     /// Campaigns for every job over a dedicated PostgreSQL session made from `cfg`
     /// (the `--store` URL's settings), in a background task for the life of the
     /// runtime. Leads nothing until the first lock is taken.
-    pub fn postgres(cfg: tokio_postgres::Config, instance: &str) -> Self {
+    pub fn postgres(cfg: crate::pg::Target, instance: &str) -> Self {
         let e = Self {
             inner: Arc::new(Inner {
                 always: false,
@@ -203,16 +201,11 @@ impl Drop for Session {
     }
 }
 
-async fn connect(cfg: &tokio_postgres::Config) -> Result<Session, String> {
-    let (client, conn) = tokio::time::timeout(CHECK_TIMEOUT, cfg.connect(NoTls))
+async fn connect(cfg: &crate::pg::Target) -> Result<Session, String> {
+    let (client, conn) = tokio::time::timeout(CHECK_TIMEOUT, cfg.connect())
         .await
         .map_err(|_| format!("no connection within {} s", CHECK_TIMEOUT.as_secs()))?
         .map_err(|e| e.to_string())?;
-    let conn = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "the election's store session ended");
-        }
-    });
     Ok(Session { client, conn })
 }
 
@@ -247,7 +240,7 @@ async fn check(s: &Session, inner: &Inner) -> Result<Vec<(Job, bool)>, String> {
     Ok(out)
 }
 
-async fn campaign(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
+async fn campaign(inner: Arc<Inner>, cfg: crate::pg::Target) {
     let mut session: Option<Session> = None;
     let mut failing = false;
     let mut tick = tokio::time::interval(TICK);

@@ -12,8 +12,8 @@
 //! `schema_version`, applied by [`migrate`] (`quorate-coordinator migrate`). [`PgStore::open`]
 //! refuses a database whose schema is not exactly [`SCHEMA_VERSION`].
 //!
-//! Connections are unencrypted, so only a Unix socket or a loopback address is accepted
-//! ([`parse_url`]).
+//! A Unix socket or loopback address may be reached unencrypted; any other host only
+//! over verified TLS 1.3 ([`Target`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,9 +24,12 @@ use quorate_crypto::keys::{KeyId, KeyPublic};
 use quorate_crypto::params::{PartyIndex, SessionId};
 use quorate_crypto::wire::Wire;
 use quorate_proto::profile::KeyProfile;
+use quorate_proto::tls::{Identity, KxGroup};
+use std::sync::Arc;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::audit::{AuditStore, CommitError, record::Event};
 use crate::identity::approval::{ApprovalError, KEEP_DECIDED_SECONDS, Stored};
@@ -126,55 +129,293 @@ impl From<PgError> for IdentityStoreError {
 
 type Result<T> = core::result::Result<T, PgError>;
 
-/// Parses `postgres://…` (or `postgresql://…`, or key=value) connection settings and
-/// checks that they name a Unix socket or a loopback address, since the connection is
-/// not encrypted.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| PgError::Failed(format!("--store: not a PostgreSQL URL: {e}")))?;
-    if cfg.get_hosts().is_empty() {
-        return Err(PgError::Failed(
-            "--store: the URL names no host; give a Unix socket directory (?host=/run/postgresql) or a loopback address".into(),
-        ));
-    }
-    for h in cfg.get_hosts() {
-        if let Host::Tcp(name) = h {
-            let loopback = name == "localhost"
-                || name
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| a.is_loopback());
-            if !loopback {
-                return Err(PgError::Failed(format!(
-                    "--store: host {name} is neither a Unix socket nor a loopback address; connections to PostgreSQL are not encrypted yet, so run the coordinator next to it"
-                )));
-            }
-        }
-    }
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(CALL_TIMEOUT);
-    }
-    Ok(cfg)
+/// URL parameters the coordinator reads itself (TLS); the rest go to `tokio-postgres`.
+const TLS_PARAMS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey", "ssl_groups"];
+
+/// Where and how the store connects: the `--store` URL's `tokio-postgres` settings and
+/// the TLS they use (coordinator/STORE.md, "Connecting").
+///
+/// - A Unix socket or a loopback address may go unencrypted (`sslmode` absent or
+///   `disable`).
+/// - Any other host needs `sslmode=verify-full` and `sslrootcert=<PEM file of the
+///   server's CA>`: TLS 1.3, the server's certificate checked against that CA and the
+///   host name. `sslcert`/`sslkey` add a client certificate (PostgreSQL's `cert`
+///   authentication). `ssl_groups` lists the key-exchange groups offered, by default
+///   only X25519MLKEM768 ([`KxGroup`]).
+/// - The weaker modes (`allow`, `prefer`, `require`, `verify-ca`) are refused: none
+///   checks whom the coordinator talks to.
+#[derive(Clone)]
+pub struct Target {
+    cfg: tokio_postgres::Config,
+    /// `None`: unencrypted, over a Unix socket or loopback.
+    tls: Option<MakeRustlsConnect>,
+    groups: Vec<KxGroup>,
 }
 
-fn pool(cfg: tokio_postgres::Config) -> Result<Pool> {
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        ManagerConfig {
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// One `--store` error, prefixed with the option's name.
+fn bad(msg: impl std::fmt::Display) -> PgError {
+    PgError::Failed(format!("--store: {msg}"))
+}
+
+impl Target {
+    /// Parses a `postgres://…` or `postgresql://…` URL: checks its host against its TLS
+    /// settings (see [`Target`]) and loads the TLS files it names.
+    ///
+    /// Errors name what is wrong and what to write instead; none repeats the URL (it may
+    /// hold a password).
+    pub fn parse(url: &str) -> Result<Self> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(bad(
+                "not a PostgreSQL URL: write postgres://USER@HOST:PORT/DATABASE?… (or postgres:///DATABASE?host=/run/postgresql for a Unix socket)",
+            ));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut rest = Vec::new();
+        let mut tls: HashMap<&str, String> = HashMap::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if TLS_PARAMS.contains(&k) {
+                let v = percent_encoding::percent_decode_str(v)
+                    .decode_utf8()
+                    .map_err(|_| bad(format!("{k}: the value is not UTF-8")))?;
+                if tls.insert(k, v.into_owned()).is_some() {
+                    return Err(bad(format!("{k} is given twice")));
+                }
+            } else {
+                rest.push(pair);
+            }
+        }
+        let mode = tls.remove("sslmode");
+        let verify = match mode.as_deref() {
+            None | Some("disable") => false,
+            Some("verify-full") => true,
+            Some(m @ ("allow" | "prefer" | "require" | "verify-ca")) => {
+                return Err(bad(format!(
+                    "sslmode={m} does not check that the server is the one named: use sslmode=verify-full with sslrootcert=<the server's CA file>"
+                )));
+            }
+            Some(m) => {
+                return Err(bad(format!(
+                    "sslmode={m} is not a mode: use verify-full (or disable, over a Unix socket or loopback)"
+                )));
+            }
+        };
+        // The mode tokio-postgres applies: TLS required (the verification is ours).
+        rest.push(if verify {
+            "sslmode=require"
+        } else {
+            "sslmode=disable"
+        });
+        let passed = format!("{base}?{}", rest.join("&"));
+        let mut cfg: tokio_postgres::Config = passed
+            .parse()
+            .map_err(|e| bad(format!("not a PostgreSQL URL: {e}")))?;
+        if cfg.get_hosts().is_empty() {
+            return Err(bad(
+                "the URL names no host; give a host (with sslmode=verify-full), a Unix socket directory (?host=/run/postgresql) or a loopback address",
+            ));
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(CALL_TIMEOUT);
+        }
+        if !verify {
+            if let Some(k) = TLS_PARAMS.iter().find(|k| tls.contains_key(*k)) {
+                return Err(bad(format!(
+                    "{k} applies only with sslmode=verify-full; add it, or remove {k}"
+                )));
+            }
+            for h in cfg.get_hosts() {
+                if let Host::Tcp(name) = h
+                    && !is_loopback(name)
+                {
+                    let how = match mode {
+                        Some(_) => {
+                            "sslmode=disable is allowed only over a Unix socket or a loopback address"
+                        }
+                        None => "a connection beyond this host must be encrypted",
+                    };
+                    return Err(bad(format!(
+                        "host {name}: {how}: add sslmode=verify-full&sslrootcert=<the server's CA file>"
+                    )));
+                }
+            }
+            return Ok(Target {
+                cfg,
+                tls: None,
+                groups: Vec::new(),
+            });
+        }
+        if cfg.get_hosts().iter().any(|h| !matches!(h, Host::Tcp(_))) {
+            return Err(bad(
+                "sslmode=verify-full needs host names: a Unix socket carries no TLS (use sslmode=disable for it)",
+            ));
+        }
+        let roots = match tls.remove("sslrootcert") {
+            None => {
+                return Err(bad(
+                    "sslmode=verify-full needs sslrootcert=<PEM file of the CA that certified the server>",
+                ));
+            }
+            Some(r) if r == "system" => {
+                return Err(bad(
+                    "sslrootcert=system: the system's trust store is not used; name the PEM file of the CA that certified the server",
+                ));
+            }
+            Some(r) => r,
+        };
+        let client = match (tls.remove("sslcert"), tls.remove("sslkey")) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(
+                Identity::from_pem_files(&c, &k)
+                    .map_err(|e| bad(format!("sslcert/sslkey: {e}")))?,
+            ),
+            _ => return Err(bad("sslcert and sslkey go together: give both or neither")),
+        };
+        let groups = match tls.remove("ssl_groups") {
+            None => vec![KxGroup::X25519MLKEM768],
+            Some(list) => list
+                .split([':', ','])
+                .map(|g| {
+                    KxGroup::parse(g.trim()).ok_or_else(|| {
+                        bad(format!(
+                            "ssl_groups: `{g}` is not a group; the groups are X25519MLKEM768, X25519 and P-256"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let config = quorate_proto::tls::database_client_config(
+            std::path::Path::new(&roots),
+            client.as_ref(),
+            &groups,
+        )
+        .map_err(|e| bad(format!("TLS: {e}")))?;
+        Ok(Target {
+            cfg,
+            tls: Some(MakeRustlsConnect::new(Arc::unwrap_or_clone(config))),
+            groups,
+        })
+    }
+
+    /// How the store is reached, for logs: hosts (never the password) and the TLS used.
+    pub fn describe(&self) -> String {
+        let hosts: Vec<String> = self
+            .cfg
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(n) => n.clone(),
+                Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        match self.tls {
+            None => format!("{} (unencrypted: local)", hosts.join(",")),
+            Some(_) => format!(
+                "{} (TLS 1.3, verify-full, key exchange {})",
+                hosts.join(","),
+                self.groups_named()
+            ),
+        }
+    }
+
+    fn groups_named(&self) -> String {
+        self.groups
+            .iter()
+            .map(|g| g.name())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Whether the link may fall back to a classic key exchange (`ssl_groups` lists one).
+    pub fn allows_classic(&self) -> bool {
+        self.groups.iter().any(|g| *g != KxGroup::X25519MLKEM768)
+    }
+
+    /// Opens one session; its connection runs in a spawned task, which the returned
+    /// handle ends when aborted.
+    pub async fn connect(&self) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+        fn run<S>(conn: S) -> tokio::task::JoinHandle<()>
+        where
+            S: Future<Output = core::result::Result<(), tokio_postgres::Error>> + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "a PostgreSQL store session ended");
+                }
+            })
+        }
+        let connected = match &self.tls {
+            None => self
+                .cfg
+                .connect(NoTls)
+                .await
+                .map(|(c, conn)| (c, run(conn))),
+            Some(tls) => self
+                .cfg
+                .connect(tls.clone())
+                .await
+                .map(|(c, conn)| (c, run(conn))),
+        };
+        connected.map_err(|e| self.explain(e.into()))
+    }
+
+    /// Adds what to do to a failed TLS handshake with the hybrid group only: the usual
+    /// cause is a server that cannot negotiate X25519MLKEM768.
+    pub fn explain(&self, e: PgError) -> PgError {
+        let hint = |m: String| {
+            if self.tls.is_some() && !self.allows_classic() && m.contains("TLS handshake") {
+                format!(
+                    "{m} (this coordinator offers only the key exchange X25519MLKEM768, which needs PostgreSQL 18 built with OpenSSL 3.5 or later and ssl_groups including X25519MLKEM768; to accept a classic key exchange on this link, add ssl_groups=X25519MLKEM768:P-256 to the URL)"
+                )
+            } else {
+                m
+            }
+        };
+        // A refused certificate or a refused handshake is the configuration's fault, not
+        // a passing outage: retrying does not help.
+        let settled = |m: &str| {
+            m.contains("TLS handshake")
+                && (m.contains("invalid peer certificate") || m.contains("fatal alert"))
+        };
+        match e {
+            PgError::Unavailable(m) if settled(&m) => PgError::Failed(hint(m)),
+            PgError::Unavailable(m) => PgError::Unavailable(hint(m)),
+            PgError::Failed(m) => PgError::Failed(hint(m)),
+        }
+    }
+
+    fn pool(&self) -> Result<Pool> {
+        let cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(16)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(CALL_TIMEOUT))
-        .create_timeout(Some(CALL_TIMEOUT))
-        .recycle_timeout(Some(CALL_TIMEOUT))
-        .build()
-        .map_err(|e| PgError::Failed(format!("connection pool: {e}")))
+        };
+        let mgr = match &self.tls {
+            None => Manager::from_config(self.cfg.clone(), NoTls, cfg),
+            Some(tls) => Manager::from_config(self.cfg.clone(), tls.clone(), cfg),
+        };
+        Pool::builder(mgr)
+            .max_size(16)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CALL_TIMEOUT))
+            .create_timeout(Some(CALL_TIMEOUT))
+            .recycle_timeout(Some(CALL_TIMEOUT))
+            .build()
+            .map_err(|e| PgError::Failed(format!("connection pool: {e}")))
+    }
+}
+
+fn is_loopback(name: &str) -> bool {
+    name == "localhost"
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 /// Runs `fut` to completion from synchronous code, bounded by [`CALL_TIMEOUT`].
@@ -204,9 +445,8 @@ fn block<T>(handle: &Handle, fut: impl Future<Output = Result<T>>) -> Result<T> 
 /// Returns the versions applied (empty: already current). A database newer than this
 /// build is refused.
 pub async fn migrate(url: &str) -> Result<Vec<i32>> {
-    let cfg = parse_url(url)?;
-    let (mut client, conn) = cfg.connect(NoTls).await?;
-    let conn = tokio::spawn(conn);
+    let target = Target::parse(url)?;
+    let (mut client, conn) = target.connect().await?;
     let result = async {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -264,8 +504,9 @@ impl PgStore {
     /// server ([`PgError::Unavailable`]), and a schema that was not migrated or is of
     /// another version (the message says what to run).
     pub async fn open(url: &str) -> Result<Self> {
-        let pool = pool(parse_url(url)?)?;
-        let client = pool.get().await?;
+        let target = Target::parse(url)?;
+        let pool = target.pool()?;
+        let client = pool.get().await.map_err(|e| target.explain(e.into()))?;
         let found: Option<i32> = match client
             .query_one("SELECT max(version) FROM schema_version", &[])
             .await
@@ -289,6 +530,12 @@ impl PgStore {
             }
         }
         drop(client);
+        tracing::info!(store = %target.describe(), "PostgreSQL store");
+        if target.allows_classic() {
+            tracing::warn!(
+                "the link to the PostgreSQL store may use a classic key exchange (ssl_groups in --store): its traffic, recorded now, could be read by a future quantum computer"
+            );
+        }
         Ok(PgStore {
             pool,
             handle: Handle::current(),
@@ -1095,20 +1342,86 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn err(url: &str) -> String {
+        Target::parse(url).unwrap_err().to_string()
+    }
+
     #[test]
-    fn urls_must_name_a_socket_or_loopback() {
-        assert!(parse_url("postgres://q@localhost/quorate").is_ok());
-        assert!(parse_url("postgres://q@127.0.0.1:5433/quorate").is_ok());
-        assert!(parse_url("postgresql://q@[::1]/quorate").is_ok());
-        assert!(parse_url("postgres:///quorate?host=/run/postgresql&user=q").is_ok());
-        let e = parse_url("postgres://q@db.example.com/quorate")
-            .unwrap_err()
-            .to_string();
+    fn local_hosts_may_go_unencrypted_and_others_must_not() {
+        for url in [
+            "postgres://q@localhost/quorate",
+            "postgres://q@127.0.0.1:5433/quorate?sslmode=disable",
+            "postgresql://q@[::1]/quorate",
+            "postgres:///quorate?host=/run/postgresql&user=q",
+        ] {
+            let t = Target::parse(url).unwrap();
+            assert!(t.describe().contains("unencrypted"), "{url}");
+        }
+        let e = err("postgres://q:s3cret@db.example.com/quorate");
         assert!(
-            e.contains("db.example.com") && e.contains("not encrypted"),
+            e.contains("db.example.com") && e.contains("sslmode=verify-full"),
             "{e}"
         );
-        let e = parse_url("mysql://x").unwrap_err().to_string();
-        assert!(e.contains("not a PostgreSQL URL"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = err("postgres://q@db.example.com/quorate?sslmode=disable");
+        assert!(e.contains("only over a Unix socket or a loopback"), "{e}");
+        assert!(err("mysql://x").contains("not a PostgreSQL URL"));
+        assert!(err("host=localhost user=q").contains("not a PostgreSQL URL"));
+    }
+
+    #[test]
+    fn weak_or_incomplete_tls_settings_are_refused_by_name() {
+        for mode in ["require", "prefer", "allow", "verify-ca"] {
+            let e = err(&format!(
+                "postgres://q@db.example.com/quorate?sslmode={mode}&sslrootcert=/x"
+            ));
+            assert!(
+                e.contains(&format!("sslmode={mode}")) && e.contains("verify-full"),
+                "{e}"
+            );
+        }
+        assert!(err("postgres://q@db/quorate?sslmode=verify-full").contains("sslrootcert"));
+        assert!(
+            err("postgres://q@db/quorate?sslmode=verify-full&sslrootcert=system")
+                .contains("system")
+        );
+        assert!(err("postgres://q@localhost/quorate?sslrootcert=/x").contains("only with"));
+        assert!(
+            err("postgres:///quorate?host=/run/postgresql&sslmode=verify-full&sslrootcert=/x")
+                .contains("Unix socket")
+        );
+        let e = err("postgres://q@db/quorate?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let e = err("postgres://q@db/quorate?sslmode=verify-full&sslrootcert=/x&sslcert=/c");
+        assert!(e.contains("sslcert and sslkey"), "{e}");
+        let e = err("postgres://q@db/quorate?sslmode=verify-full&sslmode=disable");
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn key_exchange_groups_must_lead_with_the_hybrid_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["db".into()]).unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        let url = |groups: &str| {
+            format!(
+                "postgres://q@db.example.com/quorate?sslmode=verify-full&sslrootcert={}{groups}",
+                path.display()
+            )
+        };
+        let t = Target::parse(&url("")).unwrap();
+        assert!(!t.allows_classic());
+        assert!(
+            t.describe().contains("key exchange X25519MLKEM768)"),
+            "{t:?}"
+        );
+        let t = Target::parse(&url("&ssl_groups=X25519MLKEM768:prime256v1")).unwrap();
+        assert!(t.allows_classic());
+        assert!(t.describe().contains("X25519MLKEM768:P-256"), "{t:?}");
+        let e = err(&url("&ssl_groups=P-256"));
+        assert!(e.contains("must start with X25519MLKEM768"), "{e}");
+        let e = err(&url("&ssl_groups=X25519MLKEM768:ffdhe2048"));
+        assert!(e.contains("`ffdhe2048` is not a group"), "{e}");
     }
 }

@@ -204,6 +204,14 @@ pub enum TlsError {
         /// The roles accepted, as a list.
         allowed: String,
     },
+    /// A key-exchange group list that does not put the hybrid group first.
+    #[error(
+        "key-exchange groups `{given}`: the list must start with X25519MLKEM768 (classic groups may follow it as fallbacks), e.g. X25519MLKEM768:P-256"
+    )]
+    KxGroups {
+        /// The groups given, `:`-separated.
+        given: String,
+    },
     /// A server configuration that accepts no role at all was requested.
     #[error("a server must accept at least one peer role (this is a bug in the caller)")]
     NoRolesAllowed,
@@ -1091,6 +1099,110 @@ fn client_config_with(
         .with_root_certificates(Arc::clone(&trust.roots))
         .with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+// ---------------------------------------------------------------------------------------
+// The coordinator's link to its PostgreSQL store
+// ---------------------------------------------------------------------------------------
+
+/// A TLS 1.3 key-exchange group the coordinator may offer its PostgreSQL store, named as
+/// OpenSSL and PostgreSQL's `ssl_groups` setting name it (RFC 8446 §4.2.7; the hybrid group
+/// per draft-ietf-tls-ecdhe-mlkem).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KxGroup {
+    /// X25519 combined with ML-KEM-768: the hybrid post-quantum group.
+    X25519MLKEM768,
+    /// Classic X25519 (RFC 7748).
+    X25519,
+    /// Classic ECDHE over P-256 (`secp256r1`, `prime256v1`).
+    P256,
+}
+
+impl KxGroup {
+    /// Parses one group name: `X25519MLKEM768`, `X25519`, or `P-256` (also `prime256v1`,
+    /// `secp256r1`); case-insensitive.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "x25519mlkem768" => Some(Self::X25519MLKEM768),
+            "x25519" => Some(Self::X25519),
+            "p-256" | "p256" | "prime256v1" | "secp256r1" => Some(Self::P256),
+            _ => None,
+        }
+    }
+
+    /// The group's name as [`KxGroup::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::X25519MLKEM768 => HYBRID_GROUP,
+            Self::X25519 => "X25519",
+            Self::P256 => "P-256",
+        }
+    }
+
+    fn rustls(self) -> &'static dyn rustls::crypto::SupportedKxGroup {
+        match self {
+            Self::X25519MLKEM768 => aws_lc_rs::kx_group::X25519MLKEM768,
+            Self::X25519 => aws_lc_rs::kx_group::X25519,
+            Self::P256 => aws_lc_rs::kx_group::SECP256R1,
+        }
+    }
+}
+
+/// Client configuration of a coordinator's connections to its PostgreSQL store
+/// (`sslmode=verify-full`): TLS 1.3 only, the key-exchange `groups` in order of
+/// preference, ALPN `postgresql` (which PostgreSQL 17 and later check), trusting only the
+/// CA certificates in the PEM file `roots` (the server's name is checked against its
+/// certificate by the caller's server name), and presenting `client` for PostgreSQL's
+/// `cert` authentication if given.
+///
+/// `groups` must start with [`KxGroup::X25519MLKEM768`]: the classic groups are fallbacks
+/// an operator adds for a server that cannot negotiate the hybrid group (PostgreSQL
+/// before 18, or built with OpenSSL before 3.5), never a replacement.
+///
+/// Errors: an unreadable or empty CA file ([`TlsError::ReadFile`],
+/// [`TlsError::BadCertificatePem`]), a group list without the hybrid group first
+/// ([`TlsError::KxGroups`]).
+pub fn database_client_config(
+    roots: &Path,
+    client: Option<&Identity>,
+    groups: &[KxGroup],
+) -> Result<Arc<ClientConfig>> {
+    if groups.first() != Some(&KxGroup::X25519MLKEM768) {
+        return Err(TlsError::KxGroups {
+            given: groups
+                .iter()
+                .map(|g| g.name())
+                .collect::<Vec<_>>()
+                .join(":"),
+        });
+    }
+    let mut seen = Vec::new();
+    for g in groups {
+        if !seen.contains(g) {
+            seen.push(*g);
+        }
+    }
+    let origin = roots.display().to_string();
+    let pem = read_text(roots, "CA certificate")?;
+    let mut store = RootCertStore::empty();
+    for cert in parse_certs(pem.as_bytes(), &origin)? {
+        store.add(cert).map_err(|e| TlsError::BadCertificatePem {
+            origin: origin.clone(),
+            reason: format!("not usable as a trust anchor: {e}"),
+        })?;
+    }
+    let provider = Arc::new(restricted_provider(
+        seen.iter().map(|g| g.rustls()).collect(),
+    ));
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store);
+    let mut config = match client {
+        Some(id) => builder.with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Arc::new(config))
 }
 

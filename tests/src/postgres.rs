@@ -1,6 +1,7 @@
 //! A real PostgreSQL server for tests of the coordinator's shared store
 //! (`coordinator/STORE.md`): Debian's `postgresql` binaries (`initdb`, `pg_ctl`), a data
-//! directory and a Unix socket directory in a temporary directory, no TCP listener.
+//! directory and a Unix socket directory in a temporary directory; no TCP listener
+//! unless [`Postgres::listen_tls`] adds one, TLS only.
 //!
 //! `initdb` refuses to run as root, so as root the server runs as `nobody`.
 //! [`Postgres::start`] returns `None`, saying why on stderr, when the binaries are
@@ -27,6 +28,8 @@ pub struct Postgres {
     /// The unprivileged user the server runs as when the tests run as root.
     run_as: Option<&'static str>,
     running: bool,
+    /// Whether the server also listens on 127.0.0.1 ([`Postgres::listen_tls`]).
+    tcp: bool,
 }
 
 impl Postgres {
@@ -65,6 +68,7 @@ impl Postgres {
             port: crate::free_port(),
             run_as,
             running: false,
+            tcp: false,
         };
         let out = pg
             .command("initdb")
@@ -120,8 +124,9 @@ impl Postgres {
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn resume(&mut self) {
+        let listen = if self.tcp { "127.0.0.1" } else { "" };
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=''",
+            "-k {} -p {} -c listen_addresses='{listen}'",
             self.socket_dir().display(),
             self.port
         );
@@ -147,6 +152,95 @@ impl Postgres {
             std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
         );
         self.running = true;
+    }
+
+    /// Restarts the server listening also on 127.0.0.1:[`Postgres::port`], TLS only:
+    /// `cert_pem`/`key_pem` are its certificate and key, `client_ca_pem` the CA of client
+    /// certificates. Over TCP (`hostssl` only; anything else is rejected) user
+    /// [`USER`] authenticates with `password` (SCRAM-SHA-256), and user `cert_user` with
+    /// a client certificate whose CN is that name (`cert`). The Unix socket stays `trust`.
+    ///
+    /// Debian 12's server is built with OpenSSL 3.0 and so negotiates only classic key
+    /// exchange (P-256, its `ssl_ecdh_curve`), never X25519MLKEM768.
+    pub fn listen_tls(
+        &mut self,
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: &str,
+        password: &str,
+        cert_user: &str,
+    ) {
+        let data = self.data();
+        for (name, text) in [
+            ("server.crt", cert_pem),
+            ("server.key", key_pem),
+            ("client-ca.crt", client_ca_pem),
+        ] {
+            let p = data.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if self.run_as.is_some() {
+                let id = user_id("nobody");
+                std::os::unix::fs::chown(&p, Some(id), Some(id)).unwrap();
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+              ssl_ca_file = 'client-ca.crt'\nssl_min_protocol_version = 'TLSv1.3'\n\
+              password_encryption = 'scram-sha-256'\n",
+        )
+        .unwrap();
+        let hba = format!(
+            "local all all trust\n\
+             hostssl all {USER} 127.0.0.1/32 scram-sha-256\n\
+             hostssl all {cert_user} 127.0.0.1/32 cert\n\
+             host all all 0.0.0.0/0 reject\n"
+        );
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        self.psql(&format!("ALTER ROLE {USER} PASSWORD '{password}'"));
+        self.psql(&format!("CREATE ROLE {cert_user} LOGIN"));
+        self.psql(&format!("CREATE DATABASE {cert_user} OWNER {cert_user}"));
+        self.stop();
+        self.tcp = true;
+        self.resume();
+    }
+
+    /// Runs SQL through `psql` over the Unix socket as [`USER`], on database `postgres`.
+    ///
+    /// # Panics
+    /// If `psql` fails.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = self
+            .command("psql")
+            .arg("-h")
+            .arg(self.socket_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args([
+                "-U",
+                USER,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Stops the server (fast shutdown: open sessions are ended) and waits.

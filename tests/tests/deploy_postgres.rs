@@ -6,9 +6,13 @@
 //! command line the file gives it — the `migrate` job, three nodes, two coordinators —
 //! with only what a container runtime would change: the secrets' and configs' paths, the
 //! listen addresses (loopback, free ports) and the nodes' addresses. The store is a real
-//! PostgreSQL server started here (`quorate_tests::postgres`): until the coordinator
-//! speaks TLS to PostgreSQL, the URL is its Unix socket instead of the file's
-//! `db:5432 … sslmode=verify-full`, which is the one other change.
+//! PostgreSQL server started here (`quorate_tests::postgres`) with the TLS certificate,
+//! key and password `init-secrets` made for the `db` service, TLS only over TCP. The
+//! coordinators use the URL of `secrets/store.env` (`sslmode=verify-full`, the name
+//! `db` checked against the certificate) with three changes: the port, the CA file's
+//! path, and `hostaddr=127.0.0.1` for the name `db`; plus, because Debian 12's server
+//! (OpenSSL 3.0) cannot negotiate X25519MLKEM768 as the file's PostgreSQL 18 image does,
+//! `ssl_groups=X25519MLKEM768:P-256`: this test forces a classic key exchange.
 //!
 //! Then, as the admin the script made: a key by DKG through one coordinator, a
 //! signature through the other, checked by aws-lc-rs.
@@ -225,7 +229,7 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
         eprintln!("SKIPPED: no Python with PyYAML (deploy/validate's virtualenv or python3)");
         return;
     };
-    let Some(pg) = Postgres::start("deploy") else {
+    let Some(mut pg) = Postgres::start("deploy") else {
         return;
     };
 
@@ -274,10 +278,40 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
     let compose = compose_json(&python, &compose_dir.join("compose.postgres.yaml"));
     let data = work.0.join("data");
 
+    // The `db` service's TLS and password, on the test server; the URL of store.env.
+    let read = |f: &str| std::fs::read_to_string(secrets.join(f)).unwrap();
+    pg.listen_tls(
+        &read("db.pem"),
+        &read("db-key.pem"),
+        &read("db-ca.pem"),
+        &password,
+        "unused_cert_user",
+    );
+    pg.psql("CREATE DATABASE quorate");
+    let store_url = format!(
+        "{}&hostaddr=127.0.0.1&ssl_groups=X25519MLKEM768:P-256",
+        store_env
+            .trim()
+            .strip_prefix("QUORATE_COORDINATOR_STORE=")
+            .unwrap()
+            .replace("@db:5432/", &format!("@db:{}/", pg.port))
+            .replace(
+                "sslrootcert=/run/secrets/db-ca.pem",
+                &format!("sslrootcert={}", secrets.join("db-ca.pem").display())
+            )
+    );
+    assert!(
+        store_url.contains(&format!(
+            "@db:{}/quorate?sslmode=verify-full&sslrootcert=/",
+            pg.port
+        )),
+        "{store_url}"
+    );
+
     // The migrate job, with the test server's URL (see the module docs).
     let mut migrate = command_of(&compose, "migrate", &compose_dir, &data, &BTreeMap::new());
     let out = migrate
-        .env("QUORATE_COORDINATOR_STORE", pg.url())
+        .env("QUORATE_COORDINATOR_STORE", &store_url)
         .output()
         .unwrap();
     assert!(
@@ -301,7 +335,7 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
     let mut coordinators = Vec::new();
     for name in ["coordinator-1", "coordinator-2"] {
         let mut cmd = command_of(&compose, name, &compose_dir, &data, &nodes);
-        cmd.env("QUORATE_COORDINATOR_STORE", pg.url()).args([
+        cmd.env("QUORATE_COORDINATOR_STORE", &store_url).args([
             "--pool-low",
             "2",
             "--pool-high",
@@ -333,6 +367,16 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
     );
 
     create_here_sign_there(&coordinators, &secrets, DOMAIN).await;
+    // From the server's side: every session of the coordinators is TLS 1.3.
+    let sessions = pg.psql(
+        "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = 'quorate' AND a.client_addr IS NOT NULL",
+    );
+    let lines: Vec<&str> = sessions.lines().collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| *l == "t|TLSv1.3"),
+        "{lines:?}"
+    );
     drop(procs);
     drop(pg);
 }
