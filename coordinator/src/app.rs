@@ -55,7 +55,14 @@ const KEY_RELOAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `quorate-coordinator migrate`: applies the PostgreSQL store's pending migrations.
 async fn migrate(url: &str) -> ExitCode {
-    match crate::pg::migrate(url).await {
+    let target = match crate::pg::Target::parse(url) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("quorate-coordinator migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::pg::migrate(&target).await {
         Ok(applied) => {
             #[allow(
                 clippy::print_stdout,
@@ -95,8 +102,8 @@ async fn open_stores(
                 RedbIdentityStore::open(&dir.join("identity.redb")).map_err(|e| e.to_string())?;
             Ok((Arc::new(keys), Box::new(identity), audit))
         }
-        StoreSpec::Postgres(url) => {
-            let pg = crate::pg::PgStore::open(url)
+        StoreSpec::Postgres(target) => {
+            let pg = crate::pg::PgStore::open(target)
                 .await
                 .map_err(|e| e.to_string())?;
             let audit = AuditLog::with_store(Box::new(pg.clone()), sinks)?;
@@ -151,19 +158,20 @@ async fn run(cfg: Config) -> Result<(), String> {
         cluster.set_fail_point(p);
     }
     cluster.set_instance(cfg.instance_id.clone());
+    // Singleton background jobs: elected through the shared store, or always here. Over
+    // PostgreSQL this first claims the instance id, so that a second coordinator given
+    // the same id stops here, before it could discard the first one's presignatures.
+    let election = match &cfg.store {
+        StoreSpec::Redb(_) => Election::always(&cfg.instance_id),
+        StoreSpec::Postgres(target) => Election::postgres((**target).clone(), &cfg.instance_id)
+            .await
+            .map_err(|e| format!("the store: {e}"))?,
+    };
     // The nodes may hold presignatures of an earlier process of this instance, whose
     // public halves died with it: have them forgotten before pools fill again. Nodes
     // tag presignatures by instance, so other coordinators' pools stay
     // (coordinator/STORE.md).
     cluster.discard_node_presignatures().await;
-    // Singleton background jobs: elected through the shared store, or always here.
-    let election = match &cfg.store {
-        StoreSpec::Redb(_) => Election::always(&cfg.instance_id),
-        StoreSpec::Postgres(url) => Election::postgres(
-            crate::pg::Target::parse(url).map_err(|e| e.to_string())?,
-            &cfg.instance_id,
-        ),
-    };
     tracing::info!(instance = %cfg.instance_id, "coordinator instance");
     let other = cluster
         .keys_with_other_params()

@@ -195,7 +195,8 @@ pub struct Args {
     /// This coordinator's instance id, 1 to 64 characters of `[A-Za-z0-9._-]`, unique
     /// among the coordinators of one cluster and stable across its restarts: nodes tag
     /// the presignatures it makes with it, and a restart discards only its own
-    /// (coordinator/STORE.md). Default: `<host name>-<--listen port>` (with port 0,
+    /// (coordinator/STORE.md). Over PostgreSQL a second coordinator started with an id
+    /// in use refuses to start. Default: `<host name>-<--listen port>` (with port 0,
     /// which is not stable, `<host name>-pid<process id>`).
     #[arg(long, env = "QUORATE_COORDINATOR_INSTANCE")]
     pub instance_id: Option<String>,
@@ -237,12 +238,12 @@ pub enum Command {
 /// Where the coordinator's state lives (`coordinator/STORE.md`).
 ///
 /// `Debug` does not show a PostgreSQL URL (it may carry a password).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum StoreSpec {
     /// redb files in this directory.
     Redb(PathBuf),
-    /// A PostgreSQL URL.
-    Postgres(String),
+    /// A PostgreSQL store, parsed from its URL (TLS files loaded).
+    Postgres(Box<crate::pg::Target>),
 }
 
 impl std::fmt::Debug for StoreSpec {
@@ -356,7 +357,7 @@ impl Args {
             }
         } else if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
             match crate::pg::Target::parse(&self.store) {
-                Ok(_) => Some(StoreSpec::Postgres(self.store)),
+                Ok(t) => Some(StoreSpec::Postgres(Box::new(t))),
                 Err(e) => {
                     errors.push(e.to_string());
                     None
@@ -604,7 +605,10 @@ mod tests {
 
     #[test]
     fn a_store_url_is_not_in_debug_output() {
-        let spec = StoreSpec::Postgres("postgres://q:s3cret@localhost/quorate".into());
+        let spec = StoreSpec::Postgres(Box::new(
+            crate::pg::Target::parse("postgres://q:s3cret@localhost/quorate")
+                .unwrap_or_else(|e| panic!("{e}")),
+        ));
         let shown = format!("{spec:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert_eq!(shown, "Postgres(<url redacted>)");

@@ -13,6 +13,14 @@
 //! lock was lost finishes that one run: the overlap is at most one run, plus the time
 //! to notice (one tick, or the query time limit of [`CHECK_TIMEOUT`]).
 //!
+//! The same session holds a lock on the coordinator's instance id ([`instance_key`]),
+//! taken before anything else at start: a second coordinator given an id in use waits
+//! up to [`INSTANCE_WAIT`] and then refuses to start, before it could discard the first
+//! one's presignatures on the nodes. The session asks the server for TCP keepalives
+//! ([`SESSION_SETTINGS`]), so that the session of a coordinator whose host vanished
+//! without closing its socket ends, and its locks pass on, within seconds rather than
+//! the operating system's default two hours.
+//!
 //! With the embedded redb store there is one coordinator: [`Election::always`] leads
 //! every job.
 
@@ -25,6 +33,31 @@ pub const TICK: Duration = Duration::from_secs(1);
 
 /// The time limit of connecting and of each check.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a starting coordinator waits for its instance id's lock before refusing to
+/// start: longer than the server takes to end the session of a coordinator that died
+/// with its host ([`SESSION_SETTINGS`]: about 5 s).
+pub const INSTANCE_WAIT: Duration = Duration::from_secs(8);
+
+/// Settings of the election session (PostgreSQL §19.3.1): keepalive probes after 2 s of
+/// silence, 1 s apart, 3 unanswered end the session; unacknowledged data ends it after
+/// 5 s. Unix-socket sessions ignore them (the kernel reports a dead peer at once).
+pub const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000";
+
+/// The advisory lock key of coordinator instance `instance`: the first 8 bytes of
+/// SHA-256 over a fixed label and the id, so distinct ids collide with each other or
+/// with [`Job::lock_key`] with probability about 2^-64.
+pub fn instance_key(instance: &str) -> i64 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::new()
+        .chain_update(b"quorate coordinator instance\0")
+        .chain_update(instance.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(d.get(..8).unwrap_or(&[0; 8]));
+    i64::from_be_bytes(first)
+}
 
 /// A background job that runs on one coordinator at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,10 +147,25 @@ impl Election {
         }
     }
 
-    /// Campaigns for every job over a dedicated PostgreSQL session made from `cfg`
-    /// (the `--store` URL's settings), in a background task for the life of the
-    /// runtime. Leads nothing until the first lock is taken.
-    pub fn postgres(cfg: crate::pg::Target, instance: &str) -> Self {
+    /// Claims `instance` and campaigns for every job over a dedicated PostgreSQL session
+    /// made from `cfg` (the `--store` URL's settings), in a background task for the life
+    /// of the runtime. Leads nothing until the first job lock is taken.
+    ///
+    /// Errors: the store cannot be reached, or another running coordinator of the store
+    /// holds `instance` for all of [`INSTANCE_WAIT`].
+    pub async fn postgres(cfg: crate::pg::Target, instance: &str) -> Result<Self, String> {
+        let key = instance_key(instance);
+        let s = connect(&cfg).await?;
+        let deadline = tokio::time::Instant::now() + INSTANCE_WAIT;
+        while !try_lock(&s, key).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "coordinator instance id `{instance}` is in use: another running coordinator of this store holds it (advisory lock {key}) and has for {} s; give each coordinator its own --instance-id (QUORATE_COORDINATOR_INSTANCE)",
+                    INSTANCE_WAIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let e = Self {
             inner: Arc::new(Inner {
                 always: false,
@@ -125,8 +173,8 @@ impl Election {
                 instance: instance.to_owned(),
             }),
         };
-        tokio::spawn(campaign(Arc::clone(&e.inner), cfg));
-        e
+        tokio::spawn(campaign(Arc::clone(&e.inner), cfg, s, key));
+        Ok(e)
     }
 
     /// Whether this coordinator holds `job`'s lock now (as of its last check).
@@ -206,7 +254,25 @@ async fn connect(cfg: &crate::pg::Target) -> Result<Session, String> {
         .await
         .map_err(|_| format!("no connection within {} s", CHECK_TIMEOUT.as_secs()))?
         .map_err(|e| e.to_string())?;
-    Ok(Session { client, conn })
+    let s = Session { client, conn };
+    tokio::time::timeout(CHECK_TIMEOUT, s.client.batch_execute(SESSION_SETTINGS))
+        .await
+        .map_err(|_| format!("no answer within {} s", CHECK_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// `pg_try_advisory_lock(key)` on the session: whether it holds the lock now.
+async fn try_lock(s: &Session, key: i64) -> Result<bool, String> {
+    let row = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        s.client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+    )
+    .await
+    .map_err(|_| format!("no answer within {} s", CHECK_TIMEOUT.as_secs()))?
+    .map_err(|e| e.to_string())?;
+    row.try_get::<_, bool>(0).map_err(|e| e.to_string())
 }
 
 /// One check: takes each lock not yet held (`pg_try_advisory_lock` never waits), or,
@@ -240,9 +306,10 @@ async fn check(s: &Session, inner: &Inner) -> Result<Vec<(Job, bool)>, String> {
     Ok(out)
 }
 
-async fn campaign(inner: Arc<Inner>, cfg: crate::pg::Target) {
-    let mut session: Option<Session> = None;
+async fn campaign(inner: Arc<Inner>, cfg: crate::pg::Target, first: Session, instance_key: i64) {
+    let mut session: Option<Session> = Some(first);
     let mut failing = false;
+    let mut taken = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -254,7 +321,30 @@ async fn campaign(inner: Arc<Inner>, cfg: crate::pg::Target) {
         let s = match session.take() {
             Some(s) => s,
             None => match connect(&cfg).await {
-                Ok(s) => s,
+                // A new session holds nothing: the instance id first, as at start.
+                Ok(s) => match try_lock(&s, instance_key).await {
+                    Ok(true) => {
+                        taken = false;
+                        s
+                    }
+                    Ok(false) => {
+                        if !taken {
+                            tracing::error!(
+                                instance = %inner.instance,
+                                "another coordinator of this store now runs under this instance id (it took the id while this one's store session was lost); leading no singleton job until it is free. Give each coordinator its own --instance-id"
+                            );
+                            taken = true;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "the election's new store session failed; leading no singleton job until one opens");
+                            failing = true;
+                        }
+                        continue;
+                    }
+                },
                 Err(e) => {
                     if !failing {
                         tracing::warn!(error = %e, "cannot open the election's store session; leading no singleton job until it opens");
@@ -305,8 +395,13 @@ mod tests {
         // Losing a session is meaningless without one.
         set(&e.inner, Job::Checkpoint, false);
         assert!(e.is_leader(Job::Checkpoint));
-        let keys: std::collections::HashSet<i64> = Job::ALL.iter().map(|j| j.lock_key()).collect();
-        assert_eq!(keys.len(), Job::ALL.len());
+        let mut keys: std::collections::HashSet<i64> =
+            Job::ALL.iter().map(|j| j.lock_key()).collect();
+        for id in ["coord-a", "coord-b", "host-7100", ""] {
+            keys.insert(instance_key(id));
+        }
+        assert_eq!(keys.len(), Job::ALL.len() + 4);
+        assert_eq!(instance_key("coord-a"), instance_key("coord-a"));
         let m = e.render_metrics();
         assert!(
             m.contains(r#"quorate_coordinator_leader{job="audit-checkpoint",instance="solo"} 1"#),

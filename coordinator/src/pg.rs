@@ -175,6 +175,17 @@ impl Target {
                 "not a PostgreSQL URL: write postgres://USER@HOST:PORT/DATABASE?… (or postgres:///DATABASE?host=/run/postgresql for a Unix socket)",
             ));
         }
+        // tokio-postgres reads the user and password up to an '@' wherever it is, while
+        // the parameters start at the first '?': a raw '?', '/' or '#' in a password would
+        // make the two readings differ. Refuse any '@' after the host part (RFC 3986
+        // §3.2: it ends at the first '/', '?' or '#') and any raw '#'.
+        let after = url.split_once("://").map_or("", |(_, a)| a);
+        let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        if after.get(host_end..).is_some_and(|r| r.contains('@')) || url.contains('#') {
+            return Err(bad(
+                "the URL has an '@' after its host part, or a '#': percent-encode '?', '/', '#' and '@' inside a user name or password (%3F, %2F, %23, %40)",
+            ));
+        }
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut rest = Vec::new();
         let mut tls: HashMap<&str, String> = HashMap::new();
@@ -200,22 +211,27 @@ impl Target {
                     "sslmode={m} does not check that the server is the one named: use sslmode=verify-full with sslrootcert=<the server's CA file>"
                 )));
             }
-            Some(m) => {
-                return Err(bad(format!(
-                    "sslmode={m} is not a mode: use verify-full (or disable, over a Unix socket or loopback)"
-                )));
+            Some(_) => {
+                return Err(bad(
+                    "sslmode has a value that is not a mode: use verify-full (or disable, over a Unix socket or loopback)",
+                ));
             }
         };
-        // The mode tokio-postgres applies: TLS required (the verification is ours).
-        rest.push(if verify {
-            "sslmode=require"
-        } else {
-            "sslmode=disable"
-        });
         let passed = format!("{base}?{}", rest.join("&"));
-        let mut cfg: tokio_postgres::Config = passed
-            .parse()
-            .map_err(|e| bad(format!("not a PostgreSQL URL: {e}")))?;
+        let mut cfg: tokio_postgres::Config =
+            passed.parse().map_err(|e: tokio_postgres::Error| {
+                // The cause names the option at fault (never its value).
+                match std::error::Error::source(&e) {
+                    Some(cause) => bad(format!("not a usable PostgreSQL URL: {cause}")),
+                    None => bad(format!("not a usable PostgreSQL URL: {e}")),
+                }
+            })?;
+        // The mode tokio-postgres applies: TLS required (the verification is ours), or none.
+        cfg.ssl_mode(if verify {
+            tokio_postgres::config::SslMode::Require
+        } else {
+            tokio_postgres::config::SslMode::Disable
+        });
         if cfg.get_hosts().is_empty() {
             return Err(bad(
                 "the URL names no host; give a host (with sslmode=verify-full), a Unix socket directory (?host=/run/postgresql) or a loopback address",
@@ -228,6 +244,12 @@ impl Target {
             if let Some(k) = TLS_PARAMS.iter().find(|k| tls.contains_key(*k)) {
                 return Err(bad(format!(
                     "{k} applies only with sslmode=verify-full; add it, or remove {k}"
+                )));
+            }
+            // tokio-postgres connects to `hostaddr` when given, whatever the host's name.
+            if let Some(a) = cfg.get_hostaddrs().iter().find(|a| !a.is_loopback()) {
+                return Err(bad(format!(
+                    "hostaddr {a}: a connection beyond this host must be encrypted: add sslmode=verify-full&sslrootcert=<the server's CA file>"
                 )));
             }
             for h in cfg.get_hosts() {
@@ -365,28 +387,51 @@ impl Target {
         connected.map_err(|e| self.explain(e.into()))
     }
 
-    /// Adds what to do to a failed TLS handshake with the hybrid group only: the usual
-    /// cause is a server that cannot negotiate X25519MLKEM768.
+    /// Adds what to do to a failed TLS handshake, and marks configuration faults (a
+    /// refused certificate or handshake, a server without TLS) as not retryable.
     pub fn explain(&self, e: PgError) -> PgError {
-        let hint = |m: String| {
-            if self.tls.is_some() && !self.allows_classic() && m.contains("TLS handshake") {
+        if self.tls.is_none() {
+            return e;
+        }
+        let (retry, m) = match e {
+            PgError::Unavailable(m) => (true, m),
+            PgError::Failed(m) => (false, m),
+        };
+        let hint = if m.contains("does not support TLS") {
+            Some("the server does not accept TLS: turn ssl on in its postgresql.conf".to_owned())
+        } else if m.contains("fatal alert: HandshakeFailure") {
+            Some(if self.allows_classic() {
                 format!(
-                    "{m} (this coordinator offers only the key exchange X25519MLKEM768, which needs PostgreSQL 18 built with OpenSSL 3.5 or later and ssl_groups including X25519MLKEM768; to accept a classic key exchange on this link, add ssl_groups=X25519MLKEM768:P-256 to the URL)"
+                    "the server shares none of the key-exchange groups {} with this coordinator, or no TLS 1.3 cipher suite",
+                    self.groups_named()
                 )
             } else {
-                m
-            }
+                "this coordinator offers only the key exchange X25519MLKEM768, which needs PostgreSQL 18 built with OpenSSL 3.5 or later and ssl_groups including X25519MLKEM768; to accept a classic key exchange on this link, add ssl_groups=X25519MLKEM768:P-256 to the URL".to_owned()
+            })
+        } else if m.contains("fatal alert: ProtocolVersion") {
+            Some("the server does not speak TLS 1.3: set ssl_min_protocol_version = 'TLSv1.3' (OpenSSL 1.1.1 or later)".to_owned())
+        } else {
+            None
         };
-        // A refused certificate or a refused handshake is the configuration's fault, not
-        // a passing outage: retrying does not help.
-        let settled = |m: &str| {
-            m.contains("TLS handshake")
-                && (m.contains("invalid peer certificate") || m.contains("fatal alert"))
+        let settled = hint.is_some() || m.contains("invalid peer certificate");
+        let m = match hint {
+            Some(h) => format!("{m} ({h})"),
+            None => m,
         };
-        match e {
-            PgError::Unavailable(m) if settled(&m) => PgError::Failed(hint(m)),
-            PgError::Unavailable(m) => PgError::Unavailable(hint(m)),
-            PgError::Failed(m) => PgError::Failed(hint(m)),
+        if retry && !settled {
+            PgError::Unavailable(m)
+        } else {
+            PgError::Failed(m)
+        }
+    }
+
+    /// Logs a warning when the link may use a classic key exchange.
+    pub fn warn_if_classic(&self) {
+        if self.allows_classic() {
+            tracing::warn!(
+                groups = %self.groups_named(),
+                "the link to the PostgreSQL store may use a classic key exchange (ssl_groups in --store): its traffic, recorded now, could be read by a future quantum computer"
+            );
         }
     }
 
@@ -444,8 +489,8 @@ fn block<T>(handle: &Handle, fut: impl Future<Output = Result<T>>) -> Result<T> 
 /// an advisory lock (so two coordinators migrating at once apply each migration once).
 /// Returns the versions applied (empty: already current). A database newer than this
 /// build is refused.
-pub async fn migrate(url: &str) -> Result<Vec<i32>> {
-    let target = Target::parse(url)?;
+pub async fn migrate(target: &Target) -> Result<Vec<i32>> {
+    target.warn_if_classic();
     let (mut client, conn) = target.connect().await?;
     let result = async {
         let tx = client.transaction().await?;
@@ -503,8 +548,7 @@ impl PgStore {
     /// Errors: a URL that is not PostgreSQL's or names a remote host, an unreachable
     /// server ([`PgError::Unavailable`]), and a schema that was not migrated or is of
     /// another version (the message says what to run).
-    pub async fn open(url: &str) -> Result<Self> {
-        let target = Target::parse(url)?;
+    pub async fn open(target: &Target) -> Result<Self> {
         let pool = target.pool()?;
         let client = pool.get().await.map_err(|e| target.explain(e.into()))?;
         let found: Option<i32> = match client
@@ -531,11 +575,7 @@ impl PgStore {
         }
         drop(client);
         tracing::info!(store = %target.describe(), "PostgreSQL store");
-        if target.allows_classic() {
-            tracing::warn!(
-                "the link to the PostgreSQL store may use a classic key exchange (ssl_groups in --store): its traffic, recorded now, could be read by a future quantum computer"
-            );
-        }
+        target.warn_if_classic();
         Ok(PgStore {
             pool,
             handle: Handle::current(),
@@ -1365,6 +1405,29 @@ mod tests {
         assert!(!e.contains("s3cret"), "{e}");
         let e = err("postgres://q@db.example.com/quorate?sslmode=disable");
         assert!(e.contains("only over a Unix socket or a loopback"), "{e}");
+        // tokio-postgres connects to hostaddr, whatever the host's name.
+        let e = err("postgres://q:s3cret@localhost:5499/quorate?hostaddr=192.0.2.2");
+        assert!(
+            e.contains("hostaddr 192.0.2.2") && !e.contains("s3cret"),
+            "{e}"
+        );
+        assert!(Target::parse("postgres://q@localhost/quorate?hostaddr=127.0.0.1").is_ok());
+        // A password holding '?' must not move parameters into or out of the userinfo.
+        for url in [
+            "postgres://q:s3cret?x&sslmode=verify-full&sslrootcert=/x&y@192.0.2.2:5500/quorate",
+            "postgres://q:S3CR?sslmode=ETPW@localhost:5499/quorate",
+            "postgres://q:s3#cret@localhost/quorate",
+        ] {
+            let e = err(url);
+            assert!(
+                e.contains("percent-encode") && !e.contains("s3cret") && !e.contains("ETPW"),
+                "{e}"
+            );
+        }
+        assert!(Target::parse("postgres://q:s3%3Fcr%40et@localhost/quorate").is_ok());
+        // tokio-postgres's own complaints name the option, never its value.
+        let e = err("postgres://q@localhost/quorate?sslpassword=s3cret");
+        assert!(e.contains("sslpassword") && !e.contains("s3cret"), "{e}");
         assert!(err("mysql://x").contains("not a PostgreSQL URL"));
         assert!(err("host=localhost user=q").contains("not a PostgreSQL URL"));
     }
@@ -1396,6 +1459,8 @@ mod tests {
         assert!(e.contains("sslcert and sslkey"), "{e}");
         let e = err("postgres://q@db/quorate?sslmode=verify-full&sslmode=disable");
         assert!(e.contains("twice"), "{e}");
+        let e = err("postgres://q@db/quorate?sslmode=s3cret");
+        assert!(e.contains("not a mode") && !e.contains("s3cret"), "{e}");
     }
 
     #[test]
@@ -1423,5 +1488,45 @@ mod tests {
         assert!(e.contains("must start with X25519MLKEM768"), "{e}");
         let e = err(&url("&ssl_groups=X25519MLKEM768:ffdhe2048"));
         assert!(e.contains("`ffdhe2048` is not a group"), "{e}");
+
+        // Handshake failures: a hint that fits the cause, and no retry for a
+        // configuration fault; a lost connection stays retryable.
+        let hybrid = Target::parse(&url("")).unwrap();
+        let classic = Target::parse(&url("&ssl_groups=X25519MLKEM768:X25519")).unwrap();
+        let shown = |t: &Target, m: &str| t.explain(PgError::Unavailable(m.into()));
+        let alert = "error performing TLS handshake: received fatal alert: HandshakeFailure";
+        let e = shown(&hybrid, alert);
+        assert!(
+            matches!(&e, PgError::Failed(m) if m.contains("ssl_groups=X25519MLKEM768:P-256")),
+            "{e}"
+        );
+        let e = shown(&classic, alert);
+        assert!(
+            matches!(&e, PgError::Failed(m) if m.contains("X25519MLKEM768:X25519") && !m.contains("PostgreSQL 18")),
+            "{e}"
+        );
+        let e = shown(
+            &hybrid,
+            "error performing TLS handshake: received fatal alert: ProtocolVersion",
+        );
+        assert!(
+            matches!(&e, PgError::Failed(m) if m.contains("TLS 1.3") && !m.contains("ssl_groups")),
+            "{e}"
+        );
+        let e = shown(
+            &hybrid,
+            "error performing TLS handshake: server does not support TLS",
+        );
+        assert!(
+            matches!(&e, PgError::Failed(m) if m.contains("turn ssl on")),
+            "{e}"
+        );
+        let e = shown(
+            &hybrid,
+            "error performing TLS handshake: invalid peer certificate: UnknownIssuer",
+        );
+        assert!(matches!(&e, PgError::Failed(_)), "{e}");
+        let e = shown(&hybrid, "error connecting to server: Connection refused");
+        assert!(matches!(&e, PgError::Unavailable(_)), "{e}");
     }
 }

@@ -559,9 +559,15 @@ fn parse_certs(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>>
 fn parse_key(pem: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>> {
     use rustls::pki_types::pem::Error as PemError;
     // The PEM error's text may quote input lines; describe it without them.
+    let encrypted = pem
+        .windows(b"ENCRYPTED PRIVATE KEY".len())
+        .any(|w| w == b"ENCRYPTED PRIVATE KEY");
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::BadKeyPem {
         origin: origin.to_owned(),
         reason: match e {
+            PemError::NoItemsFound if encrypted => {
+                "an encrypted private key, which is not read: store it decrypted (openssl pkey -in FILE -out PLAIN), readable by its owner only"
+            }
             PemError::NoItemsFound => "no PRIVATE KEY block",
             PemError::MissingSectionEnd { .. } => "a PEM section is not terminated",
             PemError::Base64Decode(_) => "invalid base64 inside a PEM section",

@@ -5,6 +5,8 @@
 //!
 //! - each coordinator has its own presignature pool on the nodes, tagged with its
 //!   `--instance-id` (node inventory counts them per instance);
+//! - a third coordinator given A's instance id refuses to start, naming the id, and A's
+//!   presignatures on the nodes stay;
 //! - kill -9 and restart of coordinator A discards A's presignatures only: B's count on
 //!   every node is unchanged;
 //! - with a one-second checkpoint interval, exactly one coordinator signs audit
@@ -242,6 +244,43 @@ async fn two_coordinators_keep_their_own_pools_and_elect_one_checkpointer() {
             "no presignature of {id} on any node: {before:?}"
         );
     }
+
+    // A third coordinator given A's instance id refuses to start, before it could have
+    // the nodes discard A's presignatures.
+    let a_before = count(&held(&cluster).await, "coord-a");
+    let mut dup =
+        cluster.coordinator_command_on(&format!("127.0.0.1:{}", free_port()), free_port());
+    dup.env("QUORATE_COORDINATOR_INSTANCE", "coord-a");
+    let t = Instant::now();
+    let mut child = dup
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("a second coord-a still runs after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second coord-a started");
+    assert!(
+        err.contains("instance id `coord-a` is in use") && err.contains("--instance-id"),
+        "{err}"
+    );
+    let a_after = count(&held(&cluster).await, "coord-a");
+    eprintln!(
+        "a second coord-a refused after {} ms; coord-a's presignatures per node {a_before:?} -> {a_after:?}",
+        t.elapsed().as_millis()
+    );
+    assert!(
+        a_after.iter().zip(&a_before).all(|(x, y)| x >= y),
+        "{a_before:?} -> {a_after:?}"
+    );
 
     // Both sign for a while: events on both, checkpoints by one.
     let (events0, _) = stored_chain(&url).await;
