@@ -28,8 +28,8 @@ pub struct Postgres {
     /// The unprivileged user the server runs as when the tests run as root.
     run_as: Option<&'static str>,
     running: bool,
-    /// Whether the server also listens on 127.0.0.1 ([`Postgres::listen_tls`]).
-    tcp: bool,
+    /// The TCP addresses the server listens on besides its socket ([`Postgres::listen_tls`]).
+    tcp: Vec<std::net::IpAddr>,
 }
 
 impl Postgres {
@@ -68,7 +68,7 @@ impl Postgres {
             port: crate::free_port(),
             run_as,
             running: false,
-            tcp: false,
+            tcp: Vec::new(),
         };
         let out = pg
             .command("initdb")
@@ -124,7 +124,12 @@ impl Postgres {
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn resume(&mut self) {
-        let listen = if self.tcp { "127.0.0.1" } else { "" };
+        let listen = self
+            .tcp
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let opts = format!(
             "-k {} -p {} -c listen_addresses='{listen}'",
             self.socket_dir().display(),
@@ -154,9 +159,9 @@ impl Postgres {
         self.running = true;
     }
 
-    /// Restarts the server listening also on 127.0.0.1:[`Postgres::port`], TLS only:
-    /// `cert_pem`/`key_pem` are its certificate and key, `client_ca_pem` the CA of client
-    /// certificates. Over TCP (`hostssl` only; anything else is rejected) user
+    /// Restarts the server listening also on 127.0.0.1 and `also` at [`Postgres::port`],
+    /// TLS only: `cert_pem`/`key_pem` are its certificate and key, `client_ca_pem` the CA
+    /// of client certificates. Over TCP (`hostssl` only; anything else is rejected) user
     /// [`USER`] authenticates with `password` (SCRAM-SHA-256), and user `cert_user` with
     /// a client certificate whose CN is that name (`cert`). The Unix socket stays `trust`.
     ///
@@ -164,6 +169,7 @@ impl Postgres {
     /// exchange (P-256, its `ssl_ecdh_curve`), never X25519MLKEM768.
     pub fn listen_tls(
         &mut self,
+        also: &[std::net::IpAddr],
         cert_pem: &str,
         key_pem: &str,
         client_ca_pem: &str,
@@ -198,16 +204,18 @@ impl Postgres {
         .unwrap();
         let hba = format!(
             "local all all trust\n\
-             hostssl all {USER} 127.0.0.1/32 scram-sha-256\n\
-             hostssl all {cert_user} 127.0.0.1/32 cert\n\
-             host all all 0.0.0.0/0 reject\n"
+             hostssl all {USER} all scram-sha-256\n\
+             hostssl all {cert_user} all cert\n\
+             host all all all reject\n"
         );
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         self.psql(&format!("ALTER ROLE {USER} PASSWORD '{password}'"));
         self.psql(&format!("CREATE ROLE {cert_user} LOGIN"));
         self.psql(&format!("CREATE DATABASE {cert_user} OWNER {cert_user}"));
         self.stop();
-        self.tcp = true;
+        self.tcp = std::iter::once(std::net::IpAddr::from([127, 0, 0, 1]))
+            .chain(also.iter().copied())
+            .collect();
         self.resume();
     }
 

@@ -281,6 +281,7 @@ async fn compose_postgres_runs_two_coordinators_over_one_store() {
     // The `db` service's TLS and password, on the test server; the URL of store.env.
     let read = |f: &str| std::fs::read_to_string(secrets.join(f)).unwrap();
     pg.listen_tls(
+        &[],
         &read("db.pem"),
         &read("db-key.pem"),
         &read("db-ca.pem"),

@@ -10,7 +10,10 @@
 //!   serving keys work over TLS 1.3, as `pg_stat_ssl` shows from the server's side;
 //! - a server certificate from another CA, or not naming the host connected to, is
 //!   refused; a client certificate (PostgreSQL's `cert` authentication) logs in, and its
-//!   absence does not.
+//!   absence does not;
+//! - a coordinator on another host (a network namespace) that vanishes without closing
+//!   its connection (its link goes down) loses its instance and job locks within
+//!   seconds: the election session's server-side keepalives end its session.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -102,6 +105,7 @@ async fn the_store_is_reached_over_verified_tls() {
         ExtendedKeyUsagePurpose::ServerAuth,
     );
     pg.listen_tls(
+        &[],
         &server_pem,
         &server_key,
         &client_ca.pem,
@@ -209,4 +213,112 @@ async fn the_store_is_reached_over_verified_tls() {
     eprintln!("coordinator sessions (ssl|version): {lines:?}");
     assert!(!lines.is_empty(), "no TCP session of the coordinator");
     assert!(lines.iter().all(|l| *l == "t|TLSv1.3"), "{lines:?}");
+}
+
+/// Advisory locks held by sessions from `addr`.
+fn locks_from(pg: &Postgres, addr: std::net::Ipv4Addr) -> u64 {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.client_addr = '{addr}'"
+    ))
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_coordinator_host_releases_its_locks() {
+    if !quorate_tests::netns::skip_unless_available(
+        "a_vanished_coordinator_host_releases_its_locks",
+    ) {
+        return;
+    }
+    let Some(mut pg) = Postgres::start("hostloss") else {
+        return;
+    };
+    let hosts = quorate_tests::netns::Hosts::create(1).unwrap();
+    let h = hosts.host(0);
+    let files = TempDir::new("pg-hostloss");
+    let server_ca = ca("PostgreSQL server CA");
+    let gateway = h.gateway.to_string();
+    let (server_pem, server_key) = leaf(
+        &server_ca,
+        "db",
+        &[gateway.as_str()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    pg.listen_tls(
+        &[h.gateway.into()],
+        &server_pem,
+        &server_key,
+        &server_ca.pem,
+        PASSWORD,
+        CERT_USER,
+    );
+    let root = write(&files.0, "server-ca.pem", &server_ca.pem);
+    // The coordinator's host reaches the server at its gateway, over TLS (classic: the
+    // server is Debian 12's).
+    let url = format!(
+        "postgres://{USER}:{PASSWORD}@{gateway}:{}/postgres?sslmode=verify-full&sslrootcert={root}&ssl_groups=X25519MLKEM768:P-256",
+        pg.port
+    );
+    let (ok, said) = migrate(&url);
+    assert!(ok, "{said}");
+
+    // A coordinator on that host. Its nodes are nowhere (it only has to campaign).
+    quorate_proto::pki::write_cluster(&files.0, quorate_tests::DOMAIN, 3, false).unwrap();
+    let d = &files.0;
+    let mut cmd = h.command(quorate_tests::binary("quorate-coordinator"));
+    cmd.args(["--store", &url, "--listen", &format!("{}:7100", h.addr)])
+        .args(["--domain", quorate_tests::DOMAIN, "--instance-id", "far"])
+        .arg("--cert")
+        .arg(d.join("coordinator.pem"))
+        .arg("--key")
+        .arg(d.join("coordinator-key.pem"))
+        .arg("--ca")
+        .arg(d.join("ca.pem"));
+    for i in 1..=3 {
+        cmd.args(["--node", &format!("{i}={gateway}:{i}")]);
+    }
+    cmd.env("QUORATE_LOG", "warn");
+    let mut far = quorate_tests::spawn_ready(cmd);
+    // Its instance id and the three jobs.
+    let t = std::time::Instant::now();
+    while locks_from(&pg, h.addr) < 4 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "the coordinator holds {} advisory locks, not 4",
+            locks_from(&pg, h.addr)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // The host vanishes: its link goes down, so no FIN and no RST ever reach the server.
+    let out = h
+        .command("ip")
+        .args(["link", "set", "eth0", "down"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = std::time::Instant::now();
+    // Without keepalives the server would hold the session (and every lock) until the
+    // kernel's default keepalive time, two hours.
+    let limit = std::time::Duration::from_secs(60);
+    while locks_from(&pg, h.addr) > 0 {
+        assert!(
+            t.elapsed() < limit,
+            "the vanished coordinator still holds its locks after {} s",
+            limit.as_secs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "the vanished coordinator's locks were released {} ms after its link went down",
+        t.elapsed().as_millis()
+    );
+    far.kill();
 }
