@@ -336,3 +336,22 @@ pub async fn stored_chain(url: &str) -> String {
     }
     text
 }
+
+/// Runs `quorate-coordinator migrate --store URL`: (success, stdout + stderr).
+///
+/// # Panics
+/// If the binary cannot be run.
+pub fn migrate(url: &str) -> (bool, String) {
+    let out = Command::new(crate::binary("quorate-coordinator"))
+        .args(["migrate", "--store", url])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

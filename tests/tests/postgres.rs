@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use quorate_proto::api;
 use quorate_proto::api::approval_service_client::ApprovalServiceClient;
-use quorate_tests::postgres::{Postgres, stored_chain};
+use quorate_tests::postgres::{Postgres, migrate, stored_chain};
 use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
 use serde_json::json;
 use tonic::Code;
@@ -55,24 +55,6 @@ fn request(att: &str) -> api::IssueTokenRequest {
         ttl_seconds: 300,
         ..Default::default()
     }
-}
-
-/// Runs `quorate-coordinator migrate --store URL`: (success, stdout + stderr).
-fn migrate(url: &str) -> (bool, String) {
-    let out = std::process::Command::new(quorate_tests::binary("quorate-coordinator"))
-        .arg("migrate")
-        .arg("--store")
-        .arg(url)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Talks to one of the coordinators: the harness's clients follow

@@ -25,7 +25,7 @@
 use std::path::Path;
 
 use quorate_proto::api;
-use quorate_tests::postgres::{Postgres, USER};
+use quorate_tests::postgres::{Postgres, USER, migrate};
 use quorate_tests::{POOL_FLAGS, TempDir, TestCluster};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -71,22 +71,6 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
-}
-
-/// Runs `quorate-coordinator migrate --store URL`: (success, stdout + stderr).
-fn migrate(url: &str) -> (bool, String) {
-    let out = std::process::Command::new(quorate_tests::binary("quorate-coordinator"))
-        .args(["migrate", "--store", url])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
