@@ -16,10 +16,10 @@
 //! The same session holds a lock on the coordinator's instance id ([`instance_key`]),
 //! taken before anything else at start: a second coordinator given an id in use waits
 //! up to [`INSTANCE_WAIT`] and then refuses to start, before it could discard the first
-//! one's presignatures on the nodes. The session asks the server for TCP keepalives
-//! ([`SESSION_SETTINGS`]), so that the session of a coordinator whose host vanished
-//! without closing its socket ends, and its locks pass on, within seconds rather than
-//! the operating system's default two hours.
+//! one's presignatures on the nodes. Like every store session it asks the server for TCP
+//! keepalives ([`crate::pg::SERVER_KEEPALIVES`]), so that the session of a coordinator
+//! whose host vanished without closing its socket ends, and its locks pass on, within
+//! seconds rather than the operating system's default two hours.
 //!
 //! With the embedded redb store there is one coordinator: [`Election::always`] leads
 //! every job.
@@ -36,14 +36,8 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a starting coordinator waits for its instance id's lock before refusing to
 /// start: longer than the server takes to end the session of a coordinator that died
-/// with its host ([`SESSION_SETTINGS`]: about 5 s).
+/// with its host ([`crate::pg::SERVER_KEEPALIVES`]: about 5 s).
 pub const INSTANCE_WAIT: Duration = Duration::from_secs(8);
-
-/// Settings of the election session (PostgreSQL §19.3.1): keepalive probes after 2 s of
-/// silence, 1 s apart, 3 unanswered end the session; unacknowledged data ends it after
-/// 5 s. Unix-socket sessions ignore them (the kernel reports a dead peer at once).
-pub const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; \
-     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000";
 
 /// The advisory lock key of coordinator instance `instance`: the first 8 bytes of
 /// SHA-256 over a fixed label and the id, so distinct ids collide with each other or
@@ -254,12 +248,7 @@ async fn connect(cfg: &crate::pg::Target) -> Result<Session, String> {
         .await
         .map_err(|_| format!("no connection within {} s", CHECK_TIMEOUT.as_secs()))?
         .map_err(|e| e.to_string())?;
-    let s = Session { client, conn };
-    tokio::time::timeout(CHECK_TIMEOUT, s.client.batch_execute(SESSION_SETTINGS))
-        .await
-        .map_err(|_| format!("no answer within {} s", CHECK_TIMEOUT.as_secs()))?
-        .map_err(|e| e.to_string())?;
-    Ok(s)
+    Ok(Session { client, conn })
 }
 
 /// `pg_try_advisory_lock(key)` on the session: whether it holds the lock now.

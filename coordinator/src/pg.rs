@@ -129,6 +129,16 @@ impl From<PgError> for IdentityStoreError {
 
 type Result<T> = core::result::Result<T, PgError>;
 
+/// Server settings of every store session (PostgreSQL §19.3.1), sent as startup
+/// `options`: keepalive probes after 2 s of silence, 1 s apart, 3 unanswered end the
+/// session; data unacknowledged for 5 s ends it. So the server ends the session of a
+/// coordinator whose host vanished without closing its socket within about 5 s, not the
+/// kernel's default two hours, releasing its advisory locks ([`crate::election`]) and
+/// the row locks of a transaction it left open (the audit head). Unix-socket sessions
+/// ignore them: there the kernel reports a dead peer at once.
+pub const SERVER_KEEPALIVES: &str = "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 \
+     -c tcp_keepalives_count=3 -c tcp_user_timeout=5000";
+
 /// URL parameters the coordinator reads itself (TLS); the rest go to `tokio-postgres`.
 const TLS_PARAMS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey", "ssl_groups"];
 
@@ -240,6 +250,19 @@ impl Target {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(CALL_TIMEOUT);
         }
+        // Dead peers are noticed within seconds on both ends: the server ends the session
+        // of a vanished coordinator (releasing its advisory locks, and row locks of a
+        // transaction it left open), and the coordinator drops a connection to a vanished
+        // server.
+        let options = match cfg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {SERVER_KEEPALIVES}"),
+            _ => SERVER_KEEPALIVES.to_owned(),
+        };
+        cfg.options(&options)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(2))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
         if !verify {
             if let Some(k) = TLS_PARAMS.iter().find(|k| tls.contains_key(*k)) {
                 return Err(bad(format!(
@@ -1428,6 +1451,16 @@ mod tests {
         // tokio-postgres's own complaints name the option, never its value.
         let e = err("postgres://q@localhost/quorate?sslpassword=s3cret");
         assert!(e.contains("sslpassword") && !e.contains("s3cret"), "{e}");
+        // Every session asks for keepalives; an operator's own options stay.
+        let t =
+            Target::parse("postgres://q@localhost/quorate?options=-c%20statement_timeout%3D1000")
+                .unwrap();
+        let o = t.cfg.get_options().unwrap();
+        assert!(
+            o.starts_with("-c statement_timeout=1000 ") && o.ends_with(SERVER_KEEPALIVES),
+            "{o}"
+        );
+        assert_eq!(t.cfg.get_keepalives_idle(), Duration::from_secs(2));
         assert!(err("mysql://x").contains("not a PostgreSQL URL"));
         assert!(err("host=localhost user=q").contains("not a PostgreSQL URL"));
     }
