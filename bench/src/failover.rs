@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use quorate_client::{Client, ClientConfig, KeyProfile, TokenRequest, TokenRules};
-use quorate_tests::postgres::Postgres;
-use quorate_tests::{POOL_FLAGS, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
+use quorate_tests::postgres::{Postgres, SharedStoreSetup};
+use quorate_tests::{TestCluster, free_port, spawn_ready};
 use serde::Serialize;
 
 /// The policy: agents of team blue get tokens for audience `tools`.
@@ -155,26 +155,9 @@ pub async fn run(o: &FailoverOpts) -> Result<FailoverResult, String> {
             String::from_utf8_lossy(&migrated.stderr)
         ));
     }
-    let cfg = TempDir::new("bench-failover-cfg");
-    let issuer = TestIssuer::new(&cfg.0);
-    let policy = cfg.0.join("policy");
-    std::fs::create_dir_all(&policy).map_err(|e| e.to_string())?;
-    std::fs::write(policy.join("base.cedar"), POLICY).map_err(|e| e.to_string())?;
-    let (pd, tc) = (
-        policy.display().to_string(),
-        cfg.0.join("trust.json").display().to_string(),
-    );
-    let mut flags = vec![
-        "--store",
-        &url,
-        "--policy-dir",
-        &pd,
-        "--trust-config",
-        &tc,
-        "--audit-checkpoint-secs",
-        "3600",
-    ];
-    flags.extend_from_slice(POOL_FLAGS);
+    let setup = SharedStoreSetup::new("bench-failover-cfg", POLICY);
+    let issuer = &setup.issuer;
+    let flags = setup.flags(&url);
     let mut cluster = TestCluster::start("bench-failover", 3, 1, &flags);
     let mut procs = vec![cluster.coordinator.take()];
     for _ in 0..2 {

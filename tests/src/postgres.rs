@@ -355,3 +355,54 @@ pub fn migrate(url: &str) -> (bool, String) {
         ),
     )
 }
+
+/// What the coordinators of a shared-store test need besides the store: a policy
+/// directory holding one policy file, and a test attestation issuer with its trust
+/// configuration, in a temporary directory.
+pub struct SharedStoreSetup {
+    /// Holds the files; removed on drop.
+    _dir: TempDir,
+    /// The attestation issuer the trust configuration names.
+    pub issuer: std::sync::Arc<crate::TestIssuer>,
+    policy_dir: String,
+    trust: String,
+}
+
+impl SharedStoreSetup {
+    /// Writes `policy` (Cedar) as `base.cedar` and makes the issuer, under `label`.
+    ///
+    /// # Panics
+    /// If the files cannot be written.
+    pub fn new(label: &str, policy: &str) -> Self {
+        let dir = TempDir::new(label);
+        let issuer = std::sync::Arc::new(crate::TestIssuer::new(&dir.0));
+        let policy_dir = dir.0.join("policy");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        std::fs::write(policy_dir.join("base.cedar"), policy).unwrap();
+        let trust = dir.0.join("trust.json").display().to_string();
+        SharedStoreSetup {
+            issuer,
+            policy_dir: policy_dir.display().to_string(),
+            trust,
+            _dir: dir,
+        }
+    }
+
+    /// Coordinator flags: `--store url`, the policy directory and trust configuration,
+    /// hourly checkpoints (the tests' chain checks read no checkpoint JWKS), and
+    /// [`crate::POOL_FLAGS`].
+    pub fn flags<'a>(&'a self, url: &'a str) -> Vec<&'a str> {
+        let mut flags = vec![
+            "--store",
+            url,
+            "--policy-dir",
+            &self.policy_dir,
+            "--trust-config",
+            &self.trust,
+            "--audit-checkpoint-secs",
+            "3600",
+        ];
+        flags.extend_from_slice(crate::POOL_FLAGS);
+        flags
+    }
+}

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use quorate_client::{Client, ClientConfig, Format, KeyPurpose, SignInput, TokenRequest};
 use quorate_proto::https;
-use quorate_tests::postgres::{Postgres, stored_chain};
-use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
+use quorate_tests::postgres::{Postgres, SharedStoreSetup, stored_chain};
+use quorate_tests::{Proc, TestCluster, TestIssuer, free_port, spawn_ready};
 use rand::{Rng as _, RngExt as _, SeedableRng as _};
 use serde_json::{Value, json};
 
@@ -109,27 +109,8 @@ async fn clients_fail_over_while_coordinators_are_killed() {
         .unwrap();
     assert!(migrated.status.success(), "{migrated:?}");
 
-    let cfg = TempDir::new("failover-cfg");
-    let issuer = TestIssuer::new(&cfg.0);
-    let policy = cfg.0.join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(policy.join("base.cedar"), POLICY).unwrap();
-    let (pd, tc) = (
-        policy.display().to_string(),
-        cfg.0.join("trust.json").display().to_string(),
-    );
-    let mut flags = vec![
-        "--store",
-        &url,
-        "--policy-dir",
-        &pd,
-        "--trust-config",
-        &tc,
-        // Checkpoints sign with the audit key; the chain check below has no JWKS.
-        "--audit-checkpoint-secs",
-        "3600",
-    ];
-    flags.extend_from_slice(POOL_FLAGS);
+    let setup = SharedStoreSetup::new("failover-cfg", POLICY);
+    let flags = setup.flags(&url);
 
     // Three coordinators over the one store.
     let mut cluster = TestCluster::start("failover", 3, 1, &flags);
@@ -174,7 +155,7 @@ async fn clients_fail_over_while_coordinators_are_killed() {
     // Load, with a coordinator killed every 5–10 s.
     let started = Instant::now();
     let results: Arc<Mutex<Vec<(Instant, Duration, Done)>>> = Arc::new(Mutex::new(Vec::new()));
-    let issuer_for_loops = Arc::new(issuer);
+    let issuer_for_loops = Arc::clone(&setup.issuer);
     let mut loops = Vec::new();
     for k in 0..LOOPS {
         let client = client.clone();

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use quorate_proto::api;
 use quorate_proto::api::approval_service_client::ApprovalServiceClient;
-use quorate_tests::postgres::{Postgres, migrate, stored_chain};
-use quorate_tests::{POOL_FLAGS, Proc, TempDir, TestCluster, TestIssuer, free_port, spawn_ready};
+use quorate_tests::postgres::{Postgres, SharedStoreSetup, migrate, stored_chain};
+use quorate_tests::{Proc, TempDir, TestCluster, free_port, spawn_ready};
 use serde_json::json;
 use tonic::Code;
 
@@ -117,27 +117,9 @@ async fn two_coordinators_share_one_postgresql_store() {
     let url = pg.url();
 
     // Before `migrate` a coordinator refuses the database, naming the command.
-    let cfg = TempDir::new("pg-cfg");
-    let issuer = TestIssuer::new(&cfg.0);
-    let policy = cfg.0.join("policy");
-    std::fs::create_dir_all(&policy).unwrap();
-    std::fs::write(policy.join("base.cedar"), POLICY).unwrap();
-    let (pd, tc) = (
-        policy.display().to_string(),
-        cfg.0.join("trust.json").display().to_string(),
-    );
-    let mut flags = vec![
-        "--store",
-        &url,
-        "--policy-dir",
-        &pd,
-        "--trust-config",
-        &tc,
-        // Checkpoints sign with the audit key; the chain check below has no JWKS.
-        "--audit-checkpoint-secs",
-        "3600",
-    ];
-    flags.extend_from_slice(POOL_FLAGS);
+    let setup = SharedStoreSetup::new("pg-cfg", POLICY);
+    let issuer = &setup.issuer;
+    let flags = setup.flags(&url);
     {
         let probe = TempDir::new("pg-probe");
         quorate_proto::pki::write_cluster(&probe.0, quorate_tests::DOMAIN, 3, false).unwrap();
