@@ -60,8 +60,8 @@ impl std::fmt::Debug for SealKey {
 }
 
 /// The content of a token request that a retry must repeat exactly: everything but the
-/// approval id and how long to wait (a poll is a retry of the same request).
-#[derive(Debug)]
+/// approval id and how long to wait (a poll is a retry of the same request). `Debug`
+/// does not print the credentials or the DPoP proof.
 pub struct Content<'a> {
     /// `issue` or `exchange`.
     pub kind: &'a str,
@@ -80,6 +80,24 @@ pub struct Content<'a> {
     pub context: &'a BTreeMap<String, String>,
     /// The DPoP proof, or empty.
     pub dpop_proof: &'a str,
+}
+
+impl std::fmt::Debug for Content<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Content")
+            .field("kind", &self.kind)
+            .field(
+                "credentials",
+                &format_args!("<{} redacted>", self.credentials.len()),
+            )
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("task_id", &self.task_id)
+            .field("context", &self.context)
+            .field("dpop_proof", &format_args!("<redacted>"))
+            .finish()
+    }
 }
 
 impl Retry {
